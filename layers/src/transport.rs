@@ -1,0 +1,86 @@
+use futures::{Sink, Stream};
+
+use crate::{Command, Error, Up};
+
+/// A transport: a [`Sink`] of [`Command`]s and a [`Stream`] of [`Up`] items.
+///
+/// There is nothing to implement: any type that is both is a transport, by the blanket impl.
+/// That includes every layer of this crate wrapped around a transport, and a user's own type.
+///
+/// # Contract
+///
+/// - every [`Command::Subscribe`] is answered, in order, with [`Up::Subscribed`] once the
+///   subscription is in effect (a transport with no server answers at once);
+/// - a successful `poll_flush` means every command fed before it was handed to the peer (a
+///   transport with acknowledgements, such as Redis, waits for them);
+/// - an error for which [`Error::is_unrecoverable`] holds, or the end of the stream, means the
+///   connection is gone; the [reconnect layer](crate::reconnect) builds a new one. Other errors
+///   concern one message, and the stream goes on.
+///
+/// A user's own transport, here an in-memory loopback that echoes what is published:
+///
+/// ```
+/// use std::collections::VecDeque;
+/// use std::pin::Pin;
+/// use std::task::{Context, Poll, Waker};
+///
+/// use alkdev_pubsub_layers::{Command, Envelope, Error, Transport, Up};
+/// use futures::{Sink, Stream};
+///
+/// #[derive(Default)]
+/// struct Echo {
+///     queue: VecDeque<Up<Envelope>>,
+///     waker: Option<Waker>,
+/// }
+///
+/// impl Sink<Command<Envelope>> for Echo {
+///     type Error = Error;
+///     fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+///         Poll::Ready(Ok(()))
+///     }
+///     fn start_send(mut self: Pin<&mut Self>, command: Command<Envelope>) -> Result<(), Error> {
+///         let up = match command {
+///             Command::Publish { topic, message } => Up::Message { channel: Some(topic), message },
+///             Command::Subscribe(topic) => Up::Subscribed(topic),
+///             Command::Unsubscribe(topic) => Up::Unsubscribed(topic),
+///         };
+///         self.queue.push_back(up);
+///         if let Some(waker) = self.waker.take() {
+///             waker.wake();
+///         }
+///         Ok(())
+///     }
+///     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+///         Poll::Ready(Ok(()))
+///     }
+///     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+///         Poll::Ready(Ok(()))
+///     }
+/// }
+///
+/// impl Stream for Echo {
+///     type Item = Result<Up<Envelope>, Error>;
+///     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+///         match self.queue.pop_front() {
+///             Some(up) => Poll::Ready(Some(Ok(up))),
+///             None => {
+///                 self.waker = Some(cx.waker().clone());
+///                 Poll::Pending
+///             }
+///         }
+///     }
+/// }
+///
+/// fn assert_transport<T: Transport<Envelope>>(_: &T) {}
+/// assert_transport(&Echo::default());
+/// ```
+/// ```
+pub trait Transport<M>:
+    Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>, Error>>
+{
+}
+
+impl<M, T> Transport<M> for T where
+    T: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>, Error>>
+{
+}

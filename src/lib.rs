@@ -1,0 +1,61 @@
+//! Publish and listen to `{ "type", "id", "payload" }` envelopes by topic, over pluggable
+//! transports: in-process, worker threads, Redis and WebSocket.
+//!
+//! - [`EventTarget`] keeps the listener map in front of a [`Transport`]: callbacks or
+//!   [`Subscription`] streams per topic (`"{type}:{id}"`), bounded queues, one decode per
+//!   message shared by every listener.
+//! - [`PubSub`] is the typed front: `publish(type, id, payload)` and `subscribe(type, id)`.
+//! - [`layers`] holds the transport vocabulary and the tower layers (codec, prefix,
+//!   parse-error policy, reconnect) that make a raw transport robust.
+//!
+//! ```
+//! use alkdev_pubsub::PubSub;
+//! use futures::StreamExt;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! struct Status {
+//!     state: String,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), alkdev_pubsub::Error> {
+//! let pubsub = PubSub::<Status>::local();
+//! let mut statuses = pubsub.subscribe("session.status", "proj_123").await?;
+//! pubsub
+//!     .publish("session.status", "proj_123", Status { state: "running".into() })
+//!     .await?;
+//! assert_eq!(statuses.next().await.unwrap().state, "running");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `testkit`: the [conformance suite](testkit) every transport must pass, for people who
+//!   plug in their own.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub use alkdev_pubsub_layers as layers;
+pub use alkdev_pubsub_layers::{Command, Envelope, Error, ErrorKind, Result, Topic, Transport, Up};
+
+mod local;
+mod pubsub;
+mod queue;
+mod stats;
+mod subscription;
+mod target;
+pub mod worker;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use local::LocalTransport;
+pub use pubsub::{PubSub, TypedSubscription};
+pub use stats::Stats;
+pub use subscription::{Gap, Overflow, SubscribeOptions, Subscription, DEFAULT_CAPACITY};
+pub use target::{
+    Builder, EventTarget, ListenerId, DEFAULT_CLOSE_TIMEOUT, DEFAULT_PUBLISH_CAPACITY,
+};

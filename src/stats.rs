@@ -1,0 +1,69 @@
+//! Counters of an event target, readable at any time.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) publish_failed: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) lagged: AtomicU64,
+    pub(crate) unrouted: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) callback_panics: AtomicU64,
+    pub(crate) subscribes: AtomicU64,
+    pub(crate) unsubscribes: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            published: self.published.load(Relaxed),
+            publish_failed: self.publish_failed.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            lagged: self.lagged.load(Relaxed),
+            unrouted: self.unrouted.load(Relaxed),
+            decode_errors: self.decode_errors.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            callback_panics: self.callback_panics.load(Relaxed),
+            subscribes: self.subscribes.load(Relaxed),
+            unsubscribes: self.unsubscribes.load(Relaxed),
+        }
+    }
+}
+
+/// A snapshot of an event target's counters, from [`EventTarget::stats`](crate::EventTarget::stats).
+///
+/// Each counter only grows, from the target's creation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Events handed to the transport (in-process: dispatched to the listener map).
+    pub published: u64,
+    /// Events whose publish failed (the error went to a confirmed dispatch, or was traced).
+    pub publish_failed: u64,
+    /// Deliveries to listeners: one event delivered to three listeners counts three.
+    pub delivered: u64,
+    /// Events a full subscription queue dropped (each one reported as [`Gap::Lagged`](crate::Gap)).
+    pub lagged: u64,
+    /// Inbound events on a topic with no listener (they arrived after the last one left).
+    pub unrouted: u64,
+    /// Inbound frames that could not be decoded, skipped by the parse-error layer or surfaced
+    /// as error items.
+    pub decode_errors: u64,
+    /// Other inbound frames a layer dropped (for example on a channel outside the prefix).
+    pub skipped: u64,
+    /// Times the transport reconnected.
+    pub reconnects: u64,
+    /// Listener callbacks that panicked.
+    pub callback_panics: u64,
+    /// Subscribe commands sent to the transport (in-process: topics that got their first
+    /// listener).
+    pub subscribes: u64,
+    /// Unsubscribe commands sent to the transport (in-process: topics whose last listener
+    /// left).
+    pub unsubscribes: u64,
+}

@@ -1,0 +1,198 @@
+//! [`Subscription`]: a stream of the events of one topic, with its own bounded queue.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+
+use crate::layers::{Envelope, Topic};
+use crate::queue::Queue;
+use crate::target::shared::Shared;
+use crate::ListenerId;
+
+/// The default capacity of a subscription's queue, in events.
+pub const DEFAULT_CAPACITY: usize = 1024;
+
+/// A notice, in place of an event, that a subscriber may have missed some.
+///
+/// A [`Subscription`] yields `Err(Gap)` items between events; the stream goes on after them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Gap {
+    /// This many events were dropped because the subscriber's queue was full (policy
+    /// [`Overflow::DropOldest`] or [`Overflow::DropNewest`]).
+    Lagged(u64),
+    /// The transport lost its connection and rebuilt it: events published during the outage
+    /// may be missing.
+    Reconnected,
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gap::Lagged(n) => write!(f, "subscriber lagged: {n} events dropped"),
+            Gap::Reconnected => f.write_str("transport reconnected: events may have been missed"),
+        }
+    }
+}
+
+impl std::error::Error for Gap {}
+
+/// What a full subscription queue does with the next event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Overflow {
+    /// Drop the oldest queued event and tell the subscriber with [`Gap::Lagged`], as
+    /// `tokio::sync::broadcast` does. Other subscribers are never slowed. The default.
+    #[default]
+    DropOldest,
+    /// Drop the new event and tell the subscriber with [`Gap::Lagged`].
+    DropNewest,
+    /// Wait for room: lossless, but a slow subscriber slows delivery. On the in-process target
+    /// it slows the publisher of that topic; behind a transport it pauses the driver's inbound
+    /// side, and so every topic of the target.
+    Block,
+}
+
+/// The queue settings of one subscription.
+///
+/// ```
+/// use alkdev_pubsub::{Overflow, SubscribeOptions};
+///
+/// let options = SubscribeOptions::new().capacity(64).overflow(Overflow::DropNewest);
+/// assert_eq!(options.get_capacity(), 64);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    capacity: usize,
+    overflow: Overflow,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            capacity: DEFAULT_CAPACITY,
+            overflow: Overflow::DropOldest,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// [`DEFAULT_CAPACITY`] events, [`Overflow::DropOldest`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets how many events may wait in the queue (at least 1).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Sets what a full queue does.
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// The capacity.
+    pub fn get_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The overflow policy.
+    pub fn get_overflow(&self) -> Overflow {
+        self.overflow
+    }
+}
+
+/// The events of one topic, as a [`Stream`].
+///
+/// Returned by [`EventTarget::subscribe`](crate::EventTarget::subscribe) once the transport
+/// has confirmed the subscription. Items are `Ok(event)` (shared with every other listener of
+/// the topic) or `Err(`[`Gap`]`)` notices; the stream ends when the target closes or its
+/// transport fails for good. Dropping the subscription leaves the topic: the last listener to
+/// leave unsubscribes on the transport.
+///
+/// # Cancellation safety
+///
+/// `next()` is cancellation safe: an event is taken off the queue only when it is returned.
+pub struct Subscription<P = serde_json::Value> {
+    queue: Arc<Queue<P>>,
+    topic: Topic,
+    id: ListenerId,
+    shared: Arc<Shared<P>>,
+}
+
+impl<P: Send + Sync + 'static> Subscription<P> {
+    pub(crate) fn new(
+        queue: Arc<Queue<P>>,
+        topic: Topic,
+        id: ListenerId,
+        shared: Arc<Shared<P>>,
+    ) -> Self {
+        Subscription {
+            queue,
+            topic,
+            id,
+            shared,
+        }
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// This subscription's listener id.
+    pub fn id(&self) -> ListenerId {
+        self.id
+    }
+
+    /// How many items wait in the queue now.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing waits in the queue now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The queue's capacity.
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// The queue's overflow policy.
+    pub fn overflow(&self) -> Overflow {
+        self.queue.overflow()
+    }
+}
+
+impl<P> Stream for Subscription<P> {
+    type Item = Result<Arc<Envelope<P>>, Gap>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.queue.poll_pop(cx)
+    }
+}
+
+impl<P> Drop for Subscription<P> {
+    fn drop(&mut self) {
+        self.queue.close(true);
+        self.shared.remove_listener(&self.topic, self.id);
+    }
+}
+
+impl<P> fmt::Debug for Subscription<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .field("id", &self.id)
+            .field("queued", &self.queue.len())
+            .field("capacity", &self.queue.capacity())
+            .field("overflow", &self.queue.overflow())
+            .finish()
+    }
+}

@@ -1,0 +1,511 @@
+//! The task that owns a transport: it feeds commands down and routes what comes up.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Sleep;
+
+use super::shared::{Control, Listener, Shared};
+use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
+
+/// How many commands, or inbound items, one poll handles before yielding to other tasks.
+const BUDGET: usize = 256;
+
+/// A publish waiting in the driver's queue.
+pub(crate) struct Outgoing<P> {
+    pub(crate) topic: Topic,
+    pub(crate) envelope: Envelope<P>,
+    /// Set by a confirmed dispatch: answered once the transport flushed the publish.
+    pub(crate) ack: Option<oneshot::Sender<Result<()>>>,
+}
+
+enum Queued<P> {
+    Publish(Outgoing<P>),
+    Subscribe { topic: Topic, generation: u64 },
+    Unsubscribe(Topic),
+}
+
+/// An inbound event waiting for room in a `Block` subscription.
+struct Stalled<P> {
+    listeners: Arc<[Listener<P>]>,
+    event: Arc<Envelope<P>>,
+    from: usize,
+}
+
+enum Phase {
+    Running,
+    /// Sending what the handles queued before the close.
+    DrainingPublishes,
+    /// Unsubscribed from every topic; delivering what comes up until each is confirmed.
+    Unsubscribing(HashSet<Topic>),
+    /// Closing the transport.
+    Closing,
+    Finished,
+}
+
+pub(crate) struct Driver<T, P> {
+    transport: Pin<Box<T>>,
+    shared: Arc<Shared<P>>,
+    control: mpsc::UnboundedReceiver<Control>,
+    publishes: mpsc::Receiver<Outgoing<P>>,
+    batch: Vec<Outgoing<P>>,
+    outbox: VecDeque<Queued<P>>,
+    unflushed: bool,
+    acks: Vec<oneshot::Sender<Result<()>>>,
+    /// For each topic, the generations of the subscribe commands sent and not yet confirmed,
+    /// oldest first: transports confirm in order.
+    confirms: HashMap<Topic, VecDeque<u64>>,
+    stalled: Option<Stalled<P>>,
+    phase: Phase,
+    close_waiters: Vec<oneshot::Sender<()>>,
+    close_timeout: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+    key: String,
+}
+
+impl<T, P> Driver<T, P>
+where
+    T: Transport<Envelope<P>>,
+    P: Send + Sync + 'static,
+{
+    pub(crate) fn new(
+        transport: T,
+        shared: Arc<Shared<P>>,
+        control: mpsc::UnboundedReceiver<Control>,
+        publishes: mpsc::Receiver<Outgoing<P>>,
+        close_timeout: Duration,
+    ) -> Self {
+        Driver {
+            transport: Box::pin(transport),
+            shared,
+            control,
+            publishes,
+            batch: Vec::with_capacity(BUDGET),
+            outbox: VecDeque::new(),
+            unflushed: false,
+            acks: Vec::new(),
+            confirms: HashMap::new(),
+            stalled: None,
+            phase: Phase::Running,
+            close_waiters: Vec::new(),
+            close_timeout,
+            deadline: None,
+            key: String::new(),
+        }
+    }
+
+    fn running(&self) -> bool {
+        matches!(self.phase, Phase::Running)
+    }
+
+    fn begin_close(&mut self, done: Option<oneshot::Sender<()>>) {
+        self.close_waiters.extend(done);
+        if !self.running() {
+            return;
+        }
+        self.shared.mark_closed(None);
+        self.publishes.close();
+        self.phase = Phase::DrainingPublishes;
+        self.deadline = Some(Box::pin(tokio::time::sleep(self.close_timeout)));
+    }
+
+    /// Ends everything: the transport failed for good.
+    fn terminate(&mut self, error: Error) {
+        if matches!(self.phase, Phase::Finished) {
+            return;
+        }
+        tracing::warn!(%error, "event target stopped: its transport failed");
+        self.shared.mark_closed(Some(error.clone()));
+        self.publishes.close();
+        for queued in self.outbox.drain(..) {
+            if let Queued::Publish(Outgoing { ack: Some(ack), .. }) = queued {
+                let _ = ack.send(Err(error.clone()));
+            }
+        }
+        while let Ok(outgoing) = self.publishes.try_recv() {
+            if let Some(ack) = outgoing.ack {
+                let _ = ack.send(Err(error.clone()));
+            }
+        }
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(Err(error.clone()));
+        }
+        self.shared.end_all(Some(error));
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Finished;
+        for done in self.close_waiters.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    fn handle_control(&mut self, control: Control) {
+        match control {
+            Control::Subscribe { topic, generation } if self.running() => self
+                .outbox
+                .push_back(Queued::Subscribe { topic, generation }),
+            Control::Unsubscribe { topic } if self.running() => {
+                self.outbox.push_back(Queued::Unsubscribe(topic))
+            }
+            // A close is under way: it unsubscribes every topic itself.
+            Control::Subscribe { .. } | Control::Unsubscribe { .. } => {}
+            Control::Close { done } => self.begin_close(Some(done)),
+            Control::Shutdown => self.begin_close(None),
+        }
+    }
+
+    /// Takes more work from the handles into the outbox.
+    fn fill_outbox(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(control)) = self.control.poll_recv(cx) {
+            self.handle_control(control);
+        }
+        if !self.outbox.is_empty() {
+            return;
+        }
+        match self.phase {
+            Phase::Running | Phase::DrainingPublishes => {
+                match self.publishes.poll_recv_many(cx, &mut self.batch, BUDGET) {
+                    Poll::Ready(0) => {
+                        // Closed and empty: only after a close (the handles hold a sender).
+                        if matches!(self.phase, Phase::DrainingPublishes) {
+                            let topics = self.shared.topics();
+                            self.outbox
+                                .extend(topics.iter().cloned().map(Queued::Unsubscribe));
+                            self.phase = Phase::Unsubscribing(topics.into_iter().collect());
+                        }
+                    }
+                    Poll::Ready(_) => self
+                        .outbox
+                        .extend(self.batch.drain(..).map(Queued::Publish)),
+                    Poll::Pending => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Feeds queued commands to the transport and flushes once. Returns whether the budget ran
+    /// out (more work is waiting).
+    fn poll_outgoing(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut budget = BUDGET;
+        loop {
+            if self.outbox.is_empty() {
+                self.fill_outbox(cx);
+                if self.outbox.is_empty() {
+                    break;
+                }
+            }
+            if budget == 0 {
+                return true;
+            }
+            match self.transport.as_mut().poll_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(error)) if error.is_fatal() => {
+                    self.terminate(error);
+                    return false;
+                }
+                Poll::Ready(Err(error)) => {
+                    let queued = self.outbox.pop_front().expect("the outbox is not empty");
+                    self.fail(queued, error);
+                    continue;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let queued = self.outbox.pop_front().expect("the outbox is not empty");
+            budget -= 1;
+            self.send(queued);
+            if matches!(self.phase, Phase::Finished) {
+                return false;
+            }
+        }
+        if self.unflushed {
+            match self.transport.as_mut().poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    for ack in self.acks.drain(..) {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(error)) => {
+                    self.unflushed = false;
+                    for ack in self.acks.drain(..) {
+                        let _ = ack.send(Err(error.clone()));
+                    }
+                    if error.is_fatal() {
+                        self.terminate(error);
+                    } else {
+                        tracing::warn!(%error, "flushing the transport failed");
+                    }
+                }
+                Poll::Pending => {}
+            }
+        }
+        false
+    }
+
+    fn send(&mut self, queued: Queued<P>) {
+        let counters = &self.shared.counters;
+        match queued {
+            Queued::Publish(Outgoing {
+                topic,
+                envelope,
+                ack,
+            }) => {
+                match self.transport.as_mut().start_send(Command::Publish {
+                    topic,
+                    message: envelope,
+                }) {
+                    Ok(()) => {
+                        counters.published.fetch_add(1, Relaxed);
+                        self.unflushed = true;
+                        self.acks.extend(ack);
+                    }
+                    Err(error) => self.fail_publish(ack, error),
+                }
+            }
+            Queued::Subscribe { topic, generation } => {
+                match self
+                    .transport
+                    .as_mut()
+                    .start_send(Command::Subscribe(topic.clone()))
+                {
+                    Ok(()) => {
+                        counters.subscribes.fetch_add(1, Relaxed);
+                        self.unflushed = true;
+                        self.confirms
+                            .entry(topic)
+                            .or_default()
+                            .push_back(generation);
+                    }
+                    Err(error) => self.fail(Queued::Subscribe { topic, generation }, error),
+                }
+            }
+            Queued::Unsubscribe(topic) => {
+                match self
+                    .transport
+                    .as_mut()
+                    .start_send(Command::Unsubscribe(topic.clone()))
+                {
+                    Ok(()) => {
+                        counters.unsubscribes.fetch_add(1, Relaxed);
+                        self.unflushed = true;
+                    }
+                    Err(error) => self.fail(Queued::Unsubscribe(topic), error),
+                }
+            }
+        }
+    }
+
+    fn fail_publish(&mut self, ack: Option<oneshot::Sender<Result<()>>>, error: Error) {
+        if error.is_fatal() {
+            if let Some(ack) = ack {
+                let _ = ack.send(Err(error.clone()));
+            }
+            self.terminate(error);
+            return;
+        }
+        self.shared.counters.publish_failed.fetch_add(1, Relaxed);
+        match ack {
+            Some(ack) => {
+                let _ = ack.send(Err(error));
+            }
+            None => tracing::warn!(%error, "a publish failed"),
+        }
+    }
+
+    fn fail(&mut self, queued: Queued<P>, error: Error) {
+        match queued {
+            Queued::Publish(outgoing) => self.fail_publish(outgoing.ack, error),
+            _ if error.is_fatal() => self.terminate(error),
+            Queued::Subscribe { topic, generation } => {
+                tracing::warn!(%error, %topic, "subscribing failed");
+                self.shared.fail_subscribe(&topic, generation, &error);
+            }
+            Queued::Unsubscribe(topic) => {
+                tracing::warn!(%error, %topic, "unsubscribing failed");
+                if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+                    awaiting.remove(&topic);
+                }
+            }
+        }
+    }
+
+    /// Routes what comes up. Returns whether the budget ran out.
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(stalled) = self.stalled.take() {
+            if let Err(from) =
+                self.shared
+                    .deliver_from(&stalled.listeners, &stalled.event, stalled.from, Some(cx))
+            {
+                self.stalled = Some(Stalled { from, ..stalled });
+                return false;
+            }
+        }
+        for _ in 0..BUDGET {
+            match self.transport.as_mut().poll_next(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Some(Ok(up))) => {
+                    self.handle_up(up, cx);
+                    if self.stalled.is_some() {
+                        return false;
+                    }
+                }
+                Poll::Ready(Some(Err(error))) if error.is_fatal() => {
+                    self.terminate(error);
+                    return false;
+                }
+                Poll::Ready(Some(Err(error))) => self.count_skipped(&error, true),
+                Poll::Ready(None) => {
+                    if matches!(self.phase, Phase::Closing) {
+                        return false;
+                    }
+                    self.terminate(Error::connection_lost("the transport's stream ended"));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn count_skipped(&self, error: &Error, surfaced: bool) {
+        let counters = &self.shared.counters;
+        if error.is_decode() {
+            counters.decode_errors.fetch_add(1, Relaxed);
+        } else {
+            counters.skipped.fetch_add(1, Relaxed);
+        }
+        if surfaced {
+            tracing::warn!(%error, "an inbound item failed; the stream goes on");
+        }
+    }
+
+    fn handle_up(&mut self, up: Up<Envelope<P>>, cx: &mut Context<'_>) {
+        match up {
+            Up::Message { channel, message } => {
+                let listeners = match &channel {
+                    Some(channel) => self.shared.listeners(channel),
+                    None => {
+                        self.key.clear();
+                        let _ = write!(self.key, "{}:{}", message.r#type, message.id);
+                        self.shared.listeners(&self.key)
+                    }
+                };
+                let Some(listeners) = listeners else {
+                    self.shared.counters.unrouted.fetch_add(1, Relaxed);
+                    return;
+                };
+                let event = Arc::new(message);
+                if let Err(from) = self.shared.deliver_from(&listeners, &event, 0, Some(cx)) {
+                    self.stalled = Some(Stalled {
+                        listeners,
+                        event,
+                        from,
+                    });
+                }
+            }
+            Up::Subscribed(topic) => {
+                let Some(pending) = self.confirms.get_mut(&topic) else {
+                    tracing::debug!(%topic, "a subscription was confirmed that this target did not ask for");
+                    return;
+                };
+                let generation = pending.pop_front();
+                if pending.is_empty() {
+                    self.confirms.remove(&topic);
+                }
+                if let Some(generation) = generation {
+                    self.shared.confirm(&topic, generation);
+                }
+            }
+            Up::Unsubscribed(topic) => {
+                if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+                    awaiting.remove(&topic);
+                }
+            }
+            Up::Reconnected => self.shared.reconnected(),
+            Up::Skipped(error) => self.count_skipped(&error, false),
+        }
+    }
+
+    /// Moves a close along. Returns `Ready` once the driver is done.
+    fn poll_close_steps(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let timed_out = self
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        loop {
+            match &self.phase {
+                Phase::Running | Phase::DrainingPublishes => return Poll::Pending,
+                Phase::Unsubscribing(awaiting) => {
+                    let sent = self.outbox.is_empty() && !self.unflushed;
+                    if !(timed_out || sent && awaiting.is_empty()) {
+                        return Poll::Pending;
+                    }
+                    if timed_out {
+                        tracing::warn!(
+                            timeout = ?self.close_timeout,
+                            "closing: the transport did not confirm every unsubscribe in time"
+                        );
+                    }
+                    self.shared.end_all(None);
+                    self.stalled = None;
+                    self.phase = Phase::Closing;
+                }
+                Phase::Closing => {
+                    match self.transport.as_mut().poll_close(cx) {
+                        Poll::Pending if !timed_out => return Poll::Pending,
+                        Poll::Ready(Err(error)) => {
+                            tracing::debug!(%error, "closing the transport failed")
+                        }
+                        _ => {}
+                    }
+                    for ack in self.acks.drain(..) {
+                        let _ = ack.send(Err(Error::closed(
+                            "the event target closed before the transport flushed",
+                        )));
+                    }
+                    self.finish();
+                }
+                Phase::Finished => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+// Nothing in the driver is pinned in place: the transport is boxed, the rest moves freely.
+impl<T, P> Unpin for Driver<T, P> {}
+
+impl<T, P> Future for Driver<T, P>
+where
+    T: Transport<Envelope<P>>,
+    P: Send + Sync + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if matches!(this.phase, Phase::Finished) {
+            return Poll::Ready(());
+        }
+        let more_out = this.poll_outgoing(cx);
+        if matches!(this.phase, Phase::Finished) {
+            return Poll::Ready(());
+        }
+        let more_in = this.poll_inbound(cx);
+        if this.poll_close_steps(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if more_out || more_in {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,522 @@
+//! [`EventTarget`]: the listener map in front of a transport.
+
+pub(crate) mod driver;
+pub(crate) mod shared;
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use self::driver::{Driver, Outgoing};
+use self::shared::{Added, Control, Listener, Shared};
+use crate::layers::{Envelope, Error, ErrorKind, Result, Topic, Transport};
+use crate::queue::Queue;
+use crate::stats::Stats;
+use crate::subscription::{SubscribeOptions, Subscription};
+
+/// The default capacity of the queue between an event target's handles and its driver.
+pub const DEFAULT_PUBLISH_CAPACITY: usize = 1024;
+
+/// How long [`EventTarget::close`] waits, by default, for the transport to confirm the final
+/// unsubscribes and to close.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Identifies a listener of an [`EventTarget`], for [`EventTarget::remove_event_listener`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenerId(pub(crate) u64);
+
+/// Publish and listen to [`Envelope`]s by topic, in-process or over any [`Transport`].
+///
+/// An event target keeps the listener map: the first listener of a topic subscribes on the
+/// transport, the last one to leave unsubscribes. Each inbound message is decoded once and
+/// shared, as one `Arc`, by every listener of its topic, in arrival order. Listeners are
+/// callbacks ([`add_event_listener`](Self::add_event_listener)) or [`Subscription`] streams
+/// ([`subscribe`](Self::subscribe)), each with its own bounded queue.
+///
+/// Handles are cheap to clone. Over a transport, one driver task owns it: it feeds every queued
+/// command down and flushes once, and routes what comes up. In-process
+/// ([`local`](Self::local)), there is no transport and no driver: a dispatch delivers straight
+/// from the publishing task into the listeners' queues.
+///
+/// Dropping the last handle closes the target as [`close`](Self::close) does (subscriptions
+/// end after what they have queued).
+///
+/// ```
+/// use alkdev_pubsub::{Envelope, EventTarget};
+/// use futures::StreamExt;
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), alkdev_pubsub::Error> {
+/// let events = EventTarget::local();
+/// let mut statuses = events.subscribe("session.status:proj_123").await?;
+///
+/// events
+///     .dispatch_event(Envelope::new("session.status", "proj_123", json!({ "state": "running" })))
+///     .await?;
+///
+/// let event = statuses.next().await.unwrap().unwrap();
+/// assert_eq!(event.payload["state"], "running");
+/// # Ok(())
+/// # }
+/// ```
+pub struct EventTarget<P = serde_json::Value> {
+    handle: Arc<Handle<P>>,
+}
+
+struct Handle<P> {
+    shared: Arc<Shared<P>>,
+    /// `None` in-process.
+    publish: Option<mpsc::Sender<Outgoing<P>>>,
+    options: SubscribeOptions,
+}
+
+impl<P> Drop for Handle<P> {
+    fn drop(&mut self) {
+        match self.shared.control() {
+            Some(control) => {
+                let _ = control.send(Control::Shutdown);
+            }
+            None => {
+                self.shared.end_all(None);
+            }
+        }
+    }
+}
+
+impl<P> Clone for EventTarget<P> {
+    fn clone(&self) -> Self {
+        EventTarget {
+            handle: Arc::clone(&self.handle),
+        }
+    }
+}
+
+impl<P: Send + Sync + 'static> Default for EventTarget<P> {
+    fn default() -> Self {
+        Self::local()
+    }
+}
+
+impl<P> fmt::Debug for EventTarget<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventTarget")
+            .field("in_process", &self.handle.publish.is_none())
+            .field("topics", &self.handle.shared.topic_count())
+            .field("closed", &self.handle.shared.is_closed())
+            .finish()
+    }
+}
+
+thread_local! {
+    /// Reused to look a topic up without allocating.
+    static TOPIC_KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl EventTarget {
+    /// A builder, to set queue sizes and timeouts; it builds targets of any payload type.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+}
+
+impl<P: Send + Sync + 'static> EventTarget<P> {
+    /// An in-process event target: what it dispatches reaches its own listeners, in every task
+    /// and thread that holds a handle. Envelopes are never serialized.
+    pub fn local() -> Self {
+        Builder::new().local()
+    }
+
+    /// An event target over `transport`, with default settings.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime: the driver task is spawned on the current one.
+    pub fn new<T>(transport: T) -> Self
+    where
+        T: Transport<Envelope<P>> + Send + 'static,
+    {
+        Builder::new().build(transport)
+    }
+
+    fn shared(&self) -> &Arc<Shared<P>> {
+        &self.handle.shared
+    }
+
+    /// Calls `callback` with every event on `topic`, until removed.
+    ///
+    /// Over a transport, callbacks run on the driver task, in arrival order; in-process, on the
+    /// dispatching task. A callback must not block. A panic in it is caught, counted in
+    /// [`Stats::callback_panics`] and traced; the callback stays registered and the other
+    /// listeners still get the event.
+    ///
+    /// The first listener of a topic subscribes on the transport. The subscription may not be
+    /// in effect yet when this returns; [`subscribe`](Self::subscribe) waits for it.
+    pub fn add_event_listener<F>(&self, topic: impl Into<Topic>, callback: F) -> Result<ListenerId>
+    where
+        F: Fn(&Arc<Envelope<P>>) + Send + Sync + 'static,
+    {
+        let id = self.shared().next_id();
+        let listener = Listener::Callback {
+            id,
+            callback: Arc::new(callback),
+        };
+        self.shared().add_listener(topic.into(), listener, false)?;
+        Ok(id)
+    }
+
+    /// Removes a listener added by [`add_event_listener`](Self::add_event_listener). The last
+    /// listener of a topic to leave unsubscribes on the transport. Returns whether it was there.
+    pub fn remove_event_listener(&self, topic: &str, id: ListenerId) -> bool {
+        self.shared().remove_listener(topic, id)
+    }
+
+    /// Subscribes to `topic` with the default queue settings. Resolves once the transport has
+    /// confirmed the subscription: nothing published after that is missed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancelling the future leaves the topic as if the subscription had been dropped.
+    pub async fn subscribe(&self, topic: impl Into<Topic>) -> Result<Subscription<P>> {
+        self.subscribe_with(topic, self.handle.options).await
+    }
+
+    /// Subscribes to `topic` with its own queue capacity and overflow policy.
+    pub async fn subscribe_with(
+        &self,
+        topic: impl Into<Topic>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription<P>> {
+        let topic = topic.into();
+        let queue = Arc::new(Queue::new(options.get_capacity(), options.get_overflow()));
+        let id = self.shared().next_id();
+        let listener = Listener::Queue {
+            id,
+            queue: Arc::clone(&queue),
+        };
+        let added = self.shared().add_listener(topic.clone(), listener, true)?;
+        // From here, dropping the subscription (also by cancellation) removes the listener.
+        let subscription = Subscription::new(queue, topic, id, Arc::clone(self.shared()));
+        if let Added::Pending(confirmed) = added {
+            match confirmed.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(_) => {
+                    return Err(self
+                        .shared()
+                        .closed_error(&format!("subscribing to {:?}", subscription.topic())))
+                }
+            }
+        }
+        Ok(subscription)
+    }
+
+    /// Publishes `envelope` on its topic, `"{type}:{id}"`.
+    ///
+    /// Over a transport, this resolves once the envelope is in the driver's bounded queue
+    /// (waiting for room when it is full), so a loop of awaited dispatches is pipelined: the
+    /// driver feeds everything queued to the transport and flushes once. A later failure of
+    /// the transport is counted in [`Stats::publish_failed`] and traced; behind the reconnect
+    /// layer, the publish waits in its buffer through an outage. To learn the outcome, use
+    /// [`dispatch_confirmed`](Self::dispatch_confirmed).
+    ///
+    /// In-process, the envelope is delivered to the topic's listeners before this resolves.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancelled before it resolves, the envelope was not queued.
+    pub async fn dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
+        match &self.handle.publish {
+            None => self.dispatch_local(envelope).await,
+            Some(publish) => {
+                if self.shared().is_closed() {
+                    return Err(self.closed_error_for(&envelope));
+                }
+                let outgoing = Outgoing {
+                    topic: envelope.topic(),
+                    envelope,
+                    ack: None,
+                };
+                publish
+                    .send(outgoing)
+                    .await
+                    .map_err(|rejected| self.closed_error_for(&rejected.0.envelope))
+            }
+        }
+    }
+
+    /// Like [`dispatch_event`](Self::dispatch_event), without waiting: when the driver's
+    /// queue is full, fails at once with an error of kind [`ErrorKind::Unavailable`] that says
+    /// so. In-process, a full `Block` subscription drops the event (counted as lagged).
+    pub fn try_dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
+        match &self.handle.publish {
+            None => {
+                if self.shared().is_closed() {
+                    return Err(self.closed_error_for(&envelope));
+                }
+                self.deliver_local(envelope, false);
+                Ok(())
+            }
+            Some(publish) => {
+                if self.shared().is_closed() {
+                    return Err(self.closed_error_for(&envelope));
+                }
+                let outgoing = Outgoing {
+                    topic: envelope.topic(),
+                    envelope,
+                    ack: None,
+                };
+                publish.try_send(outgoing).map_err(|error| match error {
+                    mpsc::error::TrySendError::Full(rejected) => Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "publishing to {}: the event target's queue is full ({} envelopes wait for the transport)",
+                            rejected.topic,
+                            publish.max_capacity()
+                        ),
+                    ),
+                    mpsc::error::TrySendError::Closed(rejected) => {
+                        self.closed_error_for(&rejected.envelope)
+                    }
+                })
+            }
+        }
+    }
+
+    /// Publishes `envelope` and waits until the transport has flushed it (for Redis: until the
+    /// server acknowledged it), returning the transport's error if it failed.
+    ///
+    /// In-process, the same as [`dispatch_event`](Self::dispatch_event).
+    pub async fn dispatch_confirmed(&self, envelope: Envelope<P>) -> Result<()> {
+        let Some(publish) = &self.handle.publish else {
+            return self.dispatch_local(envelope).await;
+        };
+        if self.shared().is_closed() {
+            return Err(self.closed_error_for(&envelope));
+        }
+        let topic = envelope.topic();
+        let (ack, acked) = oneshot::channel();
+        let outgoing = Outgoing {
+            topic: topic.clone(),
+            envelope,
+            ack: Some(ack),
+        };
+        publish
+            .send(outgoing)
+            .await
+            .map_err(|rejected| self.closed_error_for(&rejected.0.envelope))?;
+        acked.await.unwrap_or_else(|_| {
+            Err(self
+                .shared()
+                .closed_error(&format!("publishing to {topic}")))
+        })
+    }
+
+    fn closed_error_for(&self, envelope: &Envelope<P>) -> Error {
+        self.shared().closed_error(&format!(
+            "publishing to {}:{}",
+            envelope.r#type, envelope.id
+        ))
+    }
+
+    async fn dispatch_local(&self, envelope: Envelope<P>) -> Result<()> {
+        if self.shared().is_closed() {
+            return Err(self.closed_error_for(&envelope));
+        }
+        let Some((listeners, event)) = self.deliver_local(envelope, true) else {
+            return Ok(());
+        };
+        // A `Block` subscription is full: wait for room, then go on with the rest.
+        let mut from = 0;
+        let shared = Arc::clone(self.shared());
+        poll_fn(
+            |cx| match shared.deliver_from(&listeners, &event, from, Some(cx)) {
+                Ok(()) => Poll::Ready(()),
+                Err(blocked) => {
+                    from = blocked;
+                    Poll::Pending
+                }
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Delivers in-process. With `may_block`, returns what is left for a full `Block` queue.
+    #[allow(clippy::type_complexity)]
+    fn deliver_local(
+        &self,
+        envelope: Envelope<P>,
+        may_block: bool,
+    ) -> Option<(Arc<[Listener<P>]>, Arc<Envelope<P>>)> {
+        let shared = self.shared();
+        shared.counters.published.fetch_add(1, Relaxed);
+        let listeners = TOPIC_KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            key.clear();
+            key.push_str(&envelope.r#type);
+            key.push(':');
+            key.push_str(&envelope.id);
+            shared.listeners(&key)
+        });
+        let Some(listeners) = listeners else {
+            shared.counters.unrouted.fetch_add(1, Relaxed);
+            return None;
+        };
+        let event = Arc::new(envelope);
+        if !may_block {
+            let _ = shared.deliver_from(&listeners, &event, 0, None);
+            return None;
+        }
+        // A first pass without a waker: only a full `Block` queue needs the slow path.
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        match shared.deliver_from(&listeners, &event, 0, Some(&mut cx)) {
+            Ok(()) => None,
+            Err(from) => {
+                let rest: Arc<[Listener<P>]> = listeners[from..].iter().cloned().collect();
+                Some((rest, event))
+            }
+        }
+    }
+
+    /// Closes the target and drains it: publishes already queued are sent and flushed, every
+    /// topic is unsubscribed, and every subscription ends once it has yielded what it had
+    /// queued. Later calls fail with an error of kind [`ErrorKind::Closed`]. Closing twice is
+    /// harmless.
+    pub async fn close(&self) {
+        match self.shared().control() {
+            None => {
+                self.shared().end_all(None);
+            }
+            Some(control) => {
+                let (done, closed) = oneshot::channel();
+                if control.send(Control::Close { done }).is_ok() {
+                    // An error means the driver is gone: nothing left to wait for.
+                    let _ = closed.await;
+                }
+            }
+        }
+    }
+
+    /// Whether the target is closed (by [`close`](Self::close), or because its transport
+    /// failed for good).
+    pub fn is_closed(&self) -> bool {
+        self.shared().is_closed()
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> Stats {
+        self.shared().counters.snapshot()
+    }
+
+    /// How many topics have at least one listener.
+    pub fn topic_count(&self) -> usize {
+        self.shared().topic_count()
+    }
+
+    /// How many listeners `topic` has.
+    pub fn listener_count(&self, topic: &str) -> usize {
+        self.shared().listener_count(topic)
+    }
+}
+
+/// Settings of an [`EventTarget`].
+///
+/// ```
+/// use alkdev_pubsub::{EventTarget, Overflow, SubscribeOptions};
+///
+/// let events: EventTarget = EventTarget::builder()
+///     .subscribe_options(SubscribeOptions::new().capacity(256).overflow(Overflow::DropNewest))
+///     .local();
+/// # drop(events);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Builder {
+    publish_capacity: usize,
+    options: SubscribeOptions,
+    close_timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            publish_capacity: DEFAULT_PUBLISH_CAPACITY,
+            options: SubscribeOptions::default(),
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+        }
+    }
+}
+
+impl Builder {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many envelopes may wait for the driver ([`DEFAULT_PUBLISH_CAPACITY`]); a dispatch
+    /// waits for room beyond that.
+    pub fn publish_capacity(mut self, capacity: usize) -> Self {
+        self.publish_capacity = capacity.max(1);
+        self
+    }
+
+    /// The queue settings of subscriptions made with [`EventTarget::subscribe`].
+    pub fn subscribe_options(mut self, options: SubscribeOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How long a close waits for the transport ([`DEFAULT_CLOSE_TIMEOUT`]).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// An in-process event target.
+    pub fn local<P: Send + Sync + 'static>(self) -> EventTarget<P> {
+        EventTarget {
+            handle: Arc::new(Handle {
+                shared: Arc::new(Shared::new(None)),
+                publish: None,
+                options: self.options,
+            }),
+        }
+    }
+
+    /// An event target over `transport`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime: the driver task is spawned on the current one.
+    pub fn build<P, T>(self, transport: T) -> EventTarget<P>
+    where
+        P: Send + Sync + 'static,
+        T: Transport<Envelope<P>> + Send + 'static,
+    {
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (publish_tx, publish_rx) = mpsc::channel(self.publish_capacity);
+        let shared = Arc::new(Shared::new(Some(control_tx)));
+        let driver = Driver::new(
+            transport,
+            Arc::clone(&shared),
+            control_rx,
+            publish_rx,
+            self.close_timeout,
+        );
+        tokio::spawn(driver);
+        EventTarget {
+            handle: Arc::new(Handle {
+                shared,
+                publish: Some(publish_tx),
+                options: self.options,
+            }),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! The state every handle of an event target shares: the listener map and the counters.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::layers::{Envelope, Error, Result, Topic};
+use crate::queue::{Pushed, Queue};
+use crate::stats::Counters;
+use crate::ListenerId;
+
+/// A callback listener.
+pub(crate) type Callback<P> = dyn Fn(&Arc<Envelope<P>>) + Send + Sync;
+
+pub(crate) enum Listener<P> {
+    Callback {
+        id: ListenerId,
+        callback: Arc<Callback<P>>,
+    },
+    Queue {
+        id: ListenerId,
+        queue: Arc<Queue<P>>,
+    },
+}
+
+impl<P> Clone for Listener<P> {
+    fn clone(&self) -> Self {
+        match self {
+            Listener::Callback { id, callback } => Listener::Callback {
+                id: *id,
+                callback: Arc::clone(callback),
+            },
+            Listener::Queue { id, queue } => Listener::Queue {
+                id: *id,
+                queue: Arc::clone(queue),
+            },
+        }
+    }
+}
+
+impl<P> Listener<P> {
+    fn id(&self) -> ListenerId {
+        match self {
+            Listener::Callback { id, .. } | Listener::Queue { id, .. } => *id,
+        }
+    }
+}
+
+/// Messages from handles to the driver. Unbounded on purpose: each is caused by a listener
+/// being added or removed (at most one subscribe and one unsubscribe per listener), or by a
+/// close, so their number is bounded by the listeners' and does not grow with traffic.
+pub(crate) enum Control {
+    Subscribe {
+        topic: Topic,
+        generation: u64,
+    },
+    Unsubscribe {
+        topic: Topic,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+    /// The last handle was dropped.
+    Shutdown,
+}
+
+/// The listeners of one topic.
+pub(crate) struct Entry<P> {
+    /// Copy-on-write, so delivery clones one `Arc` under the read lock and calls listeners
+    /// with no lock held (a callback may add or remove listeners).
+    listeners: Arc<[Listener<P>]>,
+    /// Which subscribe command this entry waits on; a topic that is left and joined again
+    /// gets a new generation, so a late confirmation of the old subscribe is not taken for
+    /// the new one.
+    generation: u64,
+    confirmed: bool,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+pub(crate) struct Shared<P> {
+    map: RwLock<HashMap<Topic, Entry<P>>>,
+    pub(crate) counters: Counters,
+    closed: AtomicBool,
+    close_reason: Mutex<Option<Error>>,
+    next_id: AtomicU64,
+    /// `None` for the in-process target, which has no driver and no transport.
+    control: Option<mpsc::UnboundedSender<Control>>,
+}
+
+/// What adding a listener needs from the caller.
+pub(crate) enum Added {
+    /// The topic's subscription is in effect.
+    Ready,
+    /// It will be once this resolves.
+    Pending(oneshot::Receiver<Result<()>>),
+}
+
+impl<P> Shared<P> {
+    pub(crate) fn new(control: Option<mpsc::UnboundedSender<Control>>) -> Self {
+        Shared {
+            map: RwLock::new(HashMap::new()),
+            counters: Counters::default(),
+            closed: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            control,
+        }
+    }
+
+    // Listener callbacks run outside the lock and every update below is done in full before
+    // the guard drops, so a poisoned lock still holds a consistent map.
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Topic, Entry<P>>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Topic, Entry<P>>> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn next_id(&self) -> ListenerId {
+        ListenerId(self.next_id.fetch_add(1, Relaxed))
+    }
+
+    pub(crate) fn control(&self) -> Option<&mpsc::UnboundedSender<Control>> {
+        self.control.as_ref()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
+    }
+
+    /// The error for a call (named by `what`) made after the target closed.
+    pub(crate) fn closed_error(&self, what: &str) -> Error {
+        let reason = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
+        match &*reason {
+            Some(reason) => Error::closed(format!("{what}: the event target stopped: {reason}")),
+            None => Error::closed(format!("{what}: the event target is closed")),
+        }
+    }
+
+    pub(crate) fn topic_count(&self) -> usize {
+        self.read().len()
+    }
+
+    pub(crate) fn listener_count(&self, topic: &str) -> usize {
+        self.read().get(topic).map_or(0, |e| e.listeners.len())
+    }
+
+    /// Adds a listener; the first one of a topic sends the subscribe command.
+    pub(crate) fn add_listener(
+        &self,
+        topic: Topic,
+        listener: Listener<P>,
+        wait: bool,
+    ) -> Result<Added> {
+        let mut map = self.write();
+        if self.is_closed() {
+            return Err(self.closed_error(&format!("adding a listener to {topic:?}")));
+        }
+        if let Some(entry) = map.get_mut(&topic) {
+            let mut listeners = Vec::with_capacity(entry.listeners.len() + 1);
+            listeners.extend(entry.listeners.iter().cloned());
+            listeners.push(listener);
+            entry.listeners = listeners.into();
+            if entry.confirmed || !wait {
+                return Ok(Added::Ready);
+            }
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push(tx);
+            return Ok(Added::Pending(rx));
+        }
+        let generation = self.next_id.fetch_add(1, Relaxed);
+        let mut entry = Entry {
+            listeners: Arc::from([listener]),
+            generation,
+            confirmed: self.control.is_none(),
+            waiters: Vec::new(),
+        };
+        let added = if entry.confirmed || !wait {
+            Added::Ready
+        } else {
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push(tx);
+            Added::Pending(rx)
+        };
+        if let Some(control) = &self.control {
+            // Sent under the lock, so subscribe and unsubscribe commands leave in the order
+            // of the map's transitions.
+            if control
+                .send(Control::Subscribe {
+                    topic: topic.clone(),
+                    generation,
+                })
+                .is_err()
+            {
+                return Err(self.closed_error(&format!("subscribing to {topic:?}")));
+            }
+        } else {
+            // In-process, the topic's first listener is the subscription.
+            self.counters.subscribes.fetch_add(1, Relaxed);
+        }
+        map.insert(topic, entry);
+        Ok(added)
+    }
+
+    /// Removes a listener; the last one of a topic sends the unsubscribe command.
+    pub(crate) fn remove_listener(&self, topic: &str, id: ListenerId) -> bool {
+        let mut map = self.write();
+        let Some(entry) = map.get_mut(topic) else {
+            return false;
+        };
+        let Some(position) = entry.listeners.iter().position(|l| l.id() == id) else {
+            return false;
+        };
+        if entry.listeners.len() > 1 {
+            let mut listeners = Vec::with_capacity(entry.listeners.len() - 1);
+            listeners.extend(entry.listeners[..position].iter().cloned());
+            listeners.extend(entry.listeners[position + 1..].iter().cloned());
+            entry.listeners = listeners.into();
+            return true;
+        }
+        let (topic, _entry) = map.remove_entry(topic).expect("the entry was just found");
+        match &self.control {
+            Some(control) => {
+                if !self.is_closed() {
+                    // If the driver is gone, there is nothing left to unsubscribe from.
+                    let _ = control.send(Control::Unsubscribe { topic });
+                }
+            }
+            None => {
+                self.counters.unsubscribes.fetch_add(1, Relaxed);
+            }
+        }
+        true
+    }
+
+    /// The transport confirmed the subscribe command of `generation`.
+    pub(crate) fn confirm(&self, topic: &str, generation: u64) {
+        let mut map = self.write();
+        if let Some(entry) = map.get_mut(topic) {
+            if entry.generation == generation && !entry.confirmed {
+                entry.confirmed = true;
+                for waiter in entry.waiters.drain(..) {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// The subscribe command of `generation` failed.
+    pub(crate) fn fail_subscribe(&self, topic: &str, generation: u64, error: &Error) {
+        let mut map = self.write();
+        if let Some(entry) = map.get_mut(topic) {
+            if entry.generation == generation {
+                for waiter in entry.waiters.drain(..) {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// The listeners of `topic` now.
+    pub(crate) fn listeners(&self, topic: &str) -> Option<Arc<[Listener<P>]>> {
+        self.read().get(topic).map(|e| Arc::clone(&e.listeners))
+    }
+
+    /// The topics with listeners now.
+    pub(crate) fn topics(&self) -> Vec<Topic> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Tells every subscription that the transport reconnected.
+    pub(crate) fn reconnected(&self) {
+        self.counters.reconnects.fetch_add(1, Relaxed);
+        for entry in self.read().values() {
+            for listener in entry.listeners.iter() {
+                if let Listener::Queue { queue, .. } = listener {
+                    queue.push_reconnected();
+                }
+            }
+        }
+    }
+
+    /// Marks the target closed; later calls fail with `Closed`.
+    pub(crate) fn mark_closed(&self, reason: Option<Error>) {
+        if let Some(reason) = reason {
+            let mut slot = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(reason);
+        }
+        self.closed.store(true, Relaxed);
+    }
+
+    /// Empties the map and ends every subscription (after what is queued), returning the
+    /// topics that had listeners.
+    pub(crate) fn end_all(&self, reason: Option<Error>) -> Vec<Topic> {
+        self.mark_closed(reason);
+        let map = std::mem::take(&mut *self.write());
+        let error = self.closed_error("subscribing");
+        let mut topics = Vec::with_capacity(map.len());
+        for (topic, entry) in map {
+            for listener in entry.listeners.iter() {
+                if let Listener::Queue { queue, .. } = listener {
+                    queue.close(false);
+                }
+            }
+            for waiter in entry.waiters {
+                let _ = waiter.send(Err(error.clone()));
+            }
+            topics.push(topic);
+        }
+        topics
+    }
+
+    /// Delivers `event` to `listeners[from..]`. Stops with `Err(index)` at a full `Block`
+    /// queue, which will wake `cx` when it has room; without `cx`, such a queue drops the
+    /// event instead (and counts it as lagged).
+    pub(crate) fn deliver_from(
+        &self,
+        listeners: &[Listener<P>],
+        event: &Arc<Envelope<P>>,
+        from: usize,
+        mut cx: Option<&mut Context<'_>>,
+    ) -> Result<(), usize> {
+        let mut delivered = 0;
+        let mut lagged = 0;
+        let mut result = Ok(());
+        for (index, listener) in listeners.iter().enumerate().skip(from) {
+            match listener {
+                Listener::Callback { callback, .. } => {
+                    if catch_unwind(AssertUnwindSafe(|| callback(event))).is_ok() {
+                        delivered += 1;
+                    } else {
+                        self.counters.callback_panics.fetch_add(1, Relaxed);
+                        tracing::error!(
+                            topic = %event.topic(),
+                            "a listener callback panicked; it stays registered and delivery goes on"
+                        );
+                    }
+                }
+                Listener::Queue { queue, .. } => match queue.poll_push(cx.as_deref_mut(), event) {
+                    Poll::Ready(Pushed::Queued) => delivered += 1,
+                    Poll::Ready(Pushed::DroppedOldest) => {
+                        delivered += 1;
+                        lagged += 1;
+                    }
+                    Poll::Ready(Pushed::DroppedNewest) => lagged += 1,
+                    Poll::Ready(Pushed::Closed) => {}
+                    Poll::Pending => {
+                        result = Err(index);
+                        break;
+                    }
+                },
+            }
+        }
+        if delivered > 0 {
+            self.counters.delivered.fetch_add(delivered, Relaxed);
+        }
+        if lagged > 0 {
+            self.counters.lagged.fetch_add(lagged, Relaxed);
+        }
+        result
+    }
+}

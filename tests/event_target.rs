@@ -1,0 +1,520 @@
+//! EventTarget behaviour: the listener map, delivery, overflow, panics, close.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use alkdev_pubsub::testkit::{self, number_of, numbered, Recorded, Recorder};
+use alkdev_pubsub::{
+    Envelope, EventTarget, Gap, LocalTransport, Overflow, PubSub, SubscribeOptions, Topic,
+};
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn settle<F: Fn() -> bool>(what: &str, done: F) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn first_listener_subscribes_and_last_unsubscribes_with_exact_commands() {
+    let transport = Recorder::new(LocalTransport::new());
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+
+    let a1 = events.subscribe("a:1").await.unwrap();
+    let a2 = events.subscribe("a:1").await.unwrap();
+    let b = events.add_event_listener("b:1", |_| {}).unwrap();
+    // A callback's subscribe is not awaited: it reaches the transport shortly.
+    settle("the subscribe of b:1", || log.subscriptions().len() == 2).await;
+    assert_eq!(
+        log.subscriptions(),
+        vec![
+            Recorded::Subscribe("a:1".into()),
+            Recorded::Subscribe("b:1".into())
+        ],
+        "one subscribe per topic, on its first listener"
+    );
+
+    drop(a1);
+    assert!(events.remove_event_listener("b:1", b));
+    settle("the unsubscribe of b:1", || log.subscriptions().len() == 3).await;
+    drop(a2);
+    settle("the unsubscribe of a:1", || log.subscriptions().len() == 4).await;
+    let _a3 = events.subscribe("a:1").await.unwrap();
+    assert_eq!(
+        log.subscriptions(),
+        vec![
+            Recorded::Subscribe("a:1".into()),
+            Recorded::Subscribe("b:1".into()),
+            Recorded::Unsubscribe("b:1".into()),
+            Recorded::Unsubscribe("a:1".into()),
+            Recorded::Subscribe("a:1".into()),
+        ]
+    );
+    assert_eq!(events.topic_count(), 1, "no leaked entries in the map");
+}
+
+#[tokio::test]
+async fn cancelled_subscribe_leaves_the_topic() {
+    let transport = Recorder::new(LocalTransport::new());
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    let pending = events.subscribe("c:1");
+    drop(pending); // never polled: nothing happened
+    let subscribe = events.subscribe("c:1");
+    // Poll it once, then cancel it before the confirmation can arrive.
+    let _ = futures::FutureExt::now_or_never(subscribe);
+    settle("unsubscribe after cancel", || {
+        log.subscriptions()
+            == vec![
+                Recorded::Subscribe("c:1".into()),
+                Recorded::Unsubscribe("c:1".into()),
+            ]
+    })
+    .await;
+    assert_eq!(events.topic_count(), 0);
+}
+
+async fn hundred_topics_ten_listeners_thousand_messages(events: EventTarget) {
+    const TOPICS: usize = 100;
+    const LISTENERS: usize = 10;
+    const MESSAGES: u64 = 1_000;
+    let options = SubscribeOptions::new()
+        .capacity(MESSAGES as usize)
+        .overflow(Overflow::Block);
+    let mut readers = Vec::new();
+    for t in 0..TOPICS {
+        for _ in 0..LISTENERS {
+            let mut subscription = events
+                .subscribe_with(Topic::of("load", &t.to_string()), options)
+                .await
+                .unwrap();
+            readers.push(tokio::spawn(async move {
+                let mut seen = 0u64;
+                while seen < MESSAGES {
+                    let event = testkit::next_event(&mut subscription).await;
+                    assert_eq!(event.id, t.to_string());
+                    assert_eq!(
+                        number_of(&event),
+                        seen,
+                        "topic {t}: lost, duplicated or reordered"
+                    );
+                    seen += 1;
+                }
+                seen
+            }));
+        }
+    }
+    let mut publishers = Vec::new();
+    for t in 0..TOPICS {
+        let events = events.clone();
+        publishers.push(tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                events
+                    .dispatch_event(numbered("load", &t.to_string(), n))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let mut total = 0;
+    for reader in readers {
+        total += reader.await.unwrap();
+    }
+    assert_eq!(total, TOPICS as u64 * LISTENERS as u64 * MESSAGES);
+    let stats = events.stats();
+    assert_eq!(stats.delivered, total);
+    assert_eq!(stats.lagged, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_exactly_once_in_order_in_process() {
+    hundred_topics_ten_listeners_thousand_messages(EventTarget::local()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_exactly_once_in_order_through_the_driver() {
+    hundred_topics_ten_listeners_thousand_messages(EventTarget::new(LocalTransport::new())).await;
+}
+
+async fn slow_subscriber_lags_while_fast_one_gets_everything(events: EventTarget) {
+    let mut fast = events
+        .subscribe_with("lag:1", SubscribeOptions::new().capacity(1_000))
+        .await
+        .unwrap();
+    let mut slow_oldest = events
+        .subscribe_with("lag:1", SubscribeOptions::new().capacity(10))
+        .await
+        .unwrap();
+    let mut slow_newest = events
+        .subscribe_with(
+            "lag:1",
+            SubscribeOptions::new()
+                .capacity(10)
+                .overflow(Overflow::DropNewest),
+        )
+        .await
+        .unwrap();
+    for n in 0..100 {
+        events
+            .dispatch_event(numbered("lag", "1", n))
+            .await
+            .unwrap();
+    }
+    for n in 0..100 {
+        assert_eq!(number_of(&testkit::next_event(&mut fast).await), n);
+    }
+    // Drop-oldest keeps the newest ten and says how many went first.
+    assert_eq!(
+        slow_oldest.next().await.unwrap().unwrap_err(),
+        Gap::Lagged(90)
+    );
+    for n in 90..100 {
+        assert_eq!(number_of(&slow_oldest.next().await.unwrap().unwrap()), n);
+    }
+    // Drop-newest keeps the first ten.
+    assert_eq!(
+        slow_newest.next().await.unwrap().unwrap_err(),
+        Gap::Lagged(90)
+    );
+    for n in 0..10 {
+        assert_eq!(number_of(&slow_newest.next().await.unwrap().unwrap()), n);
+    }
+    assert_eq!(events.stats().lagged, 180);
+    assert!(slow_oldest.is_empty() && slow_newest.is_empty());
+}
+
+#[tokio::test]
+async fn slow_subscriber_lags_in_process() {
+    slow_subscriber_lags_while_fast_one_gets_everything(EventTarget::local()).await;
+}
+
+#[tokio::test]
+async fn slow_subscriber_lags_through_the_driver() {
+    let events = EventTarget::new(LocalTransport::new());
+    slow_subscriber_lags_while_fast_one_gets_everything(events.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_waits_for_room_and_loses_nothing() {
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let mut blocking = events
+            .subscribe_with(
+                "block:1",
+                SubscribeOptions::new()
+                    .capacity(4)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        let publisher = {
+            let events = events.clone();
+            tokio::spawn(async move {
+                for n in 0..500 {
+                    events
+                        .dispatch_event(numbered("block", "1", n))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        for n in 0..500 {
+            let event = testkit::next_event(&mut blocking).await;
+            assert_eq!(number_of(&event), n);
+            assert!(
+                blocking.len() <= 4,
+                "queue over its capacity: {}",
+                blocking.len()
+            );
+        }
+        publisher.await.unwrap();
+        assert_eq!(events.stats().lagged, 0);
+    }
+}
+
+#[tokio::test]
+async fn memory_stays_bounded_when_a_subscriber_never_reads() {
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let never_read = events
+            .subscribe_with("flood:1", SubscribeOptions::new().capacity(64))
+            .await
+            .unwrap();
+        let mut fast = events
+            .subscribe_with("flood:1", SubscribeOptions::new().capacity(100_000))
+            .await
+            .unwrap();
+        for n in 0..20_000 {
+            events
+                .dispatch_event(numbered("flood", "1", n))
+                .await
+                .unwrap();
+        }
+        for n in 0..20_000 {
+            assert_eq!(number_of(&testkit::next_event(&mut fast).await), n);
+        }
+        assert_eq!(never_read.len(), 64, "the queue is capped at its capacity");
+        assert_eq!(events.stats().lagged, 20_000 - 64);
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_callback_does_not_stop_delivery() {
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let calls = Arc::new(AtomicU64::new(0));
+        events
+            .add_event_listener("panic:1", |_| panic!("a listener's bug"))
+            .unwrap();
+        let counted = Arc::clone(&calls);
+        events
+            .add_event_listener("panic:1", move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        let mut subscription = events.subscribe("panic:1").await.unwrap();
+        for n in 0..10 {
+            events
+                .dispatch_event(numbered("panic", "1", n))
+                .await
+                .unwrap();
+        }
+        for n in 0..10 {
+            assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 10);
+        assert_eq!(events.stats().callback_panics, 10);
+    }
+}
+
+#[tokio::test]
+async fn listeners_share_one_arc_of_each_event() {
+    let events = EventTarget::new(LocalTransport::new());
+    let mut a = events.subscribe("share:1").await.unwrap();
+    let mut b = events.subscribe("share:1").await.unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let by_callback = Arc::clone(&seen);
+    events
+        .add_event_listener("share:1", move |event| {
+            *by_callback.lock().unwrap() = Some(Arc::clone(event));
+        })
+        .unwrap();
+    events
+        .dispatch_event(numbered("share", "1", 1))
+        .await
+        .unwrap();
+    let from_a = testkit::next_event(&mut a).await;
+    let from_b = testkit::next_event(&mut b).await;
+    assert!(Arc::ptr_eq(&from_a, &from_b));
+    assert!(Arc::ptr_eq(&from_a, seen.lock().unwrap().as_ref().unwrap()));
+}
+
+#[tokio::test]
+async fn close_drains_unsubscribes_and_ends_subscriptions() {
+    let transport = Recorder::new(LocalTransport::with_capacity(16));
+    let log = transport.log();
+    let events = EventTarget::new(transport);
+    let mut subscription = events
+        .subscribe_with("drain:1", SubscribeOptions::new().capacity(5_000))
+        .await
+        .unwrap();
+    for n in 0..5_000 {
+        events
+            .dispatch_event(numbered("drain", "1", n))
+            .await
+            .unwrap();
+    }
+    events.close().await;
+    assert!(events.is_closed());
+    for n in 0..5_000 {
+        assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+    }
+    assert!(
+        subscription.next().await.is_none(),
+        "the subscription ends after the drain"
+    );
+    assert_eq!(
+        log.subscriptions().last(),
+        Some(&Recorded::Unsubscribe("drain:1".into()))
+    );
+    assert_eq!(events.stats().published, 5_000);
+
+    let error = events.subscribe("drain:2").await.unwrap_err();
+    assert!(error.is_closed(), "{error}");
+    let error = events.add_event_listener("drain:2", |_| {}).unwrap_err();
+    assert!(error.is_closed(), "{error}");
+    let error = events
+        .try_dispatch_event(numbered("drain", "1", 0))
+        .unwrap_err();
+    assert!(
+        error.is_closed() && error.to_string().contains("drain:1"),
+        "{error}"
+    );
+    events.close().await; // twice is fine
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_shuts_the_driver_down() {
+    let events = EventTarget::new(LocalTransport::new());
+    let mut subscription = events.subscribe("bye:1").await.unwrap();
+    let other = events.clone();
+    events
+        .dispatch_event(numbered("bye", "1", 0))
+        .await
+        .unwrap();
+    drop(events);
+    other.dispatch_event(numbered("bye", "1", 1)).await.unwrap();
+    drop(other);
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 0);
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
+    let end = tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap();
+    assert!(
+        end.is_none(),
+        "the subscription ends when the last handle is gone"
+    );
+
+    let local: EventTarget = EventTarget::local();
+    let mut subscription = local.subscribe("bye:2").await.unwrap();
+    drop(local);
+    assert!(subscription.next().await.is_none());
+}
+
+#[tokio::test]
+async fn confirmed_dispatch_waits_for_the_flush() {
+    let events = EventTarget::new(LocalTransport::new());
+    let mut subscription = events.subscribe("ack:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("ack", "1", 7))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 7);
+    events.close().await;
+    assert!(events
+        .dispatch_confirmed(numbered("ack", "1", 8))
+        .await
+        .unwrap_err()
+        .is_closed());
+}
+
+#[tokio::test]
+async fn a_full_publish_queue_says_so() {
+    // A transport that never becomes ready: the publish queue fills up.
+    let (sink, _rx) = futures::channel::mpsc::channel::<alkdev_pubsub::Command<Envelope>>(0);
+    let stalled = Stalled { sink };
+    let events: EventTarget = EventTarget::builder().publish_capacity(2).build(stalled);
+    let mut refused = None;
+    for n in 0..10 {
+        if let Err(error) = events.try_dispatch_event(numbered("full", "1", n)) {
+            refused = Some(error);
+            break;
+        }
+    }
+    let error = refused.expect("the queue filled up");
+    assert!(error.is_unavailable(), "{error}");
+    assert!(error.to_string().contains("queue is full"), "{error}");
+}
+
+/// A transport whose sink accepts one command and then never has room, and whose stream
+/// never yields.
+struct Stalled {
+    sink: futures::channel::mpsc::Sender<alkdev_pubsub::Command<Envelope>>,
+}
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for Stalled {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.sink
+            .poll_ready(cx)
+            .map_err(|e| alkdev_pubsub::Error::closed(e.to_string()))
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        item: alkdev_pubsub::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        self.sink
+            .start_send(item)
+            .map_err(|e| alkdev_pubsub::Error::closed(e.to_string()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for Stalled {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_pubsub_round_trip() {
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Status {
+        state: String,
+    }
+    let pubsub: PubSub<Status> = PubSub::local();
+    let mut statuses = pubsub.subscribe("session.status", "p1").await.unwrap();
+    let mut other = pubsub.subscribe("session.status", "p2").await.unwrap();
+    pubsub
+        .publish(
+            "session.status",
+            "p1",
+            Status {
+                state: "running".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses.next().await.unwrap(),
+        Status {
+            state: "running".into()
+        }
+    );
+    testkit_quiet(&mut other).await;
+}
+
+async fn testkit_quiet<S: futures::Stream + Unpin>(stream: &mut S)
+where
+    S::Item: std::fmt::Debug,
+{
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(50), stream.next()).await {
+        panic!("expected nothing, got {item:?}");
+    }
+}
