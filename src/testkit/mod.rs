@@ -22,9 +22,11 @@
 //! # }
 //! ```
 
+mod broker;
 mod recorder;
 
-pub use recorder::{Recorded, Recorder};
+pub use broker::{BrokerConnection, MemoryBroker};
+pub use recorder::{Log, Recorded, Recorder};
 
 use std::collections::HashMap;
 use std::future::Future;

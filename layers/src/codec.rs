@@ -1,0 +1,263 @@
+//! The codec layer: a raw transport of [`Bytes`] frames becomes a transport of
+//! [`Envelope`]s.
+//!
+//! | way | what it does |
+//! |---|---|
+//! | down | encodes each published envelope with the [`Codec`] (JSON: exactly `{"type","id","payload"}`); subscribes pass through |
+//! | up | decodes each frame once; a frame that does not decode becomes an error item of kind [`Decode`](crate::ErrorKind::Decode) carrying the channel and the frame, and the stream goes on |
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{Sink, Stream};
+use pin_project_lite::pin_project;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Command, Envelope, Error, ErrorKind, Result, Topic, Up};
+
+/// Turns envelopes into frames and back: the JavaScript package's `serializer`
+/// (`{ stringify, parse }`).
+///
+/// Implement it to plug in another format; [`Json`] is the default. `decode` is handed the
+/// whole frame and the channel it came on (`None` for WebSocket and worker frames).
+///
+/// ```
+/// use alkdev_pubsub_layers::codec::Codec;
+/// use alkdev_pubsub_layers::{Envelope, Topic};
+/// use bytes::Bytes;
+///
+/// /// `type|id|payload` with a plain-text payload.
+/// #[derive(Clone, Debug)]
+/// struct Pipes;
+///
+/// impl Codec<String> for Pipes {
+///     type Error = &'static str;
+///     fn encode(&self, envelope: &Envelope<String>) -> Result<Bytes, Self::Error> {
+///         Ok(format!("{}|{}|{}", envelope.r#type, envelope.id, envelope.payload).into())
+///     }
+///     fn decode(&self, _channel: Option<&Topic>, frame: &Bytes) -> Result<Envelope<String>, Self::Error> {
+///         let text = std::str::from_utf8(frame).map_err(|_| "not UTF-8")?;
+///         let mut parts = text.splitn(3, '|');
+///         match (parts.next(), parts.next(), parts.next()) {
+///             (Some(t), Some(id), Some(payload)) => Ok(Envelope::new(t, id, payload.to_owned())),
+///             _ => Err("expected type|id|payload"),
+///         }
+///     }
+/// }
+///
+/// let frame = Pipes.encode(&Envelope::new("chat", "1", "hi".to_owned())).unwrap();
+/// assert_eq!(Pipes.decode(None, &frame).unwrap().payload, "hi");
+/// ```
+pub trait Codec<P> {
+    /// Why a frame could not be decoded or an envelope encoded.
+    type Error: fmt::Display;
+
+    /// The frame for `envelope`.
+    fn encode(&self, envelope: &Envelope<P>) -> Result<Bytes, Self::Error>;
+
+    /// The envelope in `frame`, which came on `channel` where the wire has one.
+    fn decode(&self, channel: Option<&Topic>, frame: &Bytes) -> Result<Envelope<P>, Self::Error>;
+}
+
+/// JSON, the wire format of `@alkdev/pubsub`: strict decoding (see [`Envelope`]), nesting up
+/// to serde_json's recursion limit of 128, and encoding of exactly `{"type","id","payload"}`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Json;
+
+impl<P: Serialize + DeserializeOwned> Codec<P> for Json {
+    type Error = serde_json::Error;
+
+    fn encode(&self, envelope: &Envelope<P>) -> Result<Bytes, serde_json::Error> {
+        let mut writer = BytesMut::with_capacity(128).writer();
+        serde_json::to_writer(&mut writer, envelope)?;
+        Ok(writer.into_inner().freeze())
+    }
+
+    fn decode(
+        &self,
+        _channel: Option<&Topic>,
+        frame: &Bytes,
+    ) -> Result<Envelope<P>, serde_json::Error> {
+        serde_json::from_slice(frame)
+    }
+}
+
+/// A [`tower::Layer`] that puts a [`Codec`] over a raw transport: see the [module](self).
+pub struct CodecLayer<C = Json, P = serde_json::Value> {
+    codec: C,
+    _payload: PhantomData<fn() -> P>,
+}
+
+impl<C: Clone, P> Clone for CodecLayer<C, P> {
+    fn clone(&self) -> Self {
+        CodecLayer {
+            codec: self.codec.clone(),
+            _payload: PhantomData,
+        }
+    }
+}
+
+impl<C: fmt::Debug, P> fmt::Debug for CodecLayer<C, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CodecLayer")
+            .field("codec", &self.codec)
+            .finish()
+    }
+}
+
+impl<P> CodecLayer<Json, P> {
+    /// The JSON codec, decoding payloads into `P` (by default `serde_json::Value`).
+    pub fn json() -> Self {
+        CodecLayer::new(Json)
+    }
+}
+
+impl<C, P> CodecLayer<C, P> {
+    /// A layer with `codec`.
+    pub fn new(codec: C) -> Self {
+        CodecLayer {
+            codec,
+            _payload: PhantomData,
+        }
+    }
+}
+
+impl<T, C: Clone, P> tower::Layer<T> for CodecLayer<C, P> {
+    type Service = WithCodec<T, C, P>;
+
+    fn layer(&self, inner: T) -> Self::Service {
+        WithCodec::new(inner, self.codec.clone())
+    }
+}
+
+pin_project! {
+    /// A transport of envelopes over a raw transport of frames; made by [`CodecLayer`].
+    pub struct WithCodec<T, C = Json, P = serde_json::Value> {
+        #[pin]
+        inner: T,
+        codec: C,
+        _payload: PhantomData<fn() -> P>,
+    }
+}
+
+impl<T, C, P> WithCodec<T, C, P> {
+    /// Wraps `inner` with `codec`.
+    pub fn new(inner: T, codec: C) -> Self {
+        WithCodec {
+            inner,
+            codec,
+            _payload: PhantomData,
+        }
+    }
+
+    /// The codec.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
+
+    /// The raw transport.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The raw transport, mutably.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// The raw transport, pinned.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut T> {
+        self.project().inner
+    }
+
+    /// Unwraps the raw transport.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: fmt::Debug, C: fmt::Debug, P> fmt::Debug for WithCodec<T, C, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithCodec")
+            .field("inner", &self.inner)
+            .field("codec", &self.codec)
+            .finish()
+    }
+}
+
+impl<T, C, P> Sink<Command<Envelope<P>>> for WithCodec<T, C, P>
+where
+    T: Sink<Command<Bytes>, Error = Error>,
+    C: Codec<P>,
+{
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.project().inner.poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<Envelope<P>>) -> Result<()> {
+        let this = self.project();
+        let command = match command {
+            Command::Publish { topic, message } => match this.codec.encode(&message) {
+                Ok(frame) => Command::Publish {
+                    topic,
+                    message: frame,
+                },
+                Err(cause) => {
+                    return Err(Error::new(
+                        ErrorKind::Encode,
+                        format!("encoding an envelope for {topic}: {cause}"),
+                    ))
+                }
+            },
+            Command::Subscribe(topic) => Command::Subscribe(topic),
+            Command::Unsubscribe(topic) => Command::Unsubscribe(topic),
+        };
+        this.inner.start_send(command)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.project().inner.poll_close(cx)
+    }
+}
+
+impl<T, C, P> Stream for WithCodec<T, C, P>
+where
+    T: Stream<Item = Result<Up<Bytes>>>,
+    C: Codec<P>,
+{
+    type Item = Result<Up<Envelope<P>>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        let up = match this.inner.poll_next(cx) {
+            Poll::Ready(Some(Ok(up))) => up,
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        Poll::Ready(Some(match up {
+            Up::Message { channel, message } => match this.codec.decode(channel.as_ref(), &message)
+            {
+                Ok(envelope) => Ok(Up::Message {
+                    channel,
+                    message: envelope,
+                }),
+                Err(cause) => Err(Error::decode_frame(channel.as_ref(), message, cause)),
+            },
+            Up::Subscribed(topic) => Ok(Up::Subscribed(topic)),
+            Up::Unsubscribed(topic) => Ok(Up::Unsubscribed(topic)),
+            Up::Reconnected => Ok(Up::Reconnected),
+            Up::Skipped(error) => Ok(Up::Skipped(error)),
+        }))
+    }
+}

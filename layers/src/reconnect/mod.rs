@@ -1,0 +1,706 @@
+//! The reconnect layer: a transport that survives its connection.
+//!
+//! It wraps a factory of transports (`Fn() -> impl Future<Output = Result<T>>`) and:
+//!
+//! | way | what it does |
+//! |---|---|
+//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); publishes handed to a connection that failed before they were flushed are sent again on the next one |
+//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else, sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
+//!
+//! Delivery through an outage is at-least-once for publishes (a publish may be sent twice if
+//! the connection died after the peer got it and before it acknowledged it), and
+//! at-most-once for inbound messages (what was published while the subscriber was away is
+//! gone; `Reconnected` says so).
+//!
+//! The connection's state can be watched without polling the transport:
+//! [`ReconnectLayer::state`].
+//!
+//! ```
+//! use alkdev_pubsub_layers::reconnect::{Backoff, ConnectionState, ReconnectLayer};
+//! use std::time::Duration;
+//!
+//! let layer = ReconnectLayer::new(Backoff::new().initial(Duration::from_millis(50)))
+//!     .buffer(1024);
+//! let state = layer.state();
+//! assert_eq!(*state.borrow(), ConnectionState::Idle);
+//! ```
+
+mod backoff;
+
+pub use backoff::Backoff;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::{Sink, Stream};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+
+use crate::prefix::Counter;
+use crate::{Command, Error, ErrorKind, Result, Topic, Up};
+
+/// The default bound of the publish buffer during an outage.
+pub const DEFAULT_BUFFER: usize = 1024;
+
+/// Makes a new connection: implemented by every `Fn() -> impl Future<Output = Result<T>>`.
+pub trait MakeTransport {
+    /// The transport made.
+    type Transport;
+    /// The connecting future.
+    type Future: Future<Output = Result<Self::Transport>>;
+    /// Starts connecting.
+    fn make_transport(&self) -> Self::Future;
+}
+
+impl<F, Fut, T> MakeTransport for F
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    type Transport = T;
+    type Future = Fut;
+
+    fn make_transport(&self) -> Fut {
+        self()
+    }
+}
+
+/// Where a [`Reconnect`] transport's connection stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Not connected yet: the first poll connects.
+    Idle,
+    /// Connecting; `attempt` counts from 1 since the last connection that stayed up.
+    Connecting {
+        /// Which attempt this is.
+        attempt: u32,
+    },
+    /// Connected.
+    Connected,
+    /// Waiting before the next attempt.
+    Waiting {
+        /// The attempt that failed.
+        attempt: u32,
+        /// How long until the next one.
+        delay: Duration,
+    },
+    /// Gave up after the configured number of attempts.
+    GaveUp,
+    /// Closed.
+    Closed,
+}
+
+/// A [`tower::Layer`] that makes a [`Reconnect`] transport from a factory: see the
+/// [module](self).
+///
+/// `M` is the message type of the transports made: raw frames ([`Bytes`](bytes::Bytes)) by
+/// default, since the layer usually sits right above the raw transport; use
+/// [`with_message_type`](Self::with_message_type) for another.
+pub struct ReconnectLayer<M = bytes::Bytes> {
+    backoff: Backoff,
+    buffer: usize,
+    state: Arc<watch::Sender<ConnectionState>>,
+    unavailable: Counter,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<M> Clone for ReconnectLayer<M> {
+    fn clone(&self) -> Self {
+        ReconnectLayer {
+            backoff: self.backoff.clone(),
+            buffer: self.buffer,
+            state: Arc::clone(&self.state),
+            unavailable: self.unavailable.clone(),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<M> fmt::Debug for ReconnectLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReconnectLayer")
+            .field("backoff", &self.backoff)
+            .field("buffer", &self.buffer)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl Default for ReconnectLayer {
+    fn default() -> Self {
+        Self::new(Backoff::default())
+    }
+}
+
+impl ReconnectLayer {
+    /// A layer over raw transports that retries with `backoff` and buffers up to
+    /// [`DEFAULT_BUFFER`] publishes.
+    pub fn new(backoff: Backoff) -> Self {
+        Self::with_message_type(backoff)
+    }
+}
+
+impl<M> ReconnectLayer<M> {
+    /// A layer over transports of `M` messages (for example envelopes, over a worker or
+    /// in-memory transport).
+    pub fn with_message_type(backoff: Backoff) -> Self {
+        ReconnectLayer {
+            backoff,
+            buffer: DEFAULT_BUFFER,
+            state: Arc::new(watch::Sender::new(ConnectionState::Idle)),
+            unavailable: Counter::default(),
+            _message: PhantomData,
+        }
+    }
+
+    /// How many publishes may wait during an outage.
+    pub fn buffer(mut self, publishes: usize) -> Self {
+        self.buffer = publishes;
+        self
+    }
+
+    /// Watches the connection state of the transports this layer makes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.subscribe()
+    }
+
+    /// Publishes refused because the buffer was full during an outage.
+    pub fn unavailable(&self) -> Counter {
+        self.unavailable.clone()
+    }
+}
+
+impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
+    type Service = Reconnect<F, M>;
+
+    fn layer(&self, factory: F) -> Reconnect<F, M> {
+        Reconnect {
+            factory,
+            conn: Conn::Idle,
+            backoff: self.backoff.clone(),
+            attempt: 0,
+            up_since: None,
+            ever_connected: false,
+            announce: false,
+            active: HashSet::new(),
+            pending_up: HashMap::new(),
+            replaying: HashMap::new(),
+            backlog: VecDeque::new(),
+            buffered: 0,
+            buffer: self.buffer,
+            unacked: Vec::new(),
+            signals: VecDeque::new(),
+            state: Arc::clone(&self.state),
+            unavailable: self.unavailable.clone(),
+            closed: false,
+            flush_backlog: false,
+        }
+    }
+}
+
+enum Conn<F: MakeTransport> {
+    Idle,
+    Connecting(Pin<Box<F::Future>>),
+    Waiting(Pin<Box<Sleep>>),
+    Up(Pin<Box<F::Transport>>),
+    GaveUp(Error),
+}
+
+/// A transport that reconnects; made by [`ReconnectLayer`] from a factory.
+pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
+    factory: F,
+    conn: Conn<F>,
+    backoff: Backoff,
+    /// Failed attempts in a row.
+    attempt: u32,
+    up_since: Option<Instant>,
+    ever_connected: bool,
+    /// Send `Reconnected` once the replay is confirmed.
+    announce: bool,
+    /// Topics subscribed from above and not unsubscribed.
+    active: HashSet<Topic>,
+    /// Subscribes from above sent on the current connection and not yet confirmed.
+    pending_up: HashMap<Topic, u32>,
+    /// Replayed subscriptions not yet confirmed, with how many subscribes from above each
+    /// one answers.
+    replaying: HashMap<Topic, u32>,
+    /// Commands for the current (or next) connection, in order.
+    backlog: VecDeque<Command<M>>,
+    /// Publishes in `backlog`.
+    buffered: usize,
+    buffer: usize,
+    /// Publishes handed to the current connection since its last successful flush.
+    unacked: Vec<(Topic, M)>,
+    signals: VecDeque<Up<M>>,
+    state: Arc<watch::Sender<ConnectionState>>,
+    unavailable: Counter,
+    closed: bool,
+    /// The backlog was sent on this layer's own initiative: flush it without waiting for a
+    /// flush from above (which only comes after new commands).
+    flush_backlog: bool,
+}
+
+// Nothing is pinned in place: the connection and its futures are boxed.
+impl<F: MakeTransport, M> Unpin for Reconnect<F, M> {}
+
+impl<F: MakeTransport, M> fmt::Debug for Reconnect<F, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let conn = match &self.conn {
+            Conn::Idle => "idle",
+            Conn::Connecting(_) => "connecting",
+            Conn::Waiting(_) => "waiting",
+            Conn::Up(_) => "connected",
+            Conn::GaveUp(_) => "gave up",
+        };
+        f.debug_struct("Reconnect")
+            .field("conn", &conn)
+            .field("attempt", &self.attempt)
+            .field("active", &self.active.len())
+            .field("buffered", &self.buffered)
+            .field("unacked", &self.unacked.len())
+            .finish()
+    }
+}
+
+impl<F, M> Reconnect<F, M>
+where
+    F: MakeTransport,
+    F::Transport: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>>>,
+    M: Clone,
+{
+    /// The connection state now.
+    pub fn state(&self) -> ConnectionState {
+        self.state.borrow().clone()
+    }
+
+    /// The topics that will be replayed on the next connection.
+    pub fn active(&self) -> impl Iterator<Item = &Topic> {
+        self.active.iter()
+    }
+
+    /// The current connection, if there is one.
+    pub fn get_ref(&self) -> Option<&F::Transport> {
+        match &self.conn {
+            Conn::Up(transport) => Some(transport),
+            _ => None,
+        }
+    }
+
+    fn set_state(&self, state: ConnectionState) {
+        self.state.send_replace(state);
+    }
+
+    /// The current connection failed: keep what it had not flushed, and plan the next one.
+    fn lost(&mut self, error: Error) {
+        let stable = self
+            .up_since
+            .is_some_and(|since| since.elapsed() >= self.backoff.get_stable_after());
+        if stable {
+            self.attempt = 0;
+        }
+        tracing::warn!(%error, "transport connection lost; reconnecting");
+        // Publishes the failed connection may not have delivered go first, then the backlog's.
+        let mut backlog = VecDeque::with_capacity(self.unacked.len() + self.backlog.len());
+        let mut buffered = 0;
+        for (topic, message) in self.unacked.drain(..) {
+            backlog.push_back(Command::Publish { topic, message });
+            buffered += 1;
+        }
+        for command in self.backlog.drain(..) {
+            match command {
+                publish @ Command::Publish { .. } => {
+                    backlog.push_back(publish);
+                    buffered += 1;
+                }
+                // The replay on the next connection covers it.
+                Command::Subscribe(_) => {}
+                // Never sent: the topic is no longer active, so it is not replayed.
+                Command::Unsubscribe(topic) => self.signals.push_back(Up::Unsubscribed(topic)),
+            }
+        }
+        self.backlog = backlog;
+        self.buffered = buffered;
+        // Unconfirmed replays go back to waiting on the next one.
+        for (topic, covered) in self.replaying.drain() {
+            if covered > 0 {
+                *self.pending_up.entry(topic).or_default() += covered;
+            }
+        }
+        // Subscribes for topics left since will never be confirmed: answer them now.
+        let active = &self.active;
+        let signals = &mut self.signals;
+        self.pending_up.retain(|topic, count| {
+            if active.contains(topic) {
+                return true;
+            }
+            signals.extend((0..*count).map(|_| Up::Subscribed(topic.clone())));
+            false
+        });
+        self.up_since = None;
+        self.announce = self.ever_connected;
+        if stable {
+            self.conn = Conn::Idle;
+        } else {
+            self.retry_later(error);
+        }
+    }
+
+    fn retry_later(&mut self, error: Error) {
+        if self
+            .backoff
+            .get_max_attempts()
+            .is_some_and(|max| self.attempt >= max)
+        {
+            tracing::error!(%error, attempts = self.attempt, "giving up reconnecting");
+            self.set_state(ConnectionState::GaveUp);
+            self.conn = Conn::GaveUp(Error::with_source(
+                ErrorKind::Connect,
+                format!(
+                    "gave up after {} connection attempts: {error}",
+                    self.attempt
+                ),
+                error,
+            ));
+            return;
+        }
+        let delay = self.backoff.delay(self.attempt.max(1));
+        self.set_state(ConnectionState::Waiting {
+            attempt: self.attempt,
+            delay,
+        });
+        self.conn = Conn::Waiting(Box::pin(tokio::time::sleep(delay)));
+    }
+
+    fn connected(&mut self, transport: F::Transport) {
+        self.conn = Conn::Up(Box::pin(transport));
+        self.up_since = Some(Instant::now());
+        self.set_state(ConnectionState::Connected);
+        // Replay every subscription before anything else.
+        let mut replay = VecDeque::with_capacity(self.active.len() + self.backlog.len());
+        for topic in &self.active {
+            let covered = self.pending_up.remove(topic).unwrap_or(0);
+            self.replaying.insert(topic.clone(), covered);
+            replay.push_back(Command::Subscribe(topic.clone()));
+        }
+        replay.append(&mut self.backlog);
+        self.backlog = replay;
+        if self.ever_connected {
+            tracing::info!(
+                replayed = self.replaying.len(),
+                buffered = self.buffered,
+                "transport reconnected"
+            );
+        }
+        self.ever_connected = true;
+        self.maybe_announce();
+    }
+
+    fn maybe_announce(&mut self) {
+        if self.announce && self.replaying.is_empty() {
+            self.announce = false;
+            self.signals.push_back(Up::Reconnected);
+        }
+    }
+
+    /// Drives the connection until it is up (`Ready(Ok)`), or has given up (`Ready(Err)`).
+    fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            match &mut self.conn {
+                Conn::Up(_) => return Poll::Ready(Ok(())),
+                Conn::GaveUp(error) => return Poll::Ready(Err(error.clone())),
+                Conn::Idle => {
+                    self.attempt += 1;
+                    self.set_state(ConnectionState::Connecting {
+                        attempt: self.attempt,
+                    });
+                    self.conn = Conn::Connecting(Box::pin(self.factory.make_transport()));
+                }
+                Conn::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
+                    Ok(transport) => self.connected(transport),
+                    Err(error) => {
+                        tracing::warn!(%error, attempt = self.attempt, "connecting failed");
+                        self.retry_later(error);
+                    }
+                },
+                Conn::Waiting(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    self.conn = Conn::Idle;
+                }
+            }
+        }
+    }
+
+    /// Drives the connection and sends the backlog; `Ready(Ok)` once it is all handed over.
+    fn poll_drained(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            ready!(self.poll_connected(cx))?;
+            let Conn::Up(transport) = &mut self.conn else {
+                continue;
+            };
+            let Some(command) = self.backlog.front() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(transport.as_mut().poll_ready(cx)) {
+                Ok(()) => {}
+                Err(error) if error.is_unrecoverable() => {
+                    self.lost(error);
+                    continue;
+                }
+                Err(error) => {
+                    // Nothing the next connection would do better: report it for this command.
+                    tracing::warn!(%error, topic = %command.topic(), "the transport refused a buffered command");
+                    if let Some(Command::Publish { .. }) = self.backlog.pop_front() {
+                        self.buffered -= 1;
+                    }
+                    continue;
+                }
+            }
+            let command = self.backlog.pop_front().expect("the backlog is not empty");
+            self.flush_backlog = true;
+            if let Command::Publish { topic, message } = &command {
+                self.buffered -= 1;
+                self.unacked.push((topic.clone(), message.clone()));
+            }
+            if let Err(error) = transport.as_mut().start_send(command) {
+                if error.is_unrecoverable() {
+                    self.lost(error);
+                } else {
+                    tracing::warn!(%error, "the transport refused a buffered command");
+                }
+            }
+        }
+    }
+
+    fn answer_subscribed(&mut self, topic: Topic) {
+        if let Some(covered) = self.replaying.remove(&topic) {
+            self.signals
+                .extend((0..covered).map(|_| Up::Subscribed(topic.clone())));
+            self.maybe_announce();
+            return;
+        }
+        match self.pending_up.get_mut(&topic) {
+            Some(count) => {
+                *count -= 1;
+                if *count == 0 {
+                    self.pending_up.remove(&topic);
+                }
+                self.signals.push_back(Up::Subscribed(topic));
+            }
+            None => tracing::debug!(%topic, "swallowed a confirmation nobody waits for"),
+        }
+    }
+}
+
+impl<F, M> Sink<Command<M>> for Reconnect<F, M>
+where
+    F: MakeTransport,
+    F::Transport: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>>>,
+    M: Clone,
+{
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.poll_drained(cx) {
+                // Down: accept into the buffer (or refuse in `start_send`).
+                Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let Conn::Up(transport) = &mut this.conn else {
+                continue;
+            };
+            match ready!(transport.as_mut().poll_ready(cx)) {
+                Err(error) if error.is_unrecoverable() => this.lost(error),
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
+        let this = self.get_mut();
+        if let Conn::GaveUp(error) = &this.conn {
+            return Err(error.clone());
+        }
+        let up = matches!(this.conn, Conn::Up(_)) && this.backlog.is_empty();
+        match &command {
+            Command::Subscribe(topic) => {
+                this.active.insert(topic.clone());
+                *this.pending_up.entry(topic.clone()).or_default() += 1;
+                if !up {
+                    if matches!(this.conn, Conn::Up(_)) {
+                        // Connected, still sending the backlog: queue behind it.
+                        this.backlog.push_back(command);
+                    }
+                    // Down: the replay on the next connection sends and confirms it.
+                    return Ok(());
+                }
+            }
+            Command::Unsubscribe(topic) => {
+                this.active.remove(topic);
+                if !matches!(this.conn, Conn::Up(_)) {
+                    if let Some(count) = this.pending_up.remove(topic) {
+                        this.signals
+                            .extend((0..count).map(|_| Up::Subscribed(topic.clone())));
+                    }
+                    this.signals.push_back(Up::Unsubscribed(topic.clone()));
+                    return Ok(());
+                }
+                if !up {
+                    this.backlog.push_back(command);
+                    return Ok(());
+                }
+            }
+            Command::Publish { topic, .. } => {
+                if !up {
+                    if this.buffered >= this.buffer && !matches!(this.conn, Conn::Up(_)) {
+                        let refused = this.unavailable.increment();
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "publishing to {topic}: the transport is reconnecting (attempt {}) and its buffer of {} publishes is full ({refused} refused so far)",
+                                this.attempt, this.buffer
+                            ),
+                        ));
+                    }
+                    this.buffered += 1;
+                    this.backlog.push_back(command);
+                    return Ok(());
+                }
+            }
+        }
+        let Conn::Up(transport) = &mut this.conn else {
+            unreachable!("checked above");
+        };
+        let kept = match &command {
+            Command::Publish { topic, message } => Some((topic.clone(), message.clone())),
+            _ => None,
+        };
+        let published = kept.is_some();
+        this.unacked.extend(kept);
+        match transport.as_mut().start_send(command) {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_unrecoverable() => {
+                // Kept in `unacked` (a publish) or in `active` (a subscribe): the next
+                // connection sends it.
+                this.lost(error);
+                Ok(())
+            }
+            Err(error) => {
+                if published {
+                    this.unacked.pop();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !matches!(this.conn, Conn::Up(_)) && this.buffered == 0 && this.unacked.is_empty() {
+                // Nothing waits to be delivered; keep the connection moving.
+                if let Poll::Ready(Err(error)) = this.poll_connected(cx) {
+                    return Poll::Ready(Err(error));
+                }
+                if !matches!(this.conn, Conn::Up(_)) {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            ready!(this.poll_drained(cx))?;
+            let Conn::Up(transport) = &mut this.conn else {
+                continue;
+            };
+            match ready!(transport.as_mut().poll_flush(cx)) {
+                Ok(()) => {
+                    this.unacked.clear();
+                    this.flush_backlog = false;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.is_unrecoverable() => this.lost(error),
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        // Deliver what waits first, then close the connection.
+        if this.buffered > 0 || !this.unacked.is_empty() {
+            ready!(Pin::new(&mut *this).poll_flush(cx))?;
+        }
+        if let Conn::Up(transport) = &mut this.conn {
+            ready!(transport.as_mut().poll_close(cx))?;
+        }
+        this.closed = true;
+        this.conn = Conn::Idle;
+        this.set_state(ConnectionState::Closed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<F, M> Stream for Reconnect<F, M>
+where
+    F: MakeTransport,
+    F::Transport: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>>>,
+    M: Clone,
+{
+    type Item = Result<Up<M>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(signal) = this.signals.pop_front() {
+                return Poll::Ready(Some(Ok(signal)));
+            }
+            if this.closed {
+                return Poll::Ready(None);
+            }
+            // Sending the backlog may be pending while reading goes on.
+            match this.poll_drained(cx) {
+                Poll::Ready(Err(error)) => {
+                    this.closed = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Pending,
+                _ => {}
+            }
+            let Conn::Up(transport) = &mut this.conn else {
+                continue;
+            };
+            if this.flush_backlog && this.backlog.is_empty() {
+                match transport.as_mut().poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        this.unacked.clear();
+                        this.flush_backlog = false;
+                    }
+                    Poll::Ready(Err(error)) if error.is_unrecoverable() => {
+                        this.lost(error);
+                        continue;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        this.flush_backlog = false;
+                        tracing::warn!(%error, "flushing the replayed backlog failed");
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            match ready!(transport.as_mut().poll_next(cx)) {
+                Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
+                Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
+                Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.lost(Error::connection_lost("the transport's stream ended")),
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The retry layer: publishes the peer refused for now are sent again, a bounded number of
+//! times.
+//!
+//! | way | what it does |
+//! |---|---|
+//! | down | a command whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then the error comes back as [`Unavailable`](crate::ErrorKind::Unavailable). Other errors pass unchanged |
+//! | up | nothing |
+//!
+//! Retried publishes are delivered at least once: a flush that failed may have delivered some
+//! of them.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use std::future::Future as _;
+
+use futures::{Sink, Stream};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use crate::prefix::Counter;
+use crate::{Command, Error, ErrorKind, Result, Topic, Up};
+
+/// A [`tower::Layer`] that retries transient failures: see the [module](self).
+///
+/// ```
+/// use alkdev_pubsub_layers::RetryLayer;
+/// use std::time::Duration;
+///
+/// let layer = RetryLayer::new(3, Duration::from_millis(20));
+/// assert_eq!(layer.retried().get(), 0);
+/// ```
+///
+/// `M` is the message type: raw frames by default; see
+/// [`with_message_type`](Self::with_message_type).
+pub struct RetryLayer<M = bytes::Bytes> {
+    attempts: u32,
+    delay: Duration,
+    retried: Counter,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<M> Clone for RetryLayer<M> {
+    fn clone(&self) -> Self {
+        RetryLayer {
+            attempts: self.attempts,
+            delay: self.delay,
+            retried: self.retried.clone(),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<M> fmt::Debug for RetryLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("attempts", &self.attempts)
+            .field("delay", &self.delay)
+            .finish()
+    }
+}
+
+impl Default for RetryLayer {
+    /// 3 retries, from 50 ms.
+    fn default() -> Self {
+        Self::new(3, Duration::from_millis(50))
+    }
+}
+
+impl RetryLayer {
+    /// Retry raw frames up to `attempts` times, waiting `delay` before the first retry and
+    /// twice as long before each next one.
+    pub fn new(attempts: u32, delay: Duration) -> Self {
+        Self::with_message_type(attempts, delay)
+    }
+}
+
+impl<M> RetryLayer<M> {
+    /// Like [`RetryLayer::new`], for transports of `M` messages.
+    pub fn with_message_type(attempts: u32, delay: Duration) -> Self {
+        RetryLayer {
+            attempts,
+            delay,
+            retried: Counter::default(),
+            _message: PhantomData,
+        }
+    }
+
+    /// Commands retried so far.
+    pub fn retried(&self) -> Counter {
+        self.retried.clone()
+    }
+}
+
+impl<T, M> tower::Layer<T> for RetryLayer<M> {
+    type Service = Retry<T, M>;
+
+    fn layer(&self, inner: T) -> Retry<T, M> {
+        Retry {
+            inner,
+            attempts: self.attempts,
+            delay: self.delay,
+            retried: self.retried.clone(),
+            state: RetryState::default(),
+        }
+    }
+}
+
+struct RetryState<M> {
+    /// Commands to send again, in order.
+    queue: VecDeque<Command<M>>,
+    /// Publishes sent since the last successful flush.
+    unflushed: Vec<(Topic, M)>,
+    /// Retries of the current failure so far.
+    attempt: u32,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<M> Default for RetryState<M> {
+    fn default() -> Self {
+        RetryState {
+            queue: VecDeque::new(),
+            unflushed: Vec::new(),
+            attempt: 0,
+            sleep: None,
+        }
+    }
+}
+
+pin_project! {
+    /// A transport that retries transient failures; made by [`RetryLayer`].
+    pub struct Retry<T, M = bytes::Bytes> {
+        #[pin]
+        inner: T,
+        attempts: u32,
+        delay: Duration,
+        retried: Counter,
+        state: RetryState<M>,
+    }
+}
+
+impl<T, M> Retry<T, M> {
+    /// Commands retried so far.
+    pub fn retried(&self) -> &Counter {
+        &self.retried
+    }
+
+    /// The wrapped transport.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The wrapped transport, mutably.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// Unwraps the transport.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: fmt::Debug, M> fmt::Debug for Retry<T, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("attempts", &self.attempts)
+            .field("retrying", &self.state.queue.len())
+            .finish()
+    }
+}
+
+impl<M: Clone> RetryState<M> {
+    /// Plans another try of what is queued, or gives up with `error`.
+    fn schedule(
+        &mut self,
+        error: Error,
+        attempts: u32,
+        delay: Duration,
+        retried: &Counter,
+    ) -> Result<()> {
+        if self.attempt >= attempts {
+            let commands = self.queue.len();
+            self.queue.clear();
+            self.attempt = 0;
+            return Err(Error::with_source(
+                ErrorKind::Unavailable,
+                format!("gave up on {commands} commands after {attempts} retries: {error}"),
+                error,
+            ));
+        }
+        self.attempt += 1;
+        for _ in 0..self.queue.len() {
+            retried.increment();
+        }
+        let wait = delay.saturating_mul(1 << (self.attempt - 1).min(16));
+        tracing::debug!(%error, attempt = self.attempt, ?wait, "retrying after a transient error");
+        self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+        Ok(())
+    }
+}
+
+impl<M, T> Retry<T, M>
+where
+    M: Clone,
+    T: Sink<Command<M>, Error = Error>,
+{
+    /// Sends the retry queue; `Ready(Ok)` once it is empty.
+    fn poll_retries(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut this = self.project();
+        loop {
+            if let Some(sleep) = this.state.sleep.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                this.state.sleep = None;
+            }
+            let Some(command) = this.state.queue.front().cloned() else {
+                return Poll::Ready(Ok(()));
+            };
+            ready!(this.inner.as_mut().poll_ready(cx))?;
+            let kept = match &command {
+                Command::Publish { topic, message } => Some((topic.clone(), message.clone())),
+                _ => None,
+            };
+            match this.inner.as_mut().start_send(command) {
+                Ok(()) => {
+                    this.state.queue.pop_front();
+                    this.state.unflushed.extend(kept);
+                }
+                Err(error) if error.is_transient() => {
+                    this.state
+                        .schedule(error, *this.attempts, *this.delay, this.retried)?
+                }
+                Err(error) => {
+                    this.state.queue.pop_front();
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+    }
+}
+
+impl<M, T> Sink<Command<M>> for Retry<T, M>
+where
+    M: Clone,
+    T: Sink<Command<M>, Error = Error>,
+{
+    type Error = Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        ready!(self.as_mut().poll_retries(cx))?;
+        self.project().inner.poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
+        let this = self.project();
+        let kept = command.clone();
+        match this.inner.start_send(command) {
+            Ok(()) => {
+                if let Command::Publish { topic, message } = kept {
+                    this.state.unflushed.push((topic, message));
+                }
+                Ok(())
+            }
+            Err(error) if error.is_transient() => {
+                this.state.queue.push_back(kept);
+                this.state
+                    .schedule(error, *this.attempts, *this.delay, this.retried)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            ready!(self.as_mut().poll_retries(cx))?;
+            let this = self.as_mut().project();
+            match ready!(this.inner.poll_flush(cx)) {
+                Ok(()) => {
+                    // Only a flush proves the retried commands went through.
+                    this.state.unflushed.clear();
+                    this.state.attempt = 0;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.is_transient() && !this.state.unflushed.is_empty() => {
+                    let unflushed = std::mem::take(&mut this.state.unflushed);
+                    this.state.queue.extend(
+                        unflushed
+                            .into_iter()
+                            .map(|(topic, message)| Command::Publish { topic, message }),
+                    );
+                    this.state
+                        .schedule(error, *this.attempts, *this.delay, this.retried)?;
+                }
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        self.project().inner.poll_close(cx)
+    }
+}
+
+impl<M, T> Stream for Retry<T, M>
+where
+    T: Stream<Item = Result<Up<M>>>,
+{
+    type Item = Result<Up<M>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.project().inner.poll_next(cx)
+    }
+}
