@@ -32,6 +32,7 @@
 //!
 //! # Feature flags
 //!
+//! - `redis`: [`redis::RedisTransport`], Redis pub/sub.
 //! - `testkit`: the [conformance suite](testkit) every transport must pass, for people who
 //!   plug in their own.
 #![forbid(unsafe_code)]
@@ -49,6 +50,8 @@ mod subscription;
 mod target;
 pub mod worker;
 
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

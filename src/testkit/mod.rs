@@ -24,9 +24,13 @@
 
 mod broker;
 mod recorder;
+#[cfg(feature = "redis")]
+mod redis_server;
 
 pub use broker::{BrokerConnection, MemoryBroker};
 pub use recorder::{Log, Recorded, Recorder};
+#[cfg(feature = "redis")]
+pub use redis_server::{free_port, RedisServer};
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,0 +1,65 @@
+//! The full layer stack over Redis: codec, prefix, parse-error policy and reconnect.
+//!
+//! ```text
+//! cargo run --example redis --features redis -- redis://127.0.0.1:6379/
+//! ```
+//!
+//! Subscribes to `session.status:proj_123`, publishes three statuses, prints what comes back
+//! with the counters, and shows the connection state as the reconnect layer sees it.
+
+use std::time::Duration;
+
+use alkdev_pubsub::layers::reconnect::{Backoff, ReconnectLayer};
+use alkdev_pubsub::layers::{CodecLayer, ParseErrorLayer, PrefixLayer};
+use alkdev_pubsub::redis::RedisTransport;
+use alkdev_pubsub::{Envelope, EventTarget, Gap};
+use futures::StreamExt;
+use serde_json::json;
+use tower::ServiceBuilder;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned());
+
+    let reconnect = ReconnectLayer::new(Backoff::default()).buffer(1024);
+    let mut state = reconnect.state();
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            eprintln!("connection: {:?}", *state.borrow_and_update());
+        }
+    });
+
+    let connect_url = url.clone();
+    let transport = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .layer(PrefixLayer::new("alk:events:"))
+        .layer(reconnect)
+        .service(move || RedisTransport::connect(connect_url.clone()));
+    let events: EventTarget = EventTarget::new(transport);
+
+    let mut statuses = events.subscribe("session.status:proj_123").await?;
+    println!("subscribed on {url} (channel alk:events:session.status:proj_123)");
+    for state in ["queued", "running", "done"] {
+        events
+            .dispatch_event(Envelope::new(
+                "session.status",
+                "proj_123",
+                json!({ "state": state }),
+            ))
+            .await?;
+    }
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(5), statuses.next()).await? {
+            Some(Ok(event)) => println!("{} -> {}", event.topic(), event.payload),
+            Some(Err(Gap::Reconnected)) => println!("reconnected: events may have been missed"),
+            Some(Err(gap)) => println!("{gap}"),
+            None => break,
+        }
+    }
+    println!("{:?}", events.stats());
+    events.close().await;
+    Ok(())
+}

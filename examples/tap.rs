@@ -1,0 +1,228 @@
+//! `tap`: watch or feed the events of a deployment from the command line.
+//!
+//! ```text
+//! tap listen  --redis URL [--prefix P] [--count N] TOPIC...
+//! tap publish --redis URL [--prefix P]            < envelopes.jsonl
+//! ```
+//!
+//! `listen` prints every envelope received on the topics as one compact JSON line on stdout
+//! (diagnostics go to stderr), skips malformed messages, and exits 0 after N envelopes with
+//! `--count`. `publish` reads one envelope per line on stdin, publishes each on its topic
+//! (`type:id`), reports a bad line on stderr with its number and skips it, and exits 0 at the
+//! end of input once everything is acknowledged.
+//!
+//! ```text
+//! cargo run --example tap --features redis -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer};
+use alkdev_pubsub::{Envelope, EventTarget};
+use tokio::io::AsyncBufReadExt;
+use tower::ServiceBuilder;
+
+const USAGE: &str = "usage:
+  tap listen  --redis URL [--prefix P] [--count N] TOPIC...
+  tap publish --redis URL [--prefix P]   (envelopes as JSON lines on stdin)";
+
+#[derive(Debug, Default)]
+struct Args {
+    command: String,
+    redis: Option<String>,
+    prefix: String,
+    count: Option<u64>,
+    topics: Vec<String>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args {
+        command: args.next().ok_or("missing command: listen or publish")?,
+        ..Args::default()
+    };
+    if parsed.command != "listen" && parsed.command != "publish" {
+        return Err(format!(
+            "unknown command {:?}: listen or publish",
+            parsed.command
+        ));
+    }
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--redis" => parsed.redis = Some(value("--redis")?),
+            "--prefix" => parsed.prefix = value("--prefix")?,
+            "--count" => {
+                let count = value("--count")?;
+                parsed.count = Some(
+                    count
+                        .parse()
+                        .map_err(|_| format!("--count: not a number: {count:?}"))?,
+                );
+            }
+            flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
+            topic => parsed.topics.push(topic.to_owned()),
+        }
+    }
+    if parsed.redis.is_none() {
+        return Err("a transport is required: --redis URL".into());
+    }
+    if parsed.command == "listen" && parsed.topics.is_empty() {
+        return Err("listen needs at least one TOPIC".into());
+    }
+    if parsed.command == "publish" && !parsed.topics.is_empty() {
+        return Err("publish takes no TOPIC: each envelope's topic is type:id".into());
+    }
+    Ok(parsed)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("tap: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.command.as_str() {
+        "listen" => listen(&args).await,
+        _ => publish(&args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tap: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The full stack over Redis. `attempts` caps connection attempts in a row (`None`: retry
+/// forever, for `listen`; publishing gives up rather than wait for a server that is gone).
+#[cfg(feature = "redis")]
+fn redis_target(url: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
+    use alkdev_pubsub::redis::RedisTransport;
+    let url = url.to_owned();
+    EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new(prefix.to_owned()))
+            .layer(ReconnectLayer::new(
+                Backoff::default().max_attempts(attempts),
+            ))
+            .service(move || RedisTransport::connect(url.clone())),
+    )
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
+    eprintln!("tap: built without the `redis` feature: cargo run --example tap --features redis");
+    std::process::exit(2);
+}
+
+fn target(args: &Args, attempts: Option<u32>) -> Result<EventTarget, String> {
+    let url = args.redis.as_deref().ok_or("--redis URL is required")?;
+    Ok(redis_target(url, &args.prefix, attempts))
+}
+
+async fn listen(args: &Args) -> Result<(), String> {
+    let events = target(args, None)?;
+    // Callbacks run in arrival order on the event target's driver, so the output keeps the
+    // order in which events came, across topics. Printing keeps up with any realistic rate;
+    // the channel is unbounded so the driver never waits on stdout.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for topic in &args.topics {
+        let tx = tx.clone();
+        events
+            .add_event_listener(topic.as_str(), move |event| {
+                let _ = tx.send(event.clone());
+            })
+            .map_err(|e| format!("listening on {topic}: {e}"))?;
+        // A subscription resolves once Redis confirmed the topic: then nothing is missed.
+        drop(
+            events
+                .subscribe(topic.as_str())
+                .await
+                .map_err(|e| format!("subscribing to {topic}: {e}"))?,
+        );
+    }
+    drop(tx);
+    eprintln!("tap: listening on {} topic(s)", args.topics.len());
+    let mut stdout = std::io::stdout().lock();
+    let mut printed = 0u64;
+    while let Some(event) = rx.recv().await {
+        let line =
+            serde_json::to_string(&*event).map_err(|e| format!("encoding an envelope: {e}"))?;
+        writeln!(stdout, "{line}")
+            .and_then(|_| stdout.flush())
+            .map_err(|e| format!("writing stdout: {e}"))?;
+        printed += 1;
+        if args.count.is_some_and(|count| printed >= count) {
+            break;
+        }
+    }
+    drop(stdout);
+    let stats = events.stats();
+    if stats.decode_errors > 0 {
+        eprintln!("tap: skipped {} malformed message(s)", stats.decode_errors);
+    }
+    events.close().await;
+    Ok(())
+}
+
+async fn publish(args: &Args) -> Result<(), String> {
+    let events = target(args, Some(3))?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut number = 0u64;
+    let mut bad = 0u64;
+    let mut last = None;
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| format!("reading stdin: {e}"))?
+    {
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let envelope: Envelope = match serde_json::from_str(&line) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                eprintln!("tap: line {number}: not an envelope, skipped: {error}");
+                bad += 1;
+                continue;
+            }
+        };
+        if let Some(previous) = last.replace(envelope) {
+            events
+                .dispatch_event(previous)
+                .await
+                .map_err(|e| format!("line {number}: {e}"))?;
+        }
+    }
+    // Confirming the last one confirms them all: Redis acknowledges in order.
+    if let Some(envelope) = last {
+        events
+            .dispatch_confirmed(envelope)
+            .await
+            .map_err(|e| format!("publishing: {e}"))?;
+    }
+    let stats = events.stats();
+    events.close().await;
+    if stats.publish_failed > 0 {
+        return Err(format!("{} publish(es) failed", stats.publish_failed));
+    }
+    eprintln!(
+        "tap: published {} envelope(s), skipped {bad} bad line(s)",
+        stats.published
+    );
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! Redis pub/sub transport (feature `redis`).
+//!
+//! [`RedisTransport`] is a raw transport (`Bytes` frames) over two connections, as the
+//! JavaScript adapter had: a multiplexed connection that publishes, pipelined, and a dedicated
+//! subscribe connection (a Redis connection in subscribe mode only receives).
+//!
+//! - `PUBLISH` commands fed between two flushes go out as one pipeline; a flush completes when
+//!   Redis has acknowledged every publish, so a confirmed dispatch means "Redis has it".
+//! - `SUBSCRIBE`/`UNSUBSCRIBE` are sent per topic (consecutive ones batched into one command);
+//!   the server's confirmation is surfaced as [`Up::Subscribed`], so
+//!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the
+//!   subscription.
+//! - Messages come up as `(channel, frame)`, the frame sharing redis-rs's buffer (no copy).
+//! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval); a
+//!   ping unanswered within [`ping_timeout`](RedisConfig::ping_timeout), a command
+//!   unanswered within [`response_timeout`](RedisConfig::response_timeout), or a closed
+//!   connection fail the transport with an [unrecoverable](crate::Error::is_unrecoverable)
+//!   error, so the reconnect layer rebuilds it: a connection cannot stay "connected but deaf".
+//!
+//! The transport fails loudly and does not recover by itself: stack it under the
+//! [reconnect layer](crate::layers::reconnect).
+//!
+//! ```no_run
+//! use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer};
+//! use alkdev_pubsub::redis::RedisTransport;
+//! use alkdev_pubsub::EventTarget;
+//! use tower::ServiceBuilder;
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! let transport = ServiceBuilder::new()
+//!     .layer(ParseErrorLayer::skip())
+//!     .layer(CodecLayer::json())
+//!     .layer(PrefixLayer::new("alk:events:"))
+//!     .layer(ReconnectLayer::new(Backoff::default()))
+//!     .service(|| RedisTransport::connect("redis://127.0.0.1:6379/"));
+//! let events: EventTarget = EventTarget::new(transport);
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Sink, Stream};
+use redis::aio::{MultiplexedConnection, PubSub, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, Client, Msg, RedisError};
+use tokio::time::{Instant, Sleep};
+
+use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
+
+/// Publishes fed beyond this many wait for the pipeline in flight to be acknowledged.
+const MAX_PIPELINE: usize = 4096;
+
+/// Settings of a [`RedisTransport`].
+///
+/// ```
+/// use alkdev_pubsub::redis::RedisConfig;
+/// use std::time::Duration;
+///
+/// let config = RedisConfig::new()
+///     .ping_interval(Duration::from_secs(2))
+///     .response_timeout(Duration::from_secs(1));
+/// # drop(config);
+/// ```
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    ping_interval: Duration,
+    ping_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    /// Connect within 5 s, answers within 5 s, a ping every 5 s answered within 3 s.
+    fn default() -> Self {
+        RedisConfig {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long connecting may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long Redis may take to answer a command (a pipeline of publishes, a subscribe).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How often the subscribe connection is pinged.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// How long a ping may go unanswered before the connection is declared dead.
+    pub fn ping_timeout(mut self, timeout: Duration) -> Self {
+        self.ping_timeout = timeout;
+        self
+    }
+
+    /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with these settings.
+    pub async fn connect(self, url: impl AsRef<str>) -> Result<RedisTransport> {
+        let url = url.as_ref();
+        let client = Client::open(url).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Connect,
+                format!("invalid Redis URL {:?}: {e}", redact(url)),
+                e,
+            )
+        })?;
+        let where_ = redact(url);
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let publisher = client
+            .get_multiplexed_async_connection_with_config(&connection_config)
+            .await
+            .map_err(|e| connect_error(&where_, "the publish connection", e))?;
+        let subscriber = tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "opening the subscribe connection to {where_}: no answer within {:?}",
+                        self.connect_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| connect_error(&where_, "the subscribe connection", e))?;
+        Ok(RedisTransport::from_clients_with(
+            publisher, subscriber, self,
+        ))
+    }
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn connect_error(url: &str, what: &str, error: RedisError) -> Error {
+    Error::with_source(
+        ErrorKind::Connect,
+        format!("opening {what} to {url}: {error}"),
+        error,
+    )
+}
+
+/// Maps a redis-rs error to this crate's, with `what` saying what was being done.
+fn redis_error(what: &str, error: RedisError) -> Error {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    let kind = if error.is_timeout() {
+        ErrorKind::Timeout
+    } else if error.is_connection_refusal() {
+        ErrorKind::Connect
+    } else if error.is_io_error() || error.is_connection_dropped() || error.is_unrecoverable_error()
+    {
+        ErrorKind::ConnectionLost
+    } else {
+        match error.kind() {
+            K::Server(S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown) => {
+                ErrorKind::Busy
+            }
+            _ if error.code() == Some("BUSY") => ErrorKind::Busy,
+            _ => ErrorKind::Rejected,
+        }
+    };
+    Error::with_source(kind, format!("{what}: {error}"), error)
+}
+
+/// What the subscribe connection is doing.
+enum Control {
+    Idle,
+    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of these topics, awaiting the server's confirmation.
+    InFlight {
+        subscribe: bool,
+        topics: Vec<Topic>,
+        reply: BoxFuture<'static, Result<()>>,
+    },
+}
+
+/// The Redis pub/sub transport: see the [module](self).
+pub struct RedisTransport {
+    publisher: MultiplexedConnection,
+    /// Publishes fed since the last pipeline was sent.
+    pipeline: redis::Pipeline,
+    pipeline_len: usize,
+    /// The pipeline sent and not yet acknowledged.
+    in_flight: Option<BoxFuture<'static, Result<()>>>,
+    subscriber: PubSubSink,
+    messages: PubSubStream,
+    /// Subscribes and unsubscribes not yet sent, in order.
+    pending: VecDeque<Command<()>>,
+    control: Control,
+    signals: VecDeque<Up<Bytes>>,
+    reader: Option<Waker>,
+    ping: Pin<Box<Sleep>>,
+    ping_reply: Option<BoxFuture<'static, Result<()>>>,
+    config: RedisConfig,
+    failed: Option<Error>,
+}
+
+impl fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("unsent_publishes", &self.pipeline_len)
+            .field("pipeline_in_flight", &self.in_flight.is_some())
+            .field("pending_subscriptions", &self.pending.len())
+            .field("failed", &self.failed)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl RedisTransport {
+    /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with the default
+    /// [`RedisConfig`]: opens the publish connection and the subscribe connection.
+    pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
+        RedisConfig::default().connect(url).await
+    }
+
+    /// A transport over connections the caller opened: `publish` may be shared with other
+    /// users (it is a cheap clone of a multiplexed connection); `subscribe` is this
+    /// transport's own.
+    pub fn from_clients(publish: MultiplexedConnection, subscribe: PubSub) -> Self {
+        Self::from_clients_with(publish, subscribe, RedisConfig::default())
+    }
+
+    /// Like [`from_clients`](Self::from_clients), with `config`'s timeouts and ping interval.
+    pub fn from_clients_with(
+        publish: MultiplexedConnection,
+        subscribe: PubSub,
+        config: RedisConfig,
+    ) -> Self {
+        let (subscriber, messages) = subscribe.split();
+        RedisTransport {
+            publisher: publish,
+            pipeline: redis::pipe(),
+            pipeline_len: 0,
+            in_flight: None,
+            subscriber,
+            messages,
+            pending: VecDeque::new(),
+            control: Control::Idle,
+            signals: VecDeque::new(),
+            reader: None,
+            ping: Box::pin(tokio::time::sleep(config.ping_interval)),
+            ping_reply: None,
+            config,
+            failed: None,
+        }
+    }
+
+    fn fail(&mut self, error: Error) -> Error {
+        self.failed.get_or_insert(error).clone()
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the accumulated publishes as one pipeline, if none is in flight and no subscribe
+    /// fed before them is still unconfirmed.
+    fn send_pipeline(&mut self) {
+        if self.in_flight.is_some() || self.pipeline_len == 0 || self.subscribing() {
+            return;
+        }
+        let pipeline = std::mem::replace(&mut self.pipeline, redis::pipe());
+        let publishes = std::mem::take(&mut self.pipeline_len);
+        let mut connection = self.publisher.clone();
+        self.in_flight = Some(Box::pin(async move {
+            pipeline.exec_async(&mut connection).await.map_err(|e| {
+                redis_error(&format!("publishing a pipeline of {publishes} messages"), e)
+            })
+        }));
+    }
+
+    /// Whether a subscribe or unsubscribe waits to be sent or confirmed. Publishes fed after
+    /// one wait for it, so that a target hears its own publishes on a topic it just joined
+    /// (the two use different connections).
+    fn subscribing(&self) -> bool {
+        !self.pending.is_empty() || matches!(self.control, Control::InFlight { .. })
+    }
+
+    /// Drives the publish pipelines; `Ready(Ok)` once every fed publish is acknowledged.
+    fn poll_publishes(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            self.send_pipeline();
+            let Some(in_flight) = self.in_flight.as_mut() else {
+                if self.pipeline_len > 0 {
+                    // Held behind a subscribe; the control future wakes this task.
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Ok(()));
+            };
+            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            self.in_flight = None;
+            if let Err(error) = result {
+                return Poll::Ready(Err(if error.is_unrecoverable() {
+                    self.fail(error)
+                } else {
+                    error
+                }));
+            }
+        }
+    }
+
+    /// Drives subscribes and unsubscribes, one command at a time, in order.
+    fn poll_control(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        loop {
+            match &mut self.control {
+                Control::InFlight { reply, .. } => {
+                    let Poll::Ready(result) = reply.as_mut().poll(cx) else {
+                        return Ok(());
+                    };
+                    let Control::InFlight {
+                        subscribe, topics, ..
+                    } = std::mem::replace(&mut self.control, Control::Idle)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    result.map_err(|error| self.fail(error))?;
+                    self.signals.extend(topics.into_iter().map(|topic| {
+                        if subscribe {
+                            Up::Subscribed(topic)
+                        } else {
+                            Up::Unsubscribed(topic)
+                        }
+                    }));
+                }
+                Control::Idle => {
+                    let Some(first) = self.pending.pop_front() else {
+                        if self.pipeline_len > 0 && self.in_flight.is_none() {
+                            // Publishes held behind the subscriptions can go now: the flush
+                            // that waits for them runs on this task.
+                            cx.waker().wake_by_ref();
+                        }
+                        return Ok(());
+                    };
+                    let subscribe = matches!(first, Command::Subscribe(_));
+                    let mut topics = vec![first.topic().clone()];
+                    // Consecutive commands of the same kind go out as one.
+                    while let Some(next) = self.pending.front() {
+                        if matches!(next, Command::Subscribe(_)) != subscribe
+                            || topics.len() >= 1024
+                        {
+                            break;
+                        }
+                        topics.push(self.pending.pop_front().expect("peeked").topic().clone());
+                    }
+                    let names: Vec<String> = topics.iter().map(|t| t.as_str().to_owned()).collect();
+                    let mut sink = self.subscriber.clone();
+                    let timeout = self.config.response_timeout;
+                    let what = format!(
+                        "{} {} channel(s) starting with {:?}",
+                        if subscribe {
+                            "SUBSCRIBE to"
+                        } else {
+                            "UNSUBSCRIBE from"
+                        },
+                        names.len(),
+                        names[0]
+                    );
+                    let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
+                        let request = async {
+                            if subscribe {
+                                sink.subscribe(&names).await
+                            } else {
+                                sink.unsubscribe(&names).await
+                            }
+                        };
+                        match tokio::time::timeout(timeout, request).await {
+                            Ok(result) => result.map_err(|e| redis_error(&what, e)),
+                            Err(_) => Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!("{what}: no answer within {timeout:?}"),
+                            )),
+                        }
+                    });
+                    self.control = Control::InFlight {
+                        subscribe,
+                        topics,
+                        reply,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Pings the subscribe connection on schedule; an error once it is declared dead.
+    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if let Some(reply) = &mut self.ping_reply {
+            match reply.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.ping_reply = None;
+                    let next = Instant::now() + self.config.ping_interval;
+                    self.ping.as_mut().reset(next);
+                }
+                Poll::Ready(Err(error)) => return Err(self.fail(error)),
+                Poll::Pending => return Ok(()),
+            }
+        }
+        if self.ping.as_mut().poll(cx).is_ready() {
+            let mut sink = self.subscriber.clone();
+            let timeout = self.config.ping_timeout;
+            let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
+                match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(redis_error("pinging the subscribe connection", e)),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the subscribe connection did not answer a PING within {timeout:?}"
+                        ),
+                    )),
+                }
+            });
+            self.ping_reply = Some(reply);
+            // Poll it once now, so the request is on its way and a waker is registered.
+            return self.poll_liveness(cx);
+        }
+        Ok(())
+    }
+}
+
+/// A message's payload, shared with redis-rs's own buffer.
+struct Payload(Msg);
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self.0.get_payload_bytes()
+    }
+}
+
+impl Sink<Command<Bytes>> for RedisTransport {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        if this.pipeline_len < MAX_PIPELINE {
+            return Poll::Ready(Ok(()));
+        }
+        // Full: wait for the pipeline in flight, then send this one.
+        match this.in_flight.as_mut().map(|f| f.as_mut().poll(cx)) {
+            None => {}
+            Some(Poll::Pending) => return Poll::Pending,
+            Some(Poll::Ready(result)) => {
+                this.in_flight = None;
+                if let Err(error) = result {
+                    return Poll::Ready(Err(if error.is_unrecoverable() {
+                        this.fail(error)
+                    } else {
+                        error
+                    }));
+                }
+            }
+        }
+        this.send_pipeline();
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
+        let this = self.get_mut();
+        this.check()?;
+        match command {
+            Command::Publish { topic, message } => {
+                this.pipeline
+                    .cmd("PUBLISH")
+                    .arg(topic.as_str())
+                    .arg(&message[..])
+                    .ignore();
+                this.pipeline_len += 1;
+            }
+            subscription => {
+                this.pending.push_back(subscription.map(|_| ()));
+                // The reading side drives subscriptions: make sure it looks.
+                if let Some(reader) = this.reader.take() {
+                    reader.wake();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        this.poll_control(cx)?;
+        this.poll_publishes(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if this.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        std::task::ready!(this.poll_publishes(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Stream for RedisTransport {
+    type Item = Result<Up<Bytes>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(signal) = this.signals.pop_front() {
+            return Poll::Ready(Some(Ok(signal)));
+        }
+        if this.failed.is_some() {
+            // Reported once; then the stream ends.
+            return Poll::Ready(None);
+        }
+        if !this
+            .reader
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.reader = Some(cx.waker().clone());
+        }
+        if let Err(error) = this.poll_control(cx) {
+            return Poll::Ready(Some(Err(error)));
+        }
+        if let Some(signal) = this.signals.pop_front() {
+            return Poll::Ready(Some(Ok(signal)));
+        }
+        if let Err(error) = this.poll_liveness(cx) {
+            return Poll::Ready(Some(Err(error)));
+        }
+        match Pin::new(&mut this.messages).poll_next(cx) {
+            Poll::Ready(Some(message)) => {
+                let channel = Topic::from(message.get_channel_name());
+                let frame = Bytes::from_owner(Payload(message));
+                Poll::Ready(Some(Ok(Up::Message {
+                    channel: Some(channel),
+                    message: frame,
+                })))
+            }
+            Poll::Ready(None) => {
+                let error = this.fail(Error::connection_lost(
+                    "the Redis subscribe connection closed",
+                ));
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

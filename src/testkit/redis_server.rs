@@ -1,0 +1,220 @@
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A private `redis-server` process on a free loopback port, for tests and benchmarks that
+/// must kill, pause and restart their server. Stopped (SIGKILL) when dropped.
+///
+/// Panics with a clear message when `redis-server` is not installed.
+///
+/// ```no_run
+/// use alkdev_pubsub::testkit::RedisServer;
+///
+/// let mut server = RedisServer::start();
+/// println!("{}", server.url());
+/// server.kill();
+/// server.restart(); // same port
+/// assert_eq!(server.cli(&["PING"]), "PONG");
+/// ```
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    paused: bool,
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("pid", &self.pid())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("binding a loopback port to find a free one")
+}
+
+fn require(binary: &str) {
+    let found = Command::new(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found,
+        "`{binary}` is not installed or not on PATH: the Redis tests need it \
+         (Debian/Ubuntu: `apt-get install -y redis-server`; `.ci/run` does this)"
+    );
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (for example
+    /// `["--cluster-enabled", "yes"]`).
+    pub fn start_with(args: &[&str]) -> Self {
+        require("redis-server");
+        require("redis-cli");
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = RedisServer {
+                child: None,
+                port,
+                paused: false,
+            };
+            match server.spawn(args) {
+                Ok(()) => return server,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    fn spawn(&mut self, args: &[&str]) -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!("alkdev-pubsub-redis-{}", self.port));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawning redis-server: {e}"))?;
+        self.child = Some(child);
+        self.paused = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited at start: {status}",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        Err(format!(
+            "redis-server on port {} did not answer within 10 s",
+            self.port
+        ))
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:{port}/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused {
+                self.signal_pid(child.id(), "-CONT");
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    /// Starts the server again on the same port (killing it first if it runs).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn(&[]) {
+                Ok(()) => return,
+                // The port may linger a moment after the kill.
+                Err(error) if Instant::now() > deadline => {
+                    panic!("restarting redis-server: {error}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn signal_pid(&self, pid: u32, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Freezes the server (SIGSTOP): it keeps its connections but answers nothing.
+    pub fn pause(&mut self) {
+        let pid = self.pid().expect("the server runs");
+        self.signal_pid(pid, "-STOP");
+        self.paused = true;
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&mut self) {
+        let pid = self.pid().expect("the server runs");
+        self.signal_pid(pid, "-CONT");
+        self.paused = false;
+    }
+
+    /// Runs `redis-cli` against the server and returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        assert!(
+            output.status.success(),
+            "redis-cli {args:?} failed: {output:?}"
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

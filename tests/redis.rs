@@ -1,0 +1,476 @@
+//! The Redis transport against real redis-server processes started on free ports, under
+//! faults: SIGKILL and restart, CLIENT KILL, a paused server.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer};
+use alkdev_pubsub::redis::{RedisConfig, RedisTransport};
+use alkdev_pubsub::testkit::{self, number_of, numbered, Pair, RedisServer};
+use alkdev_pubsub::{Envelope, EventTarget, Gap, SubscribeOptions, Topic};
+use futures::StreamExt;
+use serde_json::json;
+use tower::ServiceBuilder;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config() -> RedisConfig {
+    RedisConfig::new()
+        .connect_timeout(Duration::from_secs(1))
+        .response_timeout(Duration::from_secs(1))
+        .ping_interval(Duration::from_millis(200))
+        .ping_timeout(Duration::from_millis(500))
+}
+
+fn backoff() -> Backoff {
+    Backoff::new()
+        .initial(Duration::from_millis(20))
+        .max(Duration::from_millis(200))
+}
+
+/// The full stack over Redis, as an application would build it.
+fn stack(url: &str, prefix: &str, buffer: usize) -> EventTarget {
+    let url = url.to_owned();
+    let transport = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .layer(PrefixLayer::new(prefix.to_owned()))
+        .layer(ReconnectLayer::new(backoff()).buffer(buffer))
+        .service(move || config().connect(url.clone()));
+    EventTarget::new(transport)
+}
+
+/// A raw redis-rs subscriber, to see exactly what went over the wire.
+async fn raw_subscriber(url: &str, channel: &str) -> redis::aio::PubSub {
+    let client = redis::Client::open(url).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(channel).await.unwrap();
+    pubsub
+}
+
+async fn next_gap_or_event(subscription: &mut alkdev_pubsub::Subscription) -> Result<u64, Gap> {
+    match tokio::time::timeout(WAIT, subscription.next()).await {
+        Ok(Some(Ok(event))) => Ok(number_of(&event)),
+        Ok(Some(Err(gap))) => Err(gap),
+        Ok(None) => panic!("{:?}: the subscription ended", subscription.topic()),
+        Err(_) => panic!("{:?}: nothing within {WAIT:?}", subscription.topic()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_format_is_byte_for_byte_the_javascript_contract() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut subscription = events.subscribe("session.status:p1").await.unwrap();
+
+    // A JavaScript peer (here redis-cli) publishes the seed's JSON on the prefixed channel.
+    let json = r#"{"type":"session.status","id":"p1","payload":{"a":1}}"#;
+    assert_eq!(
+        server.cli(&["PUBLISH", "alk:events:session.status:p1", json]),
+        "1"
+    );
+    let event = testkit::next_event(&mut subscription).await;
+    assert_eq!(
+        *event,
+        Envelope::new("session.status", "p1", json!({ "a": 1 }))
+    );
+
+    // What we publish is exactly that JSON on that channel.
+    let mut raw = raw_subscriber(&server.url(), "alk:events:session.status:p1").await;
+    events
+        .dispatch_confirmed(Envelope::new("session.status", "p1", json!({ "a": 1 })))
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, raw.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.get_channel_name(), "alk:events:session.status:p1");
+    assert_eq!(message.get_payload_bytes(), json.as_bytes());
+    // Our own listener got it too.
+    assert_eq!(*testkit::next_event(&mut subscription).await, *event);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefixes_on_one_server_never_see_each_other() {
+    let server = RedisServer::start();
+    let app_a = stack(&server.url(), "app-a:", 1024);
+    let app_b = stack(&server.url(), "app-b:", 1024);
+    let mut a = app_a.subscribe("chat:1").await.unwrap();
+    let mut b = app_b.subscribe("chat:1").await.unwrap();
+    for n in 0..20 {
+        app_a
+            .dispatch_event(numbered("chat", "1", n))
+            .await
+            .unwrap();
+    }
+    app_b
+        .dispatch_event(numbered("chat", "1", 100))
+        .await
+        .unwrap();
+    for n in 0..20 {
+        assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+    }
+    assert_eq!(number_of(&testkit::next_event(&mut b).await), 100);
+    testkit::assert_quiet(&mut a, Duration::from_millis(200)).await;
+    testkit::assert_quiet(&mut b, Duration::from_millis(200)).await;
+    assert_eq!(app_a.stats().skipped + app_b.stats().skipped, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_unsubscribes_on_the_server_and_a_thousand_topics_leave_nothing() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let first = events.subscribe("leave:1").await.unwrap();
+    let second = events.subscribe("leave:1").await.unwrap();
+    assert_eq!(
+        server.cli(&["PUBSUB", "NUMSUB", "alk:events:leave:1"]),
+        "alk:events:leave:1\n1"
+    );
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        server.cli(&["PUBSUB", "NUMSUB", "alk:events:leave:1"]),
+        "alk:events:leave:1\n1"
+    );
+    drop(second);
+    wait_until(|| {
+        server.cli(&["PUBSUB", "NUMSUB", "alk:events:leave:1"]) == "alk:events:leave:1\n0"
+    })
+    .await;
+
+    let mut subscriptions = Vec::new();
+    for t in 0..1_000 {
+        subscriptions.push(
+            events
+                .subscribe(Topic::of("many", &t.to_string()))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(server.cli(&["PUBSUB", "NUMPAT"]), "0");
+    let channels = server.cli(&["PUBSUB", "CHANNELS"]);
+    assert_eq!(channels.lines().count(), 1_000);
+    drop(subscriptions);
+    wait_until(|| server.cli(&["PUBSUB", "CHANNELS"]).is_empty()).await;
+    assert_eq!(events.topic_count(), 0);
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_skipped_and_counted() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let cli_server = &server;
+    testkit::malformed_frames_skipped(Pair::loopback(events), |topic, frame| {
+        let channel = format!("alk:events:{topic}");
+        let frame = frame.to_vec();
+        async move {
+            let client = redis::Client::open(cli_server.url()).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let receivers: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(frame)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert_eq!(receivers, 1);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_passes_the_conformance_suite() {
+    let server = RedisServer::start();
+    let url = server.url();
+    testkit::run_all(|| {
+        let url = url.clone();
+        async move { Pair::new(stack(&url, "conf:", 4096), stack(&url, "conf:", 4096)) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_on_the_same_port_recovers_everything() {
+    let mut server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut subscriptions = Vec::new();
+    for t in 0..10 {
+        subscriptions.push(
+            events
+                .subscribe_with(
+                    Topic::of("k", &t.to_string()),
+                    SubscribeOptions::new().capacity(4096),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    // Mid-stream: confirmed publishes before the kill.
+    for (t, subscription) in subscriptions.iter_mut().enumerate() {
+        events
+            .dispatch_confirmed(numbered("k", &t.to_string(), 0))
+            .await
+            .unwrap();
+        assert_eq!(next_gap_or_event(subscription).await, Ok(0));
+    }
+    server.kill();
+    // Publishes issued during the outage wait in the buffer.
+    for n in 1..=50 {
+        for t in 0..10 {
+            events
+                .dispatch_event(numbered("k", &t.to_string(), n))
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart();
+    for (t, subscription) in subscriptions.iter_mut().enumerate() {
+        assert_eq!(
+            next_gap_or_event(subscription).await,
+            Err(Gap::Reconnected),
+            "topic {t}"
+        );
+        for n in 1..=50 {
+            assert_eq!(
+                next_gap_or_event(subscription).await,
+                Ok(n),
+                "topic {t}: lost or reordered"
+            );
+        }
+    }
+    // Every subscription is back on the server.
+    let channels: HashSet<String> = server
+        .cli(&["PUBSUB", "CHANNELS"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(channels.len(), 10);
+    let stats = events.stats();
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(stats.publish_failed, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kill_of_the_pubsub_connection_is_survived() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut subscription = events.subscribe("ck:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("ck", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    let killed: u64 = server
+        .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .parse()
+        .unwrap();
+    assert!(killed >= 1);
+    assert_eq!(
+        next_gap_or_event(&mut subscription).await,
+        Err(Gap::Reconnected)
+    );
+    events
+        .dispatch_confirmed(numbered("ck", "1", 2))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_is_detected_and_survived() {
+    let mut server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut subscription = events.subscribe("pause:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("pause", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    server.pause();
+    // The ping (every 200 ms, 500 ms to answer) declares the connection dead; reconnects
+    // fail while the server sleeps.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.resume();
+    assert_eq!(
+        next_gap_or_event(&mut subscription).await,
+        Err(Gap::Reconnected)
+    );
+    events
+        .dispatch_confirmed(numbered("pause", "1", 2))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_subscriber_targets_fifty_topics_steady_publisher() {
+    const TARGETS: usize = 8;
+    const TOPICS: usize = 50;
+    const MESSAGES: u64 = 200;
+    let server = RedisServer::start();
+    let mut readers = Vec::new();
+    let mut targets = Vec::new();
+    for _ in 0..TARGETS {
+        let events = stack(&server.url(), "alk:events:", 1024);
+        for t in 0..TOPICS {
+            let mut subscription = events
+                .subscribe_with(
+                    Topic::of("steady", &t.to_string()),
+                    SubscribeOptions::new().capacity(1024),
+                )
+                .await
+                .unwrap();
+            readers.push(tokio::spawn(async move {
+                for n in 0..MESSAGES {
+                    assert_eq!(
+                        number_of(&testkit::next_event(&mut subscription).await),
+                        n,
+                        "topic {t}"
+                    );
+                }
+            }));
+        }
+        targets.push(events);
+    }
+    let publisher = stack(&server.url(), "alk:events:", 1024);
+    for n in 0..MESSAGES {
+        for t in 0..TOPICS {
+            publisher
+                .dispatch_event(numbered("steady", &t.to_string(), n))
+                .await
+                .unwrap();
+        }
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    for events in &targets {
+        assert_eq!(events.stats().delivered, TOPICS as u64 * MESSAGES);
+        assert_eq!(events.stats().lagged, 0);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_url_and_a_missing_server_fail_with_clear_errors() {
+    let error = RedisTransport::connect("http://nope").await.unwrap_err();
+    assert!(error.to_string().contains("invalid Redis URL"), "{error}");
+    let port = testkit::free_port();
+    let error = RedisConfig::new()
+        .connect_timeout(Duration::from_millis(500))
+        .connect(format!("redis://user:secret@127.0.0.1:{port}/2"))
+        .await
+        .unwrap_err();
+    assert!(error.is_unrecoverable(), "{error}");
+    assert!(
+        error.to_string().contains(&port.to_string()),
+        "names the address: {error}"
+    );
+    assert!(
+        !error.to_string().contains("secret"),
+        "never prints the password: {error}"
+    );
+}
+
+/// The `tap` example binary: `cargo test` builds examples beside the test executables (as
+/// `examples/tap-<hash>`; `cargo build --example tap` as `examples/tap`). The newest wins.
+fn tap_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples");
+    let newest = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let name = name
+                .strip_suffix(std::env::consts::EXE_SUFFIX)
+                .unwrap_or(&name)
+                .to_owned();
+            (name == "tap" || name.starts_with("tap-")) && !name.contains('.')
+        })
+        .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok());
+    newest.map(|entry| entry.path()).unwrap_or_else(|| {
+        panic!(
+            "no tap binary in {}: cargo build --example tap --all-features",
+            dir.display()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_listens_and_publishes() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let server = RedisServer::start();
+    let url = server.url();
+    let listen = Command::new(tap_binary())
+        .args([
+            "listen", "--redis", &url, "--prefix", "app:", "--count", "2", "chat:1", "chat:2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(|| server.cli(&["PUBSUB", "NUMSUB", "app:chat:2"]) == "app:chat:2\n1").await;
+
+    let mut publish = Command::new(tap_binary())
+        .args(["publish", "--redis", &url, "--prefix", "app:"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publish
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"{\"type\":\"chat\",\"id\":\"1\",\"payload\":{\"m\":\"hi\"}}\nnot json\n{\"type\":\"chat\",\"id\":\"2\"}\n",
+        )
+        .unwrap();
+    let published = tokio::task::spawn_blocking(move || publish.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&published.stderr);
+    assert!(published.status.success(), "tap publish failed: {stderr}");
+    assert!(
+        published.stdout.is_empty(),
+        "publish prints nothing on stdout"
+    );
+    assert!(
+        stderr.contains("line 2"),
+        "the bad line is reported with its number: {stderr}"
+    );
+
+    let listened = tokio::task::spawn_blocking(move || listen.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        listened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listened.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(listened.stdout).unwrap(),
+        "{\"type\":\"chat\",\"id\":\"1\",\"payload\":{\"m\":\"hi\"}}\n{\"type\":\"chat\",\"id\":\"2\",\"payload\":null}\n",
+        "one compact JSON line per envelope, nothing else"
+    );
+}
