@@ -33,6 +33,8 @@
 //! # Feature flags
 //!
 //! - `redis`: [`redis::RedisTransport`], Redis pub/sub.
+//! - `websocket`: [`websocket::WebSocketTransport`] (client and server) and
+//!   [`websocket::WebSocketListener`].
 //! - `testkit`: the [conformance suite](testkit) every transport must pass, for people who
 //!   plug in their own.
 #![forbid(unsafe_code)]
@@ -54,6 +56,8 @@ pub mod worker;
 pub mod redis;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "websocket")]
+pub mod websocket;
 
 pub use local::LocalTransport;
 pub use pubsub::{PubSub, TypedSubscription};

@@ -1,0 +1,511 @@
+//! WebSocket transport (feature `websocket`): the JavaScript design's per-connection,
+//! bidirectional event target, over tokio-tungstenite.
+//!
+//! [`WebSocketTransport`] is a raw transport (`Bytes` frames with no channel): each publish is
+//! one text frame holding the encoded envelope (the codec layer makes it exactly the
+//! envelope's JSON), and every text or binary frame that arrives comes up as a message whose
+//! topic the codec derives from the envelope. Subscribing is local: the peer sends everything
+//! it publishes, and the event target keeps what has listeners; subscribes are confirmed at
+//! once.
+//!
+//! - **Limits**: a message over [`max_message_size`](WebSocketConfig::max_message_size)
+//!   (1 MiB by default) is refused while its header is read, without buffering it: the
+//!   connection is closed with code 1009 and the stream reports an error of kind
+//!   [`TooLarge`](crate::ErrorKind::TooLarge).
+//! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval); a peer
+//!   silent for [`idle_timeout`](WebSocketConfig::idle_timeout) (no frame, no pong) is gone,
+//!   reported as an [unrecoverable](crate::Error::is_unrecoverable) timeout.
+//! - **Close**: closing the transport performs the close handshake.
+//!
+//! [`WebSocketListener`] accepts connections on a TCP listener and yields one transport (or one
+//! event target) per connection, with the peer's address. Reconnection belongs to the client:
+//! stack the [reconnect layer](crate::layers::reconnect) over a [`WebSocketTransport::connect`]
+//! factory; after a reconnect, a new connection is a new peer.
+//!
+//! ```no_run
+//! use alkdev_pubsub::websocket::{self, WebSocketTransport};
+//! use alkdev_pubsub::{Envelope, EventTarget};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), alkdev_pubsub::Error> {
+//! let events: EventTarget = websocket::event_target(WebSocketTransport::connect("ws://127.0.0.1:9000/").await?);
+//! events.dispatch_event(Envelope::new("session.status", "p1", "running".into())).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod listener;
+
+pub use listener::WebSocketListener;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Sink, Stream};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{
+    CloseFrame, Role, WebSocketConfig as TungsteniteConfig,
+};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tower::ServiceBuilder;
+
+use crate::layers::{CodecLayer, Command, Error, ErrorKind, ParseErrorLayer, Result, Up};
+use crate::EventTarget;
+
+/// The default largest message accepted: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+
+/// Settings of a [`WebSocketTransport`].
+///
+/// ```
+/// use alkdev_pubsub::websocket::WebSocketConfig;
+/// use std::time::Duration;
+///
+/// let config = WebSocketConfig::new()
+///     .max_message_size(64 * 1024)
+///     .ping_interval(Duration::from_secs(10))
+///     .idle_timeout(Duration::from_secs(30));
+/// # drop(config);
+/// ```
+#[derive(Clone, Debug)]
+pub struct WebSocketConfig {
+    max_message_size: usize,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    /// 1 MiB messages, a ping every 15 s, a peer silent for 45 s is gone, 10 s to handshake.
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WebSocketConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The largest message (and frame) accepted, in bytes.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// How often to ping the peer.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// How long the peer may stay silent (no frame, no pong) before it is declared gone.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long the opening handshake may take.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The largest message accepted.
+    pub fn get_max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    fn tungstenite(&self) -> TungsteniteConfig {
+        TungsteniteConfig::default()
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_message_size))
+    }
+
+    /// Connects to `url` (`ws://host:port/path`) with these settings.
+    pub async fn connect(self, url: impl AsRef<str>) -> Result<WebSocketTransport> {
+        let url = url.as_ref();
+        let connecting =
+            tokio_tungstenite::connect_async_with_config(url, Some(self.tungstenite()), true);
+        let (stream, _response) = tokio::time::timeout(self.handshake_timeout, connecting)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "connecting to {url}: no handshake within {:?}",
+                        self.handshake_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Connect, format!("connecting to {url}: {e}"), e)
+            })?;
+        Ok(WebSocketTransport::from_stream(stream, self))
+    }
+
+    /// Performs the server side of the handshake on `stream` with these settings.
+    pub async fn accept<S>(self, stream: S) -> Result<WebSocketTransport<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let accepting =
+            tokio_tungstenite::accept_async_with_config(stream, Some(self.tungstenite()));
+        let stream = tokio::time::timeout(self.handshake_timeout, accepting)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "accepting a WebSocket: no handshake within {:?}",
+                        self.handshake_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Connect, format!("accepting a WebSocket: {e}"), e)
+            })?;
+        Ok(WebSocketTransport::from_stream(stream, self))
+    }
+}
+
+/// The WebSocket transport: see the [module](self).
+pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
+    stream: WebSocketStream<S>,
+    config: WebSocketConfig,
+    signals: VecDeque<Up<Bytes>>,
+    reader: Option<Waker>,
+    ping: Pin<Box<Sleep>>,
+    last_heard: Instant,
+    /// Set once the connection is over; reported once, then the stream ends.
+    failed: Option<Error>,
+    reported: bool,
+}
+
+impl<S> fmt::Debug for WebSocketTransport<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSocketTransport")
+            .field("config", &self.config)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl WebSocketTransport {
+    /// Connects to `url` (`ws://host:port/path`) with the default [`WebSocketConfig`].
+    pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
+        WebSocketConfig::default().connect(url).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
+    /// Performs the server side of the handshake on an accepted stream (for example a
+    /// `TcpStream`), with the default [`WebSocketConfig`].
+    pub async fn accept(stream: S) -> Result<Self> {
+        WebSocketConfig::default().accept(stream).await
+    }
+
+    /// A transport over a WebSocket that is already open, for example one that axum or
+    /// another server upgraded. Its own limits stay as they were configured; `config` sets
+    /// the ping interval and idle timeout, and the size reported in errors.
+    pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
+        WebSocketTransport {
+            stream,
+            ping: Box::pin(tokio::time::sleep(config.ping_interval)),
+            config,
+            signals: VecDeque::new(),
+            reader: None,
+            last_heard: Instant::now(),
+            failed: None,
+            reported: false,
+        }
+    }
+
+    /// A transport over a raw, already upgraded socket (`role`: which side this is), with
+    /// `config`'s limits.
+    pub async fn from_raw_socket(stream: S, role: Role, config: WebSocketConfig) -> Self {
+        let stream =
+            WebSocketStream::from_raw_socket(stream, role, Some(config.tungstenite())).await;
+        Self::from_stream(stream, config)
+    }
+
+    /// The WebSocket underneath.
+    pub fn get_ref(&self) -> &WebSocketStream<S> {
+        &self.stream
+    }
+
+    /// The WebSocket underneath, mutably.
+    pub fn get_mut(&mut self) -> &mut WebSocketStream<S> {
+        &mut self.stream
+    }
+
+    fn fail(&mut self, error: Error) -> Error {
+        self.failed.get_or_insert(error).clone()
+    }
+
+    fn ws_error(&mut self, what: &str, error: tungstenite::Error) -> Error {
+        use tungstenite::error::CapacityError;
+        use tungstenite::Error as E;
+        let error = match error {
+            E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Error::new(
+                ErrorKind::TooLarge,
+                format!("{what}: a message of {size} bytes is over the limit of {max_size}; the connection was closed with code 1009"),
+            ),
+            E::ConnectionClosed | E::AlreadyClosed => Error::connection_lost(format!("{what}: the WebSocket is closed")),
+            E::Io(io) => {
+                let kind = if io.kind() == std::io::ErrorKind::TimedOut { ErrorKind::Timeout } else { ErrorKind::ConnectionLost };
+                Error::with_source(kind, format!("{what}: {io}"), io)
+            }
+            other => Error::with_source(ErrorKind::Protocol, format!("{what}: {other}"), other),
+        };
+        self.fail(error)
+    }
+
+    /// Refuses an oversized message: close with 1009, without waiting on a peer that is
+    /// likely still sending.
+    fn refuse_oversized(&mut self, cx: &mut Context<'_>) {
+        let close = Message::Close(Some(CloseFrame {
+            code: CloseCode::Size,
+            reason: Utf8Bytes::from_static("message too big"),
+        }));
+        if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(cx) {
+            if Pin::new(&mut self.stream).start_send(close).is_ok() {
+                let _ = Pin::new(&mut self.stream).poll_flush(cx);
+            }
+        }
+    }
+
+    /// Pings on schedule; declares the peer gone after the idle timeout.
+    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if self.last_heard.elapsed() >= self.config.idle_timeout {
+            let error = Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the WebSocket peer sent nothing, not even a pong, for {:?}",
+                    self.config.idle_timeout
+                ),
+            );
+            return Err(self.fail(error));
+        }
+        while self.ping.as_mut().poll(cx).is_ready() {
+            let next = Instant::now()
+                + self
+                    .config
+                    .ping_interval
+                    .min(self.config.idle_timeout / 2)
+                    .max(Duration::from_millis(1));
+            self.ping.as_mut().reset(next);
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(cx) {
+                if Pin::new(&mut self.stream)
+                    .start_send(Message::Ping(Bytes::new()))
+                    .is_ok()
+                {
+                    let _ = Pin::new(&mut self.stream).poll_flush(cx);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransport<S> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if let Some(error) = &this.failed {
+            return Poll::Ready(Err(error.clone()));
+        }
+        match Pin::new(&mut this.stream).poll_ready(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
+            other => other.map(|_| Ok(())),
+        }
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
+        let this = self.get_mut();
+        if let Some(error) = &this.failed {
+            return Err(error.clone());
+        }
+        match command {
+            Command::Publish { message, .. } => {
+                // The contract is text frames; a codec that writes something else goes binary.
+                let binary = message.clone();
+                let frame = match Utf8Bytes::try_from(message) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => Message::Binary(binary),
+                };
+                Pin::new(&mut this.stream)
+                    .start_send(frame)
+                    .map_err(|error| this.ws_error("sending", error))
+            }
+            Command::Subscribe(topic) => {
+                this.signals.push_back(Up::Subscribed(topic));
+                if let Some(reader) = this.reader.take() {
+                    reader.wake();
+                }
+                Ok(())
+            }
+            Command::Unsubscribe(topic) => {
+                this.signals.push_back(Up::Unsubscribed(topic));
+                if let Some(reader) = this.reader.take() {
+                    reader.wake();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if let Some(error) = &this.failed {
+            return Poll::Ready(Err(error.clone()));
+        }
+        match Pin::new(&mut this.stream).poll_flush(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
+            other => other.map(|_| Ok(())),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if this.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.stream).poll_close(cx) {
+            Poll::Ready(Err(
+                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+            )) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("closing", error))),
+            other => other.map(|_| Ok(())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
+    type Item = Result<Up<Bytes>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(signal) = this.signals.pop_front() {
+            return Poll::Ready(Some(Ok(signal)));
+        }
+        if let Some(error) = &this.failed {
+            if this.reported {
+                return Poll::Ready(None);
+            }
+            this.reported = true;
+            return Poll::Ready(Some(Err(error.clone())));
+        }
+        if !this
+            .reader
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.reader = Some(cx.waker().clone());
+        }
+        loop {
+            match Pin::new(&mut this.stream).poll_next(cx) {
+                Poll::Ready(Some(Ok(message))) => {
+                    this.last_heard = Instant::now();
+                    let frame = match message {
+                        Message::Text(text) => Bytes::from(text),
+                        Message::Binary(binary) => binary,
+                        // Pings are answered by tungstenite; pongs only prove liveness.
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                        Message::Close(frame) => {
+                            let why = match frame {
+                                Some(frame) => format!(
+                                    "the peer closed the WebSocket ({}: {})",
+                                    u16::from(frame.code),
+                                    frame.reason
+                                ),
+                                None => "the peer closed the WebSocket".to_owned(),
+                            };
+                            this.fail(Error::connection_lost(why));
+                            continue;
+                        }
+                    };
+                    return Poll::Ready(Some(Ok(Up::Message {
+                        channel: None,
+                        message: frame,
+                    })));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    let oversized = matches!(
+                        error,
+                        tungstenite::Error::Capacity(
+                            tungstenite::error::CapacityError::MessageTooLong { .. }
+                        )
+                    );
+                    let error = this.ws_error("receiving", error);
+                    if oversized {
+                        this.refuse_oversized(cx);
+                        // Report the refused message, then the end of the connection.
+                        this.failed = Some(Error::connection_lost(format!(
+                            "the WebSocket was closed with code 1009: {}",
+                            error.message()
+                        )));
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    this.reported = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(None) => {
+                    if this.failed.is_none() {
+                        this.fail(Error::connection_lost("the WebSocket connection ended"));
+                    }
+                    this.reported = true;
+                    return Poll::Ready(match &this.failed {
+                        // A close handshake started by the peer ends the stream cleanly.
+                        Some(error) if error.message().starts_with("the peer closed") => None,
+                        Some(error) => Some(Err(error.clone())),
+                        None => None,
+                    });
+                }
+                Poll::Pending => break,
+            }
+        }
+        if let Err(error) = this.poll_liveness(cx) {
+            this.reported = true;
+            return Poll::Ready(Some(Err(error)));
+        }
+        Poll::Pending
+    }
+}
+
+/// An event target over `transport`, with the parse-error (skip) and JSON codec layers: the
+/// usual way to use a WebSocket.
+///
+/// # Panics
+///
+/// Outside a Tokio runtime.
+pub fn event_target<P, S>(transport: WebSocketTransport<S>) -> EventTarget<P>
+where
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .service(transport),
+    )
+}

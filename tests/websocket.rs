@@ -1,0 +1,307 @@
+//! The WebSocket transport over real sockets on loopback.
+
+use std::time::Duration;
+
+use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, ReconnectLayer};
+use alkdev_pubsub::testkit::{self, number_of, numbered};
+use alkdev_pubsub::websocket::{self, WebSocketConfig, WebSocketListener, WebSocketTransport};
+use alkdev_pubsub::{Command, Envelope, EventTarget, Gap, SubscribeOptions, Topic, Up};
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tower::ServiceBuilder;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A server that sends every envelope a connection publishes back to that connection. Its
+/// connections end with it.
+async fn echo_server(listener: WebSocketListener) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((transport, _peer)) = listener.accept().await else {
+            return;
+        };
+        connections.spawn(async move {
+            let mut transport = ServiceBuilder::new()
+                .layer(ParseErrorLayer::skip())
+                .layer(CodecLayer::json())
+                .service(transport);
+            while let Some(Ok(up)) = transport.next().await {
+                if let Up::Message { message, .. } = up {
+                    let envelope: Envelope = message;
+                    let command = Command::Publish {
+                        topic: envelope.topic(),
+                        message: envelope,
+                    };
+                    if transport.send(command).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn start_echo_server() -> String {
+    let listener = WebSocketListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    tokio::spawn(echo_server(listener));
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_and_the_exact_frame_on_the_wire() {
+    let listener = WebSocketListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+
+    // A raw tokio-tungstenite client, as a browser or the JavaScript peer would be.
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _peer): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let mut raw = raw_client.await.unwrap();
+
+    // Peer -> us: the seed's JSON reaches our listeners.
+    let mut statuses = server.subscribe("session.status:p1").await.unwrap();
+    let json = r#"{"type":"session.status","id":"p1","payload":{"a":1}}"#;
+    raw.send(Message::text(json)).await.unwrap();
+    assert_eq!(
+        *testkit::next_event(&mut statuses).await,
+        Envelope::new("session.status", "p1", json!({ "a": 1 }))
+    );
+
+    // Us -> peer: one text frame holding exactly the envelope.
+    server
+        .dispatch_confirmed(Envelope::new("session.status", "p1", json!({ "a": 1 })))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, raw.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        Message::Text(text) => assert_eq!(text.as_str(), json),
+        other => panic!("expected one text frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_transport_round_trips_through_a_server() {
+    let url = start_echo_server().await;
+    let client: EventTarget =
+        websocket::event_target(WebSocketTransport::connect(&url).await.unwrap());
+    let mut events = client.subscribe("echo:1").await.unwrap();
+    for n in 0..50 {
+        client
+            .dispatch_event(numbered("echo", "1", n))
+            .await
+            .unwrap();
+    }
+    for n in 0..50 {
+        assert_eq!(number_of(&testkit::next_event(&mut events).await), n);
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_none_lost_none_misdelivered() {
+    const CLIENTS: usize = 200;
+    const EVENTS: u64 = 100;
+    let url = start_echo_server().await;
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let events: EventTarget =
+                websocket::event_target(WebSocketTransport::connect(&url).await.unwrap());
+            let id = format!("c{c}");
+            let mut mine = events
+                .subscribe_with(
+                    Topic::of("load", &id),
+                    SubscribeOptions::new().capacity(EVENTS as usize),
+                )
+                .await
+                .unwrap();
+            for n in 0..EVENTS {
+                events
+                    .dispatch_event(numbered("load", &id, n))
+                    .await
+                    .unwrap();
+            }
+            for n in 0..EVENTS {
+                let event = testkit::next_event(&mut mine).await;
+                assert_eq!((event.id.as_str(), number_of(&event)), (id.as_str(), n));
+            }
+            let stats = events.stats();
+            assert_eq!(stats.unrouted, 0, "{id}: got events of another connection");
+            events.close().await;
+            stats.delivered
+        }));
+    }
+    let mut delivered = 0;
+    for client in clients {
+        delivered += client.await.unwrap();
+    }
+    assert_eq!(delivered, CLIENTS as u64 * EVENTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_skipped_and_counted_and_the_connection_stays() {
+    let listener = WebSocketListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let mut raw = raw_client.await.unwrap();
+    let mut subscription = server.subscribe("m:1").await.unwrap();
+    let good = |n: u64| Message::text(serde_json::to_string(&numbered("m", "1", n)).unwrap());
+    raw.send(Message::text("{ this is not json")).await.unwrap();
+    raw.send(good(1)).await.unwrap();
+    raw.send(Message::binary(vec![0xde, 0xad, 0xbe, 0xef, 0x00]))
+        .await
+        .unwrap();
+    raw.send(good(2)).await.unwrap();
+    raw.send(Message::binary(
+        b"{\"type\":\"m\",\"id\":\"\xff\xfe\"}".to_vec(),
+    ))
+    .await
+    .unwrap();
+    raw.send(good(3)).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+    }
+    assert_eq!(server.stats().decode_errors, 3);
+    assert!(!server.is_closed(), "the connection stays");
+    // A binary frame holding a good envelope is accepted too.
+    raw.send(Message::binary(
+        serde_json::to_vec(&numbered("m", "1", 4)).unwrap(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_refused_with_1009() {
+    let listener = WebSocketListener::from_listener(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        WebSocketConfig::new().max_message_size(64 * 1024),
+    );
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let mut raw = raw_client.await.unwrap();
+    let mut subscription = server.subscribe("big:1").await.unwrap();
+    let _ = raw.send(Message::text("x".repeat(100 * 1024))).await;
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        u16::from(close.expect("a close frame with a code").code),
+        1009
+    );
+    assert!(tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(server.is_closed());
+    let error = server
+        .dispatch_event(numbered("big", "1", 0))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("over the limit of 65536"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_peer_is_detected_by_keepalive() {
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(100))
+        .idle_timeout(Duration::from_millis(500));
+    let listener =
+        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    // The peer completes the handshake, then goes silent: it never reads, so never pongs.
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let silent_peer = raw_client.await.unwrap();
+    let mut subscription = server.subscribe("gone:1").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let end = tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap();
+    assert!(
+        end.is_none(),
+        "the subscription ends when the peer is declared gone"
+    );
+    let error = server
+        .dispatch_event(numbered("gone", "1", 0))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("sent nothing"), "{error}");
+    assert!(started.elapsed() < WAIT);
+    drop(silent_peer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spoke_reconnects_when_the_hub_restarts() {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = tcp.local_addr().unwrap();
+    let hub = tokio::spawn(echo_server(WebSocketListener::from_listener(
+        tcp,
+        WebSocketConfig::new(),
+    )));
+
+    let url = format!("ws://{address}/");
+    let spoke: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(ReconnectLayer::new(
+                Backoff::new()
+                    .initial(Duration::from_millis(20))
+                    .max(Duration::from_millis(200)),
+            ))
+            .service(move || WebSocketTransport::connect(url.clone())),
+    );
+    let mut events = spoke.subscribe("spoke:1").await.unwrap();
+    spoke
+        .dispatch_event(numbered("spoke", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut events).await), 1);
+
+    // The hub goes away (its listener and every connection), then comes back on the port.
+    hub.abort();
+    let _ = hub.await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let tcp = TcpListener::bind(address).await.unwrap();
+    tokio::spawn(echo_server(WebSocketListener::from_listener(
+        tcp,
+        WebSocketConfig::new(),
+    )));
+
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Err(Gap::Reconnected)) => {}
+        other => panic!("expected Reconnected, got {other:?}"),
+    }
+    spoke
+        .dispatch_event(numbered("spoke", "1", 2))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut events).await), 2);
+    assert_eq!(spoke.stats().reconnects, 1);
+}
