@@ -1,15 +1,15 @@
 //! `tap`: watch or feed the events of a deployment from the command line.
 //!
 //! ```text
-//! tap listen  --redis URL [--prefix P] [--count N] TOPIC...
-//! tap publish --redis URL [--prefix P]            < envelopes.jsonl
+//! tap listen  (--redis URL | --ws URL) [--prefix P] [--count N] TOPIC...
+//! tap publish (--redis URL | --ws URL) [--prefix P]            < envelopes.jsonl
 //! ```
 //!
 //! `listen` prints every envelope received on the topics as one compact JSON line on stdout
 //! (diagnostics go to stderr), skips malformed messages, and exits 0 after N envelopes with
 //! `--count`. `publish` reads one envelope per line on stdin, publishes each on its topic
 //! (`type:id`), reports a bad line on stderr with its number and skips it, and exits 0 at the
-//! end of input once everything is acknowledged.
+//! end of input once everything is flushed (for Redis: acknowledged).
 //!
 //! ```text
 //! cargo run --example tap --features redis -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
@@ -24,13 +24,14 @@ use tokio::io::AsyncBufReadExt;
 use tower::ServiceBuilder;
 
 const USAGE: &str = "usage:
-  tap listen  --redis URL [--prefix P] [--count N] TOPIC...
-  tap publish --redis URL [--prefix P]   (envelopes as JSON lines on stdin)";
+  tap listen  (--redis URL | --ws URL) [--prefix P] [--count N] TOPIC...
+  tap publish (--redis URL | --ws URL) [--prefix P]   (envelopes as JSON lines on stdin)";
 
 #[derive(Debug, Default)]
 struct Args {
     command: String,
     redis: Option<String>,
+    ws: Option<String>,
     prefix: String,
     count: Option<u64>,
     topics: Vec<String>,
@@ -51,6 +52,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match arg.as_str() {
             "--redis" => parsed.redis = Some(value("--redis")?),
+            "--ws" => parsed.ws = Some(value("--ws")?),
             "--prefix" => parsed.prefix = value("--prefix")?,
             "--count" => {
                 let count = value("--count")?;
@@ -64,8 +66,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             topic => parsed.topics.push(topic.to_owned()),
         }
     }
-    if parsed.redis.is_none() {
-        return Err("a transport is required: --redis URL".into());
+    if parsed.redis.is_some() == parsed.ws.is_some() {
+        return Err("one transport is required: --redis URL or --ws URL".into());
     }
     if parsed.command == "listen" && parsed.topics.is_empty() {
         return Err("listen needs at least one TOPIC".into());
@@ -128,9 +130,37 @@ fn redis_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
     std::process::exit(2);
 }
 
+/// The full stack over a WebSocket client connection.
+#[cfg(feature = "websocket")]
+fn ws_target(url: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
+    use alkdev_pubsub::websocket::WebSocketTransport;
+    let url = url.to_owned();
+    EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new(prefix.to_owned()))
+            .layer(ReconnectLayer::new(
+                Backoff::default().max_attempts(attempts),
+            ))
+            .service(move || WebSocketTransport::connect(url.clone())),
+    )
+}
+
+#[cfg(not(feature = "websocket"))]
+fn ws_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
+    eprintln!(
+        "tap: built without the `websocket` feature: cargo run --example tap --features websocket"
+    );
+    std::process::exit(2);
+}
+
 fn target(args: &Args, attempts: Option<u32>) -> Result<EventTarget, String> {
-    let url = args.redis.as_deref().ok_or("--redis URL is required")?;
-    Ok(redis_target(url, &args.prefix, attempts))
+    match (&args.redis, &args.ws) {
+        (Some(url), _) => Ok(redis_target(url, &args.prefix, attempts)),
+        (_, Some(url)) => Ok(ws_target(url, &args.prefix, attempts)),
+        _ => Err("--redis URL or --ws URL is required".into()),
+    }
 }
 
 async fn listen(args: &Args) -> Result<(), String> {
@@ -208,7 +238,7 @@ async fn publish(args: &Args) -> Result<(), String> {
                 .map_err(|e| format!("line {number}: {e}"))?;
         }
     }
-    // Confirming the last one confirms them all: Redis acknowledges in order.
+    // Confirming the last one confirms them all: flushes complete in order.
     if let Some(envelope) = last {
         events
             .dispatch_confirmed(envelope)
