@@ -83,6 +83,7 @@ impl<T> tower::Layer<T> for PrefixLayer {
             inner,
             prefix: Arc::clone(&self.prefix),
             foreign: self.foreign.clone(),
+            last: None,
         }
     }
 }
@@ -94,6 +95,9 @@ pin_project! {
         inner: T,
         prefix: Arc<str>,
         foreign: Counter,
+        // The last channel stripped and its topic: traffic mostly repeats channels, and this
+        // saves an allocation per message.
+        last: Option<(Topic, Topic)>,
     }
 }
 
@@ -104,6 +108,7 @@ impl<T> Prefix<T> {
             inner,
             prefix: prefix.into(),
             foreign: Counter::default(),
+            last: None,
         }
     }
 
@@ -211,7 +216,16 @@ where
             Up::Message {
                 channel: Some(channel),
                 message,
-            } => match strip_prefix(prefix, &channel) {
+            } => match this
+                .last
+                .as_ref()
+                .filter(|(last, _)| *last == channel)
+                .map(|(_, topic)| topic.clone())
+                .or_else(|| {
+                    let topic = strip_prefix(prefix, &channel)?;
+                    *this.last = Some((channel.clone(), topic.clone()));
+                    Some(topic)
+                }) {
                 Some(topic) => Up::Message {
                     channel: Some(topic),
                     message,

@@ -233,6 +233,9 @@ pub struct RedisTransport {
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
     failed: Option<Error>,
+    /// The last channel a message came on: traffic mostly repeats channels, and reusing the
+    /// topic saves an allocation per message.
+    last_channel: Option<Topic>,
 }
 
 impl fmt::Debug for RedisTransport {
@@ -283,6 +286,7 @@ impl RedisTransport {
             ping_reply: None,
             config,
             failed: None,
+            last_channel: None,
         }
     }
 
@@ -568,7 +572,15 @@ impl Stream for RedisTransport {
         }
         match Pin::new(&mut this.messages).poll_next(cx) {
             Poll::Ready(Some(message)) => {
-                let channel = Topic::from(message.get_channel_name());
+                let name = message.get_channel_name();
+                let channel = match &this.last_channel {
+                    Some(last) if last.as_str() == name => last.clone(),
+                    _ => {
+                        let channel = Topic::from(name);
+                        this.last_channel = Some(channel.clone());
+                        channel
+                    }
+                };
                 let frame = Bytes::from_owner(Payload(message));
                 Poll::Ready(Some(Ok(Up::Message {
                     channel: Some(channel),

@@ -1,7 +1,6 @@
 //! The task that owns a transport: it feeds commands down and routes what comes up.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -395,7 +394,9 @@ where
                     Some(channel) => self.shared.listeners(channel),
                     None => {
                         self.key.clear();
-                        let _ = write!(self.key, "{}:{}", message.r#type, message.id);
+                        self.key.push_str(&message.r#type);
+                        self.key.push(':');
+                        self.key.push_str(&message.id);
                         self.shared.listeners(&self.key)
                     }
                 };

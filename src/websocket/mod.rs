@@ -194,6 +194,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     reader: Option<Waker>,
     ping: Pin<Box<Sleep>>,
     last_heard: Instant,
+    /// Something arrived since `last_heard` was last set (cheaper than reading the clock per
+    /// frame).
+    heard: bool,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -233,6 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             signals: VecDeque::new(),
             reader: None,
             last_heard: Instant::now(),
+            heard: false,
             failed: None,
             reported: false,
         }
@@ -294,6 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
 
     /// Pings on schedule; declares the peer gone after the idle timeout.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if std::mem::take(&mut self.heard) {
+            self.last_heard = Instant::now();
+        }
         if self.last_heard.elapsed() >= self.config.idle_timeout {
             let error = Error::new(
                 ErrorKind::Timeout,
@@ -424,7 +431,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
         loop {
             match Pin::new(&mut this.stream).poll_next(cx) {
                 Poll::Ready(Some(Ok(message))) => {
-                    this.last_heard = Instant::now();
+                    this.heard = true;
                     let frame = match message {
                         Message::Text(text) => Bytes::from(text),
                         Message::Binary(binary) => binary,
