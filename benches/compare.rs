@@ -655,6 +655,59 @@ mod redis_bench {
     }
 }
 
+// ------------------------------------------------------------------ Redis Cluster
+
+#[cfg(feature = "redis-cluster")]
+mod cluster_bench {
+    use super::*;
+    use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+
+    /// Sharded publish throughput over 64 channels spread across the slots, full stack,
+    /// acknowledged by the cluster.
+    pub async fn publish(seeds: &[String], messages: u64) -> Run {
+        let seeds = seeds.to_vec();
+        let events: EventTarget<Payload> = EventTarget::new(
+            ServiceBuilder::new()
+                .layer(ParseErrorLayer::skip())
+                .layer(CodecLayer::json())
+                .layer(PrefixLayer::new("bench:"))
+                .layer(ReconnectLayer::new(Backoff::default()))
+                .service(move || RedisClusterTransport::connect(seeds.clone())),
+        );
+        events
+            .dispatch_confirmed(envelope(0))
+            .await
+            .expect("connect");
+        let ids: Vec<String> = (0..64).map(|i| format!("c{i}")).collect();
+        let started = Instant::now();
+        for n in 0..messages {
+            let id = &ids[(n % 64) as usize];
+            events
+                .dispatch_event(Envelope::new(
+                    "bench.event",
+                    id.as_str(),
+                    Payload {
+                        n,
+                        pad: PAD.to_owned(),
+                    },
+                ))
+                .await
+                .expect("dispatch");
+        }
+        events
+            .dispatch_confirmed(envelope(messages))
+            .await
+            .expect("flush");
+        let elapsed = started.elapsed();
+        events.close().await;
+        Run {
+            messages,
+            elapsed,
+            latencies: Vec::new(),
+        }
+    }
+}
+
 // ------------------------------------------------------------------ WebSocket
 
 #[cfg(feature = "websocket")]
@@ -1016,6 +1069,26 @@ fn main() {
                     l,
                     Box::new(|m| Box::pin(redis_bench::raw_latency(&url, m))),
                     Box::new(|m| Box::pin(redis_bench::ours_latency(&url, m))),
+                )
+                .await;
+            });
+        }
+    }
+    #[cfg(feature = "redis-cluster")]
+    {
+        if config.wants("cluster") {
+            let one = alkdev_pubsub::testkit::RedisCluster::start(1);
+            let three = alkdev_pubsub::testkit::RedisCluster::start(3);
+            let (one_urls, three_urls) = (one.urls(), three.urls());
+            println!("(cluster row: 'raw' = 1 master, 'ours' = 3 masters, both our full stack, SPUBLISH acknowledged)");
+            runtime.block_on(async {
+                let n = config.count(300_000);
+                compare(
+                    &config,
+                    "cluster sharded publish 1 vs 3",
+                    n,
+                    Box::new(|m| Box::pin(cluster_bench::publish(&one_urls, m))),
+                    Box::new(|m| Box::pin(cluster_bench::publish(&three_urls, m))),
                 )
                 .await;
             });

@@ -1,8 +1,8 @@
 //! `tap`: watch or feed the events of a deployment from the command line.
 //!
 //! ```text
-//! tap listen  (--redis URL | --ws URL) [--prefix P] [--count N] TOPIC...
-//! tap publish (--redis URL | --ws URL) [--prefix P]            < envelopes.jsonl
+//! tap listen  (--redis URL | --redis-cluster URL[,URL...] | --ws URL) [--prefix P] [--count N] TOPIC...
+//! tap publish (--redis URL | --redis-cluster URL[,URL...] | --ws URL) [--prefix P] < envelopes.jsonl
 //! ```
 //!
 //! `listen` prints every envelope received on the topics as one compact JSON line on stdout
@@ -24,13 +24,15 @@ use tokio::io::AsyncBufReadExt;
 use tower::ServiceBuilder;
 
 const USAGE: &str = "usage:
-  tap listen  (--redis URL | --ws URL) [--prefix P] [--count N] TOPIC...
-  tap publish (--redis URL | --ws URL) [--prefix P]   (envelopes as JSON lines on stdin)";
+  tap listen  TRANSPORT [--prefix P] [--count N] TOPIC...
+  tap publish TRANSPORT [--prefix P]   (envelopes as JSON lines on stdin)
+TRANSPORT: --redis URL | --redis-cluster URL[,URL...] | --ws URL";
 
 #[derive(Debug, Default)]
 struct Args {
     command: String,
     redis: Option<String>,
+    cluster: Option<String>,
     ws: Option<String>,
     prefix: String,
     count: Option<u64>,
@@ -53,6 +55,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         match arg.as_str() {
             "--redis" => parsed.redis = Some(value("--redis")?),
             "--ws" => parsed.ws = Some(value("--ws")?),
+            "--redis-cluster" => parsed.cluster = Some(value("--redis-cluster")?),
             "--prefix" => parsed.prefix = value("--prefix")?,
             "--count" => {
                 let count = value("--count")?;
@@ -66,8 +69,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             topic => parsed.topics.push(topic.to_owned()),
         }
     }
-    if parsed.redis.is_some() == parsed.ws.is_some() {
-        return Err("one transport is required: --redis URL or --ws URL".into());
+    let transports = [
+        parsed.redis.is_some(),
+        parsed.cluster.is_some(),
+        parsed.ws.is_some(),
+    ];
+    if transports.iter().filter(|given| **given).count() != 1 {
+        return Err(
+            "one transport is required: --redis URL, --redis-cluster URL[,URL...] or --ws URL"
+                .into(),
+        );
     }
     if parsed.command == "listen" && parsed.topics.is_empty() {
         return Err("listen needs at least one TOPIC".into());
@@ -155,11 +166,39 @@ fn ws_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
     std::process::exit(2);
 }
 
+/// The full stack over Redis Cluster sharded pub/sub.
+#[cfg(feature = "redis-cluster")]
+fn cluster_target(seeds: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
+    use alkdev_pubsub::layers::RetryLayer;
+    use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+    let seeds: Vec<String> = seeds.split(',').map(str::to_owned).collect();
+    EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new(prefix.to_owned()))
+            .layer(RetryLayer::default())
+            .layer(ReconnectLayer::new(
+                Backoff::default().max_attempts(attempts),
+            ))
+            .service(move || RedisClusterTransport::connect(seeds.clone())),
+    )
+}
+
+#[cfg(not(feature = "redis-cluster"))]
+fn cluster_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
+    eprintln!(
+        "tap: built without the `redis-cluster` feature: cargo run --example tap --all-features"
+    );
+    std::process::exit(2);
+}
+
 fn target(args: &Args, attempts: Option<u32>) -> Result<EventTarget, String> {
-    match (&args.redis, &args.ws) {
-        (Some(url), _) => Ok(redis_target(url, &args.prefix, attempts)),
-        (_, Some(url)) => Ok(ws_target(url, &args.prefix, attempts)),
-        _ => Err("--redis URL or --ws URL is required".into()),
+    match (&args.redis, &args.cluster, &args.ws) {
+        (Some(url), _, _) => Ok(redis_target(url, &args.prefix, attempts)),
+        (_, Some(seeds), _) => Ok(cluster_target(seeds, &args.prefix, attempts)),
+        (_, _, Some(url)) => Ok(ws_target(url, &args.prefix, attempts)),
+        _ => Err("a transport is required".into()),
     }
 }
 

@@ -12,14 +12,20 @@ use futures::StreamExt;
 use serde_json::json;
 use tower::ServiceBuilder;
 
+mod common;
+
+use common::tap_binary;
+
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Tight enough to notice a dead server within seconds, loose enough for a loaded 2-core CI
+/// machine (a slow answer there is not a dead server).
 fn config() -> RedisConfig {
     RedisConfig::new()
-        .connect_timeout(Duration::from_secs(1))
-        .response_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(2))
         .ping_interval(Duration::from_millis(200))
-        .ping_timeout(Duration::from_millis(500))
+        .ping_timeout(Duration::from_secs(2))
 }
 
 fn backoff() -> Backoff {
@@ -300,9 +306,9 @@ async fn a_paused_server_is_detected_and_survived() {
         .unwrap();
     assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
     server.pause();
-    // The ping (every 200 ms, 500 ms to answer) declares the connection dead; reconnects
-    // fail while the server sleeps.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The ping (every 200 ms, 2 s to answer) declares the connection dead; reconnects fail
+    // while the server sleeps.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     server.resume();
     assert_eq!(
         next_gap_or_event(&mut subscription).await,
@@ -382,35 +388,6 @@ async fn a_bad_url_and_a_missing_server_fail_with_clear_errors() {
         !error.to_string().contains("secret"),
         "never prints the password: {error}"
     );
-}
-
-/// The `tap` example binary: `cargo test` builds examples beside the test executables (as
-/// `examples/tap-<hash>`; `cargo build --example tap` as `examples/tap`). The newest wins.
-fn tap_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples");
-    let newest = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let name = name
-                .strip_suffix(std::env::consts::EXE_SUFFIX)
-                .unwrap_or(&name)
-                .to_owned();
-            (name == "tap" || name.starts_with("tap-")) && !name.contains('.')
-        })
-        .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok());
-    newest.map(|entry| entry.path()).unwrap_or_else(|| {
-        panic!(
-            "no tap binary in {}: cargo build --example tap --all-features",
-            dir.display()
-        )
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,9 @@
 //! # }
 //! ```
 
+#[cfg(feature = "redis-cluster")]
+pub mod cluster;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;

@@ -30,7 +30,7 @@ mod redis_server;
 pub use broker::{BrokerConnection, MemoryBroker};
 pub use recorder::{Log, Recorded, Recorder};
 #[cfg(feature = "redis")]
-pub use redis_server::{free_port, RedisServer};
+pub use redis_server::{free_port, RedisCluster, RedisServer};
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -22,6 +22,7 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     paused: bool,
+    args: Vec<String>,
 }
 
 impl fmt::Debug for RedisServer {
@@ -74,8 +75,11 @@ impl RedisServer {
                 child: None,
                 port,
                 paused: false,
+                args: args.iter().map(|a| a.to_string()).collect(),
             };
-            match server.spawn(args) {
+            // A fresh server: nothing left from an earlier one on this port.
+            let _ = std::fs::remove_dir_all(server.dir());
+            match server.spawn() {
                 Ok(()) => return server,
                 Err(error) => last_error = error,
             }
@@ -83,8 +87,8 @@ impl RedisServer {
         panic!("could not start redis-server: {last_error}");
     }
 
-    fn spawn(&mut self, args: &[&str]) -> Result<(), String> {
-        let dir = std::env::temp_dir().join(format!("alkdev-pubsub-redis-{}", self.port));
+    fn spawn(&mut self) -> Result<(), String> {
+        let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -94,7 +98,7 @@ impl RedisServer {
             .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(&dir)
-            .args(args)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -133,6 +137,11 @@ impl RedisServer {
             && &reply == b"+PONG\r\n"
     }
 
+    /// The server's working directory (where a cluster node keeps its `nodes.conf`).
+    pub fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("alkdev-pubsub-redis-{}", self.port))
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
@@ -160,12 +169,13 @@ impl RedisServer {
         self.paused = false;
     }
 
-    /// Starts the server again on the same port (killing it first if it runs).
+    /// Starts the server again on the same port, with the same arguments and directory
+    /// (killing it first if it runs).
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match self.spawn(&[]) {
+            match self.spawn() {
                 Ok(()) => return,
                 // The port may linger a moment after the kill.
                 Err(error) if Instant::now() > deadline => {
@@ -216,5 +226,115 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of `redis-server` processes on free loopback ports, for tests and
+/// benchmarks of sharded pub/sub: N masters (3 or more are created with
+/// `redis-cli --cluster create`; fewer get their slots assigned directly). Nodes can be killed
+/// and restarted; a restarted master keeps its `nodes.conf` and rejoins with its slots.
+///
+/// ```no_run
+/// use alkdev_pubsub::testkit::RedisCluster;
+///
+/// let cluster = RedisCluster::start(3);
+/// let owner = cluster.owner_of_channel("chat:1");
+/// println!("chat:1 lives on {}", cluster.nodes[owner].url());
+/// ```
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The masters, in slot order: node `i` owns the `i`-th share of the 16,384 slots.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes and joins them into a cluster, waiting until it is ready.
+    pub fn start(masters: usize) -> Self {
+        assert!(masters >= 1, "a cluster needs a master");
+        let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+        let nodes: Vec<RedisServer> = (0..masters).map(|_| RedisServer::start_with(&args)).collect();
+        let cluster = RedisCluster { nodes };
+        if masters >= 3 {
+            let mut create = Command::new("redis-cli");
+            create.arg("--cluster").arg("create");
+            for node in &cluster.nodes {
+                create.arg(format!("127.0.0.1:{}", node.port()));
+            }
+            let output = create
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("running redis-cli --cluster create");
+            assert!(output.status.success(), "redis-cli --cluster create failed: {output:?}");
+        } else {
+            for (i, node) in cluster.nodes.iter().enumerate() {
+                let first = i * 16384 / masters;
+                let last = (i + 1) * 16384 / masters - 1;
+                node.cli(&["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]);
+            }
+            for node in &cluster.nodes[1..] {
+                node.cli(&["CLUSTER", "MEET", "127.0.0.1", &cluster.nodes[0].port().to_string()]);
+            }
+        }
+        cluster.wait_ready();
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and knows every master.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self.nodes.iter().all(|node| {
+                node.pid().is_some()
+                    && node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && node
+                        .cli(&["CLUSTER", "NODES"])
+                        .lines()
+                        .filter(|line| line.contains("master") && line.contains("connected"))
+                        .count()
+                        == self.nodes.len()
+            });
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ready within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis://` URLs of every node, as seeds.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The hash slot of `channel` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, channel: &str) -> u16 {
+        self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", channel])
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the master that owns `channel`'s slot.
+    pub fn owner_of_channel(&self, channel: &str) -> usize {
+        let slot = self.keyslot(channel) as usize;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let myself = node
+                .cli(&["CLUSTER", "NODES"])
+                .lines()
+                .find(|line| line.contains("myself"))
+                .map(str::to_owned)
+                .unwrap_or_default();
+            if myself.split_whitespace().skip(8).any(|range| {
+                let mut bounds = range.split('-');
+                match (bounds.next().and_then(|a| a.parse::<usize>().ok()), bounds.next()) {
+                    (Some(first), Some(last)) => last.parse::<usize>().is_ok_and(|last| (first..=last).contains(&slot)),
+                    (Some(only), None) => only == slot,
+                    _ => false,
+                }
+            }) {
+                return i;
+            }
+        }
+        panic!("no master owns slot {slot}");
     }
 }

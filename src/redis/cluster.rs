@@ -1,0 +1,450 @@
+//! Redis Cluster sharded pub/sub (feature `redis-cluster`).
+//!
+//! Classic `PUBLISH` in a cluster is broadcast to every node, so it does not scale with the
+//! cluster. Sharded pub/sub (Redis 7) routes each channel to the master that owns its hash
+//! slot: [`RedisClusterTransport`] publishes with `SPUBLISH` and subscribes with `SSUBSCRIBE`,
+//! one channel per command (channels of different slots are never combined: that would be a
+//! `CROSSSLOT` error), each confirmed by the owning node.
+//!
+//! It rides on redis-rs's cluster connection (RESP3), which follows slot moves (`MOVED`,
+//! topology refresh) and reconnects nodes. When a node's connection drops (a restart, a
+//! failover), the transport subscribes every active channel again — each on the node that now
+//! owns it — and once all are confirmed sends [`Up::Reconnected`], so subscribers learn that
+//! events may have been missed.
+//!
+//! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
+//! while its shard is down or failing over is lost; ordering is kept per channel (one channel
+//! lives on one shard). Publishing to a shard that is down fails with an error of kind
+//! [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or a connection error; the
+//! [retry layer](crate::layers::retry) resends transient ones.
+//!
+//! **Prefixes and hash tags.** The prefix layer works unchanged. A prefix holding a hash tag,
+//! such as `{alk}:events:`, pins every channel of the application to one slot, hence one
+//! shard: ordering across channels and fewer connections, but no scaling at all — one master
+//! carries all the traffic. Usually one wants a plain prefix (`alk:events:`) so that channels
+//! spread over the shards.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Sink, Stream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::redis_error;
+use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
+
+/// Publishes fed beyond this many wait for the batch in flight.
+const MAX_BATCH: usize = 4096;
+
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of its `{hash tag}` when it
+/// has a non-empty one, modulo 16,384.
+pub fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// What the control side is doing: one (un)subscribe at a time, in order.
+enum Control {
+    Idle,
+    InFlight {
+        command: Command<()>,
+        reply: BoxFuture<'static, Result<()>>,
+    },
+    /// Subscribing every active channel again after a node's connection dropped.
+    Resubscribing {
+        reply: BoxFuture<'static, Result<()>>,
+    },
+}
+
+/// The Redis Cluster sharded pub/sub transport: see the [module](self).
+pub struct RedisClusterTransport {
+    connection: ClusterConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    batch: Vec<(Topic, Bytes)>,
+    in_flight: Option<BoxFuture<'static, Result<()>>>,
+    pending: VecDeque<Command<()>>,
+    control: Control,
+    active: HashSet<Topic>,
+    resubscribe: bool,
+    signals: VecDeque<Up<Bytes>>,
+    reader: Option<Waker>,
+    response_timeout: Duration,
+    last_channel: Option<Topic>,
+}
+
+impl fmt::Debug for RedisClusterTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClusterTransport")
+            .field("unsent_publishes", &self.batch.len())
+            .field("active", &self.active.len())
+            .field("pending_subscriptions", &self.pending.len())
+            .finish()
+    }
+}
+
+impl RedisClusterTransport {
+    /// Connects to the cluster through `seeds` (`redis://host:port` of any of its nodes).
+    pub async fn connect<S: AsRef<str>>(seeds: impl IntoIterator<Item = S>) -> Result<Self> {
+        Self::connect_with(seeds, Duration::from_secs(5)).await
+    }
+
+    /// Like [`connect`](Self::connect), with a timeout for connecting and for each answer.
+    pub async fn connect_with<S: AsRef<str>>(
+        seeds: impl IntoIterator<Item = S>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let client = ClusterClientBuilder::new(seeds.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Connect,
+                    format!("cluster seeds {seeds:?}: {e}"),
+                    e,
+                )
+            })?;
+        let connection = client.get_async_connection().await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Connect,
+                format!("connecting to the cluster {seeds:?}: {e}"),
+                e,
+            )
+        })?;
+        Ok(RedisClusterTransport {
+            connection,
+            pushes,
+            batch: Vec::new(),
+            in_flight: None,
+            pending: VecDeque::new(),
+            control: Control::Idle,
+            active: HashSet::new(),
+            resubscribe: false,
+            signals: VecDeque::new(),
+            reader: None,
+            response_timeout: timeout,
+            last_channel: None,
+        })
+    }
+
+    fn send_batch(&mut self) {
+        if self.in_flight.is_some() || self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        // One pipeline per hash slot (a pipeline may not cross slots), in feed order within
+        // each: a channel lives in one slot, so its order is kept; slots go out concurrently.
+        let mut pipelines: Vec<(u16, redis::Pipeline, usize)> = Vec::new();
+        for (channel, frame) in &batch {
+            let slot = hash_slot(channel.as_bytes());
+            let index = match pipelines.iter().position(|(s, _, _)| *s == slot) {
+                Some(index) => index,
+                None => {
+                    pipelines.push((slot, redis::pipe(), 0));
+                    pipelines.len() - 1
+                }
+            };
+            let (_, pipeline, count) = &mut pipelines[index];
+            pipeline
+                .cmd("SPUBLISH")
+                .arg(channel.as_str())
+                .arg(&frame[..])
+                .ignore();
+            *count += 1;
+        }
+        let connection = self.connection.clone();
+        self.in_flight = Some(Box::pin(async move {
+            let sends = pipelines.into_iter().map(|(slot, pipeline, count)| {
+                let mut connection = connection.clone();
+                async move {
+                    pipeline.exec_async(&mut connection).await.map_err(|e| {
+                        redis_error(&format!("SPUBLISH of {count} messages to slot {slot}"), e)
+                    })
+                }
+            });
+            futures::future::try_join_all(sends).await.map(|_| ())
+        }));
+    }
+
+    fn poll_publishes(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            self.send_batch();
+            let Some(in_flight) = self.in_flight.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            self.in_flight = None;
+            result?;
+        }
+    }
+
+    fn subscribe_future(&self, command: &Command<()>) -> BoxFuture<'static, Result<()>> {
+        let mut connection = self.connection.clone();
+        let timeout = self.response_timeout;
+        let (subscribe, channel) = match command {
+            Command::Subscribe(topic) => (true, topic.clone()),
+            Command::Unsubscribe(topic) => (false, topic.clone()),
+            Command::Publish { topic, .. } => (true, topic.clone()),
+        };
+        Box::pin(async move {
+            let what = format!(
+                "{} {channel}",
+                if subscribe {
+                    "SSUBSCRIBE"
+                } else {
+                    "SUNSUBSCRIBE"
+                }
+            );
+            let request = async {
+                if subscribe {
+                    connection.ssubscribe(channel.as_str()).await
+                } else {
+                    connection.sunsubscribe(channel.as_str()).await
+                }
+            };
+            match tokio::time::timeout(timeout, request).await {
+                Ok(result) => result.map_err(|e| redis_error(&what, e)),
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("{what}: no answer within {timeout:?}"),
+                )),
+            }
+        })
+    }
+
+    fn resubscribe_future(&self) -> BoxFuture<'static, Result<()>> {
+        let channels: Vec<Topic> = self.active.iter().cloned().collect();
+        let connection = self.connection.clone();
+        let timeout = self.response_timeout;
+        Box::pin(async move {
+            // Until every channel is back on its (possibly new) owner: the node may still be
+            // restarting or failing over.
+            let mut delay = Duration::from_millis(50);
+            for channel in channels {
+                loop {
+                    let mut connection = connection.clone();
+                    let attempt =
+                        tokio::time::timeout(timeout, connection.ssubscribe(channel.as_str()))
+                            .await;
+                    match attempt {
+                        Ok(Ok(())) => break,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, %channel, "re-subscribing after a node dropped")
+                        }
+                        Err(_) => tracing::debug!(%channel, "re-subscribing timed out"),
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn poll_control(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        loop {
+            match &mut self.control {
+                Control::InFlight { reply, .. } => {
+                    let Poll::Ready(result) = reply.as_mut().poll(cx) else {
+                        return Ok(());
+                    };
+                    let Control::InFlight { command, .. } =
+                        std::mem::replace(&mut self.control, Control::Idle)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    result?;
+                    self.signals.push_back(match command {
+                        Command::Unsubscribe(topic) => Up::Unsubscribed(topic),
+                        other => Up::Subscribed(other.topic().clone()),
+                    });
+                }
+                Control::Resubscribing { reply } => {
+                    let Poll::Ready(result) = reply.as_mut().poll(cx) else {
+                        return Ok(());
+                    };
+                    self.control = Control::Idle;
+                    result?;
+                    self.signals.push_back(Up::Reconnected);
+                }
+                Control::Idle => {
+                    if std::mem::take(&mut self.resubscribe) {
+                        self.control = Control::Resubscribing {
+                            reply: self.resubscribe_future(),
+                        };
+                        continue;
+                    }
+                    let Some(command) = self.pending.pop_front() else {
+                        return Ok(());
+                    };
+                    let reply = self.subscribe_future(&command);
+                    self.control = Control::InFlight { command, reply };
+                }
+            }
+        }
+    }
+
+    fn handle_push(&mut self, push: PushInfo) -> Option<Up<Bytes>> {
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let mut data = push.data.into_iter();
+                let channel = match data.next() {
+                    Some(Value::BulkString(name)) => name,
+                    _ => return None,
+                };
+                let frame = match data.next() {
+                    Some(Value::BulkString(frame)) => Bytes::from(frame),
+                    _ => return None,
+                };
+                let channel = match &self.last_channel {
+                    Some(last) if last.as_bytes() == channel.as_slice() => last.clone(),
+                    _ => {
+                        let topic = Topic::from(String::from_utf8_lossy(&channel).into_owned());
+                        self.last_channel = Some(topic.clone());
+                        topic
+                    }
+                };
+                Some(Up::Message {
+                    channel: Some(channel),
+                    message: frame,
+                })
+            }
+            PushKind::Disconnection => {
+                tracing::warn!(
+                    "a cluster node's connection dropped; subscribing every channel again"
+                );
+                if !self.active.is_empty() {
+                    self.resubscribe = true;
+                    if let Some(reader) = self.reader.take() {
+                        reader.wake();
+                    }
+                }
+                None
+            }
+            // Confirmations are taken from the commands' answers.
+            _ => None,
+        }
+    }
+}
+
+impl Sink<Command<Bytes>> for RedisClusterTransport {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if this.batch.len() < MAX_BATCH {
+            return Poll::Ready(Ok(()));
+        }
+        match this.in_flight.as_mut().map(|f| f.as_mut().poll(cx)) {
+            Some(Poll::Pending) => return Poll::Pending,
+            Some(Poll::Ready(result)) => {
+                this.in_flight = None;
+                result?;
+            }
+            None => {}
+        }
+        this.send_batch();
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
+        let this = self.get_mut();
+        match command {
+            Command::Publish { topic, message } => this.batch.push((topic, message)),
+            Command::Subscribe(topic) => {
+                this.active.insert(topic.clone());
+                this.pending.push_back(Command::Subscribe(topic));
+            }
+            Command::Unsubscribe(topic) => {
+                this.active.remove(&topic);
+                this.pending.push_back(Command::Unsubscribe(topic));
+            }
+        }
+        if !this.pending.is_empty() {
+            if let Some(reader) = this.reader.take() {
+                reader.wake();
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        this.poll_control(cx)?;
+        this.poll_publishes(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.get_mut().poll_publishes(cx)
+    }
+}
+
+impl Stream for RedisClusterTransport {
+    type Item = Result<Up<Bytes>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(signal) = this.signals.pop_front() {
+                return Poll::Ready(Some(Ok(signal)));
+            }
+            if !this
+                .reader
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                this.reader = Some(cx.waker().clone());
+            }
+            if let Err(error) = this.poll_control(cx) {
+                return Poll::Ready(Some(Err(error)));
+            }
+            if !this.signals.is_empty() {
+                continue;
+            }
+            match this.pushes.poll_recv(cx) {
+                Poll::Ready(Some(push)) => {
+                    if let Some(up) = this.handle_push(push) {
+                        return Poll::Ready(Some(Ok(up)));
+                    }
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(Err(Error::connection_lost(
+                        "the cluster connection's push channel closed",
+                    ))))
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Sharded pub/sub against a real 3-master Redis Cluster started on free loopback ports.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use alkdev_pubsub::layers::{
+    Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer, RetryLayer,
+};
+use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+use alkdev_pubsub::testkit::{self, number_of, numbered, RedisCluster};
+use alkdev_pubsub::{EventTarget, Gap, SubscribeOptions, Topic};
+use futures::StreamExt;
+use tower::ServiceBuilder;
+
+mod common;
+
+const WAIT: Duration = Duration::from_secs(30);
+const PREFIX: &str = "alk:events:";
+
+fn stack(cluster: &RedisCluster) -> EventTarget {
+    let seeds = cluster.urls();
+    EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new(PREFIX))
+            .layer(RetryLayer::new(20, Duration::from_millis(50)))
+            .layer(ReconnectLayer::new(
+                Backoff::new().initial(Duration::from_millis(50)),
+            ))
+            .service(move || {
+                RedisClusterTransport::connect_with(seeds.clone(), Duration::from_secs(2))
+            }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_topics_over_three_masters_each_subscriber_gets_exactly_its_own() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let topics: Vec<Topic> = (0..300)
+        .map(|t| Topic::of("shard", &t.to_string()))
+        .collect();
+    let owners: HashSet<usize> = topics
+        .iter()
+        .map(|t| cluster.owner_of_channel(&format!("{PREFIX}{t}")))
+        .collect();
+    assert_eq!(owners.len(), 3, "the topics spread over all three masters");
+
+    let a = stack(&cluster);
+    let b = stack(&cluster);
+    let publisher = stack(&cluster);
+    let mut subscriptions = Vec::new();
+    for (i, topic) in topics.iter().enumerate() {
+        let target = if i % 2 == 0 { &a } else { &b };
+        subscriptions.push(
+            target
+                .subscribe_with(topic.clone(), SubscribeOptions::new().capacity(64))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..5 {
+        for t in 0..300 {
+            publisher
+                .dispatch_event(numbered("shard", &t.to_string(), round))
+                .await
+                .unwrap();
+        }
+    }
+    for (t, subscription) in subscriptions.iter_mut().enumerate() {
+        for round in 0..5 {
+            let event = testkit::next_event(subscription).await;
+            assert_eq!(
+                (event.id.as_str(), number_of(&event)),
+                (t.to_string().as_str(), round)
+            );
+        }
+    }
+    for target in [&a, &b] {
+        let stats = target.stats();
+        assert_eq!(stats.delivered, 150 * 5);
+        assert_eq!(stats.unrouted, 0, "a subscriber got another's topic");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_the_last_listener_sunsubscribes_on_the_owning_node() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    let channel = format!("{PREFIX}leave:1");
+    let owner = &cluster.nodes[cluster.owner_of_channel(&channel)];
+    let subscription = events.subscribe("leave:1").await.unwrap();
+    assert_eq!(
+        owner.cli(&["PUBSUB", "SHARDNUMSUB", &channel]),
+        format!("{channel}\n1")
+    );
+    drop(subscription);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while owner.cli(&["PUBSUB", "SHARDNUMSUB", &channel]) != format!("{channel}\n0") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SUNSUBSCRIBE did not reach the owner"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_and_restarted_gets_its_subscriptions_back() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    // One topic per master.
+    let mut per_master: Vec<Option<Topic>> = vec![None; 3];
+    for t in 0.. {
+        let topic = Topic::of("fail", &t.to_string());
+        let owner = cluster.owner_of_channel(&format!("{PREFIX}{topic}"));
+        per_master[owner].get_or_insert(topic);
+        if per_master.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let topics: Vec<Topic> = per_master.into_iter().flatten().collect();
+    let mut subscriptions = Vec::new();
+    for topic in &topics {
+        subscriptions.push(events.subscribe(topic.clone()).await.unwrap());
+    }
+    let victim = cluster.owner_of_channel(&format!("{PREFIX}{}", topics[0]));
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.nodes[victim].kill();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.nodes[victim].restart();
+        cluster.wait_ready();
+        cluster
+    })
+    .await
+    .unwrap();
+
+    // The victim's subscriber hears Reconnected, then events again.
+    let (type_, id) = topics[0].split_once(':').unwrap();
+    match tokio::time::timeout(WAIT, subscriptions[0].next())
+        .await
+        .unwrap()
+    {
+        Some(Err(Gap::Reconnected)) => {}
+        other => panic!("expected Reconnected, got {other:?}"),
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        events.dispatch_event(numbered(type_, id, 7)).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), subscriptions[0].next()).await {
+            Ok(Some(Ok(event))) => {
+                assert_eq!(number_of(&event), 7);
+                break;
+            }
+            Ok(Some(Err(Gap::Reconnected))) | Err(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after the restart"
+        );
+    }
+    // The others still work.
+    for (topic, subscription) in topics.iter().zip(&mut subscriptions).skip(1) {
+        let (type_, id) = topic.split_once(':').unwrap();
+        events.dispatch_event(numbered(type_, id, 8)).await.unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, subscription.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(event)) => {
+                    assert_eq!(number_of(&event), 8);
+                    break;
+                }
+                Some(Err(Gap::Reconnected)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_slots_match_the_server() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    for key in [
+        "",
+        "a",
+        "alk:events:chat:1",
+        "{user1000}.following",
+        "foo{}{bar}",
+        "foo{{bar}}zap",
+        "{}x",
+        "日本",
+    ] {
+        assert_eq!(
+            alkdev_pubsub::redis::cluster::hash_slot(key.as_bytes()),
+            cluster.keyslot(key),
+            "slot of {key:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_works_over_the_cluster() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let seeds = cluster.urls().join(",");
+    let listen = Command::new(common::tap_binary())
+        .args([
+            "listen",
+            "--redis-cluster",
+            &seeds,
+            "--prefix",
+            PREFIX,
+            "--count",
+            "2",
+            "a:1",
+            "b:2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both channels are subscribed on their owners.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for channel in ["alk:events:a:1", "alk:events:b:2"] {
+        let owner = &cluster.nodes[cluster.owner_of_channel(channel)];
+        while owner.cli(&["PUBSUB", "SHARDNUMSUB", channel]) != format!("{channel}\n1") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tap did not subscribe {channel}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut publish = Command::new(common::tap_binary())
+        .args(["publish", "--redis-cluster", &seeds, "--prefix", PREFIX])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publish
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"type\":\"a\",\"id\":\"1\",\"payload\":1}\n{\"type\":\"b\",\"id\":\"2\",\"payload\":2}\n")
+        .unwrap();
+    let published = tokio::task::spawn_blocking(move || publish.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let listened = tokio::task::spawn_blocking(move || listen.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        listened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listened.stderr)
+    );
+    let lines: HashSet<String> = String::from_utf8(listened.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: HashSet<String> = [
+        r#"{"type":"a","id":"1","payload":1}"#.to_owned(),
+        r#"{"type":"b","id":"2","payload":2}"#.to_owned(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(lines, expected);
+}
