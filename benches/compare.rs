@@ -12,8 +12,6 @@
 //! decodes it into a typed struct, and every run checks that each message arrived exactly
 //! once, in order. See BENCHMARKS.md for results and what bounds each scenario.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,34 +23,12 @@ use tower::ServiceBuilder;
 
 // ------------------------------------------------------------------ allocation counting
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Relaxed) + layout.size();
-        PEAK.fetch_max(now, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= layout.size() {
-            let now =
-                CURRENT.fetch_add(new_size - layout.size(), Relaxed) + new_size - layout.size();
-            PEAK.fetch_max(now, Relaxed);
-        } else {
-            CURRENT.fetch_sub(layout.size() - new_size, Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "../tests/common/alloc.rs"]
+mod alloc;
+use alloc::CountingAllocator;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 // ------------------------------------------------------------------ the message
 
@@ -71,6 +47,18 @@ fn envelope(n: u64) -> Envelope<Payload> {
         Payload {
             n,
             pad: PAD.to_owned(),
+        },
+    )
+}
+
+/// The first publish of a run: it waits until the transport is connected.
+fn warmup() -> Envelope<Payload> {
+    Envelope::new(
+        "bench.warmup",
+        "x",
+        Payload {
+            n: 0,
+            pad: String::new(),
         },
     )
 }
@@ -557,14 +545,7 @@ mod redis_bench {
         }
         let publisher = stack(url);
         publisher
-            .dispatch_confirmed(Envelope::new(
-                "bench.warmup",
-                "x",
-                Payload {
-                    n: 0,
-                    pad: String::new(),
-                },
-            ))
+            .dispatch_confirmed(warmup())
             .await
             .expect("connect");
         let started = Instant::now();
@@ -625,17 +606,7 @@ mod redis_bench {
     pub async fn ours_latency(url: &str, messages: u64) -> Run {
         let events = stack(url);
         let mut subscription = events.subscribe("bench.event:x").await.expect("subscribe");
-        events
-            .dispatch_confirmed(Envelope::new(
-                "bench.warmup",
-                "x",
-                Payload {
-                    n: 0,
-                    pad: String::new(),
-                },
-            ))
-            .await
-            .expect("connect");
+        events.dispatch_confirmed(warmup()).await.expect("connect");
         let mut latencies = Vec::with_capacity(messages as usize);
         let started = Instant::now();
         for n in 0..messages {
@@ -792,17 +763,7 @@ mod ws_bench {
             }
         });
         let client = client_stack(url);
-        client
-            .dispatch_confirmed(Envelope::new(
-                "bench.warmup",
-                "x",
-                Payload {
-                    n: 0,
-                    pad: String::new(),
-                },
-            ))
-            .await
-            .expect("connect");
+        client.dispatch_confirmed(warmup()).await.expect("connect");
         ready_rx.await.expect("server ready");
         let started = Instant::now();
         for n in 0..messages {
@@ -878,17 +839,7 @@ mod ws_bench {
         });
         let client = client_stack(url);
         let mut replies = client.subscribe("bench.reply:x").await.expect("subscribe");
-        client
-            .dispatch_confirmed(Envelope::new(
-                "bench.warmup",
-                "x",
-                Payload {
-                    n: 0,
-                    pad: String::new(),
-                },
-            ))
-            .await
-            .expect("connect");
+        client.dispatch_confirmed(warmup()).await.expect("connect");
         let mut latencies = Vec::with_capacity(messages as usize);
         let started = Instant::now();
         for n in 0..messages {
@@ -928,7 +879,7 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
     for &topics in sizes {
         let per = runtime.block_on(async {
             let events: EventTarget<Payload> = EventTarget::local();
-            let before = CURRENT.load(Relaxed);
+            let before = CountingAllocator::current();
             let mut subscriptions = Vec::with_capacity(topics);
             for t in 0..topics {
                 subscriptions.push(
@@ -938,7 +889,7 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
                         .expect("subscribe"),
                 );
             }
-            let after = CURRENT.load(Relaxed);
+            let after = CountingAllocator::current();
             assert_eq!(events.topic_count(), topics);
             (after - before) as f64 / topics as f64
         });
@@ -948,8 +899,8 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
     let (peak, capacity) = runtime.block_on(async {
         let events: EventTarget<Payload> = EventTarget::local();
         let never_read = events.subscribe("flood:x").await.expect("subscribe");
-        let baseline = CURRENT.load(Relaxed);
-        PEAK.store(baseline, Relaxed);
+        let baseline = CountingAllocator::current();
+        CountingAllocator::reset_peak();
         for n in 0..flood {
             events
                 .dispatch_event(Envelope::new(
@@ -965,7 +916,7 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
         }
         assert_eq!(never_read.len(), never_read.capacity());
         assert_eq!(events.stats().lagged, flood - never_read.capacity() as u64);
-        (PEAK.load(Relaxed) - baseline, never_read.capacity())
+        (CountingAllocator::peak() - baseline, never_read.capacity())
     });
     println!("memory: peak +{peak} bytes for a subscriber that never reads, under a {flood}-message flood (queue capped at {capacity})");
 }

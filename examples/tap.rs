@@ -12,7 +12,7 @@
 //! end of input once everything is flushed (for Redis: acknowledged).
 //!
 //! ```text
-//! cargo run --example tap --features redis -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
+//! cargo run --example tap --all-features -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
 //! ```
 
 use std::io::Write;
@@ -117,89 +117,51 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The full stack over Redis. `attempts` caps connection attempts in a row (`None`: retry
-/// forever, for `listen`; publishing gives up rather than wait for a server that is gone).
-#[cfg(feature = "redis")]
-fn redis_target(url: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
-    use alkdev_pubsub::redis::RedisTransport;
-    let url = url.to_owned();
+/// The full stack over any raw transport made by `connect`. `attempts` caps connection
+/// attempts in a row (`None`: retry forever, for `listen`; publishing gives up rather than
+/// wait for a server that is gone).
+fn full_stack<F, Fut, T>(prefix: &str, attempts: Option<u32>, connect: F) -> EventTarget
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = alkdev_pubsub::Result<T>> + Send + 'static,
+    T: alkdev_pubsub::Transport<bytes::Bytes> + Send + 'static,
+{
     EventTarget::new(
         ServiceBuilder::new()
             .layer(ParseErrorLayer::skip())
             .layer(CodecLayer::json())
             .layer(PrefixLayer::new(prefix.to_owned()))
+            // Transient refusals (a cluster shard failing over, a server loading) are retried.
+            .layer(alkdev_pubsub::layers::RetryLayer::default())
             .layer(ReconnectLayer::new(
                 Backoff::default().max_attempts(attempts),
             ))
-            .service(move || RedisTransport::connect(url.clone())),
+            .service(connect),
     )
-}
-
-#[cfg(not(feature = "redis"))]
-fn redis_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
-    eprintln!("tap: built without the `redis` feature: cargo run --example tap --features redis");
-    std::process::exit(2);
-}
-
-/// The full stack over a WebSocket client connection.
-#[cfg(feature = "websocket")]
-fn ws_target(url: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
-    use alkdev_pubsub::websocket::WebSocketTransport;
-    let url = url.to_owned();
-    EventTarget::new(
-        ServiceBuilder::new()
-            .layer(ParseErrorLayer::skip())
-            .layer(CodecLayer::json())
-            .layer(PrefixLayer::new(prefix.to_owned()))
-            .layer(ReconnectLayer::new(
-                Backoff::default().max_attempts(attempts),
-            ))
-            .service(move || WebSocketTransport::connect(url.clone())),
-    )
-}
-
-#[cfg(not(feature = "websocket"))]
-fn ws_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
-    eprintln!(
-        "tap: built without the `websocket` feature: cargo run --example tap --features websocket"
-    );
-    std::process::exit(2);
-}
-
-/// The full stack over Redis Cluster sharded pub/sub.
-#[cfg(feature = "redis-cluster")]
-fn cluster_target(seeds: &str, prefix: &str, attempts: Option<u32>) -> EventTarget {
-    use alkdev_pubsub::layers::RetryLayer;
-    use alkdev_pubsub::redis::cluster::RedisClusterTransport;
-    let seeds: Vec<String> = seeds.split(',').map(str::to_owned).collect();
-    EventTarget::new(
-        ServiceBuilder::new()
-            .layer(ParseErrorLayer::skip())
-            .layer(CodecLayer::json())
-            .layer(PrefixLayer::new(prefix.to_owned()))
-            .layer(RetryLayer::default())
-            .layer(ReconnectLayer::new(
-                Backoff::default().max_attempts(attempts),
-            ))
-            .service(move || RedisClusterTransport::connect(seeds.clone())),
-    )
-}
-
-#[cfg(not(feature = "redis-cluster"))]
-fn cluster_target(_: &str, _: &str, _: Option<u32>) -> EventTarget {
-    eprintln!(
-        "tap: built without the `redis-cluster` feature: cargo run --example tap --all-features"
-    );
-    std::process::exit(2);
 }
 
 fn target(args: &Args, attempts: Option<u32>) -> Result<EventTarget, String> {
-    match (&args.redis, &args.cluster, &args.ws) {
-        (Some(url), _, _) => Ok(redis_target(url, &args.prefix, attempts)),
-        (_, Some(seeds), _) => Ok(cluster_target(seeds, &args.prefix, attempts)),
-        (_, _, Some(url)) => Ok(ws_target(url, &args.prefix, attempts)),
-        _ => Err("a transport is required".into()),
+    use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+    use alkdev_pubsub::redis::RedisTransport;
+    use alkdev_pubsub::websocket::WebSocketTransport;
+    let prefix = args.prefix.as_str();
+    if let Some(url) = args.redis.clone() {
+        return Ok(full_stack(prefix, attempts, move || {
+            RedisTransport::connect(url.clone())
+        }));
     }
+    if let Some(seeds) = args.cluster.clone() {
+        let seeds: Vec<String> = seeds.split(',').map(str::to_owned).collect();
+        return Ok(full_stack(prefix, attempts, move || {
+            RedisClusterTransport::connect(seeds.clone())
+        }));
+    }
+    if let Some(url) = args.ws.clone() {
+        return Ok(full_stack(prefix, attempts, move || {
+            WebSocketTransport::connect(url.clone())
+        }));
+    }
+    Err("a transport is required".into())
 }
 
 async fn listen(args: &Args) -> Result<(), String> {

@@ -2,8 +2,6 @@
 //! size. A counting allocator measures the peak while a peer streams 16 MiB at a server that
 //! accepts 1 MiB.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use alkdev_pubsub::websocket::WebSocketListener;
@@ -11,26 +9,12 @@ use alkdev_pubsub::EventTarget;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY-free: delegates to the system allocator and only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Relaxed) + layout.size();
-        PEAK.fetch_max(now, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
+use alloc::CountingAllocator;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 #[tokio::test(flavor = "current_thread")]
 async fn memory_does_not_grow_by_the_size_of_an_oversized_message() {
@@ -43,8 +27,8 @@ async fn memory_does_not_grow_by_the_size_of_an_oversized_message() {
     let mut raw = client.await.unwrap();
     let mut subscription = server.subscribe("big:1").await.unwrap();
 
-    let baseline = CURRENT.load(Relaxed);
-    PEAK.store(baseline, Relaxed);
+    let baseline = CountingAllocator::current();
+    CountingAllocator::reset_peak();
     // One masked text frame declaring 16 MiB, streamed in 64 KiB chunks from one buffer.
     let socket = match raw.get_mut() {
         tokio_tungstenite::MaybeTlsStream::Plain(socket) => socket,
@@ -73,7 +57,7 @@ async fn memory_does_not_grow_by_the_size_of_an_oversized_message() {
         .unwrap_err();
     assert!(error.to_string().contains("over the limit"), "{error}");
 
-    let grown = PEAK.load(Relaxed).saturating_sub(baseline);
+    let grown = CountingAllocator::peak().saturating_sub(baseline);
     assert!(
         grown < 4 << 20,
         "memory grew by {grown} bytes while refusing a {DECLARED}-byte message (limit 1 MiB)"
