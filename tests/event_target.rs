@@ -518,3 +518,39 @@ where
         panic!("expected nothing, got {item:?}");
     }
 }
+
+#[tokio::test]
+async fn topics_over_the_limit_are_refused_with_a_clear_error() {
+    use alkdev_pubsub::layers::MAX_TOPIC_LEN;
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let long_id = "x".repeat(MAX_TOPIC_LEN);
+        let error = events
+            .dispatch_event(numbered("long", &long_id, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+        assert!(
+            error.to_string().contains("over the limit of 4096"),
+            "{error}"
+        );
+        let error = events
+            .subscribe(Topic::of("long", &long_id))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+        // Right at the limit is fine.
+        let at_limit = "y".repeat(MAX_TOPIC_LEN - "long:".len());
+        let mut subscription = events
+            .subscribe(Topic::of("long", &at_limit))
+            .await
+            .unwrap();
+        events
+            .dispatch_event(numbered("long", &at_limit, 1))
+            .await
+            .unwrap();
+        assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
+    }
+}

@@ -762,3 +762,33 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
     assert!(error.is_unavailable(), "{error}");
     assert!(error.to_string().contains("after 2 retries"), "{error}");
 }
+
+#[tokio::test]
+async fn an_inbound_envelope_with_a_topic_over_the_limit_is_a_decode_error() {
+    let broker = MemoryBroker::new();
+    let mut transport: WithCodec<_, Json, Value> = WithCodec::new(broker.connect().unwrap(), Json);
+    transport
+        .send(Command::Subscribe("t:1".into()))
+        .await
+        .unwrap();
+    let _ = next_up(&mut transport).await;
+    let long = format!(
+        r#"{{"type":"t","id":"{}"}}"#,
+        "x".repeat(alkdev_pubsub::layers::MAX_TOPIC_LEN)
+    );
+    broker.inject("t:1", long);
+    match next_up(&mut transport).await {
+        Err(error) => {
+            assert!(error.is_decode(), "{error}");
+            assert!(error.to_string().contains("over the limit"), "{error}");
+        }
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    let mut prefixed = Prefix::new(broker.connect().unwrap(), "p:".repeat(10));
+    let long_topic = Topic::from("y".repeat(alkdev_pubsub::layers::MAX_TOPIC_LEN - 5));
+    let error = prefixed
+        .send(Command::Subscribe(long_topic))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+}

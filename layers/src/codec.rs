@@ -246,14 +246,26 @@ where
             Poll::Pending => return Poll::Pending,
         };
         Poll::Ready(Some(match up {
-            Up::Message { channel, message } => match this.codec.decode(channel.as_ref(), &message)
-            {
-                Ok(envelope) => Ok(Up::Message {
-                    channel,
-                    message: envelope,
-                }),
-                Err(cause) => Err(Error::decode_frame(channel.as_ref(), message, cause)),
-            },
+            Up::Message { channel, message } => {
+                match this.codec.decode(channel.as_ref(), &message) {
+                    Ok(envelope) => {
+                        let topic_len = envelope.r#type.len() + 1 + envelope.id.len();
+                        if topic_len > crate::MAX_TOPIC_LEN {
+                            let cause = format!(
+                                "its topic of {topic_len} bytes is over the limit of {}",
+                                crate::MAX_TOPIC_LEN
+                            );
+                            Err(Error::decode_frame(channel.as_ref(), message, cause))
+                        } else {
+                            Ok(Up::Message {
+                                channel,
+                                message: envelope,
+                            })
+                        }
+                    }
+                    Err(cause) => Err(Error::decode_frame(channel.as_ref(), message, cause)),
+                }
+            }
             Up::Subscribed(topic) => Ok(Up::Subscribed(topic)),
             Up::Unsubscribed(topic) => Ok(Up::Unsubscribed(topic)),
             Up::Reconnected => Ok(Up::Reconnected),

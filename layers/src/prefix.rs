@@ -179,6 +179,9 @@ where
     fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
         let this = self.project();
         let prefix: &str = this.prefix;
+        crate::check_topic_len(prefix.len() + command.topic().len(), || {
+            format!("prefixing {} with {prefix:?}", command.topic())
+        })?;
         let command = match command {
             Command::Publish { topic, message } => Command::Publish {
                 topic: add_prefix(prefix, &topic),

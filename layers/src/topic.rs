@@ -3,6 +3,27 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use crate::{Error, ErrorKind};
+
+/// The longest topic accepted, in bytes: publishing to, subscribing to or receiving an
+/// envelope on a longer one fails with an error of kind [`TooLarge`](ErrorKind::TooLarge) (a
+/// decode error for an inbound envelope).
+pub const MAX_TOPIC_LEN: usize = 4096;
+
+/// Checks a topic's length (given as `len` bytes, for `what`) against [`MAX_TOPIC_LEN`].
+pub fn check_topic_len(len: usize, what: impl FnOnce() -> String) -> Result<(), Error> {
+    if len > MAX_TOPIC_LEN {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "{}: a topic of {len} bytes is over the limit of {MAX_TOPIC_LEN}",
+                what()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The name of a stream of events: `"{type}:{id}"` for envelopes, a channel name on the wire.
 ///
 /// A `Topic` is an `Arc<str>` inside, so cloning one is a reference-count increment: the

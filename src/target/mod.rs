@@ -114,6 +114,14 @@ impl<P> fmt::Debug for EventTarget<P> {
     }
 }
 
+/// Refuses an envelope whose topic is over [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN).
+fn check_envelope<P>(envelope: &Envelope<P>) -> Result<()> {
+    crate::layers::check_topic_len(envelope.r#type.len() + 1 + envelope.id.len(), || {
+        let head: String = envelope.r#type.chars().take(32).collect();
+        format!("publishing an envelope of type {head:?}…")
+    })
+}
+
 thread_local! {
     /// Reused to look a topic up without allocating.
     static TOPIC_KEY: RefCell<String> = const { RefCell::new(String::new()) };
@@ -232,6 +240,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// Cancelled before it resolves, the envelope was not queued.
     pub async fn dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
+        check_envelope(&envelope)?;
         match &self.handle.publish {
             None => self.dispatch_local(envelope).await,
             Some(publish) => {
@@ -255,6 +264,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// queue is full, fails at once with an error of kind [`ErrorKind::Unavailable`] that says
     /// so. In-process, a full `Block` subscription drops the event (counted as lagged).
     pub fn try_dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
+        check_envelope(&envelope)?;
         match &self.handle.publish {
             None => {
                 if self.shared().is_closed() {
@@ -294,6 +304,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// In-process, the same as [`dispatch_event`](Self::dispatch_event).
     pub async fn dispatch_confirmed(&self, envelope: Envelope<P>) -> Result<()> {
+        check_envelope(&envelope)?;
         let Some(publish) = &self.handle.publish else {
             return self.dispatch_local(envelope).await;
         };

@@ -157,6 +157,10 @@ impl<P> Shared<P> {
         listener: Listener<P>,
         wait: bool,
     ) -> Result<Added> {
+        crate::layers::check_topic_len(topic.len(), || {
+            let head: String = topic.chars().take(32).collect();
+            format!("subscribing to {head:?}…")
+        })?;
         let mut map = self.write();
         if self.is_closed() {
             return Err(self.closed_error(&format!("adding a listener to {topic:?}")));

@@ -252,7 +252,9 @@ impl RedisCluster {
     pub fn start(masters: usize) -> Self {
         assert!(masters >= 1, "a cluster needs a master");
         let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
-        let nodes: Vec<RedisServer> = (0..masters).map(|_| RedisServer::start_with(&args)).collect();
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
         let cluster = RedisCluster { nodes };
         if masters >= 3 {
             let mut create = Command::new("redis-cli");
@@ -264,15 +266,28 @@ impl RedisCluster {
                 .args(["--cluster-replicas", "0", "--cluster-yes"])
                 .output()
                 .expect("running redis-cli --cluster create");
-            assert!(output.status.success(), "redis-cli --cluster create failed: {output:?}");
+            assert!(
+                output.status.success(),
+                "redis-cli --cluster create failed: {output:?}"
+            );
         } else {
             for (i, node) in cluster.nodes.iter().enumerate() {
                 let first = i * 16384 / masters;
                 let last = (i + 1) * 16384 / masters - 1;
-                node.cli(&["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]);
+                node.cli(&[
+                    "CLUSTER",
+                    "ADDSLOTSRANGE",
+                    &first.to_string(),
+                    &last.to_string(),
+                ]);
             }
             for node in &cluster.nodes[1..] {
-                node.cli(&["CLUSTER", "MEET", "127.0.0.1", &cluster.nodes[0].port().to_string()]);
+                node.cli(&[
+                    "CLUSTER",
+                    "MEET",
+                    "127.0.0.1",
+                    &cluster.nodes[0].port().to_string(),
+                ]);
             }
         }
         cluster.wait_ready();
@@ -296,7 +311,10 @@ impl RedisCluster {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "the cluster did not become ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become ready within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -326,8 +344,13 @@ impl RedisCluster {
                 .unwrap_or_default();
             if myself.split_whitespace().skip(8).any(|range| {
                 let mut bounds = range.split('-');
-                match (bounds.next().and_then(|a| a.parse::<usize>().ok()), bounds.next()) {
-                    (Some(first), Some(last)) => last.parse::<usize>().is_ok_and(|last| (first..=last).contains(&slot)),
+                match (
+                    bounds.next().and_then(|a| a.parse::<usize>().ok()),
+                    bounds.next(),
+                ) {
+                    (Some(first), Some(last)) => last
+                        .parse::<usize>()
+                        .is_ok_and(|last| (first..=last).contains(&slot)),
                     (Some(only), None) => only == slot,
                     _ => false,
                 }

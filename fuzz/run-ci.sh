@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# CI: run every fuzz target for a bounded time on the stable toolchain (no sanitizer).
+#
+#   FUZZ_SECONDS   seconds per target (default 25)
+#   FUZZ_TARGETS   space-separated targets (default: all of `cargo fuzz list`)
+#
+# A crash, a panic, a leak or a hang (an input running over 10 s) fails the run with a non-zero
+# exit; the reproducer is left in fuzz/artifacts/<target>/ and its path printed, with the
+# commands that replay and show it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds="${FUZZ_SECONDS:-25}"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "cargo-fuzz not found: installing it" >&2
+  cargo install cargo-fuzz --locked
+fi
+
+targets="${FUZZ_TARGETS:-$(cargo fuzz list)}"
+
+# Build once up front, so each target's time budget is spent fuzzing.
+cargo fuzz build --sanitizer none
+
+failed=()
+for target in $targets; do
+  corpus="fuzz/corpus/$target"
+  seeds="fuzz/seeds/$target"
+  artifacts="fuzz/artifacts/$target"
+  # Beside, not inside, the artifacts folder: cargo-fuzz reports the newest file there as the crash.
+  log="fuzz/artifacts/$target.log"
+  mkdir -p "$corpus" "$artifacts"
+  # The first corpus folder is the one libFuzzer adds to: the working corpus, never the seeds.
+  corpora=("$corpus")
+  [[ -d "$seeds" ]] && corpora+=("$seeds")
+  echo "=== fuzzing $target for ${seconds}s (log: $log)"
+  if cargo fuzz run --sanitizer none "$target" "${corpora[@]}" -- \
+    -max_total_time="$seconds" -timeout=10 -dict=fuzz/json.dict -print_final_stats=1 \
+    2>&1 | tee "$log" | { grep -E '^(#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs|stat::number_of_executed_units)' || true; }; then
+    echo "=== $target: no crash"
+  else
+    failed+=("$target")
+    echo "=== $target: FAILED; the end of its log:" >&2
+    tail -n 60 "$log" >&2
+    while read -r unit; do
+      echo "reproducer: $unit" >&2
+      echo "  replay: cargo fuzz run --sanitizer none $target $unit" >&2
+      echo "  show:   cargo fuzz fmt --sanitizer none $target $unit" >&2
+    done < <(grep -o 'Test unit written to [^ ]*' "$log" | sed 's/^Test unit written to //')
+  fi
+done
+
+if ((${#failed[@]})); then
+  echo "fuzzing failed: ${failed[*]} (reproducers in fuzz/artifacts/)" >&2
+  exit 1
+fi
+echo "fuzzing: every target ran ${seconds}s without a crash"
