@@ -16,6 +16,10 @@
 //!   silent for [`idle_timeout`](WebSocketConfig::idle_timeout) (no frame, no pong) is gone,
 //!   reported as an [unrecoverable](crate::Error::is_unrecoverable) timeout.
 //! - **Close**: closing the transport performs the close handshake.
+//! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
+//!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
+//!   configuration of your own; on the server side, hand [`WebSocketTransport::accept`] a TLS
+//!   stream (for example from tokio-rustls) or terminate TLS in a proxy.
 //!
 //! [`WebSocketListener`] accepts connections on a TCP listener and yields one transport (or one
 //! event target) per connection, with the peer's address. Reconnection belongs to the client:
@@ -144,6 +148,38 @@ impl WebSocketConfig {
         let url = url.as_ref();
         let connecting =
             tokio_tungstenite::connect_async_with_config(url, Some(self.tungstenite()), true);
+        let (stream, _response) = tokio::time::timeout(self.handshake_timeout, connecting)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "connecting to {url}: no handshake within {:?}",
+                        self.handshake_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Connect, format!("connecting to {url}: {e}"), e)
+            })?;
+        Ok(WebSocketTransport::from_stream(stream, self))
+    }
+
+    /// Connects to a `wss://` `url` with a TLS configuration of the caller's (for example one
+    /// that trusts a private CA); plain [`connect`](Self::connect) trusts the webpki roots.
+    #[cfg(feature = "websocket-rustls")]
+    pub async fn connect_with_tls(
+        self,
+        url: impl AsRef<str>,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<WebSocketTransport> {
+        let url = url.as_ref();
+        let connecting = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(self.tungstenite()),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(tls)),
+        );
         let (stream, _response) = tokio::time::timeout(self.handshake_timeout, connecting)
             .await
             .map_err(|_| {
