@@ -740,13 +740,33 @@ mod ws_bench {
         )
     }
 
-    pub async fn ours(messages: u64) -> Run {
+    /// The server listens with a callback (`callback`) or a `Subscription` stream.
+    pub async fn ours(messages: u64, callback: bool) -> Run {
         let listener = WebSocketListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("ws://{}/", listener.local_addr().expect("addr"));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(async move {
             let (server, _): (EventTarget<Payload>, _) =
                 listener.accept_event_target().await.expect("accept");
+            if callback {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let done = std::sync::Mutex::new((Sequence::new(), Some(done_tx)));
+                server
+                    .add_event_listener("bench.event:x", move |event| {
+                        let mut done = done.lock().expect("not poisoned");
+                        done.0.check(event.payload.n, "ours websocket callback");
+                        if done.0.next == messages {
+                            if let Some(tx) = done.1.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    })
+                    .expect("listen");
+                drop(server.subscribe("bench.event:x").await.expect("confirmed"));
+                let _ = ready_tx.send(());
+                done_rx.await.expect("all received");
+                return;
+            }
             let options = SubscribeOptions::new()
                 .capacity(1 << 16)
                 .overflow(Overflow::Block);
@@ -1052,7 +1072,15 @@ fn main() {
             "websocket client->server",
             n,
             Box::new(|m| Box::pin(ws_bench::raw(m))),
-            Box::new(|m| Box::pin(ws_bench::ours(m))),
+            Box::new(|m| Box::pin(ws_bench::ours(m, false))),
+        )
+        .await;
+        compare(
+            &config,
+            "websocket client->server, callback",
+            n,
+            Box::new(|m| Box::pin(ws_bench::raw(m))),
+            Box::new(|m| Box::pin(ws_bench::ours(m, true))),
         )
         .await;
         let l = config.count(10_000);

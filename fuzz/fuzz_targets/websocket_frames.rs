@@ -1,0 +1,147 @@
+//! Arbitrary raw WebSocket frames from a client, into the server side of
+//! [`WebSocketTransport`] under the parse-error and codec layers, as a hub would read a spoke.
+//!
+//! Never panics and always ends: text, binary, control, continuation and reserved frames,
+//! masked or not, with lengths that lie (oversized declarations, truncated bodies), invalid
+//! UTF-8, garbage payloads. A message over the limit (4 KiB here) is refused from its header
+//! (`TooLarge`, then the connection ends) without buffering it; every message that comes up is
+//! a whole envelope that decodes; the transport's stream ends at the end of the input.
+//!
+//! # Input format
+//!
+//! A sequence of frames, each: a header byte (FIN, RSV and opcode bits as on the wire), a mask
+//! flag byte (`& 1`), a length kind byte (`% 4`: the true length, a lie that is smaller, a
+//! lie that is larger, a huge 64-bit length), a little-endian `u16` body length, then the body.
+#![no_main]
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use alkdev_pubsub::layers::{CodecLayer, ParseErrorLayer, Up};
+use alkdev_pubsub::websocket::{WebSocketConfig, WebSocketTransport};
+use alkdev_pubsub::{Envelope, ErrorKind};
+use futures::StreamExt;
+use libfuzzer_sys::fuzz_target;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tower::ServiceBuilder;
+
+const LIMIT: usize = 4096;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    })
+}
+
+/// The raw bytes of the frames described by `data`.
+fn frames(mut data: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    let take = |n: usize, data: &mut &[u8]| {
+        let (head, rest) = data.split_at(n.min(data.len()));
+        *data = rest;
+        head.to_vec()
+    };
+    for _ in 0..64 {
+        if data.is_empty() {
+            break;
+        }
+        let header = take(1, &mut data).first().copied().unwrap_or(0x81);
+        let masked = take(1, &mut data).first().copied().unwrap_or(1) & 1 == 1;
+        let kind = take(1, &mut data).first().copied().unwrap_or(0) % 4;
+        let len_bytes = take(2, &mut data);
+        let len = u16::from_le_bytes([
+            len_bytes.first().copied().unwrap_or(0),
+            len_bytes.get(1).copied().unwrap_or(0),
+        ]) as usize;
+        let body = take(len, &mut data);
+        let declared: u64 = match kind {
+            0 => body.len() as u64,
+            1 => (body.len() / 2) as u64,
+            2 => body.len() as u64 + 17,
+            _ => 1 << 40,
+        };
+        wire.push(header);
+        let mask_bit = if masked { 0x80 } else { 0 };
+        if declared < 126 {
+            wire.push(mask_bit | declared as u8);
+        } else if declared <= u16::MAX as u64 {
+            wire.push(mask_bit | 126);
+            wire.extend_from_slice(&(declared as u16).to_be_bytes());
+        } else {
+            wire.push(mask_bit | 127);
+            wire.extend_from_slice(&declared.to_be_bytes());
+        }
+        if masked {
+            // A zero key leaves the body as it is.
+            wire.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        wire.extend_from_slice(&body);
+    }
+    wire
+}
+
+fuzz_target!(|data: &[u8]| {
+    let wire = frames(data);
+    runtime().block_on(async move {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let config = WebSocketConfig::new()
+            .max_message_size(LIMIT)
+            .ping_interval(Duration::from_secs(3600))
+            .idle_timeout(Duration::from_secs(3600));
+        let transport = WebSocketTransport::from_raw_socket(server, Role::Server, config).await;
+        let mut stack = ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::<_, serde_json::Value>::json())
+            .service(transport);
+        let writer = async move {
+            let _ = client.write_all(&wire).await;
+            let _ = client.shutdown().await;
+            // Keep the client end open until the server is done reading, so the server's own
+            // writes (pongs, a close frame) have somewhere to go.
+            client
+        };
+        let reader = async {
+            let mut items = 0usize;
+            while let Some(item) = stack.next().await {
+                items += 1;
+                assert!(items <= 64 * 2 + 2, "more items than frames fed");
+                match item {
+                    Ok(Up::Message { channel, message }) => {
+                        let envelope: Envelope = message;
+                        assert!(channel.is_none(), "WebSocket frames carry no channel");
+                        let encoded = serde_json::to_vec(&envelope).expect("encodes");
+                        assert!(
+                            encoded.len() <= LIMIT + 64,
+                            "a message over the limit came up"
+                        );
+                    }
+                    Ok(Up::Skipped(error)) => assert!(error.is_decode(), "{error}"),
+                    Ok(other) => panic!("unexpected {other:?}"),
+                    Err(error) => {
+                        assert!(
+                            matches!(
+                                error.kind(),
+                                ErrorKind::TooLarge
+                                    | ErrorKind::Protocol
+                                    | ErrorKind::ConnectionLost
+                                    | ErrorKind::Timeout
+                            ),
+                            "unexpected error {error}"
+                        );
+                    }
+                }
+            }
+        };
+        let (client, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(writer, reader)
+        })
+        .await
+        .expect("the transport's stream ends once the input is consumed");
+        drop(client);
+    });
+});
