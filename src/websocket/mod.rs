@@ -148,21 +148,7 @@ impl WebSocketConfig {
         let url = url.as_ref();
         let connecting =
             tokio_tungstenite::connect_async_with_config(url, Some(self.tungstenite()), true);
-        let (stream, _response) = tokio::time::timeout(self.handshake_timeout, connecting)
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Connect,
-                    format!(
-                        "connecting to {url}: no handshake within {:?}",
-                        self.handshake_timeout
-                    ),
-                )
-            })?
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Connect, format!("connecting to {url}: {e}"), e)
-            })?;
-        Ok(WebSocketTransport::from_stream(stream, self))
+        self.handshake(url, connecting).await
     }
 
     /// Connects to a `wss://` `url` with a TLS configuration of the caller's (for example one
@@ -180,6 +166,20 @@ impl WebSocketConfig {
             true,
             Some(tokio_tungstenite::Connector::Rustls(tls)),
         );
+        self.handshake(url, connecting).await
+    }
+
+    /// Waits for a client handshake, within the handshake timeout.
+    async fn handshake<R>(
+        self,
+        url: &str,
+        connecting: impl Future<
+            Output = std::result::Result<
+                (WebSocketStream<MaybeTlsStream<TcpStream>>, R),
+                tungstenite::Error,
+            >,
+        >,
+    ) -> Result<WebSocketTransport> {
         let (stream, _response) = tokio::time::timeout(self.handshake_timeout, connecting)
             .await
             .map_err(|_| {
