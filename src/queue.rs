@@ -94,7 +94,19 @@ impl<P> Queue<P> {
         } else {
             match self.overflow {
                 Overflow::DropOldest => {
-                    state.items.pop_front();
+                    // The oldest event, never a reconnect notice.
+                    match state
+                        .items
+                        .iter()
+                        .position(|slot| matches!(slot, Slot::Event(_)))
+                    {
+                        Some(oldest) => {
+                            state.items.remove(oldest);
+                        }
+                        None => {
+                            state.items.pop_front();
+                        }
+                    }
                     state.items.push_back(Slot::Event(Arc::clone(event)));
                     state.lagged += 1;
                     Pushed::DroppedOldest

@@ -50,7 +50,9 @@ pub enum Overflow {
     DropNewest,
     /// Wait for room: lossless, but a slow subscriber slows delivery. On the in-process target
     /// it slows the publisher of that topic; behind a transport it pauses the driver's inbound
-    /// side, and so every topic of the target.
+    /// side, and so every topic of the target. Note that redis-rs reads Redis pub/sub messages
+    /// into an unbounded buffer of its own: over Redis, a subscriber that blocks for long
+    /// moves the backlog there rather than bounding it; prefer the dropping policies there.
     Block,
 }
 

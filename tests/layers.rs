@@ -354,9 +354,10 @@ async fn ten_thousand_publishes_across_three_outages_arrive_in_order() {
         .await
         .unwrap();
 
-    // Room for what the outage catches in flight (up to the event target's queue of 1,024
-    // plus what the driver fed and had not flushed) and the 1,000 published during it.
-    let reconnect = ReconnectLayer::new(fast_backoff()).buffer(4_096);
+    // Room for what the outage catches in flight (the event target's queue of 1,024, what the
+    // driver fed and had not flushed, what the last reconnect had not sent yet: on a loaded
+    // machine a few thousand) and the 1,000 published during it.
+    let reconnect = ReconnectLayer::new(fast_backoff()).buffer(16_384);
     let state = reconnect.state();
     let publisher = full_stack(&broker, reconnect);
     // Connected before the first outage, so that each outage is a reconnect.
@@ -415,7 +416,7 @@ async fn ten_thousand_publishes_across_three_outages_arrive_in_order() {
         );
     }
     let stats = publisher.stats();
-    assert_eq!(stats.publish_failed, 0);
+    assert_eq!(stats.publish_failed, 0, "{stats:?}");
     assert_eq!(stats.reconnects, 3, "{stats:?}");
     assert_eq!(subscriber.stats().delivered, 10_000);
 }
@@ -791,4 +792,36 @@ async fn an_inbound_envelope_with_a_topic_over_the_limit_is_a_decode_error() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_drops_events_never_the_reconnect_notice() {
+    let broker = MemoryBroker::new();
+    let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let mut slow = events
+        .subscribe_with("slow:1", SubscribeOptions::new().capacity(3))
+        .await
+        .unwrap();
+    broker.kill_connections();
+    // Wait until the notice is queued, then overflow the queue behind it.
+    while events.stats().reconnects == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for n in 0..10 {
+        events
+            .dispatch_confirmed(numbered("slow", "1", n))
+            .await
+            .unwrap();
+    }
+    while events.stats().delivered < 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut items = Vec::new();
+    for _ in 0..4 {
+        items.push(match slow.next().await.unwrap() {
+            Ok(event) => format!("event {}", number_of(&event)),
+            Err(gap) => format!("{gap:?}"),
+        });
+    }
+    assert_eq!(items, ["Lagged(8)", "Reconnected", "event 8", "event 9"]);
 }

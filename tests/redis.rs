@@ -451,3 +451,49 @@ async fn tap_listens_and_publishes() {
         "one compact JSON line per envelope, nothing else"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
+    let server = RedisServer::start();
+    // A user allowed only the channels under alk:events:allowed.
+    assert_eq!(
+        server.cli(&[
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">secret",
+            "~*",
+            "resetchannels",
+            "&alk:events:allowed*",
+            "+@all",
+        ]),
+        "OK"
+    );
+    let url = format!("redis://limited:secret@127.0.0.1:{}/", server.port());
+    let events = stack(&url, "alk:events:", 1024);
+    let mut allowed = events.subscribe("allowed:1").await.unwrap();
+
+    let error = events.subscribe("forbidden:1").await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(
+        error.to_string().contains("forbidden:1"),
+        "names the channel: {error}"
+    );
+
+    // A callback keeps the refused topic in the map; subscribing again asks again (no hang).
+    events.add_event_listener("forbidden:2", |_| {}).unwrap();
+    let error = tokio::time::timeout(WAIT, events.subscribe("forbidden:2"))
+        .await
+        .expect("answered, not hung")
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+
+    // The connection and the allowed subscription are fine.
+    events
+        .dispatch_confirmed(numbered("allowed", "1", 5))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut allowed).await, Ok(5));
+    assert_eq!(events.stats().reconnects, 0);
+}

@@ -268,6 +268,7 @@ where
             }
             Up::Subscribed(topic) => Ok(Up::Subscribed(topic)),
             Up::Unsubscribed(topic) => Ok(Up::Unsubscribed(topic)),
+            Up::SubscribeFailed(topic, error) => Ok(Up::SubscribeFailed(topic, error)),
             Up::Reconnected => Ok(Up::Reconnected),
             Up::Skipped(error) => Ok(Up::Skipped(error)),
         }))

@@ -60,6 +60,9 @@ pub enum Up<M> {
     Subscribed(Topic),
     /// A [`Command::Unsubscribe`] is in effect.
     Unsubscribed(Topic),
+    /// A [`Command::Subscribe`] was refused for good (for example by an ACL): it answers that
+    /// subscribe in place of [`Up::Subscribed`]. The connection goes on.
+    SubscribeFailed(Topic, Error),
     /// The connection was rebuilt after a failure and every subscription replayed. Messages
     /// published during the gap may have been missed.
     Reconnected,
@@ -78,6 +81,7 @@ impl<M> Up<M> {
             },
             Up::Subscribed(topic) => Up::Subscribed(topic),
             Up::Unsubscribed(topic) => Up::Unsubscribed(topic),
+            Up::SubscribeFailed(topic, error) => Up::SubscribeFailed(topic, error),
             Up::Reconnected => Up::Reconnected,
             Up::Skipped(error) => Up::Skipped(error),
         }

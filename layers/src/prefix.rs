@@ -248,6 +248,9 @@ where
             Up::Unsubscribed(channel) => {
                 Up::Unsubscribed(strip_prefix(prefix, &channel).unwrap_or(channel))
             }
+            Up::SubscribeFailed(channel, error) => {
+                Up::SubscribeFailed(strip_prefix(prefix, &channel).unwrap_or(channel), error)
+            }
             other => other,
         })))
     }

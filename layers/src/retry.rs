@@ -3,7 +3,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | a command whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then the error comes back as [`Unavailable`](crate::ErrorKind::Unavailable). Other errors pass unchanged |
+//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then the error comes back as [`Unavailable`](crate::ErrorKind::Unavailable). Other errors pass unchanged |
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
@@ -266,7 +266,8 @@ where
                 }
                 Ok(())
             }
-            Err(error) if error.is_transient() => {
+            // Only publishes are retried: a refused subscribe is its caller's to handle.
+            Err(error) if error.is_transient() && matches!(kept, Command::Publish { .. }) => {
                 this.state.queue.push_back(kept);
                 this.state
                     .schedule(error, *this.attempts, *this.delay, this.retried)

@@ -43,6 +43,11 @@ use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 
 /// Publishes fed beyond this many wait for the batch in flight.
 const MAX_BATCH: usize = 4096;
+/// How often a subscribe refused for now (`TRYAGAIN`, `CLUSTERDOWN`) is tried, 100 ms apart.
+const TRANSIENT_ATTEMPTS: u32 = 50;
+/// How often each channel is tried again after a node dropped (backing off to 1 s): about a
+/// minute, long enough for a restart or a failover.
+const RESUBSCRIBE_ATTEMPTS: u32 = 60;
 
 /// The cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of its `{hash tag}` when it
 /// has a non-empty one, modulo 16,384.
@@ -97,6 +102,8 @@ pub struct RedisClusterTransport {
     reader: Option<Waker>,
     response_timeout: Duration,
     last_channel: Option<Topic>,
+    /// A batch's failure, reported by the next flush.
+    deferred: Option<Error>,
 }
 
 impl fmt::Debug for RedisClusterTransport {
@@ -155,6 +162,7 @@ impl RedisClusterTransport {
             reader: None,
             response_timeout: timeout,
             last_channel: None,
+            deferred: None,
         })
     }
 
@@ -201,11 +209,13 @@ impl RedisClusterTransport {
         loop {
             self.send_batch();
             let Some(in_flight) = self.in_flight.as_mut() else {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(self.deferred.take().map_or(Ok(()), Err));
             };
             let result = std::task::ready!(in_flight.as_mut().poll(cx));
             self.in_flight = None;
-            result?;
+            if let Err(error) = result {
+                self.deferred.get_or_insert(error);
+            }
         }
     }
 
@@ -226,19 +236,30 @@ impl RedisClusterTransport {
                     "SUNSUBSCRIBE"
                 }
             );
-            let request = async {
-                if subscribe {
-                    connection.ssubscribe(channel.as_str()).await
-                } else {
-                    connection.sunsubscribe(channel.as_str()).await
+            // A shard failing over answers TRYAGAIN or CLUSTERDOWN for a while: retry those.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let request = async {
+                    if subscribe {
+                        connection.ssubscribe(channel.as_str()).await
+                    } else {
+                        connection.sunsubscribe(channel.as_str()).await
+                    }
+                };
+                let result = match tokio::time::timeout(timeout, request).await {
+                    Ok(result) => result.map_err(|e| redis_error(&what, e)),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("{what}: no answer within {timeout:?}"),
+                    )),
+                };
+                match result {
+                    Err(error) if error.is_transient() && attempt < TRANSIENT_ATTEMPTS => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => return other,
                 }
-            };
-            match tokio::time::timeout(timeout, request).await {
-                Ok(result) => result.map_err(|e| redis_error(&what, e)),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("{what}: no answer within {timeout:?}"),
-                )),
             }
         })
     }
@@ -250,19 +271,29 @@ impl RedisClusterTransport {
         Box::pin(async move {
             // Until every channel is back on its (possibly new) owner: the node may still be
             // restarting or failing over.
-            let mut delay = Duration::from_millis(50);
             for channel in channels {
-                loop {
+                let mut delay = Duration::from_millis(50);
+                for attempt in 1..=RESUBSCRIBE_ATTEMPTS {
                     let mut connection = connection.clone();
-                    let attempt =
+                    let result =
                         tokio::time::timeout(timeout, connection.ssubscribe(channel.as_str()))
                             .await;
-                    match attempt {
+                    match result {
                         Ok(Ok(())) => break,
                         Ok(Err(error)) => {
-                            tracing::debug!(%error, %channel, "re-subscribing after a node dropped")
+                            let error = redis_error(&format!("SSUBSCRIBE {channel}"), error);
+                            if !(error.is_transient() || error.is_unrecoverable()) {
+                                // Refused for good (an ACL, say): nothing to wait for.
+                                tracing::warn!(%error, "re-subscribing after a node dropped failed");
+                                break;
+                            }
+                            tracing::debug!(%error, attempt, "re-subscribing after a node dropped");
                         }
-                        Err(_) => tracing::debug!(%channel, "re-subscribing timed out"),
+                        Err(_) => tracing::debug!(%channel, attempt, "re-subscribing timed out"),
+                    }
+                    if attempt == RESUBSCRIBE_ATTEMPTS {
+                        tracing::warn!(%channel, "gave up re-subscribing after a node dropped");
+                        break;
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -284,7 +315,25 @@ impl RedisClusterTransport {
                     else {
                         unreachable!("matched above");
                     };
-                    result?;
+                    match result {
+                        Ok(()) => {}
+                        Err(error) if error.is_unrecoverable() => return Err(error),
+                        Err(error) => {
+                            // Refused for this channel alone: the connection goes on.
+                            self.signals.push_back(match command {
+                                Command::Unsubscribe(topic) => {
+                                    tracing::warn!(%error, %topic, "SUNSUBSCRIBE was refused");
+                                    Up::Unsubscribed(topic)
+                                }
+                                other => {
+                                    let topic = other.topic().clone();
+                                    self.active.remove(&topic);
+                                    Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
+                                }
+                            });
+                            continue;
+                        }
+                    }
                     self.signals.push_back(match command {
                         Command::Unsubscribe(topic) => Up::Unsubscribed(topic),
                         other => Up::Subscribed(other.topic().clone()),
@@ -366,13 +415,13 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
         if this.batch.len() < MAX_BATCH {
             return Poll::Ready(Ok(()));
         }
-        match this.in_flight.as_mut().map(|f| f.as_mut().poll(cx)) {
-            Some(Poll::Pending) => return Poll::Pending,
-            Some(Poll::Ready(result)) => {
-                this.in_flight = None;
-                result?;
+        if let Some(in_flight) = this.in_flight.as_mut() {
+            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            this.in_flight = None;
+            if let Err(error) = result {
+                // Not the next command's failure: the next flush reports it.
+                this.deferred.get_or_insert(error);
             }
-            None => {}
         }
         this.send_batch();
         Poll::Ready(Ok(()))

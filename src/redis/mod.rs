@@ -229,6 +229,8 @@ pub struct RedisTransport {
     messages: PubSubStream,
     /// Subscribes and unsubscribes not yet sent, in order.
     pending: VecDeque<Command<()>>,
+    /// How many of the first pending commands go out one by one (after a refused batch).
+    singly: usize,
     control: Control,
     signals: VecDeque<Up<Bytes>>,
     reader: Option<Waker>,
@@ -236,6 +238,8 @@ pub struct RedisTransport {
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
     failed: Option<Error>,
+    /// A pipeline's failure that concerned only its publishes, reported by the next flush.
+    deferred: Option<Error>,
     /// The last channel a message came on: traffic mostly repeats channels, and reusing the
     /// topic saves an allocation per message.
     last_channel: Option<Topic>,
@@ -282,6 +286,7 @@ impl RedisTransport {
             subscriber,
             messages,
             pending: VecDeque::new(),
+            singly: 0,
             control: Control::Idle,
             signals: VecDeque::new(),
             reader: None,
@@ -289,6 +294,7 @@ impl RedisTransport {
             ping_reply: None,
             config,
             failed: None,
+            deferred: None,
             last_channel: None,
         }
     }
@@ -336,16 +342,16 @@ impl RedisTransport {
                     // Held behind a subscribe; the control future wakes this task.
                     return Poll::Pending;
                 }
-                return Poll::Ready(Ok(()));
+                // Everything fed so far is answered: report a failure among it now.
+                return Poll::Ready(self.deferred.take().map_or(Ok(()), Err));
             };
             let result = std::task::ready!(in_flight.as_mut().poll(cx));
             self.in_flight = None;
             if let Err(error) = result {
-                return Poll::Ready(Err(if error.is_unrecoverable() {
-                    self.fail(error)
-                } else {
-                    error
-                }));
+                if error.is_unrecoverable() {
+                    return Poll::Ready(Err(self.fail(error)));
+                }
+                self.deferred.get_or_insert(error);
             }
         }
     }
@@ -364,7 +370,34 @@ impl RedisTransport {
                     else {
                         unreachable!("matched above");
                     };
-                    result.map_err(|error| self.fail(error))?;
+                    let topics = match result {
+                        Ok(()) => topics,
+                        Err(error) if error.is_unrecoverable() => return Err(self.fail(error)),
+                        Err(error) if topics.len() > 1 => {
+                            // Refused, but for which channel? Ask for each alone.
+                            tracing::debug!(%error, "a batched (UN)SUBSCRIBE was refused; retrying one by one");
+                            self.singly += topics.len();
+                            for topic in topics.into_iter().rev() {
+                                self.pending.push_front(if subscribe {
+                                    Command::Subscribe(topic)
+                                } else {
+                                    Command::Unsubscribe(topic)
+                                });
+                            }
+                            continue;
+                        }
+                        Err(error) => {
+                            // Refused for this channel alone: the connection goes on.
+                            let topic = topics.into_iter().next().expect("one topic");
+                            self.signals.push_back(if subscribe {
+                                Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
+                            } else {
+                                tracing::warn!(%error, %topic, "UNSUBSCRIBE was refused");
+                                Up::Unsubscribed(topic)
+                            });
+                            continue;
+                        }
+                    };
                     self.signals.extend(topics.into_iter().map(|topic| {
                         if subscribe {
                             Up::Subscribed(topic)
@@ -384,9 +417,13 @@ impl RedisTransport {
                     };
                     let subscribe = matches!(first, Command::Subscribe(_));
                     let mut topics = vec![first.topic().clone()];
-                    // Consecutive commands of the same kind go out as one.
+                    // Consecutive commands of the same kind go out as one, but for those being
+                    // retried one by one after a batch was refused.
+                    let alone = self.singly > 0;
+                    self.singly = self.singly.saturating_sub(1);
                     while let Some(next) = self.pending.front() {
-                        if matches!(next, Command::Subscribe(_)) != subscribe
+                        if alone
+                            || matches!(next, Command::Subscribe(_)) != subscribe
                             || topics.len() >= 1024
                         {
                             break;
@@ -486,22 +523,23 @@ impl Sink<Command<Bytes>> for RedisTransport {
         if this.pipeline_len < MAX_PIPELINE {
             return Poll::Ready(Ok(()));
         }
-        // Full: wait for the pipeline in flight, then send this one.
-        match this.in_flight.as_mut().map(|f| f.as_mut().poll(cx)) {
-            None => {}
-            Some(Poll::Pending) => return Poll::Pending,
-            Some(Poll::Ready(result)) => {
-                this.in_flight = None;
-                if let Err(error) = result {
-                    return Poll::Ready(Err(if error.is_unrecoverable() {
-                        this.fail(error)
-                    } else {
-                        error
-                    }));
+        // Full: wait for the pipeline in flight, then send this one. A failure of the one in
+        // flight is not the next command's: it is reported by the next flush.
+        if let Some(in_flight) = this.in_flight.as_mut() {
+            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            this.in_flight = None;
+            if let Err(error) = result {
+                if error.is_unrecoverable() {
+                    return Poll::Ready(Err(this.fail(error)));
                 }
+                this.deferred.get_or_insert(error);
             }
         }
         this.send_pipeline();
+        if this.in_flight.is_none() {
+            // Held behind a subscribe: the control future wakes this task when it is answered.
+            return Poll::Pending;
+        }
         Poll::Ready(Ok(()))
     }
 

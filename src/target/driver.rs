@@ -213,8 +213,14 @@ where
                     return false;
                 }
                 Poll::Ready(Err(error)) => {
-                    let queued = self.outbox.pop_front().expect("the outbox is not empty");
-                    self.fail(queued, error);
+                    // An error from `poll_ready` concerns what the transport did before (a
+                    // pipeline it sent), not the command waiting here: report it and go on.
+                    self.shared.counters.publish_failed.fetch_add(1, Relaxed);
+                    tracing::warn!(%error, "the transport reported a failure");
+                    budget = budget.saturating_sub(1);
+                    if budget == 0 {
+                        return true;
+                    }
                     continue;
                 }
                 Poll::Ready(Ok(())) => {}
@@ -424,6 +430,19 @@ where
                 }
                 if let Some(generation) = generation {
                     self.shared.confirm(&topic, generation);
+                }
+            }
+            Up::SubscribeFailed(topic, error) => {
+                tracing::warn!(%topic, %error, "the transport refused a subscription");
+                let Some(pending) = self.confirms.get_mut(&topic) else {
+                    return;
+                };
+                let generation = pending.pop_front();
+                if pending.is_empty() {
+                    self.confirms.remove(&topic);
+                }
+                if let Some(generation) = generation {
+                    self.shared.fail_subscribe(&topic, generation, &error);
                 }
             }
             Up::Unsubscribed(topic) => {

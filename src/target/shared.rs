@@ -78,6 +78,8 @@ pub(crate) struct Entry<P> {
     /// the new one.
     generation: u64,
     confirmed: bool,
+    /// The transport refused the subscribe: the next listener to join asks again.
+    failed: bool,
     waiters: Vec<oneshot::Sender<Result<()>>>,
 }
 
@@ -170,6 +172,16 @@ impl<P> Shared<P> {
             listeners.extend(entry.listeners.iter().cloned());
             listeners.push(listener);
             entry.listeners = listeners.into();
+            if entry.failed {
+                if let Some(control) = &self.control {
+                    entry.failed = false;
+                    entry.generation = self.next_id.fetch_add(1, Relaxed);
+                    let _ = control.send(Control::Subscribe {
+                        topic: topic.clone(),
+                        generation: entry.generation,
+                    });
+                }
+            }
             if entry.confirmed || !wait {
                 return Ok(Added::Ready);
             }
@@ -182,6 +194,7 @@ impl<P> Shared<P> {
             listeners: Arc::from([listener]),
             generation,
             confirmed: self.control.is_none(),
+            failed: false,
             waiters: Vec::new(),
         };
         let added = if entry.confirmed || !wait {
@@ -260,6 +273,8 @@ impl<P> Shared<P> {
         let mut map = self.write();
         if let Some(entry) = map.get_mut(topic) {
             if entry.generation == generation {
+                entry.failed = true;
+                entry.confirmed = false;
                 for waiter in entry.waiters.drain(..) {
                     let _ = waiter.send(Err(error.clone()));
                 }

@@ -107,6 +107,7 @@ impl Backoff {
         } else {
             1.0
         };
-        Duration::from_secs_f64((capped * spread).min(self.max.as_secs_f64()).max(0.0))
+        Duration::try_from_secs_f64((capped * spread).min(self.max.as_secs_f64()).max(0.0))
+            .unwrap_or(self.max)
     }
 }

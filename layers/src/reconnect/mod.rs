@@ -444,9 +444,9 @@ where
             let Conn::Up(transport) = &mut self.conn else {
                 continue;
             };
-            let Some(command) = self.backlog.front() else {
+            if self.backlog.is_empty() {
                 return Poll::Ready(Ok(()));
-            };
+            }
             match ready!(transport.as_mut().poll_ready(cx)) {
                 Ok(()) => {}
                 Err(error) if error.is_unrecoverable() => {
@@ -454,11 +454,9 @@ where
                     continue;
                 }
                 Err(error) => {
-                    // Nothing the next connection would do better: report it for this command.
-                    tracing::warn!(%error, topic = %command.topic(), "the transport refused a buffered command");
-                    if let Some(Command::Publish { .. }) = self.backlog.pop_front() {
-                        self.buffered -= 1;
-                    }
+                    // A failure the transport reports late (an earlier command's): not this
+                    // command's. Try again.
+                    tracing::warn!(%error, "the transport reported an error while the backlog was sent");
                     continue;
                 }
             }
@@ -475,6 +473,26 @@ where
                     tracing::warn!(%error, "the transport refused a buffered command");
                 }
             }
+        }
+    }
+
+    /// The peer refused a subscribe for good: answer whoever waits for it, and stop replaying
+    /// the topic.
+    fn answer_failed(&mut self, topic: Topic, error: Error) {
+        tracing::warn!(%topic, %error, "a subscription was refused");
+        self.active.remove(&topic);
+        if let Some(covered) = self.replaying.remove(&topic) {
+            self.signals
+                .extend((0..covered).map(|_| Up::SubscribeFailed(topic.clone(), error.clone())));
+            self.maybe_announce();
+            return;
+        }
+        if let Some(count) = self.pending_up.get_mut(&topic) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending_up.remove(&topic);
+            }
+            self.signals.push_back(Up::SubscribeFailed(topic, error));
         }
     }
 
@@ -696,6 +714,7 @@ where
             }
             match ready!(transport.as_mut().poll_next(cx)) {
                 Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
+                Some(Ok(Up::SubscribeFailed(topic, error))) => this.answer_failed(topic, error),
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
                 Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
