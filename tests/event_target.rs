@@ -554,3 +554,27 @@ async fn topics_over_the_limit_are_refused_with_a_clear_error() {
         assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
     }
 }
+
+#[tokio::test]
+async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
+    let (sink, _rx) = futures::channel::mpsc::channel::<alkdev_pubsub::Command<Envelope>>(0);
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(100))
+        .build(Stalled { sink });
+    let mut subscription = Box::pin(events.subscribe_with("stuck:1", SubscribeOptions::new()));
+    // The subscribe can never be confirmed by this transport: close must still finish.
+    assert!(futures::FutureExt::now_or_never(&mut subscription).is_none());
+    for n in 0..5 {
+        events
+            .try_dispatch_event(numbered("stuck", "1", n))
+            .unwrap();
+    }
+    tokio::time::timeout(WAIT, events.close())
+        .await
+        .expect("close finishes after its timeout");
+    let error = tokio::time::timeout(WAIT, subscription)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(error.is_closed(), "{error}");
+}

@@ -300,6 +300,9 @@ fn fast_backoff() -> Backoff {
 async fn subscriptions_are_replayed_after_each_of_five_reconnects() {
     let broker = MemoryBroker::new();
     let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&gaps);
+    events.add_gap_listener(move |gap| seen.lock().unwrap().push(gap));
     let mut subscriptions = Vec::new();
     for t in 0..10 {
         subscriptions.push(
@@ -335,6 +338,11 @@ async fn subscriptions_are_replayed_after_each_of_five_reconnects() {
     }
     assert_eq!(events.stats().reconnects, 5);
     assert_eq!(broker.connects(), 6);
+    assert_eq!(
+        *gaps.lock().unwrap(),
+        vec![Gap::Reconnected; 5],
+        "callbacks learn of it too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

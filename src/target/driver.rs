@@ -463,7 +463,24 @@ where
             .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
         loop {
             match &self.phase {
-                Phase::Running | Phase::DrainingPublishes => return Poll::Pending,
+                Phase::Running => return Poll::Pending,
+                Phase::DrainingPublishes if !timed_out => return Poll::Pending,
+                Phase::DrainingPublishes => {
+                    tracing::warn!(
+                        timeout = ?self.close_timeout,
+                        "closing: the transport did not take every queued publish in time"
+                    );
+                    let error =
+                        Error::closed("the event target closed before this publish was sent");
+                    for queued in self.outbox.drain(..) {
+                        if let Queued::Publish(Outgoing { ack: Some(ack), .. }) = queued {
+                            let _ = ack.send(Err(error.clone()));
+                        }
+                    }
+                    self.shared.end_all(None);
+                    self.stalled = None;
+                    self.phase = Phase::Closing;
+                }
                 Phase::Unsubscribing(awaiting) => {
                     let sent = self.outbox.is_empty() && !self.unflushed;
                     if !(timed_out || sent && awaiting.is_empty()) {

@@ -179,6 +179,22 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         Ok(id)
     }
 
+    /// Calls `callback` with every gap notice that concerns the whole target: today
+    /// [`Gap::Reconnected`](crate::Gap::Reconnected), when the transport rebuilt its
+    /// connection (events published meanwhile may be missing). Subscriptions get it in their
+    /// stream; callback listeners learn of it here. Runs on the driver task; must not block.
+    pub fn add_gap_listener<F>(&self, callback: F) -> ListenerId
+    where
+        F: Fn(crate::Gap) + Send + Sync + 'static,
+    {
+        self.shared().add_gap_listener(Arc::new(callback))
+    }
+
+    /// Removes a listener added by [`add_gap_listener`](Self::add_gap_listener).
+    pub fn remove_gap_listener(&self, id: ListenerId) -> bool {
+        self.shared().remove_gap_listener(id)
+    }
+
     /// Removes a listener added by [`add_event_listener`](Self::add_event_listener). The last
     /// listener of a topic to leave unsubscribes on the transport. Returns whether it was there.
     pub fn remove_event_listener(&self, topic: &str, id: ListenerId) -> bool {

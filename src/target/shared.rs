@@ -11,10 +11,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::layers::{Envelope, Error, Result, Topic};
 use crate::queue::{Pushed, Queue};
 use crate::stats::Counters;
+use crate::subscription::Gap;
 use crate::ListenerId;
 
 /// A callback listener.
 pub(crate) type Callback<P> = dyn Fn(&Arc<Envelope<P>>) + Send + Sync;
+
+/// A listener of gap notices.
+pub(crate) type GapCallback = dyn Fn(Gap) + Send + Sync;
 
 pub(crate) enum Listener<P> {
     Callback {
@@ -89,6 +93,7 @@ pub(crate) struct Shared<P> {
     closed: AtomicBool,
     close_reason: Mutex<Option<Error>>,
     next_id: AtomicU64,
+    gap_listeners: RwLock<Vec<(ListenerId, Arc<GapCallback>)>>,
     /// `None` for the in-process target, which has no driver and no transport.
     control: Option<mpsc::UnboundedSender<Control>>,
 }
@@ -109,6 +114,7 @@ impl<P> Shared<P> {
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            gap_listeners: RwLock::new(Vec::new()),
             control,
         }
     }
@@ -292,9 +298,41 @@ impl<P> Shared<P> {
         self.read().keys().cloned().collect()
     }
 
-    /// Tells every subscription that the transport reconnected.
+    pub(crate) fn add_gap_listener(&self, callback: Arc<GapCallback>) -> ListenerId {
+        let id = self.next_id();
+        self.gap_listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, callback));
+        id
+    }
+
+    pub(crate) fn remove_gap_listener(&self, id: ListenerId) -> bool {
+        let mut listeners = self
+            .gap_listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let before = listeners.len();
+        listeners.retain(|(listener, _)| *listener != id);
+        listeners.len() != before
+    }
+
+    /// Tells every subscription and gap listener that the transport reconnected.
     pub(crate) fn reconnected(&self) {
         self.counters.reconnects.fetch_add(1, Relaxed);
+        let callbacks: Vec<Arc<GapCallback>> = self
+            .gap_listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, callback)| Arc::clone(callback))
+            .collect();
+        for callback in callbacks {
+            if catch_unwind(AssertUnwindSafe(|| callback(Gap::Reconnected))).is_err() {
+                self.counters.callback_panics.fetch_add(1, Relaxed);
+                tracing::error!("a gap listener panicked");
+            }
+        }
         for entry in self.read().values() {
             for listener in entry.listeners.iter() {
                 if let Listener::Queue { queue, .. } = listener {
