@@ -10,7 +10,9 @@ use crate::{Command, Error, Up};
 /// # Contract
 ///
 /// - every [`Command::Subscribe`] is answered, in order, with [`Up::Subscribed`] once the
-///   subscription is in effect (a transport with no server answers at once);
+///   subscription is in effect (a transport with no server answers at once), or with
+///   [`Up::SubscribeFailed`] if the peer refused it for good; every [`Command::Unsubscribe`]
+///   with [`Up::Unsubscribed`];
 /// - a successful `poll_flush` means every command fed before it was handed to the peer (a
 ///   transport with acknowledgements, such as Redis, waits for them);
 /// - an error for which [`Error::is_unrecoverable`] holds, or the end of the stream, means the
