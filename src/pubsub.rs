@@ -84,7 +84,7 @@ impl<P: Send + Sync + 'static> PubSub<P> {
 
 /// The payloads of one topic, from [`PubSub::subscribe`].
 ///
-/// Gap notices ([`Gap`]) are not items here: they are counted ([`gaps`](Self::gaps)); use
+/// Gap notices ([`Gap`](crate::Gap)) are not items here: they are counted ([`gaps`](Self::gaps)); use
 /// [`EventTarget::subscribe`] to see them in place. A payload is moved out of its envelope
 /// when this is the topic's only listener, and cloned otherwise.
 pub struct TypedSubscription<P> {
