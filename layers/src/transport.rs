@@ -76,7 +76,6 @@ use crate::{Command, Error, Up};
 /// fn assert_transport<T: Transport<Envelope>>(_: &T) {}
 /// assert_transport(&Echo::default());
 /// ```
-/// ```
 pub trait Transport<M>:
     Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>, Error>>
 {
