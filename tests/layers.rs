@@ -833,3 +833,30 @@ async fn a_full_queue_drops_events_never_the_reconnect_notice() {
     }
     assert_eq!(items, ["Lagged(8)", "Reconnected", "event 8", "event 9"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_after_the_connection_died_does_not_wait_for_its_timeout() {
+    let broker = MemoryBroker::new();
+    let connect = broker.clone();
+    let transport = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .layer(PrefixLayer::new("alk:events:"))
+        .layer(ReconnectLayer::new(fast_backoff()))
+        .service(move || {
+            let broker = connect.clone();
+            async move { broker.connect() }
+        });
+    // A close timeout far longer than the test's wait: only the unsubscribes being answered
+    // lets close finish in time.
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_secs(600))
+        .build(transport);
+    let _a = events.subscribe("gone:1").await.unwrap();
+    let _b = events.subscribe("gone:2").await.unwrap();
+    broker.set_accepting(false);
+    broker.kill_connections();
+    tokio::time::timeout(WAIT, events.close())
+        .await
+        .expect("the lost connection answers the unsubscribes");
+}

@@ -192,6 +192,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             active: HashSet::new(),
             pending_up: HashMap::new(),
             replaying: HashMap::new(),
+            unsubscribing: HashMap::new(),
             backlog: VecDeque::new(),
             buffered: 0,
             buffer: self.buffer,
@@ -231,6 +232,9 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     /// Replayed subscriptions not yet confirmed, with how many subscribes from above each
     /// one answers.
     replaying: HashMap<Topic, u32>,
+    /// Unsubscribes sent on the current connection and not yet confirmed: a lost connection
+    /// answers them (the subscription is gone with it).
+    unsubscribing: HashMap<Topic, u32>,
     /// Commands for the current (or next) connection, in order.
     backlog: VecDeque<Command<M>>,
     /// Publishes in `backlog`.
@@ -327,6 +331,11 @@ where
         }
         self.backlog = backlog;
         self.buffered = buffered;
+        // Unsubscribes the dead connection never confirmed: done, with the connection.
+        for (topic, count) in self.unsubscribing.drain() {
+            self.signals
+                .extend((0..count).map(|_| Up::Unsubscribed(topic.clone())));
+        }
         // Unconfirmed replays go back to waiting on the next one.
         for (topic, covered) in self.replaying.drain() {
             if covered > 0 {
@@ -466,11 +475,27 @@ where
                 self.buffered -= 1;
                 self.unacked.push((topic.clone(), message.clone()));
             }
-            if let Err(error) = transport.as_mut().start_send(command) {
-                if error.is_unrecoverable() {
+            let unsubscribed = match &command {
+                Command::Unsubscribe(topic) => Some(topic.clone()),
+                _ => None,
+            };
+            match transport.as_mut().start_send(command) {
+                Ok(()) => {
+                    if let Some(topic) = unsubscribed {
+                        *self.unsubscribing.entry(topic).or_default() += 1;
+                    }
+                }
+                Err(error) if error.is_unrecoverable() => {
                     self.lost(error);
-                } else {
+                    if let Some(topic) = unsubscribed {
+                        self.signals.push_back(Up::Unsubscribed(topic));
+                    }
+                }
+                Err(error) => {
                     tracing::warn!(%error, "the transport refused a buffered command");
+                    if let Some(topic) = unsubscribed {
+                        self.signals.push_back(Up::Unsubscribed(topic));
+                    }
                 }
             }
         }
@@ -604,13 +629,25 @@ where
             _ => None,
         };
         let published = kept.is_some();
+        let unsubscribed = match &command {
+            Command::Unsubscribe(topic) => Some(topic.clone()),
+            _ => None,
+        };
         this.unacked.extend(kept);
         match transport.as_mut().start_send(command) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(topic) = unsubscribed {
+                    *this.unsubscribing.entry(topic).or_default() += 1;
+                }
+                Ok(())
+            }
             Err(error) if error.is_unrecoverable() => {
                 // Kept in `unacked` (a publish) or in `active` (a subscribe): the next
-                // connection sends it.
+                // connection sends it. An unsubscribe is done with the connection.
                 this.lost(error);
+                if let Some(topic) = unsubscribed {
+                    this.signals.push_back(Up::Unsubscribed(topic));
+                }
                 Ok(())
             }
             Err(error) => {
@@ -715,6 +752,15 @@ where
             match ready!(transport.as_mut().poll_next(cx)) {
                 Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
                 Some(Ok(Up::SubscribeFailed(topic, error))) => this.answer_failed(topic, error),
+                Some(Ok(Up::Unsubscribed(topic))) => {
+                    if let Some(count) = this.unsubscribing.get_mut(&topic) {
+                        *count -= 1;
+                        if *count == 0 {
+                            this.unsubscribing.remove(&topic);
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Up::Unsubscribed(topic))));
+                }
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
                 Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
