@@ -1,10 +1,12 @@
 //! The bounded per-subscription queue, with its overflow policies.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::layers::Envelope;
+use crate::stats::Counters;
 use crate::subscription::{Gap, Overflow};
 
 /// One entry of a queue: an event, or the notice that the transport reconnected.
@@ -79,10 +81,14 @@ impl<P> Queue<P> {
 
     /// Pushes without waiting. A `Block` queue that is full returns `Poll::Pending` and
     /// registers `cx` to be woken when there is room; without `cx` it drops the newest.
+    ///
+    /// The target's counters are updated under the queue's lock, before the consumer can see
+    /// the event: whoever has read an event also sees it counted.
     pub(crate) fn poll_push(
         &self,
         cx: Option<&mut Context<'_>>,
         event: &Arc<Envelope<P>>,
+        counters: &Counters,
     ) -> Poll<Pushed> {
         let mut state = self.lock();
         if state.closed {
@@ -129,6 +135,19 @@ impl<P> Queue<P> {
                 },
             }
         };
+        match outcome {
+            Pushed::Queued => {
+                counters.delivered.fetch_add(1, Relaxed);
+            }
+            Pushed::DroppedOldest => {
+                counters.delivered.fetch_add(1, Relaxed);
+                counters.lagged.fetch_add(1, Relaxed);
+            }
+            Pushed::DroppedNewest => {
+                counters.lagged.fetch_add(1, Relaxed);
+            }
+            Pushed::Closed => {}
+        }
         let consumer = state.consumer.take();
         drop(state);
         if let Some(waker) = consumer {

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::layers::{Envelope, Error, Result, Topic};
-use crate::queue::{Pushed, Queue};
+use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::subscription::Gap;
 use crate::ListenerId;
@@ -383,7 +383,6 @@ impl<P> Shared<P> {
         mut cx: Option<&mut Context<'_>>,
     ) -> Result<(), usize> {
         let mut delivered = 0;
-        let mut lagged = 0;
         let mut result = Ok(());
         for (index, listener) in listeners.iter().enumerate().skip(from) {
             match listener {
@@ -398,26 +397,20 @@ impl<P> Shared<P> {
                         );
                     }
                 }
-                Listener::Queue { queue, .. } => match queue.poll_push(cx.as_deref_mut(), event) {
-                    Poll::Ready(Pushed::Queued) => delivered += 1,
-                    Poll::Ready(Pushed::DroppedOldest) => {
-                        delivered += 1;
-                        lagged += 1;
+                // Counted by the queue, under its lock.
+                Listener::Queue { queue, .. } => {
+                    match queue.poll_push(cx.as_deref_mut(), event, &self.counters) {
+                        Poll::Ready(_) => {}
+                        Poll::Pending => {
+                            result = Err(index);
+                            break;
+                        }
                     }
-                    Poll::Ready(Pushed::DroppedNewest) => lagged += 1,
-                    Poll::Ready(Pushed::Closed) => {}
-                    Poll::Pending => {
-                        result = Err(index);
-                        break;
-                    }
-                },
+                }
             }
         }
         if delivered > 0 {
             self.counters.delivered.fetch_add(delivered, Relaxed);
-        }
-        if lagged > 0 {
-            self.counters.lagged.fetch_add(lagged, Relaxed);
         }
         result
     }
