@@ -3,6 +3,8 @@
 #
 #   FUZZ_SECONDS   seconds per target (default 25)
 #   FUZZ_TARGETS   space-separated targets (default: all of `cargo fuzz list`)
+#   FUZZ_SEED      libFuzzer's random seed (default 1, so that a CI run is reproducible;
+#                  set it to 0 for a fresh random seed each run)
 #
 # A crash, a panic, a leak or a hang (an input running over 10 s) fails the run with a non-zero
 # exit; the reproducer is left in fuzz/artifacts/<target>/ and its path printed, with the
@@ -35,7 +37,7 @@ for target in $targets; do
   [[ -d "$seeds" ]] && corpora+=("$seeds")
   echo "=== fuzzing $target for ${seconds}s (log: $log)"
   if cargo fuzz run --sanitizer none "$target" "${corpora[@]}" -- \
-    -max_total_time="$seconds" -timeout=10 -dict=fuzz/json.dict -print_final_stats=1 \
+    -max_total_time="$seconds" -seed="${FUZZ_SEED:-1}" -timeout=10 -dict=fuzz/json.dict -print_final_stats=1 \
     2>&1 | tee "$log" | { grep -E '^(#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs|stat::number_of_executed_units)' || true; }; then
     echo "=== $target: no crash"
   else
