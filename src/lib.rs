@@ -50,6 +50,7 @@ mod queue;
 mod stats;
 mod subscription;
 mod target;
+mod waker;
 pub mod worker;
 
 #[cfg(feature = "redis")]

@@ -200,10 +200,7 @@ impl<P> Queue<P> {
             }
             None if state.closed => Poll::Ready(None),
             None => {
-                match &state.consumer {
-                    Some(waker) if waker.will_wake(cx.waker()) => {}
-                    _ => state.consumer = Some(cx.waker().clone()),
-                }
+                crate::waker::remember(&mut state.consumer, cx);
                 Poll::Pending
             }
         }

@@ -468,13 +468,7 @@ impl Stream for RedisClusterTransport {
             if let Some(signal) = this.signals.pop_front() {
                 return Poll::Ready(Some(Ok(signal)));
             }
-            if !this
-                .reader
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                this.reader = Some(cx.waker().clone());
-            }
+            crate::waker::remember(&mut this.reader, cx);
             if let Err(error) = this.poll_control(cx) {
                 return Poll::Ready(Some(Err(error)));
             }

@@ -595,13 +595,7 @@ impl Stream for RedisTransport {
             // Reported once; then the stream ends.
             return Poll::Ready(None);
         }
-        if !this
-            .reader
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            this.reader = Some(cx.waker().clone());
-        }
+        crate::waker::remember(&mut this.reader, cx);
         if let Err(error) = this.poll_control(cx) {
             return Poll::Ready(Some(Err(error)));
         }

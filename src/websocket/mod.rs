@@ -457,13 +457,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
             this.reported = true;
             return Poll::Ready(Some(Err(error.clone())));
         }
-        if !this
-            .reader
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            this.reader = Some(cx.waker().clone());
-        }
+        crate::waker::remember(&mut this.reader, cx);
         loop {
             match Pin::new(&mut this.stream).poll_next(cx) {
                 Poll::Ready(Some(Ok(message))) => {
