@@ -100,6 +100,19 @@ impl Run {
     }
 }
 
+/// CPU time used so far by every thread of this process (user + system), from
+/// `/proc/self/stat` (Linux; `None` elsewhere). Clock-tick resolution (10 ms), so only
+/// meaningful over runs of a second or so.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -109,7 +122,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
@@ -161,9 +174,38 @@ async fn compare(
     let mut ratios = Vec::new();
     let mut raw_latency = Vec::new();
     let mut our_latency = Vec::new();
+    let mut raw_cpu = Vec::new();
+    let mut our_cpu = Vec::new();
+    // CPU microseconds per message, for the whole process, while `run` ran.
+    let cpu_per_message = |before: Option<Duration>, after: Option<Duration>| match (before, after)
+    {
+        (Some(before), Some(after)) => (after - before).as_secs_f64() * 1e6 / messages as f64,
+        _ => f64::NAN,
+    };
+    // For profiling one side alone: `COMPARE_ONLY=raw` or `COMPARE_ONLY=ours` (the other side
+    // then reports nothing and the ratio is NaN).
+    let only = std::env::var("COMPARE_ONLY").ok();
+    let skip = |side: &str| only.as_deref().is_some_and(|only| only != side);
+    let skipped = || Run {
+        messages,
+        elapsed: Duration::from_secs(1) * u32::MAX,
+        latencies: Vec::new(),
+    };
     for _ in 0..config.rounds {
-        let r = raw(messages).await;
-        let o = ours(messages).await;
+        let before = process_cpu();
+        let r = if skip("raw") {
+            skipped()
+        } else {
+            raw(messages).await
+        };
+        raw_cpu.push(cpu_per_message(before, process_cpu()));
+        let before = process_cpu();
+        let o = if skip("ours") {
+            skipped()
+        } else {
+            ours(messages).await
+        };
+        our_cpu.push(cpu_per_message(before, process_cpu()));
         assert_eq!(
             (r.messages, o.messages),
             (messages, messages),
@@ -189,29 +231,32 @@ async fn compare(
         }
     };
     println!(
-        "| {name:<34} | {:>12.0} | {:>12.0} | {:>6.3} (±{:>4.1}%) | {:>15} | {:>15} |",
+        "| {name:<34} | {:>12.0} | {:>12.0} | {:>6.3} (±{:>4.1}%) | {:>15} | {:>15} | {:>5.2}/{:<5.2} |",
         median(raw_rates.clone()),
         median(our_rates.clone()),
         median(ratios.clone()),
         spread(&ratios),
         latency(&raw_latency),
         latency(&our_latency),
+        median(raw_cpu),
+        median(our_cpu),
     );
 }
 
 fn header() {
     println!(
-        "| {:<34} | {:>12} | {:>12} | {:>17} | {:>15} | {:>15} |",
+        "| {:<34} | {:>12} | {:>12} | {:>17} | {:>15} | {:>15} | {:>11} |",
         "scenario",
         "raw msg/s",
         "ours msg/s",
         "ours/raw (spread)",
         "raw p50/p99 us",
-        "ours p50/p99 us"
+        "ours p50/p99 us",
+        "cpu us/msg"
     );
     println!(
-        "|{:-<36}|{:->14}|{:->14}|{:->19}|{:->17}|{:->17}|",
-        "", "", "", "", "", ""
+        "|{:-<36}|{:->14}|{:->14}|{:->19}|{:->17}|{:->17}|{:->13}|",
+        "", "", "", "", "", "", ""
     );
 }
 
@@ -740,6 +785,68 @@ mod ws_bench {
         )
     }
 
+    /// Diagnostic: the client's layer stack fed directly by the publishing task (no event
+    /// target, so no driver task), flushed every `FLUSH_EVERY`; the server is ours.
+    pub async fn stack_only(messages: u64) -> Run {
+        let listener = WebSocketListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/", listener.local_addr().expect("addr"));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (server, _): (EventTarget<Payload>, _) =
+                listener.accept_event_target().await.expect("accept");
+            let options = SubscribeOptions::new()
+                .capacity(1 << 16)
+                .overflow(Overflow::Block);
+            let mut subscription = server
+                .subscribe_with("bench.event:x", options)
+                .await
+                .expect("subscribe");
+            let _ = ready_tx.send(());
+            let mut sequence = Sequence::new();
+            while sequence.next < messages {
+                let event = subscription.next().await.expect("open").expect("no gap");
+                sequence.check(event.payload.n, "websocket stack");
+            }
+        });
+        let mut client = Box::pin(
+            ServiceBuilder::new()
+                .layer(ParseErrorLayer::skip())
+                .layer(CodecLayer::json())
+                .layer(ReconnectLayer::new(Backoff::default()))
+                .service(move || WebSocketTransport::connect(url.clone())),
+        );
+        // The stack connects when first used: a warm-up publish lets the server accept.
+        client
+            .send(alkdev_pubsub::layers::Command::Publish {
+                topic: Topic::from("bench.warmup:x"),
+                message: warmup(),
+            })
+            .await
+            .expect("connect");
+        ready_rx.await.expect("server ready");
+        let topic = Topic::from("bench.event:x");
+        let started = Instant::now();
+        for n in 0..messages {
+            client
+                .feed(alkdev_pubsub::layers::Command::Publish {
+                    topic: topic.clone(),
+                    message: envelope(n),
+                })
+                .await
+                .expect("feed");
+            if n % FLUSH_EVERY == FLUSH_EVERY - 1 {
+                client.flush().await.expect("flush");
+            }
+        }
+        client.flush().await.expect("flush");
+        server.await.expect("server");
+        Run {
+            messages,
+            elapsed: started.elapsed(),
+            latencies: Vec::new(),
+        }
+    }
+
     /// The server listens with a callback (`callback`) or a `Subscription` stream.
     pub async fn ours(messages: u64, callback: bool) -> Run {
         let listener = WebSocketListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1081,6 +1188,14 @@ fn main() {
             n,
             Box::new(|m| Box::pin(ws_bench::raw(m))),
             Box::new(|m| Box::pin(ws_bench::ours(m, true))),
+        )
+        .await;
+        compare(
+            &config,
+            "websocket layer stack, no target",
+            n,
+            Box::new(|m| Box::pin(ws_bench::raw(m))),
+            Box::new(|m| Box::pin(ws_bench::stack_only(m))),
         )
         .await;
         let l = config.count(10_000);
