@@ -59,6 +59,16 @@ pub trait Codec<P> {
     /// The frame for `envelope`.
     fn encode(&self, envelope: &Envelope<P>) -> Result<Bytes, Self::Error>;
 
+    /// Appends the frame for `envelope` to `buf`; [`WithCodec`] calls this, into a buffer it
+    /// reuses, so that frames share a few large allocations instead of one or two each.
+    ///
+    /// The default calls [`encode`](Codec::encode) and copies; override it when the format
+    /// can write straight into a buffer. On an error, what was appended is discarded.
+    fn encode_into(&self, envelope: &Envelope<P>, buf: &mut BytesMut) -> Result<(), Self::Error> {
+        buf.extend_from_slice(&self.encode(envelope)?);
+        Ok(())
+    }
+
     /// The envelope in `frame`, which came on `channel` where the wire has one.
     fn decode(&self, channel: Option<&Topic>, frame: &Bytes) -> Result<Envelope<P>, Self::Error>;
 }
@@ -72,9 +82,17 @@ impl<P: Serialize + DeserializeOwned> Codec<P> for Json {
     type Error = serde_json::Error;
 
     fn encode(&self, envelope: &Envelope<P>) -> Result<Bytes, serde_json::Error> {
-        let mut writer = BytesMut::with_capacity(128).writer();
-        serde_json::to_writer(&mut writer, envelope)?;
-        Ok(writer.into_inner().freeze())
+        let mut buf = BytesMut::with_capacity(128);
+        self.encode_into(envelope, &mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    fn encode_into(
+        &self,
+        envelope: &Envelope<P>,
+        buf: &mut BytesMut,
+    ) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(buf.writer(), envelope)
     }
 
     fn decode(
@@ -140,9 +158,15 @@ pin_project! {
         #[pin]
         inner: T,
         codec: C,
+        // Frames are encoded here and split off: they share its allocation.
+        scratch: BytesMut,
         _payload: PhantomData<fn() -> P>,
     }
 }
+
+/// The size of each allocation `WithCodec` encodes frames into. A frame holds on to its chunk
+/// until dropped, so this also bounds what a long-lived small frame keeps alive.
+const SCRATCH_CHUNK: usize = 8 * 1024;
 
 impl<T, C, P> WithCodec<T, C, P> {
     /// Wraps `inner` with `codec`.
@@ -150,6 +174,7 @@ impl<T, C, P> WithCodec<T, C, P> {
         WithCodec {
             inner,
             codec,
+            scratch: BytesMut::new(),
             _payload: PhantomData,
         }
     }
@@ -203,18 +228,27 @@ where
     fn start_send(self: Pin<&mut Self>, command: Command<Envelope<P>>) -> Result<()> {
         let this = self.project();
         let command = match command {
-            Command::Publish { topic, message } => match this.codec.encode(&message) {
-                Ok(frame) => Command::Publish {
-                    topic,
-                    message: frame,
-                },
-                Err(cause) => {
-                    return Err(Error::new(
-                        ErrorKind::Encode,
-                        format!("encoding an envelope for {topic}: {cause}"),
-                    ))
+            Command::Publish { topic, message } => {
+                let scratch = this.scratch;
+                // Room left over from the last chunk, or a new chunk (what was split off keeps
+                // the old one alive; nothing is copied).
+                if scratch.capacity() < SCRATCH_CHUNK / 8 {
+                    scratch.reserve(SCRATCH_CHUNK);
                 }
-            },
+                match this.codec.encode_into(&message, scratch) {
+                    Ok(()) => Command::Publish {
+                        topic,
+                        message: scratch.split().freeze(),
+                    },
+                    Err(cause) => {
+                        scratch.clear();
+                        return Err(Error::new(
+                            ErrorKind::Encode,
+                            format!("encoding an envelope for {topic}: {cause}"),
+                        ));
+                    }
+                }
+            }
             Command::Subscribe(topic) => Command::Subscribe(topic),
             Command::Unsubscribe(topic) => Command::Unsubscribe(topic),
         };

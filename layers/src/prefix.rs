@@ -84,6 +84,7 @@ impl<T> tower::Layer<T> for PrefixLayer {
             prefix: Arc::clone(&self.prefix),
             foreign: self.foreign.clone(),
             last: None,
+            last_sent: None,
         }
     }
 }
@@ -98,6 +99,8 @@ pin_project! {
         // The last channel stripped and its topic: traffic mostly repeats channels, and this
         // saves an allocation per message.
         last: Option<(Topic, Topic)>,
+        // The same, the other way: the last topic prefixed and its channel.
+        last_sent: Option<(Topic, Topic)>,
     }
 }
 
@@ -109,6 +112,7 @@ impl<T> Prefix<T> {
             prefix: prefix.into(),
             foreign: Counter::default(),
             last: None,
+            last_sent: None,
         }
     }
 
@@ -183,10 +187,20 @@ where
             format!("prefixing {} with {prefix:?}", command.topic())
         })?;
         let command = match command {
-            Command::Publish { topic, message } => Command::Publish {
-                topic: add_prefix(prefix, &topic),
-                message,
-            },
+            Command::Publish { topic, message } => {
+                let channel = match this.last_sent {
+                    Some((last, channel)) if *last == topic => channel.clone(),
+                    last => {
+                        let channel = add_prefix(prefix, &topic);
+                        *last = Some((topic, channel.clone()));
+                        channel
+                    }
+                };
+                Command::Publish {
+                    topic: channel,
+                    message,
+                }
+            }
             Command::Subscribe(topic) => Command::Subscribe(add_prefix(prefix, &topic)),
             Command::Unsubscribe(topic) => Command::Unsubscribe(add_prefix(prefix, &topic)),
         };

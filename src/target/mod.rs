@@ -127,6 +127,27 @@ thread_local! {
     static TOPIC_KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+thread_local! {
+    // The topic this thread published to last: a publisher loop mostly repeats its topics, and
+    // reusing the `Arc` saves an allocation per publish.
+    static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
+}
+
+/// `envelope`'s topic, reusing this thread's last one when it is the same.
+fn topic_of<P>(envelope: &Envelope<P>) -> Topic {
+    LAST_TOPIC.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some(topic) if envelope.has_topic(topic) => topic.clone(),
+            _ => {
+                let topic = envelope.topic();
+                *last = Some(topic.clone());
+                topic
+            }
+        }
+    })
+}
+
 impl EventTarget {
     /// A builder, to set queue sizes and timeouts; it builds targets of any payload type.
     pub fn builder() -> Builder {
@@ -264,7 +285,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                     return Err(self.closed_error_for(&envelope));
                 }
                 let outgoing = Outgoing {
-                    topic: envelope.topic(),
+                    topic: topic_of(&envelope),
                     envelope,
                     ack: None,
                 };
@@ -294,7 +315,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                     return Err(self.closed_error_for(&envelope));
                 }
                 let outgoing = Outgoing {
-                    topic: envelope.topic(),
+                    topic: topic_of(&envelope),
                     envelope,
                     ack: None,
                 };
@@ -327,7 +348,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         if self.shared().is_closed() {
             return Err(self.closed_error_for(&envelope));
         }
-        let topic = envelope.topic();
+        let topic = topic_of(&envelope);
         let (ack, acked) = oneshot::channel();
         let outgoing = Outgoing {
             topic: topic.clone(),
