@@ -578,3 +578,200 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
         .unwrap_err();
     assert!(error.is_closed(), "{error}");
 }
+
+/// A transport that is not ready on every fifth `poll_ready` (it asks to be polled again at
+/// once), so that publishes alternate between being fed by the publishing task and being
+/// queued for the driver.
+struct Stutter<T> {
+    inner: T,
+    polls: u64,
+}
+
+impl<T, M> futures::Sink<M> for Stutter<T>
+where
+    T: futures::Sink<M> + Unpin,
+{
+    type Error = T::Error;
+
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.polls += 1;
+        if self.polls % 5 == 0 {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: std::pin::Pin<&mut Self>, item: M) -> Result<(), Self::Error> {
+        std::pin::Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+impl<T: futures::Stream + Unpin> futures::Stream for Stutter<T> {
+    type Item = T::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
+    const PUBLISHERS: usize = 4;
+    const EACH: u64 = 5_000;
+    let transport = Recorder::new(Stutter {
+        inner: LocalTransport::new(),
+        polls: 0,
+    });
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    // Publishers on both worker threads at once; half of them also use try_dispatch_event.
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let events = events.clone();
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    let envelope = Envelope::new(format!("p{p}"), n.to_string(), n.into());
+                    if p % 2 == 1 && n % 3 == 0 {
+                        // Retry on a full queue: the order must hold all the same.
+                        let mut envelope = Some(envelope);
+                        while let Some(next) = envelope.take() {
+                            if events.try_dispatch_event(next.clone()).is_err() {
+                                envelope = Some(next);
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                    } else {
+                        events.dispatch_event(envelope).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let total = PUBLISHERS as u64 * EACH;
+    settle("every publish fed to the transport", || {
+        events.stats().published == total
+    })
+    .await;
+    let mut next = [0u64; PUBLISHERS];
+    for recorded in log.take() {
+        let Recorded::Publish(topic) = recorded else {
+            continue;
+        };
+        let (publisher, n) = topic.split_once(':').unwrap();
+        let p: usize = publisher[1..].parse().unwrap();
+        let n: u64 = n.parse().unwrap();
+        assert_eq!(
+            n, next[p],
+            "publisher {p}: {n} fed when {} was due",
+            next[p]
+        );
+        next[p] += 1;
+    }
+    assert_eq!(next, [EACH; PUBLISHERS], "every publish fed exactly once");
+}
+
+/// A transport whose every publish panics.
+struct Panicking(LocalTransport);
+
+impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Panicking {
+    type Error = alkdev_pubsub::Error;
+
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.0).poll_ready(cx)
+    }
+
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        item: alkdev_pubsub::layers::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        if matches!(item, alkdev_pubsub::layers::Command::Publish { .. }) {
+            panic!("this transport cannot publish");
+        }
+        std::pin::Pin::new(&mut self.0).start_send(item)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl futures::Stream for Panicking {
+    type Item = <LocalTransport as futures::Stream>::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error() {
+    // Fed by the publishing task (the driver has run), or queued (it has not run yet).
+    for queued in [false, true] {
+        let events: EventTarget = EventTarget::new(Panicking(LocalTransport::new()));
+        events.add_event_listener("a:1", |_| {}).unwrap();
+        if !queued {
+            settle("the driver to run", || events.stats().subscribes == 1).await;
+        }
+        let published = events
+            .dispatch_event(Envelope::new("a", "1", 1.into()))
+            .await;
+        // Caught where the publish was fed: the publisher gets the error, or the driver.
+        match (queued, published) {
+            (true, Ok(())) => {}
+            (false, Err(error)) => assert!(
+                error
+                    .to_string()
+                    .contains("the transport panicked: this transport cannot publish"),
+                "{error}"
+            ),
+            (queued, other) => panic!("queued: {queued}, the publish returned {other:?}"),
+        }
+        settle("the target to stop", || events.is_closed()).await;
+        let error = events
+            .dispatch_event(Envelope::new("a", "1", 2.into()))
+            .await
+            .unwrap_err();
+        assert!(error.is_closed(), "{error}");
+        assert!(error.to_string().contains("panicked"), "{error}");
+    }
+}

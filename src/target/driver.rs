@@ -1,11 +1,13 @@
 //! The task that owns a transport: it feeds commands down and routes what comes up.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -49,7 +51,10 @@ enum Phase {
     Finished,
 }
 
-pub(crate) struct Driver<T, P> {
+/// Everything the driver owns. It sits behind a mutex so that a publishing task can feed the
+/// transport itself when nothing else is queued (see [`Direct`]); the driver task does all the
+/// rest.
+pub(crate) struct Core<T, P> {
     transport: Pin<Box<T>>,
     shared: Arc<Shared<P>>,
     control: mpsc::UnboundedReceiver<Control>,
@@ -67,21 +72,26 @@ pub(crate) struct Driver<T, P> {
     close_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     key: String,
+    /// The driver task's waker: direct publishes hand it to the transport, so whatever they
+    /// leave pending (a flush, room in a buffer) wakes the driver, never the publisher.
+    waker: Option<Waker>,
+    /// A direct publish left data unflushed and woke the driver to flush it.
+    flush_wanted: bool,
 }
 
-impl<T, P> Driver<T, P>
+impl<T, P> Core<T, P>
 where
     T: Transport<Envelope<P>>,
     P: Send + Sync + 'static,
 {
-    pub(crate) fn new(
+    fn new(
         transport: T,
         shared: Arc<Shared<P>>,
         control: mpsc::UnboundedReceiver<Control>,
         publishes: mpsc::Receiver<Outgoing<P>>,
         close_timeout: Duration,
     ) -> Self {
-        Driver {
+        Core {
             transport: Box::pin(transport),
             shared,
             control,
@@ -97,6 +107,8 @@ where
             close_timeout,
             deadline: None,
             key: String::new(),
+            waker: None,
+            flush_wanted: false,
         }
     }
 
@@ -515,10 +527,167 @@ where
             }
         }
     }
+
+    /// Stops the target after the transport panicked (its state is unknown), and returns the
+    /// error every waiter gets.
+    fn panicked(&mut self, panic: &(dyn Any + Send)) -> Error {
+        let error = Error::new(
+            crate::layers::ErrorKind::Other,
+            format!("the transport panicked: {}", panic_message(panic)),
+        );
+        self.terminate(error.clone());
+        if let Some(waker) = &self.waker {
+            // Let the driver task see that it is finished, and end.
+            waker.wake_by_ref();
+        }
+        error
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if matches!(self.phase, Phase::Finished) {
+            return Poll::Ready(());
+        }
+        crate::waker::remember(&mut self.waker, cx);
+        self.flush_wanted = false;
+        let more_out = self.poll_outgoing(cx);
+        if matches!(self.phase, Phase::Finished) {
+            return Poll::Ready(());
+        }
+        let more_in = self.poll_inbound(cx);
+        if self.poll_close_steps(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if more_out || more_in {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    /// Feeds `outgoing` to the transport from the calling task, if that keeps the order:
+    /// nothing else is queued, the target is running, and the transport has room now.
+    fn try_publish(&mut self, outgoing: Outgoing<P>) -> std::result::Result<(), Outgoing<P>> {
+        if !self.running()
+            || !self.outbox.is_empty()
+            || !self.publishes.is_empty()
+            || !self.control.is_empty()
+        {
+            return Err(outgoing);
+        }
+        let Some(waker) = self.waker.take() else {
+            // The driver has not run yet.
+            return Err(outgoing);
+        };
+        let result = self.publish_with(outgoing, &waker);
+        self.waker = Some(waker);
+        result
+    }
+
+    fn publish_with(
+        &mut self,
+        outgoing: Outgoing<P>,
+        waker: &Waker,
+    ) -> std::result::Result<(), Outgoing<P>> {
+        let mut cx = Context::from_waker(waker);
+        match self.transport.as_mut().poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            // The driver is woken when there is room, and feeds the queue in order.
+            Poll::Pending => return Err(outgoing),
+            Poll::Ready(Err(error)) if error.is_fatal() => {
+                self.terminate(error);
+                return Err(outgoing);
+            }
+            Poll::Ready(Err(error)) => {
+                // About an earlier pipeline, as in `poll_outgoing`: report it; the driver sends
+                // this publish.
+                self.shared.counters.publish_failed.fetch_add(1, Relaxed);
+                tracing::warn!(%error, "the transport reported a failure");
+                waker.wake_by_ref();
+                return Err(outgoing);
+            }
+        }
+        self.send(Queued::Publish(outgoing));
+        if self.unflushed && !self.flush_wanted {
+            self.flush_wanted = true;
+            waker.wake_by_ref();
+        }
+        Ok(())
+    }
 }
 
-// Nothing in the driver is pinned in place: the transport is boxed, the rest moves freely.
-impl<T, P> Unpin for Driver<T, P> {}
+/// The task that owns a transport: it feeds what is queued, flushes, routes what comes up, and
+/// closes. Dropping it drops the transport.
+pub(crate) struct Driver<T, P> {
+    core: Arc<Mutex<Core<T, P>>>,
+}
+
+impl<T, P> Driver<T, P>
+where
+    T: Transport<Envelope<P>> + Send + 'static,
+    P: Send + Sync + 'static,
+{
+    /// The driver, and the handle through which publishers may feed its transport directly.
+    pub(crate) fn new(
+        transport: T,
+        shared: Arc<Shared<P>>,
+        control: mpsc::UnboundedReceiver<Control>,
+        publishes: mpsc::Receiver<Outgoing<P>>,
+        close_timeout: Duration,
+    ) -> (Self, Weak<dyn Direct<P>>) {
+        let core = Arc::new(Mutex::new(Core::new(
+            transport,
+            shared,
+            control,
+            publishes,
+            close_timeout,
+        )));
+        let direct: Weak<Mutex<Core<T, P>>> = Arc::downgrade(&core);
+        (Driver { core }, direct)
+    }
+}
+
+/// What became of a publish offered to [`Direct::try_publish`].
+pub(crate) enum Fed<P> {
+    /// The transport took it.
+    Yes,
+    /// It must be queued for the driver, as before.
+    No(Outgoing<P>),
+    /// The transport panicked taking it: the target is stopped.
+    Panicked(Error),
+}
+
+/// A publisher's way to the transport, past the queue: see [`Core::try_publish`].
+pub(crate) trait Direct<P>: Send + Sync {
+    /// Feeds `outgoing` now, or hands it back to be queued.
+    fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P>;
+}
+
+impl<T, P> Direct<P> for Mutex<Core<T, P>>
+where
+    T: Transport<Envelope<P>> + Send,
+    P: Send + Sync + 'static,
+{
+    fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P> {
+        // Busy (the driver or another publisher): queue it.
+        let Ok(mut core) = self.try_lock() else {
+            return Fed::No(outgoing);
+        };
+        let fed = std::panic::catch_unwind(AssertUnwindSafe(|| core.try_publish(outgoing)));
+        match fed {
+            Ok(Ok(())) => Fed::Yes,
+            Ok(Err(outgoing)) => Fed::No(outgoing),
+            Err(panic) => Fed::Panicked(core.panicked(panic.as_ref())),
+        }
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
 
 impl<T, P> Future for Driver<T, P>
 where
@@ -528,21 +697,17 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if matches!(this.phase, Phase::Finished) {
+        // Only a panic in a transport call while locked poisons the lock, and both places that
+        // lock it catch those: a poisoned lock cannot be seen here, but would only mean "stop".
+        let Ok(mut core) = self.core.lock() else {
             return Poll::Ready(());
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| core.poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                core.panicked(panic.as_ref());
+                Poll::Ready(())
+            }
         }
-        let more_out = this.poll_outgoing(cx);
-        if matches!(this.phase, Phase::Finished) {
-            return Poll::Ready(());
-        }
-        let more_in = this.poll_inbound(cx);
-        if this.poll_close_steps(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        if more_out || more_in {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
     }
 }

@@ -7,13 +7,13 @@ use std::cell::RefCell;
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use self::driver::{Driver, Outgoing};
+use self::driver::{Direct, Driver, Fed, Outgoing};
 use self::shared::{Added, Control, Listener, Shared};
 use crate::layers::{Envelope, Error, ErrorKind, Result, Topic, Transport};
 use crate::queue::Queue;
@@ -74,6 +74,8 @@ struct Handle<P> {
     shared: Arc<Shared<P>>,
     /// `None` in-process.
     publish: Option<mpsc::Sender<Outgoing<P>>>,
+    /// The driver's transport, for publishes that can skip the queue (gone with the driver).
+    direct: Option<Weak<dyn Direct<P>>>,
     options: SubscribeOptions,
 }
 
@@ -264,9 +266,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
 
     /// Publishes `envelope` on its topic, `"{type}:{id}"`.
     ///
-    /// Over a transport, this resolves once the envelope is in the driver's bounded queue
-    /// (waiting for room when it is full), so a loop of awaited dispatches is pipelined: the
-    /// driver feeds everything queued to the transport and flushes once. A later failure of
+    /// Over a transport, this resolves once the transport has taken the envelope (fed from
+    /// this task when nothing is queued before it and the driver is not busy with the
+    /// transport) or once it is in the driver's bounded queue (waiting for room when it is
+    /// full). Either way a loop of awaited dispatches is pipelined: the driver flushes what was
+    /// fed, once per batch, rather than once per envelope. A later failure of
     /// the transport is counted in [`Stats::publish_failed`] and traced; behind the reconnect
     /// layer, the publish waits in its buffer through an outage. To learn the outcome, use
     /// [`dispatch_confirmed`](Self::dispatch_confirmed).
@@ -288,6 +292,24 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                     topic: topic_of(&envelope),
                     envelope,
                     ack: None,
+                };
+                // Fed here, this waits on nothing: it spends the task's cooperative budget, and
+                // yields first when that is spent, so a publishing loop lets other tasks run
+                // (and a cancelled yield has fed nothing).
+                let mut outgoing = Some(outgoing);
+                let direct = poll_fn(|cx| {
+                    let budget = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                    let offered = outgoing.take().expect("polled once more after Ready");
+                    let fed = self.try_direct(offered);
+                    if matches!(fed, Fed::Yes) {
+                        budget.made_progress();
+                    }
+                    Poll::Ready(fed)
+                });
+                let outgoing = match direct.await {
+                    Fed::Yes => return Ok(()),
+                    Fed::No(outgoing) => outgoing,
+                    Fed::Panicked(error) => return Err(error),
                 };
                 publish
                     .send(outgoing)
@@ -318,6 +340,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                     topic: topic_of(&envelope),
                     envelope,
                     ack: None,
+                };
+                let outgoing = match self.try_direct(outgoing) {
+                    Fed::Yes => return Ok(()),
+                    Fed::No(outgoing) => outgoing,
+                    Fed::Panicked(error) => return Err(error),
                 };
                 publish.try_send(outgoing).map_err(|error| match error {
                     mpsc::error::TrySendError::Full(rejected) => Error::new(
@@ -364,6 +391,16 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                 .shared()
                 .closed_error(&format!("publishing to {topic}")))
         })
+    }
+
+    /// Feeds `outgoing` to the transport from this task when nothing is queued before it and
+    /// the driver is not using the transport; otherwise hands it back for the queue. This
+    /// saves the hand-off to the driver task on the common path; the driver still flushes.
+    fn try_direct(&self, outgoing: Outgoing<P>) -> Fed<P> {
+        match self.handle.direct.as_ref().and_then(Weak::upgrade) {
+            Some(direct) => direct.try_publish(outgoing),
+            None => Fed::No(outgoing),
+        }
     }
 
     fn closed_error_for(&self, envelope: &Envelope<P>) -> Error {
@@ -533,6 +570,7 @@ impl Builder {
             handle: Arc::new(Handle {
                 shared: Arc::new(Shared::new(None)),
                 publish: None,
+                direct: None,
                 options: self.options,
             }),
         }
@@ -551,7 +589,7 @@ impl Builder {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (publish_tx, publish_rx) = mpsc::channel(self.publish_capacity);
         let shared = Arc::new(Shared::new(Some(control_tx)));
-        let driver = Driver::new(
+        let (driver, direct) = Driver::new(
             transport,
             Arc::clone(&shared),
             control_rx,
@@ -563,6 +601,7 @@ impl Builder {
             handle: Arc::new(Handle {
                 shared,
                 publish: Some(publish_tx),
+                direct: Some(direct),
                 options: self.options,
             }),
         }
