@@ -293,10 +293,13 @@ async fn raw_broadcast(receivers: usize, messages: u64) -> Run {
     }
 }
 
-async fn ours_local_streams(receivers: usize, messages: u64) -> Run {
+/// Ours, with `Block` queues of `capacity` events (`None`: as large as the baseline's buffer,
+/// the whole run, so neither side ever waits for room).
+async fn ours_local_streams(receivers: usize, capacity: Option<usize>, messages: u64) -> Run {
     let events: EventTarget<Payload> = EventTarget::local();
+    let capacity = capacity.unwrap_or((messages as usize).next_power_of_two());
     let options = SubscribeOptions::new()
-        .capacity(1024)
+        .capacity(capacity)
         .overflow(Overflow::Block);
     let mut tasks = Vec::new();
     for _ in 0..receivers {
@@ -1079,7 +1082,7 @@ fn main() {
             "in-process 1 sub vs broadcast",
             n,
             Box::new(|m| Box::pin(raw_broadcast(1, m))),
-            Box::new(|m| Box::pin(ours_local_streams(1, m))),
+            Box::new(|m| Box::pin(ours_local_streams(1, Some(1024), m))),
         )
         .await;
         compare(
@@ -1087,7 +1090,15 @@ fn main() {
             "in-process 8 subs vs broadcast",
             n / 4,
             Box::new(|m| Box::pin(raw_broadcast(8, m))),
-            Box::new(|m| Box::pin(ours_local_streams(8, m))),
+            Box::new(|m| Box::pin(ours_local_streams(8, Some(1024), m))),
+        )
+        .await;
+        compare(
+            &config,
+            "in-process 8 subs, queues = run",
+            n / 4,
+            Box::new(|m| Box::pin(raw_broadcast(8, m))),
+            Box::new(|m| Box::pin(ours_local_streams(8, None, m))),
         )
         .await;
         compare(
