@@ -154,6 +154,12 @@ impl Config {
     fn wants(&self, name: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| name.contains(f))
     }
+    /// Whether any scenario of `group` (which starts servers) may be wanted.
+    fn wants_group(&self, group: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| group.contains(f) || f.starts_with(group))
+    }
 }
 
 type Scenario<'a> = Box<dyn FnMut(u64) -> futures::future::BoxFuture<'a, Run> + 'a>;
@@ -1129,7 +1135,7 @@ fn main() {
     });
     #[cfg(feature = "redis")]
     {
-        if config.wants("redis") {
+        if config.wants_group("redis") {
             let server = alkdev_pubsub::testkit::RedisServer::start();
             let url = server.url();
             runtime.block_on(async {
@@ -1164,7 +1170,7 @@ fn main() {
     }
     #[cfg(feature = "redis-cluster")]
     {
-        if config.wants("cluster") {
+        if config.wants_group("cluster") {
             let one = alkdev_pubsub::testkit::RedisCluster::start(1);
             let three = alkdev_pubsub::testkit::RedisCluster::start(3);
             let (one_urls, three_urls) = (one.urls(), three.urls());

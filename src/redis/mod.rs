@@ -223,8 +223,11 @@ pub struct RedisTransport {
     /// Publishes fed since the last pipeline was sent.
     pipeline: redis::Pipeline,
     pipeline_len: usize,
-    /// The pipeline sent and not yet acknowledged.
-    in_flight: Option<BoxFuture<'static, Result<()>>>,
+    /// The pipeline sent and not yet acknowledged; it hands the pipeline back, emptied, to be
+    /// filled again (its buffers keep their size).
+    in_flight: Option<BoxFuture<'static, (redis::Pipeline, Result<()>)>>,
+    /// An emptied pipeline, ready to take the place of the one sent next.
+    spare: Option<redis::Pipeline>,
     subscriber: PubSubSink,
     messages: PubSubStream,
     /// Subscribes and unsubscribes not yet sent, in order.
@@ -282,6 +285,7 @@ impl RedisTransport {
             publisher: publish,
             pipeline: redis::pipe(),
             pipeline_len: 0,
+            spare: None,
             in_flight: None,
             subscriber,
             messages,
@@ -316,13 +320,16 @@ impl RedisTransport {
         if self.in_flight.is_some() || self.pipeline_len == 0 || self.subscribing() {
             return;
         }
-        let pipeline = std::mem::replace(&mut self.pipeline, redis::pipe());
+        let next = self.spare.take().unwrap_or_else(redis::pipe);
+        let mut pipeline = std::mem::replace(&mut self.pipeline, next);
         let publishes = std::mem::take(&mut self.pipeline_len);
         let mut connection = self.publisher.clone();
         self.in_flight = Some(Box::pin(async move {
-            pipeline.exec_async(&mut connection).await.map_err(|e| {
+            let result = pipeline.exec_async(&mut connection).await.map_err(|e| {
                 redis_error(&format!("publishing a pipeline of {publishes} messages"), e)
-            })
+            });
+            pipeline.clear();
+            (pipeline, result)
         }));
     }
 
@@ -345,8 +352,9 @@ impl RedisTransport {
                 // Everything fed so far is answered: report a failure among it now.
                 return Poll::Ready(self.deferred.take().map_or(Ok(()), Err));
             };
-            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            let (spare, result) = std::task::ready!(in_flight.as_mut().poll(cx));
             self.in_flight = None;
+            self.spare = Some(spare);
             if let Err(error) = result {
                 if error.is_unrecoverable() {
                     return Poll::Ready(Err(self.fail(error)));
@@ -526,8 +534,9 @@ impl Sink<Command<Bytes>> for RedisTransport {
         // Full: wait for the pipeline in flight, then send this one. A failure of the one in
         // flight is not the next command's: it is reported by the next flush.
         if let Some(in_flight) = this.in_flight.as_mut() {
-            let result = std::task::ready!(in_flight.as_mut().poll(cx));
+            let (spare, result) = std::task::ready!(in_flight.as_mut().poll(cx));
             this.in_flight = None;
+            this.spare = Some(spare);
             if let Err(error) = result {
                 if error.is_unrecoverable() {
                     return Poll::Ready(Err(this.fail(error)));
@@ -548,11 +557,12 @@ impl Sink<Command<Bytes>> for RedisTransport {
         this.check()?;
         match command {
             Command::Publish { topic, message } => {
+                // Not `.ignore()`d: the replies are discarded anyway (`exec_async`), and error
+                // replies are found either way; ignoring costs a hash-set insert per command.
                 this.pipeline
                     .cmd("PUBLISH")
                     .arg(topic.as_str())
-                    .arg(&message[..])
-                    .ignore();
+                    .arg(&message[..]);
                 this.pipeline_len += 1;
             }
             subscription => {
