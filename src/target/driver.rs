@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
@@ -18,6 +18,10 @@ use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
 
 /// How many commands, or inbound items, one poll handles before yielding to other tasks.
 const BUDGET: usize = 256;
+
+/// A direct publish this long after the previous one is taken for a lone message, and flushed
+/// by the publishing task at once.
+const LONE_PUBLISH: Duration = Duration::from_micros(50);
 
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
@@ -77,6 +81,8 @@ pub(crate) struct Core<T, P> {
     waker: Option<Waker>,
     /// A direct publish left data unflushed and woke the driver to flush it.
     flush_wanted: bool,
+    /// When the last direct publish was fed.
+    last_direct: Instant,
 }
 
 impl<T, P> Core<T, P>
@@ -109,6 +115,7 @@ where
             key: String::new(),
             waker: None,
             flush_wanted: false,
+            last_direct: Instant::now(),
         }
     }
 
@@ -244,29 +251,35 @@ where
                 return false;
             }
         }
-        if self.unflushed {
-            match self.transport.as_mut().poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.unflushed = false;
-                    for ack in self.acks.drain(..) {
-                        let _ = ack.send(Ok(()));
-                    }
-                }
-                Poll::Ready(Err(error)) => {
-                    self.unflushed = false;
-                    for ack in self.acks.drain(..) {
-                        let _ = ack.send(Err(error.clone()));
-                    }
-                    if error.is_fatal() {
-                        self.terminate(error);
-                    } else {
-                        tracing::warn!(%error, "flushing the transport failed");
-                    }
-                }
-                Poll::Pending => {}
-            }
-        }
+        self.poll_flush(cx);
         false
+    }
+
+    /// Flushes what was fed, if anything, and answers the confirmed publishes it covered.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) {
+        if !self.unflushed {
+            return;
+        }
+        match self.transport.as_mut().poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                for ack in self.acks.drain(..) {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Poll::Ready(Err(error)) => {
+                self.unflushed = false;
+                for ack in self.acks.drain(..) {
+                    let _ = ack.send(Err(error.clone()));
+                }
+                if error.is_fatal() {
+                    self.terminate(error);
+                } else {
+                    tracing::warn!(%error, "flushing the transport failed");
+                }
+            }
+            Poll::Pending => {}
+        }
     }
 
     fn send(&mut self, queued: Queued<P>) {
@@ -606,6 +619,14 @@ where
             }
         }
         self.send(Queued::Publish(outgoing));
+        // A lone publish is flushed here and now: waiting for the driver task would add a
+        // hand-off to its latency. In a burst, the driver flushes once for many.
+        let now = Instant::now();
+        let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
+        self.last_direct = now;
+        if lone && self.unflushed && !self.flush_wanted {
+            self.poll_flush(&mut cx);
+        }
         if self.unflushed && !self.flush_wanted {
             self.flush_wanted = true;
             waker.wake_by_ref();
