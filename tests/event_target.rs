@@ -585,6 +585,21 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
 struct Stutter<T> {
     inner: T,
     polls: u64,
+    /// The tasks that fed it: the driver's, and publishers' when they feed it directly.
+    feeders: Arc<Mutex<std::collections::HashSet<tokio::task::Id>>>,
+    /// Publishes fed from outside any runtime (a transport may need one).
+    outside_runtime: Arc<AtomicU64>,
+}
+
+impl<T> Stutter<T> {
+    fn new(inner: T) -> Self {
+        Stutter {
+            inner,
+            polls: 0,
+            feeders: Arc::default(),
+            outside_runtime: Arc::default(),
+        }
+    }
 }
 
 impl<T, M> futures::Sink<M> for Stutter<T>
@@ -606,6 +621,12 @@ where
     }
 
     fn start_send(mut self: std::pin::Pin<&mut Self>, item: M) -> Result<(), Self::Error> {
+        if let Some(task) = tokio::task::try_id() {
+            self.feeders.lock().unwrap().insert(task);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.outside_runtime.fetch_add(1, Ordering::SeqCst);
+        }
         std::pin::Pin::new(&mut self.inner).start_send(item)
     }
 
@@ -639,10 +660,9 @@ impl<T: futures::Stream + Unpin> futures::Stream for Stutter<T> {
 async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
     const PUBLISHERS: usize = 4;
     const EACH: u64 = 5_000;
-    let transport = Recorder::new(Stutter {
-        inner: LocalTransport::new(),
-        polls: 0,
-    });
+    let stutter = Stutter::new(LocalTransport::new());
+    let feeders = Arc::clone(&stutter.feeders);
+    let transport = Recorder::new(stutter);
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
     // Publishers on both worker threads at once; half of them also use try_dispatch_event.
@@ -692,10 +712,54 @@ async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
         next[p] += 1;
     }
     assert_eq!(next, [EACH; PUBLISHERS], "every publish fed exactly once");
+    // Both ways were taken: the driver fed some, publishers fed others themselves.
+    let feeders = feeders.lock().unwrap().len();
+    assert!(feeders >= 2, "only {feeders} task(s) fed the transport");
 }
 
-/// A transport whose every publish panics.
-struct Panicking(LocalTransport);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_from_outside_the_runtime_are_fed_by_the_driver() {
+    let stutter = Stutter::new(LocalTransport::new());
+    let outside = Arc::clone(&stutter.outside_runtime);
+    let transport = Recorder::new(stutter);
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    // Let the driver run once, so that direct feeding would be possible.
+    events.subscribe("warm:up").await.unwrap();
+    let publisher = {
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for n in 0..1_000u64 {
+                let envelope = Envelope::new("plain", "thread", n.into());
+                while events.try_dispatch_event(envelope.clone()).is_err() {
+                    std::thread::yield_now();
+                }
+            }
+        })
+    };
+    tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    settle("every publish fed", || {
+        log.snapshot()
+            .iter()
+            .filter(|r| matches!(r, Recorded::Publish(_)))
+            .count()
+            == 1_000
+    })
+    .await;
+    assert_eq!(outside.load(Ordering::SeqCst), 0, "fed from a plain thread");
+    assert!(!events.is_closed());
+}
+
+/// A transport whose every publish panics; it says when it is dropped.
+struct Panicking(LocalTransport, Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Panicking {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::SeqCst);
+    }
+}
 
 impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Panicking {
     type Error = alkdev_pubsub::Error;
@@ -747,7 +811,9 @@ impl futures::Stream for Panicking {
 async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error() {
     // Fed by the publishing task (the driver has run), or queued (it has not run yet).
     for queued in [false, true] {
-        let events: EventTarget = EventTarget::new(Panicking(LocalTransport::new()));
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let events: EventTarget =
+            EventTarget::new(Panicking(LocalTransport::new(), Arc::clone(&dropped)));
         events.add_event_listener("a:1", |_| {}).unwrap();
         if !queued {
             settle("the driver to run", || events.stats().subscribes == 1).await;
@@ -773,5 +839,10 @@ async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error(
             .unwrap_err();
         assert!(error.is_closed(), "{error}");
         assert!(error.to_string().contains("panicked"), "{error}");
+        // The driver ended and dropped the transport, though a handle is still alive.
+        settle("the transport to be dropped", || {
+            dropped.load(Ordering::SeqCst)
+        })
+        .await;
     }
 }

@@ -100,7 +100,13 @@ impl<P: Serialize + DeserializeOwned> Codec<P> for Json {
         _channel: Option<&Topic>,
         frame: &Bytes,
     ) -> Result<Envelope<P>, serde_json::Error> {
-        serde_json::from_slice(frame)
+        // JSON text is UTF-8 (RFC 8259). Checking the whole frame once is cheaper than the
+        // parser checking each string it reads; a frame that is not UTF-8 goes to the parser
+        // as bytes, which refuses it with the position of the bad byte.
+        match std::str::from_utf8(frame) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(frame),
+        }
     }
 }
 
@@ -165,7 +171,8 @@ pin_project! {
 }
 
 /// The size of each allocation `WithCodec` encodes frames into. A frame holds on to its chunk
-/// until dropped, so this also bounds what a long-lived small frame keeps alive.
+/// until dropped, so this also bounds what a long-lived small frame keeps alive (a frame larger
+/// than this gets an allocation of its own, which nothing after it shares).
 const SCRATCH_CHUNK: usize = 8 * 1024;
 
 impl<T, C, P> WithCodec<T, C, P> {
@@ -236,10 +243,18 @@ where
                     scratch.reserve(SCRATCH_CHUNK);
                 }
                 match this.codec.encode_into(&message, scratch) {
-                    Ok(()) => Command::Publish {
-                        topic,
-                        message: scratch.split().freeze(),
-                    },
+                    Ok(()) => {
+                        let frame = scratch.split().freeze();
+                        if frame.len() > SCRATCH_CHUNK || scratch.capacity() > SCRATCH_CHUNK {
+                            // Grown for a large frame: do not cut later frames from it (each
+                            // would keep it alive); the next one starts a chunk of its own.
+                            *scratch = BytesMut::new();
+                        }
+                        Command::Publish {
+                            topic,
+                            message: frame,
+                        }
+                    }
                     Err(cause) => {
                         scratch.clear();
                         return Err(Error::new(

@@ -83,3 +83,39 @@ async fn every_frame_is_exactly_its_encoding_across_buffer_chunks() {
         assert_eq!(frame, expected, "frame {i} differs from its encoding");
     }
 }
+
+#[path = "../../tests/common/alloc.rs"]
+mod alloc;
+
+#[global_allocator]
+static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
+
+#[tokio::test]
+async fn small_frames_after_a_large_one_do_not_keep_its_allocation_alive() {
+    let (tx, mut rx) = mpsc::unbounded::<Command<Bytes>>();
+    let mut sink = WithCodec::<_, Json, Payload>::new(
+        tx.sink_map_err(|_| Error::closed("the test's receiver")),
+        Json,
+    );
+    let publish = |size: usize| Command::Publish {
+        topic: Topic::from("sized:x"),
+        message: Envelope::new("sized", "x", Payload::Text(size)),
+    };
+    sink.send(publish(4 << 20)).await.expect("sent");
+    let large = rx.next().await.expect("a frame");
+    let before = alloc::CountingAllocator::current();
+    // Small frames after it, kept alive, then the large one dropped: what stays allocated must
+    // be about the small frames, not the 4 MiB the large one needed.
+    let mut small = Vec::new();
+    for _ in 0..10 {
+        sink.send(publish(100)).await.expect("sent");
+        small.push(rx.next().await.expect("a frame"));
+    }
+    drop(large);
+    let after = alloc::CountingAllocator::current();
+    assert!(
+        after + (1 << 20) < before,
+        "the large frame's memory is still held: {before} bytes before, {after} after"
+    );
+    assert_eq!(small.len(), 10);
+}

@@ -83,6 +83,9 @@ pub(crate) struct Core<T, P> {
     flush_wanted: bool,
     /// When the last direct publish was fed.
     last_direct: Instant,
+    /// The runtime the driver runs on. Transport calls may create runtime resources (a
+    /// reconnect's connection or timer): only tasks on this runtime feed it directly.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 impl<T, P> Core<T, P>
@@ -116,6 +119,7 @@ where
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
+            runtime: current_runtime(),
         }
     }
 
@@ -543,15 +547,21 @@ where
 
     /// Stops the target after the transport panicked (its state is unknown), and returns the
     /// error every waiter gets.
-    fn panicked(&mut self, panic: &(dyn Any + Send)) -> Error {
+    fn panicked(&mut self, what: &str, panic: &(dyn Any + Send)) -> Error {
         let error = Error::new(
             crate::layers::ErrorKind::Other,
-            format!("the transport panicked: {}", panic_message(panic)),
+            format!("{what} panicked: {}", panic_message(panic)),
         );
         self.terminate(error.clone());
-        if let Some(waker) = &self.waker {
-            // Let the driver task see that it is finished, and end.
-            waker.wake_by_ref();
+        // Let the driver task see that it is finished, end, and drop the transport. A panic in
+        // a direct publish unwound past the waker it had taken: the control channel wakes it.
+        match &self.waker {
+            Some(waker) => waker.wake_by_ref(),
+            None => {
+                if let Some(control) = self.shared.control() {
+                    let _ = control.send(Control::Shutdown);
+                }
+            }
         }
         error
     }
@@ -576,14 +586,16 @@ where
         Poll::Pending
     }
 
-    /// Feeds `outgoing` to the transport from the calling task, if that keeps the order:
-    /// nothing else is queued, the target is running, and the transport has room now.
+    /// Whether commands wait to be fed: taken from the handles, or still in their channels.
+    fn queued(&self) -> bool {
+        !self.outbox.is_empty() || !self.publishes.is_empty() || !self.control.is_empty()
+    }
+
+    /// Feeds `outgoing` to the transport from the calling task, if that keeps the order: the
+    /// target is running, what was queued before it could be fed first, and the transport has
+    /// room now.
     fn try_publish(&mut self, outgoing: Outgoing<P>) -> std::result::Result<(), Outgoing<P>> {
-        if !self.running()
-            || !self.outbox.is_empty()
-            || !self.publishes.is_empty()
-            || !self.control.is_empty()
-        {
+        if !self.running() || self.runtime.is_none() || current_runtime() != self.runtime {
             return Err(outgoing);
         }
         let Some(waker) = self.waker.take() else {
@@ -591,6 +603,10 @@ where
             return Err(outgoing);
         };
         let result = self.publish_with(outgoing, &waker);
+        if !self.running() {
+            // The transport failed for good: let the driver task see it, end, and drop it.
+            waker.wake_by_ref();
+        }
         self.waker = Some(waker);
         result
     }
@@ -601,6 +617,16 @@ where
         waker: &Waker,
     ) -> std::result::Result<(), Outgoing<P>> {
         let mut cx = Context::from_waker(waker);
+        if self.queued() {
+            // What is queued came first: feed it now, as the driver would (this saves waiting
+            // for it), then this publish if nothing is left before it.
+            if self.poll_outgoing(&mut cx) {
+                waker.wake_by_ref();
+            }
+            if !self.running() || self.queued() {
+                return Err(outgoing);
+            }
+        }
         match self.transport.as_mut().poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
             // The driver is woken when there is room, and feeds the queue in order.
@@ -619,6 +645,10 @@ where
             }
         }
         self.send(Queued::Publish(outgoing));
+        if !self.running() {
+            // Taken, and failed for good: nothing to flush.
+            return Ok(());
+        }
         // A lone publish is flushed here and now: waiting for the driver task would add a
         // hand-off to its latency. In a burst, the driver flushes once for many.
         let now = Instant::now();
@@ -696,9 +726,16 @@ where
         match fed {
             Ok(Ok(())) => Fed::Yes,
             Ok(Err(outgoing)) => Fed::No(outgoing),
-            Err(panic) => Fed::Panicked(core.panicked(panic.as_ref())),
+            Err(panic) => Fed::Panicked(core.panicked("the transport", panic.as_ref())),
         }
     }
+}
+
+/// The runtime the calling task runs on, if any.
+fn current_runtime() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current()
+        .ok()
+        .map(|runtime| runtime.id())
 }
 
 /// The message of a caught panic.
@@ -726,7 +763,10 @@ where
         match std::panic::catch_unwind(AssertUnwindSafe(|| core.poll(cx))) {
             Ok(poll) => poll,
             Err(panic) => {
-                core.panicked(panic.as_ref());
+                core.panicked(
+                    "the event target's driver (in its transport or layers)",
+                    panic.as_ref(),
+                );
                 Poll::Ready(())
             }
         }

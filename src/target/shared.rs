@@ -87,8 +87,14 @@ pub(crate) struct Entry<P> {
     waiters: Vec<oneshot::Sender<Result<()>>>,
 }
 
+/// The listener map. Every inbound message and every in-process publish looks its topic up
+/// here, so it hashes with foldhash (seeded per process) rather than SipHash: the keys are the
+/// topics this process subscribed to, so a peer choosing the topics it sends cannot crowd the
+/// table, only miss in it.
+type Map<P> = HashMap<Topic, Entry<P>, foldhash::fast::RandomState>;
+
 pub(crate) struct Shared<P> {
-    map: RwLock<HashMap<Topic, Entry<P>>>,
+    map: RwLock<Map<P>>,
     pub(crate) counters: Counters,
     closed: AtomicBool,
     close_reason: Mutex<Option<Error>>,
@@ -109,7 +115,7 @@ pub(crate) enum Added {
 impl<P> Shared<P> {
     pub(crate) fn new(control: Option<mpsc::UnboundedSender<Control>>) -> Self {
         Shared {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Map::default()),
             counters: Counters::default(),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
@@ -121,11 +127,11 @@ impl<P> Shared<P> {
 
     // Listener callbacks run outside the lock and every update below is done in full before
     // the guard drops, so a poisoned lock still holds a consistent map.
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<Topic, Entry<P>>> {
+    fn read(&self) -> RwLockReadGuard<'_, Map<P>> {
         self.map.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Topic, Entry<P>>> {
+    fn write(&self) -> RwLockWriteGuard<'_, Map<P>> {
         self.map.write().unwrap_or_else(|p| p.into_inner())
     }
 
