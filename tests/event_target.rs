@@ -846,3 +846,39 @@ async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error(
         .await;
     }
 }
+
+#[tokio::test]
+async fn listeners_added_and_removed_between_messages_of_one_topic_are_honoured_at_once() {
+    // Through a driver (LocalTransport), which remembers the last topic it routed.
+    let events: EventTarget = EventTarget::new(LocalTransport::new());
+    let next = |n: u64| numbered("t", "1", n);
+    let mut a = events.subscribe("t:1").await.unwrap();
+    events.dispatch_event(next(0)).await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+
+    let mut b = events.subscribe("t:1").await.unwrap();
+    events.dispatch_event(next(1)).await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 1);
+    assert_eq!(number_of(&testkit::next_event(&mut b).await), 1);
+
+    // A callback's captures are released when it is removed, not kept by the remembered route.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let id = events
+        .add_event_listener("t:1", move |event| {
+            let _ = seen_tx.send(number_of(event));
+        })
+        .unwrap();
+    events.dispatch_event(next(2)).await.unwrap();
+    assert_eq!(seen_rx.recv().await, Some(2));
+    drop(a);
+    assert!(events.remove_event_listener("t:1", id));
+    events.dispatch_event(next(3)).await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut b).await), 2);
+    assert_eq!(number_of(&testkit::next_event(&mut b).await), 3);
+    let closed = tokio::time::timeout(WAIT, seen_rx.recv()).await;
+    assert_eq!(
+        closed,
+        Ok(None),
+        "the removed callback got an event or was kept alive"
+    );
+}

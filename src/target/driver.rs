@@ -58,6 +58,15 @@ enum Phase {
 /// Everything the driver owns. It sits behind a mutex so that a publishing task can feed the
 /// transport itself when nothing else is queued (see [`Direct`]); the driver task does all the
 /// rest.
+/// The last topic the driver routed: the listener map's version then, the topic, and its
+/// listeners (weak: a removed listener, its queue or its callback's captures, is not kept
+/// alive here; the map holds the listeners while they are current).
+struct Route<P> {
+    version: u64,
+    topic: Topic,
+    listeners: Weak<[Listener<P>]>,
+}
+
 pub(crate) struct Core<T, P> {
     transport: Pin<Box<T>>,
     shared: Arc<Shared<P>>,
@@ -76,6 +85,7 @@ pub(crate) struct Core<T, P> {
     close_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     key: String,
+    route: Option<Route<P>>,
     /// The driver task's waker: direct publishes hand it to the transport, so whatever they
     /// leave pending (a flush, room in a buffer) wakes the driver, never the publisher.
     waker: Option<Waker>,
@@ -116,6 +126,7 @@ where
             close_timeout,
             deadline: None,
             key: String::new(),
+            route: None,
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
@@ -422,20 +433,47 @@ where
         }
     }
 
+    /// The listeners of a message's topic (its channel's, where the transport has channels).
+    /// Traffic mostly repeats a topic: the last lookup is reused while the map is unchanged.
+    fn route(
+        &mut self,
+        channel: Option<&Topic>,
+        message: &Envelope<P>,
+    ) -> Option<Arc<[Listener<P>]>> {
+        if let Some(route) = &self.route {
+            let same = match channel {
+                Some(channel) => *channel == route.topic,
+                None => message.has_topic(&route.topic),
+            };
+            if same && route.version == self.shared.version() {
+                if let Some(listeners) = route.listeners.upgrade() {
+                    return Some(listeners);
+                }
+            }
+        }
+        let (version, found) = match channel {
+            Some(channel) => self.shared.listeners_of(channel),
+            None => {
+                self.key.clear();
+                self.key.push_str(&message.r#type);
+                self.key.push(':');
+                self.key.push_str(&message.id);
+                self.shared.listeners_of(&self.key)
+            }
+        };
+        let (topic, listeners) = found?;
+        self.route = Some(Route {
+            version,
+            topic,
+            listeners: Arc::downgrade(&listeners),
+        });
+        Some(listeners)
+    }
+
     fn handle_up(&mut self, up: Up<Envelope<P>>, cx: &mut Context<'_>) {
         match up {
             Up::Message { channel, message } => {
-                let listeners = match &channel {
-                    Some(channel) => self.shared.listeners(channel),
-                    None => {
-                        self.key.clear();
-                        self.key.push_str(&message.r#type);
-                        self.key.push(':');
-                        self.key.push_str(&message.id);
-                        self.shared.listeners(&self.key)
-                    }
-                };
-                let Some(listeners) = listeners else {
+                let Some(listeners) = self.route(channel.as_ref(), &message) else {
                     self.shared.counters.unrouted.fetch_add(1, Relaxed);
                     return;
                 };

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 
@@ -95,6 +96,9 @@ type Map<P> = HashMap<Topic, Entry<P>, foldhash::fast::RandomState>;
 
 pub(crate) struct Shared<P> {
     map: RwLock<Map<P>>,
+    /// Bumped under the write lock at every change of the map: a reader that remembers a
+    /// lookup knows it is still good while this has not moved.
+    version: AtomicU64,
     pub(crate) counters: Counters,
     closed: AtomicBool,
     close_reason: Mutex<Option<Error>>,
@@ -116,6 +120,7 @@ impl<P> Shared<P> {
     pub(crate) fn new(control: Option<mpsc::UnboundedSender<Control>>) -> Self {
         Shared {
             map: RwLock::new(Map::default()),
+            version: AtomicU64::new(0),
             counters: Counters::default(),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
@@ -132,7 +137,14 @@ impl<P> Shared<P> {
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Map<P>> {
-        self.map.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.version.fetch_add(1, Release);
+        guard
+    }
+
+    /// The map's version: see [`Shared::listeners_of`].
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Acquire)
     }
 
     pub(crate) fn next_id(&self) -> ListenerId {
@@ -297,6 +309,18 @@ impl<P> Shared<P> {
     /// The listeners of `topic` now.
     pub(crate) fn listeners(&self, topic: &str) -> Option<Arc<[Listener<P>]>> {
         self.read().get(topic).map(|e| Arc::clone(&e.listeners))
+    }
+
+    /// The topic's listeners and its key in the map, with the map's version read before the
+    /// lookup (so a change during it makes the remembered result look stale, never fresh).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn listeners_of(&self, topic: &str) -> (u64, Option<(Topic, Arc<[Listener<P>]>)>) {
+        let version = self.version();
+        let found = self
+            .read()
+            .get_key_value(topic)
+            .map(|(key, e)| (key.clone(), Arc::clone(&e.listeners)));
+        (version, found)
     }
 
     /// The topics with listeners now.
