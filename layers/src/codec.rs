@@ -63,7 +63,7 @@ pub trait Codec<P> {
     /// reuses, so that frames share a few large allocations instead of one or two each.
     ///
     /// The default calls [`encode`](Codec::encode) and copies; override it when the format
-    /// can write straight into a buffer. On an error, what was appended is discarded.
+    /// can write straight into a buffer. On an error, [`WithCodec`] discards what was appended.
     fn encode_into(&self, envelope: &Envelope<P>, buf: &mut BytesMut) -> Result<(), Self::Error> {
         buf.extend_from_slice(&self.encode(envelope)?);
         Ok(())

@@ -55,9 +55,6 @@ enum Phase {
     Finished,
 }
 
-/// Everything the driver owns. It sits behind a mutex so that a publishing task can feed the
-/// transport itself when nothing else is queued (see [`Direct`]); the driver task does all the
-/// rest.
 /// The last topic the driver routed: the listener map's version then, the topic, and its
 /// listeners (weak: a removed listener, its queue or its callback's captures, is not kept
 /// alive here; the map holds the listeners while they are current).
@@ -67,6 +64,9 @@ struct Route<P> {
     listeners: Weak<[Listener<P>]>,
 }
 
+/// Everything the driver owns. It sits behind a mutex so that a publishing task can feed the
+/// transport itself (see [`Direct`]) when the driver is not using it; the driver task does all
+/// the rest.
 pub(crate) struct Core<T, P> {
     transport: Pin<Box<T>>,
     shared: Arc<Shared<P>>,

@@ -266,11 +266,13 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
 
     /// Publishes `envelope` on its topic, `"{type}:{id}"`.
     ///
-    /// Over a transport, this resolves once the transport has taken the envelope (fed from
-    /// this task when nothing is queued before it and the driver is not busy with the
-    /// transport) or once it is in the driver's bounded queue (waiting for room when it is
-    /// full). Either way a loop of awaited dispatches is pipelined: the driver flushes what was
-    /// fed, once per batch, rather than once per envelope. A later failure of
+    /// Over a transport, this resolves once the transport has taken the envelope, or once the
+    /// envelope is in the driver's bounded queue (waiting for room when it is full). The
+    /// transport takes it from this task when this task runs on the runtime the target was
+    /// built on and the driver is not using the transport at that moment (what was queued
+    /// before is fed first, so the order holds); otherwise the driver takes it from the queue.
+    /// Either way a loop of awaited dispatches is pipelined: what was fed is flushed once per
+    /// batch, not once per envelope (a lone envelope is flushed at once). A later failure of
     /// the transport is counted in [`Stats::publish_failed`] and traced; behind the reconnect
     /// layer, the publish waits in its buffer through an outage. To learn the outcome, use
     /// [`dispatch_confirmed`](Self::dispatch_confirmed).
@@ -279,7 +281,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// # Cancellation safety
     ///
-    /// Cancelled before it resolves, the envelope was not queued.
+    /// Cancelled before it resolves, the envelope was neither fed nor queued.
     pub async fn dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
         match &self.handle.publish {
