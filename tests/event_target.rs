@@ -579,32 +579,45 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
     assert!(error.is_closed(), "{error}");
 }
 
-/// A transport that is not ready on every fifth `poll_ready` (it asks to be polled again at
-/// once), so that publishes alternate between being fed by the publishing task and being
-/// queued for the driver.
-struct Stutter<T> {
+/// A transport wrapper that records which tasks feed it, and, as asked: is not ready on every
+/// fifth `poll_ready` (it asks to be polled again at once), so that publishes alternate
+/// between being fed by the publishing task and being queued for the driver; panics on every
+/// publish; says when it is dropped.
+struct Probe<T> {
     inner: T,
+    stutter: bool,
+    panic_on_publish: bool,
     polls: u64,
     /// The tasks that fed it: the driver's, and publishers' when they feed it directly.
     feeders: Arc<Mutex<std::collections::HashSet<tokio::task::Id>>>,
     /// Publishes fed from outside any runtime (a transport may need one).
     outside_runtime: Arc<AtomicU64>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl<T> Stutter<T> {
+impl<T> Probe<T> {
     fn new(inner: T) -> Self {
-        Stutter {
+        Probe {
             inner,
+            stutter: false,
+            panic_on_publish: false,
             polls: 0,
             feeders: Arc::default(),
             outside_runtime: Arc::default(),
+            dropped: Arc::default(),
         }
     }
 }
 
-impl<T, M> futures::Sink<M> for Stutter<T>
+impl<T> Drop for Probe<T> {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl<T, M> futures::Sink<alkdev_pubsub::layers::Command<M>> for Probe<T>
 where
-    T: futures::Sink<M> + Unpin,
+    T: futures::Sink<alkdev_pubsub::layers::Command<M>> + Unpin,
 {
     type Error = T::Error;
 
@@ -613,19 +626,26 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         self.polls += 1;
-        if self.polls % 5 == 0 {
+        if self.stutter && self.polls % 5 == 0 {
             cx.waker().wake_by_ref();
             return std::task::Poll::Pending;
         }
         std::pin::Pin::new(&mut self.inner).poll_ready(cx)
     }
 
-    fn start_send(mut self: std::pin::Pin<&mut Self>, item: M) -> Result<(), Self::Error> {
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        item: alkdev_pubsub::layers::Command<M>,
+    ) -> Result<(), Self::Error> {
         if let Some(task) = tokio::task::try_id() {
             self.feeders.lock().unwrap().insert(task);
         }
         if tokio::runtime::Handle::try_current().is_err() {
             self.outside_runtime.fetch_add(1, Ordering::SeqCst);
+        }
+        let publish = matches!(item, alkdev_pubsub::layers::Command::Publish { .. });
+        if self.panic_on_publish && publish {
+            panic!("this transport cannot publish");
         }
         std::pin::Pin::new(&mut self.inner).start_send(item)
     }
@@ -645,7 +665,7 @@ where
     }
 }
 
-impl<T: futures::Stream + Unpin> futures::Stream for Stutter<T> {
+impl<T: futures::Stream + Unpin> futures::Stream for Probe<T> {
     type Item = T::Item;
 
     fn poll_next(
@@ -660,9 +680,10 @@ impl<T: futures::Stream + Unpin> futures::Stream for Stutter<T> {
 async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
     const PUBLISHERS: usize = 4;
     const EACH: u64 = 5_000;
-    let stutter = Stutter::new(LocalTransport::new());
-    let feeders = Arc::clone(&stutter.feeders);
-    let transport = Recorder::new(stutter);
+    let mut probe = Probe::new(LocalTransport::new());
+    probe.stutter = true;
+    let feeders = Arc::clone(&probe.feeders);
+    let transport = Recorder::new(probe);
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
     // Publishers on both worker threads at once; half of them also use try_dispatch_event.
@@ -719,9 +740,10 @@ async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_from_outside_the_runtime_are_fed_by_the_driver() {
-    let stutter = Stutter::new(LocalTransport::new());
-    let outside = Arc::clone(&stutter.outside_runtime);
-    let transport = Recorder::new(stutter);
+    let mut probe = Probe::new(LocalTransport::new());
+    probe.stutter = true;
+    let outside = Arc::clone(&probe.outside_runtime);
+    let transport = Recorder::new(probe);
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
     // Let the driver run once, so that direct feeding would be possible.
@@ -752,68 +774,14 @@ async fn publishes_from_outside_the_runtime_are_fed_by_the_driver() {
     assert!(!events.is_closed());
 }
 
-/// A transport whose every publish panics; it says when it is dropped.
-struct Panicking(LocalTransport, Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Panicking {
-    fn drop(&mut self) {
-        self.1.store(true, Ordering::SeqCst);
-    }
-}
-
-impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Panicking {
-    type Error = alkdev_pubsub::Error;
-
-    fn poll_ready(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::pin::Pin::new(&mut self.0).poll_ready(cx)
-    }
-
-    fn start_send(
-        mut self: std::pin::Pin<&mut Self>,
-        item: alkdev_pubsub::layers::Command<Envelope>,
-    ) -> Result<(), Self::Error> {
-        if matches!(item, alkdev_pubsub::layers::Command::Publish { .. }) {
-            panic!("this transport cannot publish");
-        }
-        std::pin::Pin::new(&mut self.0).start_send(item)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_close(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::pin::Pin::new(&mut self.0).poll_close(cx)
-    }
-}
-
-impl futures::Stream for Panicking {
-    type Item = <LocalTransport as futures::Stream>::Item;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.0).poll_next(cx)
-    }
-}
-
 #[tokio::test]
 async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error() {
     // Fed by the publishing task (the driver has run), or queued (it has not run yet).
     for queued in [false, true] {
-        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let events: EventTarget =
-            EventTarget::new(Panicking(LocalTransport::new(), Arc::clone(&dropped)));
+        let mut probe = Probe::new(LocalTransport::new());
+        probe.panic_on_publish = true;
+        let dropped = Arc::clone(&probe.dropped);
+        let events: EventTarget = EventTarget::new(probe);
         events.add_event_listener("a:1", |_| {}).unwrap();
         if !queued {
             settle("the driver to run", || events.stats().subscribes == 1).await;
