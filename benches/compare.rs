@@ -101,8 +101,8 @@ impl Run {
 }
 
 /// CPU time used so far by every thread of this process (user + system), from
-/// `/proc/self/stat` (Linux; `None` elsewhere). Clock-tick resolution (10 ms), so only
-/// meaningful over runs of a second or so.
+/// `/proc/self/stat` (Linux; `None` elsewhere), counted in clock ticks of 10 ms (Linux's
+/// USER_HZ of 100), so only meaningful over runs of a second or so.
 fn process_cpu() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces).
@@ -189,7 +189,7 @@ async fn compare(
         _ => f64::NAN,
     };
     // For profiling one side alone: `COMPARE_ONLY=raw` or `COMPARE_ONLY=ours` (the other side
-    // then reports nothing and the ratio is NaN).
+    // does not run: its figures, and the ratio, mean nothing then).
     let only = std::env::var("COMPARE_ONLY").ok();
     let skip = |side: &str| only.as_deref().is_some_and(|only| only != side);
     let skipped = || Run {
