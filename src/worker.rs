@@ -42,6 +42,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 
@@ -66,10 +67,16 @@ pub struct WorkerTransport<P = serde_json::Value> {
     tx: mpsc::Sender<Vec<Envelope<P>>>,
     rx: mpsc::Receiver<Vec<Envelope<P>>>,
     outgoing: Vec<Envelope<P>>,
-    incoming: std::vec::IntoIter<Envelope<P>>,
+    incoming: VecDeque<Envelope<P>>,
     signals: VecDeque<Up<Envelope<P>>>,
     reader: Option<Waker>,
+    /// Emptied batches, shared by the two sides: a reader hands back what it drained, so a
+    /// writer rarely allocates one (and the allocation is not freed on the other thread).
+    spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
 }
+
+/// How many emptied batches wait for reuse, at most.
+const SPARE_BATCHES: usize = 4;
 
 impl<P> Unpin for WorkerTransport<P> {}
 
@@ -91,22 +98,33 @@ pub fn channel<P>(capacity: usize) -> (WorkerTransport<P>, WorkerTransport<P>) {
     let batches = (capacity / MAX_BATCH).max(1);
     let (a_tx, b_rx) = mpsc::channel(batches - 1);
     let (b_tx, a_rx) = mpsc::channel(batches - 1);
+    let spare = Arc::default();
     (
-        WorkerTransport::new(a_tx, a_rx),
-        WorkerTransport::new(b_tx, b_rx),
+        WorkerTransport::new(a_tx, a_rx, Arc::clone(&spare)),
+        WorkerTransport::new(b_tx, b_rx, spare),
     )
 }
 
 impl<P> WorkerTransport<P> {
-    fn new(tx: mpsc::Sender<Vec<Envelope<P>>>, rx: mpsc::Receiver<Vec<Envelope<P>>>) -> Self {
+    fn new(
+        tx: mpsc::Sender<Vec<Envelope<P>>>,
+        rx: mpsc::Receiver<Vec<Envelope<P>>>,
+        spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
+    ) -> Self {
         WorkerTransport {
             tx,
             rx,
             outgoing: Vec::new(),
-            incoming: Vec::new().into_iter(),
+            incoming: VecDeque::new(),
             signals: VecDeque::new(),
             reader: None,
+            spare,
         }
+    }
+
+    fn spare(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Envelope<P>>>> {
+        // Only empty vectors are ever stored: a poisoned lock holds nothing inconsistent.
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn peer_gone() -> Error {
@@ -126,7 +144,11 @@ impl<P> WorkerTransport<P> {
             Poll::Ready(Err(_)) => return Poll::Ready(Err(Self::peer_gone())),
             Poll::Pending => return Poll::Pending,
         }
-        let batch = std::mem::replace(&mut self.outgoing, Vec::with_capacity(MAX_BATCH));
+        let next = self
+            .spare()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_BATCH));
+        let batch = std::mem::replace(&mut self.outgoing, next);
         self.tx
             .start_send(batch)
             .map_err(|_| Self::peer_gone())
@@ -192,14 +214,21 @@ impl<P> Stream for WorkerTransport<P> {
             return Poll::Ready(Some(Ok(signal)));
         }
         loop {
-            if let Some(message) = this.incoming.next() {
+            if let Some(message) = this.incoming.pop_front() {
                 return Poll::Ready(Some(Ok(Up::Message {
                     channel: None,
                     message,
                 })));
             }
             match Pin::new(&mut this.rx).poll_next(cx) {
-                Poll::Ready(Some(batch)) => this.incoming = batch.into_iter(),
+                Poll::Ready(Some(batch)) => {
+                    // The drained one goes back for the writer (no data moves: it is empty).
+                    let drained = std::mem::replace(&mut this.incoming, VecDeque::from(batch));
+                    let mut spare = this.spare();
+                    if spare.len() < SPARE_BATCHES && drained.capacity() > 0 {
+                        spare.push(Vec::from(drained));
+                    }
+                }
                 // The other side is gone: the stream ends cleanly.
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {

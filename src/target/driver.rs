@@ -19,8 +19,8 @@ use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
 /// How many commands, or inbound items, one poll handles before yielding to other tasks.
 const BUDGET: usize = 256;
 
-/// A direct publish this long after the previous one is taken for a lone message, and flushed
-/// by the publishing task at once.
+/// A direct publish this long after the previous one (that found nothing to flush) is taken for
+/// a lone message, and flushed by the publishing task at once.
 const LONE_PUBLISH: Duration = Duration::from_micros(50);
 
 /// A publish waiting in the driver's queue.
@@ -91,7 +91,7 @@ pub(crate) struct Core<T, P> {
     waker: Option<Waker>,
     /// A direct publish left data unflushed and woke the driver to flush it.
     flush_wanted: bool,
-    /// When the last direct publish was fed.
+    /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime feed it directly.
@@ -687,17 +687,21 @@ where
             // Taken, and failed for good: nothing to flush.
             return Ok(());
         }
-        // A lone publish is flushed here and now: waiting for the driver task would add a
-        // hand-off to its latency. In a burst, the driver flushes once for many.
-        let now = Instant::now();
-        let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
-        self.last_direct = now;
-        if lone && self.unflushed && !self.flush_wanted {
-            self.poll_flush(&mut cx);
-        }
         if self.unflushed && !self.flush_wanted {
-            self.flush_wanted = true;
-            waker.wake_by_ref();
+            // The first publish since the driver last flushed. A lone one is flushed here and
+            // now: waiting for the driver task would add a hand-off to its latency. In a burst,
+            // the driver flushes once for many (and the clock is read once per flush, not per
+            // publish).
+            let now = Instant::now();
+            let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
+            self.last_direct = now;
+            if lone {
+                self.poll_flush(&mut cx);
+            }
+            if self.unflushed {
+                self.flush_wanted = true;
+                waker.wake_by_ref();
+            }
         }
         Ok(())
     }
