@@ -352,15 +352,23 @@ impl RedisTransport {
                 // Everything fed so far is answered: report a failure among it now.
                 return Poll::Ready(self.deferred.take().map_or(Ok(()), Err));
             };
-            let (spare, result) = std::task::ready!(in_flight.as_mut().poll(cx));
-            self.in_flight = None;
-            self.spare = Some(spare);
-            if let Err(error) = result {
-                if error.is_unrecoverable() {
-                    return Poll::Ready(Err(self.fail(error)));
-                }
+            let done = std::task::ready!(in_flight.as_mut().poll(cx));
+            self.pipeline_done(done)?;
+        }
+    }
+
+    /// Takes the answer to the pipeline in flight: its emptied pipeline is kept for reuse; a
+    /// failure of its publishes is kept for the next flush, one of the connection is returned.
+    fn pipeline_done(&mut self, (spare, result): (redis::Pipeline, Result<()>)) -> Result<()> {
+        self.in_flight = None;
+        self.spare = Some(spare);
+        match result {
+            Err(error) if error.is_unrecoverable() => Err(self.fail(error)),
+            Err(error) => {
                 self.deferred.get_or_insert(error);
+                Ok(())
             }
+            Ok(()) => Ok(()),
         }
     }
 
@@ -534,15 +542,8 @@ impl Sink<Command<Bytes>> for RedisTransport {
         // Full: wait for the pipeline in flight, then send this one. A failure of the one in
         // flight is not the next command's: it is reported by the next flush.
         if let Some(in_flight) = this.in_flight.as_mut() {
-            let (spare, result) = std::task::ready!(in_flight.as_mut().poll(cx));
-            this.in_flight = None;
-            this.spare = Some(spare);
-            if let Err(error) = result {
-                if error.is_unrecoverable() {
-                    return Poll::Ready(Err(this.fail(error)));
-                }
-                this.deferred.get_or_insert(error);
-            }
+            let done = std::task::ready!(in_flight.as_mut().poll(cx));
+            this.pipeline_done(done)?;
         }
         this.send_pipeline();
         if this.in_flight.is_none() {
