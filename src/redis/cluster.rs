@@ -184,11 +184,14 @@ impl RedisClusterTransport {
                 }
             };
             let (_, pipeline, count) = &mut pipelines[index];
-            pipeline
-                .cmd("SPUBLISH")
+            // Sized up front, as in the single-node transport.
+            let mut publish =
+                redis::Cmd::with_capacity(3, "SPUBLISH".len() + channel.len() + frame.len());
+            publish
+                .arg("SPUBLISH")
                 .arg(channel.as_str())
-                .arg(&frame[..])
-                .ignore();
+                .arg(&frame[..]);
+            pipeline.add_command(publish).ignore();
             *count += 1;
         }
         let connection = self.connection.clone();

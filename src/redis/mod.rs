@@ -558,12 +558,14 @@ impl Sink<Command<Bytes>> for RedisTransport {
         this.check()?;
         match command {
             Command::Publish { topic, message } => {
-                // Not `.ignore()`d: the replies are discarded anyway (`exec_async`), and error
-                // replies are found either way; ignoring costs a hash-set insert per command.
-                this.pipeline
-                    .cmd("PUBLISH")
-                    .arg(topic.as_str())
-                    .arg(&message[..]);
+                // Sized up front (`pipeline.cmd(..).arg(..)` grows two vectors from empty,
+                // several reallocations per publish). Not `.ignore()`d: the replies are
+                // discarded anyway (`exec_async`), and error replies are found either way;
+                // ignoring costs a hash-set insert per command.
+                let mut publish =
+                    redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + message.len());
+                publish.arg("PUBLISH").arg(topic.as_str()).arg(&message[..]);
+                this.pipeline.add_command(publish);
                 this.pipeline_len += 1;
             }
             subscription => {
