@@ -172,10 +172,11 @@ impl<P> Queue<P> {
     }
 
     /// Takes the next item: a lag notice first if events were dropped, then the oldest slot.
-    /// `Ready(None)` once the queue is closed and empty.
+    /// `Ready(None)` once the queue is closed and empty. `Pending` when it is empty; only with
+    /// `cx` is the consumer then woken by the next push.
     pub(crate) fn poll_pop(
         &self,
-        cx: &mut Context<'_>,
+        cx: Option<&mut Context<'_>>,
     ) -> Poll<Option<Result<Arc<Envelope<P>>, Gap>>> {
         let mut state = self.lock();
         if state.lagged > 0 {
@@ -200,7 +201,9 @@ impl<P> Queue<P> {
             }
             None if state.closed => Poll::Ready(None),
             None => {
-                crate::waker::remember(&mut state.consumer, cx);
+                if let Some(cx) = cx {
+                    crate::waker::remember(&mut state.consumer, cx);
+                }
                 Poll::Pending
             }
         }

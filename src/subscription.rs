@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
 
 use crate::layers::{Envelope, Topic};
 use crate::queue::Queue;
+use crate::target::driver::Direct;
 use crate::target::shared::Shared;
 use crate::ListenerId;
 
@@ -124,6 +125,9 @@ pub struct Subscription<P = serde_json::Value> {
     topic: Topic,
     id: ListenerId,
     shared: Arc<Shared<P>>,
+    /// The target's transport, read from this task when the queue is empty (`None`
+    /// in-process).
+    direct: Option<Weak<dyn Direct<P>>>,
 }
 
 impl<P: Send + Sync + 'static> Subscription<P> {
@@ -132,12 +136,14 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         topic: Topic,
         id: ListenerId,
         shared: Arc<Shared<P>>,
+        direct: Option<Weak<dyn Direct<P>>>,
     ) -> Self {
         Subscription {
             queue,
             topic,
             id,
             shared,
+            direct,
         }
     }
 
@@ -176,7 +182,17 @@ impl<P> Stream for Subscription<P> {
     type Item = Result<Arc<Envelope<P>>, Gap>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.queue.poll_pop(cx)
+        if let Some(direct) = &self.direct {
+            if let Poll::Ready(item) = self.queue.poll_pop(None) {
+                return Poll::Ready(item);
+            }
+            // Empty: rather than wait for the driver task to route what the transport has
+            // ready and wake this task, route it from here (unless the driver is at it).
+            if let Some(direct) = direct.upgrade() {
+                direct.try_pull();
+            }
+        }
+        self.queue.poll_pop(Some(cx))
     }
 }
 

@@ -850,3 +850,158 @@ async fn listeners_added_and_removed_between_messages_of_one_topic_are_honoured_
         "the removed callback got an event or was kept alive"
     );
 }
+
+/// A transport whose inbound items are put in by the test and which never wakes anyone for
+/// them: only a poll finds them. Subscribes are confirmed at once; publishes are dropped.
+/// An item with payload `"panic"` makes `poll_next` panic.
+#[derive(Clone, Default)]
+struct Silent {
+    inbound: Arc<Mutex<std::collections::VecDeque<alkdev_pubsub::Up<Envelope>>>>,
+    /// The tasks that took an item out of it.
+    readers: Arc<Mutex<std::collections::HashSet<Option<tokio::task::Id>>>>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Silent {
+    fn put(&self, topic: &str, n: u64) {
+        let (kind, id) = topic.split_once(':').unwrap();
+        self.inbound
+            .lock()
+            .unwrap()
+            .push_back(alkdev_pubsub::Up::Message {
+                channel: None,
+                message: numbered(kind, id, n),
+            });
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for Silent {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        item: alkdev_pubsub::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        if let alkdev_pubsub::Command::Subscribe(topic) = item {
+            let mut inbound = self.inbound.lock().unwrap();
+            inbound.push_back(alkdev_pubsub::Up::Subscribed(topic));
+        }
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for Silent {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(up) = self.inbound.lock().unwrap().pop_front() else {
+            return std::task::Poll::Pending;
+        };
+        if matches!(&up, alkdev_pubsub::Up::Message { message, .. } if message.payload == "panic") {
+            panic!("this transport cannot read that");
+        }
+        self.readers.lock().unwrap().insert(tokio::task::try_id());
+        std::task::Poll::Ready(Some(Ok(up)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_with_an_empty_queue_routes_what_the_transport_has_ready() {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    let mut idle = events.subscribe("c:1").await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    events
+        .add_event_listener("b:1", move |event| {
+            let _ = seen_tx.send(number_of(event));
+        })
+        .unwrap();
+    settle("the callback's subscribe", || {
+        events.stats().subscribes == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Nothing wakes the driver for these: only a subscription that reads finds them.
+    for n in 0..100 {
+        silent.put("a:1", n);
+        silent.put("b:1", n);
+        silent.put("c:1", n);
+    }
+    let reader = tokio::spawn(async move {
+        for n in 0..100 {
+            assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+        }
+        tokio::task::id()
+    });
+    let reader = reader.await.unwrap();
+    assert!(silent.readers.lock().unwrap().contains(&Some(reader)));
+    // Routed on the way, in order: the callback's topic, and a subscription nobody read yet.
+    for n in 0..100 {
+        assert_eq!(seen_rx.recv().await, Some(n));
+        assert_eq!(number_of(&testkit::next_event(&mut idle).await), n);
+    }
+}
+
+#[tokio::test]
+async fn a_transport_that_panics_when_a_subscription_reads_it_stops_the_target() {
+    let silent = Silent::default();
+    let dropped = Arc::clone(&silent.dropped);
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    silent.put("a:1", 0);
+    silent
+        .inbound
+        .lock()
+        .unwrap()
+        .push_back(alkdev_pubsub::Up::Message {
+            channel: None,
+            message: Envelope::new("a", "1", "panic".into()),
+        });
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+    // The next read panics in the transport: the stream ends, the target stops.
+    let end = tokio::time::timeout(WAIT, a.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "{end:?}");
+    assert!(events.is_closed());
+    let error = events
+        .dispatch_event(Envelope::new("a", "1", 1.into()))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("read by a subscription) panicked"),
+        "{error}"
+    );
+    settle("the transport to be dropped", || {
+        dropped.load(Ordering::SeqCst)
+    })
+    .await;
+}

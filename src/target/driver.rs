@@ -19,6 +19,11 @@ use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
 /// How many commands, or inbound items, one poll handles before yielding to other tasks.
 const BUDGET: usize = 256;
 
+/// How many inbound items a subscription routes at most when it reads the transport itself
+/// (see [`Core::try_pull`]): enough to amortise the lock, little enough not to keep the driver
+/// waiting on it for long.
+const PULL_BUDGET: usize = 32;
+
 /// A direct publish this long after the previous one (that found nothing to flush) is taken for
 /// a lone message, and flushed by the publishing task at once.
 const LONE_PUBLISH: Duration = Duration::from_micros(50);
@@ -384,8 +389,8 @@ where
         }
     }
 
-    /// Routes what comes up. Returns whether the budget ran out.
-    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Routes what comes up, at most `budget` items. Returns whether the budget ran out.
+    fn poll_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
         if let Some(stalled) = self.stalled.take() {
             if let Err(from) =
                 self.shared
@@ -395,7 +400,7 @@ where
                 return false;
             }
         }
-        for _ in 0..BUDGET {
+        for _ in 0..budget {
             match self.transport.as_mut().poll_next(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Some(Ok(up))) => {
@@ -614,7 +619,7 @@ where
         if matches!(self.phase, Phase::Finished) {
             return Poll::Ready(());
         }
-        let more_in = self.poll_inbound(cx);
+        let more_in = self.poll_inbound(cx, BUDGET);
         if self.poll_close_steps(cx).is_ready() {
             return Poll::Ready(());
         }
@@ -707,6 +712,36 @@ where
     }
 }
 
+impl<T, P> Core<T, P>
+where
+    T: Transport<Envelope<P>>,
+    P: Send + Sync + 'static,
+{
+    /// Routes what the transport has ready (at most [`PULL_BUDGET`] items) from the calling
+    /// task, a subscription of this target whose queue is empty: exactly as the driver would,
+    /// with the driver's waker, so that whatever is left pending (the transport's next item,
+    /// room in a `Block` queue) wakes the driver, never the caller.
+    fn try_pull(&mut self) {
+        if !self.running()
+            || self.stalled.is_some()
+            || self.runtime.is_none()
+            || current_runtime() != self.runtime
+        {
+            return;
+        }
+        let Some(waker) = self.waker.take() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&waker);
+        if self.poll_inbound(&mut cx, PULL_BUDGET) || !self.running() {
+            // Items may be left (the transport wakes no one for those), or the transport
+            // failed for good: the driver task takes it from here.
+            waker.wake_by_ref();
+        }
+        self.waker = Some(waker);
+    }
+}
+
 /// The task that owns a transport: it feeds what is queued, flushes, routes what comes up, and
 /// closes. Dropping it drops the transport.
 pub(crate) struct Driver<T, P> {
@@ -748,10 +783,15 @@ pub(crate) enum Fed<P> {
     Panicked(Error),
 }
 
-/// A publisher's way to the transport, past the queue: see [`Core::try_publish`].
+/// A way to the transport past the driver task, for publishers ([`Core::try_publish`]) and
+/// for subscriptions that find their queue empty ([`Core::try_pull`]).
 pub(crate) trait Direct<P>: Send + Sync {
     /// Feeds `outgoing` now, or hands it back to be queued.
     fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P>;
+
+    /// Routes what the transport has ready now, from the calling task, if the driver is not
+    /// using the transport.
+    fn try_pull(&self);
 }
 
 impl<T, P> Direct<P> for Mutex<Core<T, P>>
@@ -769,6 +809,20 @@ where
             Ok(Ok(())) => Fed::Yes,
             Ok(Err(outgoing)) => Fed::No(outgoing),
             Err(panic) => Fed::Panicked(core.panicked("the transport", panic.as_ref())),
+        }
+    }
+
+    fn try_pull(&self) {
+        let Ok(mut core) = self.try_lock() else {
+            // The driver (or another reader) is routing: it delivers to the caller's queue.
+            return;
+        };
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| core.try_pull())) {
+            // Stops the target: the caller's queue ends, with the others.
+            core.panicked(
+                "the event target's transport (read by a subscription)",
+                panic.as_ref(),
+            );
         }
     }
 }

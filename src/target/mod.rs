@@ -40,7 +40,10 @@ pub struct ListenerId(pub(crate) u64);
 /// ([`subscribe`](Self::subscribe)), each with its own bounded queue.
 ///
 /// Handles are cheap to clone. Over a transport, one driver task owns it: it feeds every queued
-/// command down and flushes once, and routes what comes up. In-process
+/// command down and flushes once, and routes what comes up. Two shortcuts skip the hand-off to
+/// that task when it is not using the transport: a publishing task feeds its publish itself,
+/// and a [`Subscription`] that finds its queue empty routes what the transport has ready
+/// itself (both only from tasks on the runtime the target was built on). In-process
 /// ([`local`](Self::local)), there is no transport and no driver: a dispatch delivers straight
 /// from the publishing task into the listeners' queues.
 ///
@@ -182,7 +185,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
 
     /// Calls `callback` with every event on `topic`, until removed.
     ///
-    /// Over a transport, callbacks run on the driver task, in arrival order; in-process, on the
+    /// Over a transport, callbacks run where inbound messages are routed, one message at a
+    /// time, in arrival order: on the driver task, or on the task of a [`Subscription`] of
+    /// this target that found its queue empty and routed what was ready; in-process, on the
     /// dispatching task. A callback must not block. A panic in it is caught, counted in
     /// [`Stats::callback_panics`] and traced; the callback stays registered and the other
     /// listeners still get the event.
@@ -205,7 +210,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Calls `callback` with every gap notice that concerns the whole target: today
     /// [`Gap::Reconnected`](crate::Gap::Reconnected), when the transport rebuilt its
     /// connection (events published meanwhile may be missing). Subscriptions get it in their
-    /// stream; callback listeners learn of it here. Runs on the driver task; must not block.
+    /// stream; callback listeners learn of it here. Runs where inbound messages are routed
+    /// (see [`add_event_listener`](Self::add_event_listener)); must not block.
     pub fn add_gap_listener<F>(&self, callback: F) -> ListenerId
     where
         F: Fn(crate::Gap) + Send + Sync + 'static,
@@ -249,7 +255,13 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         };
         let added = self.shared().add_listener(topic.clone(), listener, true)?;
         // From here, dropping the subscription (also by cancellation) removes the listener.
-        let subscription = Subscription::new(queue, topic, id, Arc::clone(self.shared()));
+        let subscription = Subscription::new(
+            queue,
+            topic,
+            id,
+            Arc::clone(self.shared()),
+            self.handle.direct.clone(),
+        );
         if let Added::Pending(confirmed) = added {
             match confirmed.await {
                 Ok(Ok(())) => {}
