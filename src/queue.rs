@@ -172,8 +172,9 @@ impl<P> Queue<P> {
     }
 
     /// Takes the next item: a lag notice first if events were dropped, then the oldest slot.
-    /// `Ready(None)` once the queue is closed and empty. `Pending` when it is empty; only with
-    /// `cx` is the consumer then woken by the next push.
+    /// `Ready(None)` once the queue is closed and empty. `Pending` when it is empty: with `cx`,
+    /// the consumer is woken by the next push; without, it is not (and any waker it left
+    /// before is forgotten).
     pub(crate) fn poll_pop(
         &self,
         cx: Option<&mut Context<'_>>,
@@ -201,8 +202,12 @@ impl<P> Queue<P> {
             }
             None if state.closed => Poll::Ready(None),
             None => {
-                if let Some(cx) = cx {
-                    crate::waker::remember(&mut state.consumer, cx);
+                match cx {
+                    Some(cx) => crate::waker::remember(&mut state.consumer, cx),
+                    // The consumer is about to fill the queue itself (a subscription routing
+                    // what its transport has ready): a waker left from an earlier wait would
+                    // only wake it for its own push. It registers again before it waits.
+                    None => state.consumer = None,
                 }
                 Poll::Pending
             }

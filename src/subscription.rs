@@ -117,6 +117,12 @@ impl SubscribeOptions {
 /// transport fails for good. Dropping the subscription leaves the topic: the last listener to
 /// leave unsubscribes on the transport.
 ///
+/// Over a transport, a subscription that finds its queue empty routes what the transport has
+/// ready itself, when the target's driver task is not at it: that saves a hand-off between
+/// tasks per batch. So polling it may run the transport's reading side (and the reconnect
+/// layer's work, if it is reconnecting) and the callbacks of other listeners of the target,
+/// on the polling task; they run one message at a time, in arrival order, wherever they run.
+///
 /// # Cancellation safety
 ///
 /// `next()` is cancellation safe: an event is taken off the queue only when it is returned.

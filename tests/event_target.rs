@@ -975,6 +975,7 @@ async fn a_transport_that_panics_when_a_subscription_reads_it_stops_the_target()
     let events: EventTarget = EventTarget::new(silent.clone());
     let mut a = events.subscribe("a:1").await.unwrap();
     silent.put("a:1", 0);
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
     silent
         .inbound
         .lock()
@@ -983,8 +984,8 @@ async fn a_transport_that_panics_when_a_subscription_reads_it_stops_the_target()
             channel: None,
             message: Envelope::new("a", "1", "panic".into()),
         });
-    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
-    // The next read panics in the transport: the stream ends, the target stops.
+    // This read of the transport, from the subscription's task, panics: the stream ends and
+    // the target stops.
     let end = tokio::time::timeout(WAIT, a.next())
         .await
         .expect("the stream ends");

@@ -69,9 +69,10 @@ struct Route<P> {
     listeners: Weak<[Listener<P>]>,
 }
 
-/// Everything the driver owns. It sits behind a mutex so that a publishing task can feed the
-/// transport itself (see [`Direct`]) when the driver is not using it; the driver task does all
-/// the rest.
+/// Everything the driver owns. It sits behind a mutex so that, when the driver is not using
+/// the transport, a publishing task can feed it ([`Core::try_publish`]) and a subscription with
+/// an empty queue can route what it has ready ([`Core::try_pull`]); the driver task does all
+/// the rest (flushes, control, close), and what those two leave pending wakes it.
 pub(crate) struct Core<T, P> {
     transport: Pin<Box<T>>,
     shared: Arc<Shared<P>>,
@@ -91,8 +92,9 @@ pub(crate) struct Core<T, P> {
     deadline: Option<Pin<Box<Sleep>>>,
     key: String,
     route: Option<Route<P>>,
-    /// The driver task's waker: direct publishes hand it to the transport, so whatever they
-    /// leave pending (a flush, room in a buffer) wakes the driver, never the publisher.
+    /// The driver task's waker: direct publishes and pulls hand it to the transport, so
+    /// whatever they leave pending (a flush, room in a buffer, the next inbound item) wakes
+    /// the driver, never the publisher or the subscription.
     waker: Option<Waker>,
     /// A direct publish left data unflushed and woke the driver to flush it.
     flush_wanted: bool,
@@ -596,8 +598,9 @@ where
             format!("{what} panicked: {}", panic_message(panic)),
         );
         self.terminate(error.clone());
-        // Let the driver task see that it is finished, end, and drop the transport. A panic in
-        // a direct publish unwound past the waker it had taken: the control channel wakes it.
+        // Let the driver task see that it is finished, end, and drop the transport. (The direct
+        // paths put the waker back before they get here; without one, the control channel
+        // wakes the driver.)
         match &self.waker {
             Some(waker) => waker.wake_by_ref(),
             None => {
@@ -637,21 +640,38 @@ where
     /// Feeds `outgoing` to the transport from the calling task, if that keeps the order: the
     /// target is running, what was queued before it could be fed first, and the transport has
     /// room now.
-    fn try_publish(&mut self, outgoing: Outgoing<P>) -> std::result::Result<(), Outgoing<P>> {
+    fn try_publish(&mut self, outgoing: Outgoing<P>) -> Fed<P> {
         if !self.running() || self.runtime.is_none() || current_runtime() != self.runtime {
-            return Err(outgoing);
+            return Fed::No(outgoing);
         }
         let Some(waker) = self.waker.take() else {
             // The driver has not run yet.
-            return Err(outgoing);
+            return Fed::No(outgoing);
         };
-        let result = self.publish_with(outgoing, &waker);
-        if !self.running() {
-            // The transport failed for good: let the driver task see it, end, and drop it.
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.publish_with(outgoing, &waker)));
+        // Back before anything else, also after a panic: whatever is left wakes the driver.
+        self.waker = Some(waker);
+        match result {
+            Ok(result) => {
+                if !self.running() {
+                    // The transport failed for good: let the driver task see it, end, and drop
+                    // it.
+                    self.wake_driver();
+                }
+                match result {
+                    Ok(()) => Fed::Yes,
+                    Err(outgoing) => Fed::No(outgoing),
+                }
+            }
+            Err(panic) => Fed::Panicked(self.panicked("the transport", panic.as_ref())),
+        }
+    }
+
+    fn wake_driver(&self) {
+        if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
-        self.waker = Some(waker);
-        result
     }
 
     fn publish_with(
@@ -732,13 +752,27 @@ where
         let Some(waker) = self.waker.take() else {
             return;
         };
-        let mut cx = Context::from_waker(&waker);
-        if self.poll_inbound(&mut cx, PULL_BUDGET) || !self.running() {
-            // Items may be left (the transport wakes no one for those), or the transport
-            // failed for good: the driver task takes it from here.
-            waker.wake_by_ref();
-        }
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.poll_inbound(&mut Context::from_waker(&waker), PULL_BUDGET)
+        }));
+        // Back before anything else, also after a panic: whatever is left wakes the driver.
         self.waker = Some(waker);
+        match result {
+            Ok(more) => {
+                if more || !self.running() {
+                    // Items may be left (the transport wakes no one for those), or the
+                    // transport failed for good: the driver task takes it from here.
+                    self.wake_driver();
+                }
+            }
+            Err(panic) => {
+                // Stops the target: the caller's queue ends, with the others.
+                self.panicked(
+                    "the event target's transport (read by a subscription)",
+                    panic.as_ref(),
+                );
+            }
+        }
     }
 }
 
@@ -800,29 +834,17 @@ where
     P: Send + Sync + 'static,
 {
     fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P> {
-        // Busy (the driver or another publisher): queue it.
-        let Ok(mut core) = self.try_lock() else {
-            return Fed::No(outgoing);
-        };
-        let fed = std::panic::catch_unwind(AssertUnwindSafe(|| core.try_publish(outgoing)));
-        match fed {
-            Ok(Ok(())) => Fed::Yes,
-            Ok(Err(outgoing)) => Fed::No(outgoing),
-            Err(panic) => Fed::Panicked(core.panicked("the transport", panic.as_ref())),
+        // Busy (the driver, a publisher or a reading subscription): queue it.
+        match self.try_lock() {
+            Ok(mut core) => core.try_publish(outgoing),
+            Err(_) => Fed::No(outgoing),
         }
     }
 
     fn try_pull(&self) {
-        let Ok(mut core) = self.try_lock() else {
-            // The driver (or another reader) is routing: it delivers to the caller's queue.
-            return;
-        };
-        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| core.try_pull())) {
-            // Stops the target: the caller's queue ends, with the others.
-            core.panicked(
-                "the event target's transport (read by a subscription)",
-                panic.as_ref(),
-            );
+        // Busy: the driver is woken by the transport for what it has, as usual.
+        if let Ok(mut core) = self.try_lock() {
+            core.try_pull();
         }
     }
 }

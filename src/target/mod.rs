@@ -77,7 +77,8 @@ struct Handle<P> {
     shared: Arc<Shared<P>>,
     /// `None` in-process.
     publish: Option<mpsc::Sender<Outgoing<P>>>,
-    /// The driver's transport, for publishes that can skip the queue (gone with the driver).
+    /// The driver's transport, for publishes that can skip the queue and subscriptions that
+    /// route what it has ready (gone with the driver).
     direct: Option<Weak<dyn Direct<P>>>,
     options: SubscribeOptions,
 }
@@ -188,7 +189,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Over a transport, callbacks run where inbound messages are routed, one message at a
     /// time, in arrival order: on the driver task, or on the task of a [`Subscription`] of
     /// this target that found its queue empty and routed what was ready; in-process, on the
-    /// dispatching task. A callback must not block. A panic in it is caught, counted in
+    /// dispatching task. A callback must not block: it would hold up every other listener of
+    /// the target, and the task it runs on. A panic in it is caught, counted in
     /// [`Stats::callback_panics`] and traced; the callback stays registered and the other
     /// listeners still get the event.
     ///
