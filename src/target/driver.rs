@@ -873,8 +873,13 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // Only a panic in a transport call while locked poisons the lock, and both places that
-        // lock it catch those: a poisoned lock cannot be seen here, but would only mean "stop".
+        // Blocking: a publisher or a subscription holding the lock is doing the driver's work
+        // (a batch of publishes, or up to `PULL_BUDGET` inbound items) and lets go soon. A
+        // driver that yields and retries instead measured slower (it spins through the
+        // scheduler), and so did one woken by whoever lets go.
+        //
+        // Only a panic in a transport call while locked poisons the lock, and every place that
+        // locks it catches those: a poisoned lock cannot be seen here, but would only mean "stop".
         let Ok(mut core) = self.core.lock() else {
             return Poll::Ready(());
         };
