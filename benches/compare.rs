@@ -1002,9 +1002,11 @@ mod ws_bench {
 
 // ------------------------------------------------------------------ memory
 
-fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
+/// The memory figures, as lines to print. Runs first, while the allocator counts.
+fn memory(config: &Config, runtime: &tokio::runtime::Runtime) -> Vec<String> {
+    let mut lines = Vec::new();
     if !config.wants("memory") {
-        return;
+        return lines;
     }
     let sizes: &[usize] = if config.quick {
         &[1_000]
@@ -1028,7 +1030,9 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
             assert_eq!(events.topic_count(), topics);
             (after - before) as f64 / topics as f64
         });
-        println!("memory: {per:.0} bytes per idle subscription at {topics} topics (local target)");
+        lines.push(format!(
+            "memory: {per:.0} bytes per idle subscription at {topics} topics (local target)"
+        ));
     }
     let flood: u64 = if config.quick { 20_000 } else { 1_000_000 };
     let (peak, capacity) = runtime.block_on(async {
@@ -1053,7 +1057,8 @@ fn memory(config: &Config, runtime: &tokio::runtime::Runtime) {
         assert_eq!(events.stats().lagged, flood - never_read.capacity() as u64);
         (CountingAllocator::peak() - baseline, never_read.capacity())
     });
-    println!("memory: peak +{peak} bytes for a subscriber that never reads, under a {flood}-message flood (queue capped at {capacity})");
+    lines.push(format!("memory: peak +{peak} bytes for a subscriber that never reads, under a {flood}-message flood (queue capped at {capacity})"));
+    lines
 }
 
 // ------------------------------------------------------------------ main
@@ -1075,6 +1080,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // Memory first, while the allocator counts; then it stops counting (two atomic operations
+    // per allocation on counters shared by every thread would weigh on the throughput rows,
+    // the more so for the side that allocates more, on more threads).
+    let memory = memory(&config, &runtime);
+    CountingAllocator::stop_counting();
     println!(
         "alkdev-pubsub benchmarks ({} mode, {} round(s) per scenario, medians)",
         if quick { "quick" } else { "full" },
@@ -1225,5 +1235,7 @@ fn main() {
         )
         .await;
     });
-    memory(&config, &runtime);
+    for line in memory {
+        println!("{line}");
+    }
 }
