@@ -794,9 +794,16 @@ mod ws_bench {
         )
     }
 
-    /// Diagnostic: the client's layer stack fed directly by the publishing task (no event
-    /// target, so no driver task), flushed every `FLUSH_EVERY`; the server is ours.
-    pub async fn stack_only(messages: u64) -> Run {
+    /// Our server for the diagnostic rows: an accepted event target with a `Block`
+    /// subscription that checks every event. Returns its URL, a signal that it is subscribed,
+    /// and the task that ends once it has seen `messages` events.
+    async fn our_server(
+        messages: u64,
+    ) -> (
+        String,
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = WebSocketListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("ws://{}/", listener.local_addr().expect("addr"));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -814,9 +821,16 @@ mod ws_bench {
             let mut sequence = Sequence::new();
             while sequence.next < messages {
                 let event = subscription.next().await.expect("open").expect("no gap");
-                sequence.check(event.payload.n, "websocket stack");
+                sequence.check(event.payload.n, "our websocket server");
             }
         });
+        (url, ready_rx, server)
+    }
+
+    /// Diagnostic: the client's layer stack fed directly by the publishing task (no event
+    /// target, so no driver task), flushed every `FLUSH_EVERY`; the server is ours.
+    pub async fn stack_only(messages: u64) -> Run {
+        let (url, ready_rx, server) = our_server(messages).await;
         let mut client = Box::pin(
             ServiceBuilder::new()
                 .layer(ParseErrorLayer::skip())
@@ -843,6 +857,31 @@ mod ws_bench {
                 })
                 .await
                 .expect("feed");
+            if n % FLUSH_EVERY == FLUSH_EVERY - 1 {
+                client.flush().await.expect("flush");
+            }
+        }
+        client.flush().await.expect("flush");
+        server.await.expect("server");
+        Run {
+            messages,
+            elapsed: started.elapsed(),
+            latencies: Vec::new(),
+        }
+    }
+
+    /// Diagnostic: the raw client of [`raw`] against our server, so the row says what the
+    /// receiving side costs alone.
+    pub async fn raw_client_our_server(messages: u64) -> Run {
+        let (url, ready_rx, server) = our_server(messages).await;
+        let (mut client, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+            .await
+            .expect("connect");
+        ready_rx.await.expect("server ready");
+        let started = Instant::now();
+        for n in 0..messages {
+            let text = serde_json::to_string(&envelope(n)).expect("encode");
+            client.feed(Message::text(text)).await.expect("feed");
             if n % FLUSH_EVERY == FLUSH_EVERY - 1 {
                 client.flush().await.expect("flush");
             }
@@ -1223,6 +1262,14 @@ fn main() {
             n,
             Box::new(|m| Box::pin(ws_bench::raw(m))),
             Box::new(|m| Box::pin(ws_bench::stack_only(m))),
+        )
+        .await;
+        compare(
+            &config,
+            "websocket raw client, our server",
+            n,
+            Box::new(|m| Box::pin(ws_bench::raw(m))),
+            Box::new(|m| Box::pin(ws_bench::raw_client_our_server(m))),
         )
         .await;
         let l = config.count(10_000);

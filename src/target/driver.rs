@@ -730,13 +730,7 @@ where
         }
         Ok(())
     }
-}
 
-impl<T, P> Core<T, P>
-where
-    T: Transport<Envelope<P>>,
-    P: Send + Sync + 'static,
-{
     /// Routes what the transport has ready (at most [`PULL_BUDGET`] items) from the calling
     /// task, a subscription of this target whose queue is empty: exactly as the driver would,
     /// with the driver's waker, so that whatever is left pending (the transport's next item,
