@@ -764,9 +764,26 @@ mod ws_bench {
                 }
             }
         });
+        let started = raw_client(url, async {}, messages).await;
+        server.await.expect("server");
+        Run {
+            messages,
+            elapsed: started.elapsed(),
+            latencies: Vec::new(),
+        }
+    }
+
+    /// The raw client: connects, waits for `ready`, then sends `messages` envelopes as text
+    /// frames (`feed`, and `flush` every `FLUSH_EVERY`). Returns when it started sending.
+    async fn raw_client(
+        url: String,
+        ready: impl std::future::Future<Output = ()>,
+        messages: u64,
+    ) -> Instant {
         let (mut client, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .expect("connect");
+        ready.await;
         let started = Instant::now();
         for n in 0..messages {
             let text = serde_json::to_string(&envelope(n)).expect("encode");
@@ -776,12 +793,7 @@ mod ws_bench {
             }
         }
         client.flush().await.expect("flush");
-        server.await.expect("server");
-        Run {
-            messages,
-            elapsed: started.elapsed(),
-            latencies: Vec::new(),
-        }
+        started
     }
 
     fn client_stack(url: String) -> EventTarget<Payload> {
@@ -874,19 +886,8 @@ mod ws_bench {
     /// receiving side costs alone.
     pub async fn raw_client_our_server(messages: u64) -> Run {
         let (url, ready_rx, server) = our_server(messages).await;
-        let (mut client, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-            .await
-            .expect("connect");
-        ready_rx.await.expect("server ready");
-        let started = Instant::now();
-        for n in 0..messages {
-            let text = serde_json::to_string(&envelope(n)).expect("encode");
-            client.feed(Message::text(text)).await.expect("feed");
-            if n % FLUSH_EVERY == FLUSH_EVERY - 1 {
-                client.flush().await.expect("flush");
-            }
-        }
-        client.flush().await.expect("flush");
+        let ready = async { ready_rx.await.expect("server ready") };
+        let started = raw_client(url, ready, messages).await;
         server.await.expect("server");
         Run {
             messages,
