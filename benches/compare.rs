@@ -806,11 +806,12 @@ mod ws_bench {
         )
     }
 
-    /// Our server for the diagnostic rows: an accepted event target with a `Block`
-    /// subscription that checks every event. Returns its URL, a signal that it is subscribed,
-    /// and the task that ends once it has seen `messages` events.
+    /// Our server: an accepted event target that checks every event, with a `Block`
+    /// subscription or (`callback`) a callback listener. Returns its URL, a signal that it is
+    /// subscribed, and the task that ends once it has seen `messages` events.
     async fn our_server(
         messages: u64,
+        callback: bool,
     ) -> (
         String,
         tokio::sync::oneshot::Receiver<()>,
@@ -822,6 +823,26 @@ mod ws_bench {
         let server = tokio::spawn(async move {
             let (server, _): (EventTarget<Payload>, _) =
                 listener.accept_event_target().await.expect("accept");
+            if callback {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let done = std::sync::Mutex::new((Sequence::new(), Some(done_tx)));
+                server
+                    .add_event_listener("bench.event:x", move |event| {
+                        let mut done = done.lock().expect("not poisoned");
+                        done.0
+                            .check(event.payload.n, "our websocket server's callback");
+                        if done.0.next == messages {
+                            if let Some(tx) = done.1.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    })
+                    .expect("listen");
+                drop(server.subscribe("bench.event:x").await.expect("confirmed"));
+                let _ = ready_tx.send(());
+                done_rx.await.expect("all received");
+                return;
+            }
             let options = SubscribeOptions::new()
                 .capacity(1 << 16)
                 .overflow(Overflow::Block);
@@ -842,7 +863,7 @@ mod ws_bench {
     /// Diagnostic: the client's layer stack fed directly by the publishing task (no event
     /// target, so no driver task), flushed every `FLUSH_EVERY`; the server is ours.
     pub async fn stack_only(messages: u64) -> Run {
-        let (url, ready_rx, server) = our_server(messages).await;
+        let (url, ready_rx, server) = our_server(messages, false).await;
         let mut client = Box::pin(
             ServiceBuilder::new()
                 .layer(ParseErrorLayer::skip())
@@ -885,7 +906,7 @@ mod ws_bench {
     /// Diagnostic: the raw client of [`raw`] against our server, so the row says what the
     /// receiving side costs alone.
     pub async fn raw_client_our_server(messages: u64) -> Run {
-        let (url, ready_rx, server) = our_server(messages).await;
+        let (url, ready_rx, server) = our_server(messages, false).await;
         let ready = async { ready_rx.await.expect("server ready") };
         let started = raw_client(url, ready, messages).await;
         server.await.expect("server");
@@ -898,45 +919,7 @@ mod ws_bench {
 
     /// The server listens with a callback (`callback`) or a `Subscription` stream.
     pub async fn ours(messages: u64, callback: bool) -> Run {
-        let listener = WebSocketListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("ws://{}/", listener.local_addr().expect("addr"));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(async move {
-            let (server, _): (EventTarget<Payload>, _) =
-                listener.accept_event_target().await.expect("accept");
-            if callback {
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                let done = std::sync::Mutex::new((Sequence::new(), Some(done_tx)));
-                server
-                    .add_event_listener("bench.event:x", move |event| {
-                        let mut done = done.lock().expect("not poisoned");
-                        done.0.check(event.payload.n, "ours websocket callback");
-                        if done.0.next == messages {
-                            if let Some(tx) = done.1.take() {
-                                let _ = tx.send(());
-                            }
-                        }
-                    })
-                    .expect("listen");
-                drop(server.subscribe("bench.event:x").await.expect("confirmed"));
-                let _ = ready_tx.send(());
-                done_rx.await.expect("all received");
-                return;
-            }
-            let options = SubscribeOptions::new()
-                .capacity(1 << 16)
-                .overflow(Overflow::Block);
-            let mut subscription = server
-                .subscribe_with("bench.event:x", options)
-                .await
-                .expect("subscribe");
-            let _ = ready_tx.send(());
-            let mut sequence = Sequence::new();
-            while sequence.next < messages {
-                let event = subscription.next().await.expect("open").expect("no gap");
-                sequence.check(event.payload.n, "ours websocket");
-            }
-        });
+        let (url, ready_rx, server) = our_server(messages, callback).await;
         let client = client_stack(url);
         client.dispatch_confirmed(warmup()).await.expect("connect");
         ready_rx.await.expect("server ready");
