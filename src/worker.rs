@@ -42,11 +42,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use futures::channel::mpsc;
+use futures::task::AtomicWaker;
 use futures::{Sink, Stream};
 
 use crate::layers::{Command, Envelope, Error, ErrorKind, Result, Up};
@@ -63,6 +65,11 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 /// Publishing sends the envelope to the other side; subscribing is local (the other side sends
 /// everything it publishes, and this side's event target keeps what has listeners) and is
 /// confirmed at once. When the other side is dropped, this side's stream ends.
+///
+/// Envelopes travel in batches. A flush hands a partial batch over at once when the other side
+/// has taken everything sent before it (so a lone envelope is not delayed); otherwise it
+/// completes when the other side takes the batch ahead of it, and what was published
+/// meanwhile goes in the same batch. Closing hands everything over at once.
 pub struct WorkerTransport<P = serde_json::Value> {
     tx: mpsc::Sender<Vec<Envelope<P>>>,
     rx: mpsc::Receiver<Vec<Envelope<P>>>,
@@ -73,6 +80,22 @@ pub struct WorkerTransport<P = serde_json::Value> {
     /// Emptied batches, shared by the two sides: a reader hands back what it drained, so a
     /// writer rarely allocates one (and the allocation is not freed on the other thread).
     spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
+    /// The direction this side writes, and the one it reads.
+    out_link: Arc<Link>,
+    in_link: Arc<Link>,
+}
+
+/// What the two ends of one direction share beyond the channel: how many batches the reader
+/// has not taken yet, and the writer's flush waiting for it to take one.
+///
+/// A flush sends a partial batch at once only when the reader has taken everything before it;
+/// otherwise it waits until the reader takes the batch ahead (or until the batch fills), so
+/// that a burst travels in full batches rather than in whatever had accumulated each time the
+/// driver flushed. A lone envelope still goes at once (nothing is ahead of it).
+#[derive(Default)]
+struct Link {
+    in_flight: AtomicUsize,
+    flusher: AtomicWaker,
 }
 
 /// How many emptied batches wait for reuse, at most.
@@ -99,9 +122,16 @@ pub fn channel<P>(capacity: usize) -> (WorkerTransport<P>, WorkerTransport<P>) {
     let (a_tx, b_rx) = mpsc::channel(batches - 1);
     let (b_tx, a_rx) = mpsc::channel(batches - 1);
     let spare = Arc::default();
+    let (a_to_b, b_to_a) = (Arc::new(Link::default()), Arc::new(Link::default()));
     (
-        WorkerTransport::new(a_tx, a_rx, Arc::clone(&spare)),
-        WorkerTransport::new(b_tx, b_rx, spare),
+        WorkerTransport::new(
+            a_tx,
+            a_rx,
+            Arc::clone(&spare),
+            Arc::clone(&a_to_b),
+            Arc::clone(&b_to_a),
+        ),
+        WorkerTransport::new(b_tx, b_rx, spare, b_to_a, a_to_b),
     )
 }
 
@@ -110,6 +140,8 @@ impl<P> WorkerTransport<P> {
         tx: mpsc::Sender<Vec<Envelope<P>>>,
         rx: mpsc::Receiver<Vec<Envelope<P>>>,
         spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
+        out_link: Arc<Link>,
+        in_link: Arc<Link>,
     ) -> Self {
         WorkerTransport {
             tx,
@@ -119,6 +151,8 @@ impl<P> WorkerTransport<P> {
             signals: VecDeque::new(),
             reader: None,
             spare,
+            out_link,
+            in_link,
         }
     }
 
@@ -149,10 +183,34 @@ impl<P> WorkerTransport<P> {
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(MAX_BATCH));
         let batch = std::mem::replace(&mut self.outgoing, next);
+        // Counted before the reader can see it, so the count never goes below zero.
+        self.out_link.in_flight.fetch_add(1, SeqCst);
         self.tx
             .start_send(batch)
             .map_err(|_| Self::peer_gone())
             .into()
+    }
+
+    /// Whether a partial batch may wait: the reader has not taken the batch ahead of it yet
+    /// (and will wake this task when it does). Never when the reader is gone.
+    fn may_wait(&self, cx: &mut Context<'_>) -> bool {
+        let link = &self.out_link;
+        if self.outgoing.len() >= MAX_BATCH || link.in_flight.load(SeqCst) == 0 {
+            return false;
+        }
+        link.flusher.register(cx.waker());
+        // Looked at again after registering: a batch taken in between has woken no one.
+        link.in_flight.load(SeqCst) > 0 && !self.tx.is_closed()
+    }
+
+    /// Sends what is unsent and flushes the channel.
+    fn poll_send_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.poll_send_batch(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.tx)
+            .poll_flush(cx)
+            .map_err(|_| Self::peer_gone())
     }
 
     fn signal(&mut self, up: Up<Envelope<P>>) {
@@ -160,6 +218,14 @@ impl<P> WorkerTransport<P> {
         if let Some(reader) = self.reader.take() {
             reader.wake();
         }
+    }
+}
+
+impl<P> Drop for WorkerTransport<P> {
+    fn drop(&mut self) {
+        // A writer waiting for this side to take a batch must learn that it never will.
+        self.rx.close();
+        self.in_link.flusher.wake();
     }
 }
 
@@ -186,16 +252,15 @@ impl<P> Sink<Command<Envelope<P>>> for WorkerTransport<P> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if this.poll_send_batch(cx)?.is_pending() {
+        if this.may_wait(cx) {
             return Poll::Pending;
         }
-        Pin::new(&mut this.tx)
-            .poll_flush(cx)
-            .map_err(|_| Self::peer_gone())
+        this.poll_send_now(cx)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        match self.as_mut().poll_flush(cx) {
+        // Everything goes now: a reader that never reads again must not hold up the close.
+        match self.poll_send_now(cx) {
             Poll::Pending => return Poll::Pending,
             // The peer is gone: nothing left to close.
             Poll::Ready(_) => {}
@@ -222,6 +287,8 @@ impl<P> Stream for WorkerTransport<P> {
             }
             match Pin::new(&mut this.rx).poll_next(cx) {
                 Poll::Ready(Some(batch)) => {
+                    this.in_link.in_flight.fetch_sub(1, SeqCst);
+                    this.in_link.flusher.wake();
                     // The drained one goes back for the writer (no data moves: it is empty).
                     let drained = std::mem::replace(&mut this.incoming, VecDeque::from(batch));
                     let mut spare = this.spare();

@@ -2,9 +2,12 @@
 
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use alkdev_pubsub::testkit::{self, number_of, numbered};
-use alkdev_pubsub::{worker, EventTarget};
-use futures::StreamExt;
+use alkdev_pubsub::{worker, Command, EventTarget, Topic, Up};
+use futures::{Sink, Stream, StreamExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_across_threads() {
@@ -77,4 +80,108 @@ async fn a_dropped_side_ends_the_other_sides_stream_cleanly() {
         error.to_string().contains("stream ended"),
         "the error names the cause: {error}"
     );
+}
+
+/// A waker that counts its wake-ups.
+struct Count(std::sync::atomic::AtomicUsize);
+
+impl futures::task::ArcWake for Count {
+    fn wake_by_ref(arc_self: &std::sync::Arc<Self>) {
+        arc_self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Count {
+    fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)))
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+type Side = worker::WorkerTransport<serde_json::Value>;
+
+fn send(side: &mut Side, cx: &mut Context<'_>, n: u64) {
+    assert!(matches!(
+        Pin::new(&mut *side).poll_ready(cx),
+        Poll::Ready(Ok(()))
+    ));
+    Pin::new(side)
+        .start_send(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: numbered("t", "1", n),
+        })
+        .unwrap();
+}
+
+fn flush(side: &mut Side, cx: &mut Context<'_>) -> Poll<alkdev_pubsub::Result<()>> {
+    Pin::new(side).poll_flush(cx)
+}
+
+/// The numbers of what `side` can read now.
+fn read(side: &mut Side) -> Vec<u64> {
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    let mut numbers = Vec::new();
+    while let Poll::Ready(Some(Ok(Up::Message { message, .. }))) =
+        Pin::new(&mut *side).poll_next(&mut cx)
+    {
+        numbers.push(number_of(&message));
+    }
+    numbers
+}
+
+#[test]
+fn a_flush_waits_for_the_reader_to_take_the_batch_ahead_so_a_burst_travels_in_full_batches() {
+    let (mut a, mut b) = worker::channel(4096);
+    let count = Count::new();
+    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let mut cx = Context::from_waker(&waker);
+    // Nothing ahead of it: a lone envelope goes at once.
+    send(&mut a, &mut cx, 1);
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    // The reader has not taken it yet: the next flush waits, and the batch grows meanwhile.
+    send(&mut a, &mut cx, 2);
+    assert!(flush(&mut a, &mut cx).is_pending());
+    send(&mut a, &mut cx, 3);
+    assert!(flush(&mut a, &mut cx).is_pending());
+    assert_eq!(count.get(), 0);
+    // The reader takes the first batch: the writer is woken, and 2 and 3 go as one batch.
+    assert_eq!(read(&mut b), [1]);
+    assert!(count.get() >= 1, "the waiting flush was not woken");
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    assert_eq!(read(&mut b), [2, 3]);
+}
+
+#[test]
+fn a_waiting_flush_learns_that_the_reader_is_gone() {
+    let (mut a, b) = worker::channel(4096);
+    let count = Count::new();
+    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let mut cx = Context::from_waker(&waker);
+    send(&mut a, &mut cx, 1);
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    send(&mut a, &mut cx, 2);
+    assert!(flush(&mut a, &mut cx).is_pending());
+    drop(b);
+    assert!(count.get() >= 1, "the waiting flush was not woken");
+    match flush(&mut a, &mut cx) {
+        Poll::Ready(Err(error)) => assert!(error.to_string().contains("dropped"), "{error}"),
+        other => panic!("expected the peer's loss, got {other:?}"),
+    }
+}
+
+#[test]
+fn close_sends_at_once_even_with_a_batch_ahead() {
+    let (mut a, mut b) = worker::channel(4096);
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    send(&mut a, &mut cx, 1);
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    send(&mut a, &mut cx, 2);
+    assert!(matches!(
+        Pin::new(&mut a).poll_close(&mut cx),
+        Poll::Ready(Ok(()))
+    ));
+    assert_eq!(read(&mut b), [1, 2]);
 }
