@@ -192,10 +192,14 @@ impl<P> WorkerTransport<P> {
     }
 
     /// Whether a partial batch may wait: the reader has not taken the batch ahead of it yet
-    /// (and will wake this task when it does). Never when the reader is gone.
+    /// (and will wake this task when it does). Never when the reader is gone, nor when nothing
+    /// waits to be sent.
     fn may_wait(&self, cx: &mut Context<'_>) -> bool {
         let link = &self.out_link;
-        if self.outgoing.len() >= MAX_BATCH || link.in_flight.load(SeqCst) == 0 {
+        if self.outgoing.is_empty()
+            || self.outgoing.len() >= MAX_BATCH
+            || link.in_flight.load(SeqCst) == 0
+        {
             return false;
         }
         link.flusher.register(cx.waker());

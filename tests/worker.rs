@@ -141,6 +141,8 @@ fn a_flush_waits_for_the_reader_to_take_the_batch_ahead_so_a_burst_travels_in_fu
     // Nothing ahead of it: a lone envelope goes at once.
     send(&mut a, &mut cx, 1);
     assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    // With nothing unsent, a flush has nothing to wait for.
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
     // The reader has not taken it yet: the next flush waits, and the batch grows meanwhile.
     send(&mut a, &mut cx, 2);
     assert!(flush(&mut a, &mut cx).is_pending());
