@@ -101,7 +101,7 @@ pub(crate) struct Core<T, P> {
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
-    /// reconnect's connection or timer): only tasks on this runtime feed it directly.
+    /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
 }
 
@@ -641,31 +641,41 @@ where
     /// target is running, what was queued before it could be fed first, and the transport has
     /// room now.
     fn try_publish(&mut self, outgoing: Outgoing<P>) -> Fed<P> {
-        if !self.running() || self.runtime.is_none() || current_runtime() != self.runtime {
-            return Fed::No(outgoing);
-        }
-        let Some(waker) = self.waker.take() else {
-            // The driver has not run yet.
+        let Some(waker) = self.lend_waker() else {
             return Fed::No(outgoing);
         };
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.publish_with(outgoing, &waker)));
-        // Back before anything else, also after a panic: whatever is left wakes the driver.
-        self.waker = Some(waker);
-        match result {
-            Ok(result) => {
-                if !self.running() {
-                    // The transport failed for good: let the driver task see it, end, and drop
-                    // it.
-                    self.wake_driver();
-                }
-                match result {
-                    Ok(()) => Fed::Yes,
-                    Err(outgoing) => Fed::No(outgoing),
-                }
-            }
+        match self.act_as_driver(waker, |core, waker| core.publish_with(outgoing, waker)) {
+            Ok(Ok(())) => Fed::Yes,
+            Ok(Err(outgoing)) => Fed::No(outgoing),
             Err(panic) => Fed::Panicked(self.panicked("the transport", panic.as_ref())),
         }
+    }
+
+    /// The driver's waker, for a task that acts for the driver ([`Self::act_as_driver`]): only
+    /// while the target runs, from a task on the driver's runtime (transport calls may create
+    /// runtime resources, a reconnect's connection or timer), and once the driver has run.
+    fn lend_waker(&mut self) -> Option<Waker> {
+        if !self.running() || self.runtime.is_none() || current_runtime() != self.runtime {
+            return None;
+        }
+        self.waker.take()
+    }
+
+    /// Runs `f` with the driver's `waker` (from [`Self::lend_waker`]), so that whatever `f`
+    /// leaves pending wakes the driver, never the calling task. The waker is put back first,
+    /// also after a panic in `f` (caught and returned); a transport that failed for good is
+    /// left for the driver task to end and drop.
+    fn act_as_driver<R>(
+        &mut self,
+        waker: Waker,
+        f: impl FnOnce(&mut Self, &Waker) -> R,
+    ) -> std::thread::Result<R> {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(self, &waker)));
+        self.waker = Some(waker);
+        if result.is_ok() && !self.running() {
+            self.wake_driver();
+        }
+        result
     }
 
     fn wake_driver(&self) {
@@ -736,29 +746,20 @@ where
     /// with the driver's waker, so that whatever is left pending (the transport's next item,
     /// room in a `Block` queue) wakes the driver, never the caller.
     fn try_pull(&mut self) {
-        if !self.running()
-            || self.stalled.is_some()
-            || self.runtime.is_none()
-            || current_runtime() != self.runtime
-        {
+        if self.stalled.is_some() {
             return;
         }
-        let Some(waker) = self.waker.take() else {
+        let Some(waker) = self.lend_waker() else {
             return;
         };
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.poll_inbound(&mut Context::from_waker(&waker), PULL_BUDGET)
-        }));
-        // Back before anything else, also after a panic: whatever is left wakes the driver.
-        self.waker = Some(waker);
-        match result {
-            Ok(more) => {
-                if more || !self.running() {
-                    // Items may be left (the transport wakes no one for those), or the
-                    // transport failed for good: the driver task takes it from here.
-                    self.wake_driver();
-                }
-            }
+        let routed = self.act_as_driver(waker, |core, waker| {
+            core.poll_inbound(&mut Context::from_waker(waker), PULL_BUDGET)
+        });
+        match routed {
+            // Items may be left, and the transport wakes no one for those: the driver task
+            // takes them from here.
+            Ok(true) => self.wake_driver(),
+            Ok(false) => {}
             Err(panic) => {
                 // Stops the target: the caller's queue ends, with the others.
                 self.panicked(
