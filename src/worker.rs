@@ -86,12 +86,8 @@ pub struct WorkerTransport<P = serde_json::Value> {
 }
 
 /// What the two ends of one direction share beyond the channel: how many batches the reader
-/// has not taken yet, and the writer's flush waiting for it to take one.
-///
-/// A flush sends a partial batch at once only when the reader has taken everything before it;
-/// otherwise it waits until the reader takes the batch ahead (or until the batch fills), so
-/// that a burst travels in full batches rather than in whatever had accumulated each time the
-/// driver flushed. A lone envelope still goes at once (nothing is ahead of it).
+/// has not taken yet, and the writer's flush waiting for it to take one (the flush rule is in
+/// [`WorkerTransport`]'s docs).
 #[derive(Default)]
 struct Link {
     in_flight: AtomicUsize,
