@@ -1,13 +1,26 @@
-//! The bounded per-subscription queue, with its overflow policies.
+//! The bounded subscription queue, with its overflow policies.
+//!
+//! One queue can serve several subscriptions of a topic (its *readers*) when they asked for the
+//! same capacity and a policy that treats them alike ([`Overflow::DropOldest`] or
+//! [`Overflow::Block`]): an event is then stored once, and each reader has a cursor into the
+//! queue, as in `tokio::sync::broadcast`. A slot leaves the queue once every reader has taken
+//! it. The queue is full when its slowest reader has `capacity` slots it has not taken; the
+//! policy then applies to that reader (drop its oldest, or wait for it). A reader takes slots in
+//! batches (see [`Queue::poll_read`]), so a busy reader takes the lock once per batch.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::layers::Envelope;
 use crate::stats::Counters;
 use crate::subscription::{Gap, Overflow};
+use crate::ListenerId;
+
+/// The most slots a reader takes at once.
+const READ_BATCH: usize = 64;
 
 /// One entry of a queue: an event, or the notice that the transport reconnected.
 pub(crate) enum Slot<P> {
@@ -15,53 +28,143 @@ pub(crate) enum Slot<P> {
     Reconnected,
 }
 
-/// What became of a pushed event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Pushed {
-    /// Queued.
-    Queued,
-    /// Queued, and the oldest queued event was dropped to make room.
-    DroppedOldest,
-    /// Not queued: the queue is full and its policy drops the newest.
-    DroppedNewest,
-    /// The subscription is gone.
-    Closed,
+impl<P> Clone for Slot<P> {
+    fn clone(&self) -> Self {
+        match self {
+            Slot::Event(event) => Slot::Event(Arc::clone(event)),
+            Slot::Reconnected => Slot::Reconnected,
+        }
+    }
+}
+
+impl<P> Slot<P> {
+    pub(crate) fn into_item(self) -> Result<Arc<Envelope<P>>, Gap> {
+        match self {
+            Slot::Event(event) => Ok(event),
+            Slot::Reconnected => Err(Gap::Reconnected),
+        }
+    }
 }
 
 pub(crate) struct Queue<P> {
     state: Mutex<State<P>>,
+    /// Bumped under the lock by every change a reader could act on (a push, a drop, a
+    /// notice, the end): a reader that saw it unchanged since it found nothing to take
+    /// knows there is still nothing, without the lock.
+    version: AtomicU64,
     capacity: usize,
     overflow: Overflow,
 }
 
 struct State<P> {
+    /// `items[0]` has the sequence number `head`.
     items: VecDeque<Slot<P>>,
-    /// Events dropped since the consumer last heard of it.
-    lagged: u64,
+    head: u64,
+    readers: Vec<Reader>,
+    /// How many readers wait with a waker.
+    waiting: usize,
     closed: bool,
-    consumer: Option<Waker>,
     /// Producers waiting for room (policy `Block` only).
     producers: Vec<Waker>,
 }
 
+struct Reader {
+    id: ListenerId,
+    /// The sequence number of the oldest slot this reader holds: not yet yielded, or taken in
+    /// its last batch. Slots stay in the queue (and count against its capacity) until every
+    /// reader is past them.
+    next: u64,
+    /// The sequence number of the next slot this reader takes (`next..taken` is its batch).
+    taken: u64,
+    /// Events dropped before this reader took them, since it last heard of it.
+    lagged: u64,
+    /// A reconnect notice was dropped before this reader took it.
+    missed_reconnect: bool,
+    waker: Option<Waker>,
+}
+
+impl<P> State<P> {
+    fn tail(&self) -> u64 {
+        self.head + self.items.len() as u64
+    }
+
+    fn reader(&mut self, id: ListenerId) -> Option<&mut Reader> {
+        self.readers.iter_mut().find(|r| r.id == id)
+    }
+
+    /// Removes the slots every reader has released. Returns them, to be dropped once the
+    /// lock is released (dropping the last handle of an event frees it, which should not
+    /// keep the publisher waiting), and the producers to wake if that made room.
+    fn trim(&mut self) -> (Vec<Slot<P>>, Vec<Waker>) {
+        let Some(oldest) = self.readers.iter().map(|r| r.next).min() else {
+            return (Vec::new(), Vec::new());
+        };
+        let released = oldest.saturating_sub(self.head) as usize;
+        if released == 0 {
+            return (Vec::new(), Vec::new());
+        }
+        let slots = self.items.drain(..released).collect();
+        self.head = oldest;
+        (slots, std::mem::take(&mut self.producers))
+    }
+
+    /// The wakers of every waiting reader.
+    fn take_readers(&mut self) -> Vec<Waker> {
+        if self.waiting == 0 {
+            return Vec::new();
+        }
+        self.waiting = 0;
+        self.readers
+            .iter_mut()
+            .filter_map(|r| r.waker.take())
+            .collect()
+    }
+}
+
+fn wake_all(wakers: Vec<Waker>) {
+    for waker in wakers {
+        waker.wake();
+    }
+}
+
 impl<P> Queue<P> {
-    pub(crate) fn new(capacity: usize, overflow: Overflow) -> Self {
+    /// A queue with one reader.
+    pub(crate) fn new(capacity: usize, overflow: Overflow, reader: ListenerId) -> Self {
         Queue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
-                lagged: 0,
+                head: 0,
+                readers: vec![Reader {
+                    id: reader,
+                    next: 0,
+                    taken: 0,
+                    lagged: 0,
+                    missed_reconnect: false,
+                    waker: None,
+                }],
+                waiting: 0,
                 closed: false,
-                consumer: None,
                 producers: Vec::new(),
             }),
+            version: AtomicU64::new(0),
             capacity: capacity.max(1),
             overflow,
         }
     }
 
+    /// See [`Queue::version`](Self::version); `poll_read` returns the version it read under.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Acquire)
+    }
+
+    fn changed(&self) {
+        self.version.fetch_add(1, Release);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<P>> {
-        // A panic while holding this lock cannot leave the state half-updated (every update is
-        // a single VecDeque operation), so a poisoned lock is still consistent.
+        // A panic while holding this lock cannot leave the state half-updated (no user code
+        // runs under it, and nothing below panics between related updates), so a poisoned lock
+        // is still consistent.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -75,88 +178,144 @@ impl<P> Queue<P> {
         self.overflow
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.lock().items.len()
+    /// Whether a new subscription with these settings may read this queue rather than get
+    /// its own. `DropNewest` queues are never shared: the newest event is dropped for a full
+    /// reader only, so readers of one queue would need different contents.
+    pub(crate) fn shareable(&self, capacity: usize, overflow: Overflow) -> bool {
+        overflow != Overflow::DropNewest
+            && overflow == self.overflow
+            && capacity.max(1) == self.capacity
+    }
+
+    /// Adds a reader, which takes what is published from now on. False if the queue is
+    /// closed (or has no reader left, which closes it).
+    pub(crate) fn add_reader(&self, id: ListenerId) -> bool {
+        let mut state = self.lock();
+        if state.closed {
+            return false;
+        }
+        let next = state.tail();
+        state.readers.push(Reader {
+            id,
+            next,
+            taken: next,
+            lagged: 0,
+            missed_reconnect: false,
+            waker: None,
+        });
+        true
+    }
+
+    /// Removes a reader: what it had not taken is dropped for it (and room made for the
+    /// others). Returns `None` if it was not a reader, else whether the queue has readers
+    /// left; without, it is closed and empty.
+    pub(crate) fn remove_reader(&self, id: ListenerId) -> Option<bool> {
+        let mut state = self.lock();
+        let index = state.readers.iter().position(|r| r.id == id)?;
+        let reader = state.readers.swap_remove(index);
+        if reader.waker.is_some() {
+            state.waiting -= 1;
+        }
+        self.changed();
+        let (slots, producers) = if state.readers.is_empty() {
+            state.closed = true;
+            let slots = std::mem::take(&mut state.items);
+            (slots.into(), std::mem::take(&mut state.producers))
+        } else {
+            state.trim()
+        };
+        let left = !state.readers.is_empty();
+        drop(state);
+        drop(slots);
+        wake_all(producers);
+        Some(left)
+    }
+
+    /// How many readers the queue has.
+    pub(crate) fn readers(&self) -> usize {
+        self.lock().readers.len()
+    }
+
+    /// How many slots wait for `reader` to take them (its batch aside).
+    pub(crate) fn untaken(&self, reader: ListenerId) -> usize {
+        let mut state = self.lock();
+        let tail = state.tail();
+        state
+            .reader(reader)
+            .map_or(0, |r| tail.saturating_sub(r.taken) as usize)
     }
 
     /// Pushes without waiting. A `Block` queue that is full returns `Poll::Pending` and
-    /// registers `cx` to be woken when there is room; without `cx` it drops the newest.
+    /// registers `cx` to be woken when there is room; without `cx` it drops the newest (for
+    /// every reader).
     ///
-    /// The target's counters are updated under the queue's lock, before the consumer can see
-    /// the event: whoever has read an event also sees it counted.
+    /// The target's counters (one delivery per reader) are updated under the queue's lock,
+    /// before a reader can see the event: whoever has read an event also sees it counted.
     pub(crate) fn poll_push(
         &self,
         cx: Option<&mut Context<'_>>,
         event: &Arc<Envelope<P>>,
         counters: &Counters,
-    ) -> Poll<Pushed> {
+    ) -> Poll<()> {
         let mut state = self.lock();
         if state.closed {
-            return Poll::Ready(Pushed::Closed);
+            return Poll::Ready(());
         }
-        let outcome = if state.items.len() < self.capacity {
+        let readers = state.readers.len() as u64;
+        let mut dropped = None;
+        if state.items.len() < self.capacity {
             state.items.push_back(Slot::Event(Arc::clone(event)));
-            Pushed::Queued
+            counters.delivered.fetch_add(readers, Relaxed);
         } else {
-            match self.overflow {
-                Overflow::DropOldest => {
-                    // The oldest event, never a reconnect notice.
-                    match state
-                        .items
-                        .iter()
-                        .position(|slot| matches!(slot, Slot::Event(_)))
-                    {
-                        Some(oldest) => {
-                            state.items.remove(oldest);
-                        }
-                        None => {
-                            state.items.pop_front();
+            match (self.overflow, cx) {
+                (Overflow::DropOldest, _) => {
+                    // The slowest readers lose their oldest slot.
+                    let oldest = state.items.pop_front().expect("a full queue has slots");
+                    let head = state.head;
+                    state.head += 1;
+                    let mut lagging = 0;
+                    for reader in state.readers.iter_mut().filter(|r| r.next == head) {
+                        reader.next = head + 1;
+                        // Unless the reader took it in its batch already.
+                        if reader.taken == head {
+                            reader.taken = head + 1;
+                            match oldest {
+                                Slot::Event(_) => {
+                                    reader.lagged += 1;
+                                    lagging += 1;
+                                }
+                                Slot::Reconnected => reader.missed_reconnect = true,
+                            }
                         }
                     }
                     state.items.push_back(Slot::Event(Arc::clone(event)));
-                    state.lagged += 1;
-                    Pushed::DroppedOldest
+                    counters.delivered.fetch_add(readers, Relaxed);
+                    counters.lagged.fetch_add(lagging, Relaxed);
+                    dropped = Some(oldest);
                 }
-                Overflow::DropNewest => {
-                    state.lagged += 1;
-                    Pushed::DroppedNewest
+                (Overflow::Block, Some(cx)) => {
+                    if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
+                        state.producers.push(cx.waker().clone());
+                    }
+                    return Poll::Pending;
                 }
-                Overflow::Block => match cx {
-                    Some(cx) => {
-                        if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
-                            state.producers.push(cx.waker().clone());
-                        }
-                        return Poll::Pending;
+                (Overflow::DropNewest | Overflow::Block, _) => {
+                    for reader in &mut state.readers {
+                        reader.lagged += 1;
                     }
-                    None => {
-                        state.lagged += 1;
-                        Pushed::DroppedNewest
-                    }
-                },
+                    counters.lagged.fetch_add(readers, Relaxed);
+                }
             }
-        };
-        match outcome {
-            Pushed::Queued => {
-                counters.delivered.fetch_add(1, Relaxed);
-            }
-            Pushed::DroppedOldest => {
-                counters.delivered.fetch_add(1, Relaxed);
-                counters.lagged.fetch_add(1, Relaxed);
-            }
-            Pushed::DroppedNewest => {
-                counters.lagged.fetch_add(1, Relaxed);
-            }
-            Pushed::Closed => {}
         }
-        let consumer = state.consumer.take();
+        self.changed();
+        let wake = state.take_readers();
         drop(state);
-        if let Some(waker) = consumer {
-            waker.wake();
-        }
-        Poll::Ready(outcome)
+        drop(dropped);
+        wake_all(wake);
+        Poll::Ready(())
     }
 
-    /// Tells the consumer that the transport reconnected. Never blocks; two notices in a row
+    /// Tells the readers that the transport reconnected. Never blocks; two notices in a row
     /// are one.
     pub(crate) fn push_reconnected(&self) {
         let mut state = self.lock();
@@ -164,72 +323,108 @@ impl<P> Queue<P> {
             return;
         }
         state.items.push_back(Slot::Reconnected);
-        let consumer = state.consumer.take();
+        self.changed();
+        let wake = state.take_readers();
         drop(state);
-        if let Some(waker) = consumer {
-            waker.wake();
-        }
+        wake_all(wake);
     }
 
-    /// Takes the next item: a lag notice first if events were dropped, then the oldest slot.
-    /// `Ready(None)` once the queue is closed and empty. `Pending` when it is empty: with `cx`,
-    /// the consumer is woken by the next push; without, it is not (and any waker it left
-    /// before is forgotten).
-    pub(crate) fn poll_pop(
+    /// `reader` takes its next item: a lag notice first if events were dropped before it took
+    /// them, then its oldest slot, and up to [`READ_BATCH`]` - 1` more slots into `batch`.
+    /// The caller yields the whole batch before it reads again: only then are the slots of
+    /// its last batch released (they count against the capacity until then). `Ready(None)`
+    /// once the queue is closed and the reader has taken everything, or the reader was
+    /// removed. `Pending` when nothing waits: with `cx`, the reader is woken by the next push;
+    /// without, it is not (and any waker it left before is forgotten). `seen` is set to the
+    /// [`version`](Self::version) this read saw if it left nothing for the reader to take,
+    /// else to `u64::MAX`.
+    pub(crate) fn poll_read(
         &self,
+        reader: ListenerId,
+        batch: &mut VecDeque<Slot<P>>,
         cx: Option<&mut Context<'_>>,
+        seen: &mut u64,
     ) -> Poll<Option<Result<Arc<Envelope<P>>, Gap>>> {
-        let mut state = self.lock();
-        if state.lagged > 0 {
-            let lagged = std::mem::take(&mut state.lagged);
-            return Poll::Ready(Some(Err(Gap::Lagged(lagged))));
+        debug_assert!(
+            batch.is_empty(),
+            "a reader reads once it has yielded its batch"
+        );
+        let mut guard = self.lock();
+        *seen = self.version.load(Relaxed);
+        let state = &mut *guard;
+        let head = state.head;
+        let tail = state.tail();
+        let Some(me) = state.readers.iter_mut().find(|r| r.id == reader) else {
+            return Poll::Ready(None);
+        };
+        // The last batch is yielded: release it.
+        let was_oldest = me.next == head && me.taken > head;
+        me.next = me.taken;
+        let item = if me.lagged > 0 {
+            Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
+        } else if std::mem::take(&mut me.missed_reconnect) {
+            Some(Err(Gap::Reconnected))
+        } else if me.taken < tail {
+            let from = me.taken;
+            let count = ((tail - from) as usize).min(READ_BATCH);
+            me.taken = from + count as u64;
+            let start = (from - head) as usize;
+            let mut slots = state.items.range(start..start + count).cloned();
+            let first = slots.next().expect("count > 0");
+            batch.extend(slots);
+            Some(first.into_item())
+        } else {
+            None
+        };
+        if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
+            // More to take: `seen` must not say otherwise.
+            *seen = u64::MAX;
         }
-        match state.items.pop_front() {
-            Some(slot) => {
-                let producers = if state.producers.is_empty() {
-                    Vec::new()
-                } else {
-                    std::mem::take(&mut state.producers)
-                };
-                drop(state);
-                for waker in producers {
-                    waker.wake();
+        let ended = item.is_none() && state.closed;
+        if item.is_none() && !ended {
+            match cx {
+                Some(cx) => {
+                    if me.waker.is_none() {
+                        state.waiting += 1;
+                    }
+                    crate::waker::remember(&mut me.waker, cx);
                 }
-                Poll::Ready(Some(match slot {
-                    Slot::Event(event) => Ok(event),
-                    Slot::Reconnected => Err(Gap::Reconnected),
-                }))
-            }
-            None if state.closed => Poll::Ready(None),
-            None => {
-                match cx {
-                    Some(cx) => crate::waker::remember(&mut state.consumer, cx),
-                    // The consumer is about to fill the queue itself (a subscription routing
-                    // what its transport has ready): a waker left from an earlier wait would
-                    // only wake it for its own push. It registers again before it waits.
-                    None => state.consumer = None,
+                // The reader is about to look elsewhere first (a subscription routing what
+                // its transport has ready, or yielding once before it sleeps): a waker left
+                // from an earlier wait would only wake it for nothing. It registers again
+                // before it waits.
+                None => {
+                    if me.waker.take().is_some() {
+                        state.waiting -= 1;
+                    }
                 }
-                Poll::Pending
             }
+        }
+        // The slowest reader moved: the slots every reader has released go.
+        let (slots, producers) = if was_oldest {
+            state.trim()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        drop(guard);
+        drop(slots);
+        wake_all(producers);
+        match item {
+            Some(item) => Poll::Ready(Some(item)),
+            None if ended => Poll::Ready(None),
+            None => Poll::Pending,
         }
     }
 
-    /// Ends the queue: the consumer reads what is left, then the end; blocked producers are
-    /// released. With `discard`, what is left is dropped too (the consumer went away).
-    pub(crate) fn close(&self, discard: bool) {
+    /// Ends the queue: each reader takes what is left for it, then the end; blocked
+    /// producers are released.
+    pub(crate) fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        if discard {
-            state.items.clear();
-        }
-        let consumer = state.consumer.take();
-        let producers = std::mem::take(&mut state.producers);
+        self.changed();
+        let mut wake = state.take_readers();
+        wake.append(&mut state.producers);
         drop(state);
-        if let Some(waker) = consumer {
-            waker.wake();
-        }
-        for waker in producers {
-            waker.wake();
-        }
+        wake_all(wake);
     }
 }

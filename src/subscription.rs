@@ -1,5 +1,6 @@
-//! [`Subscription`]: a stream of the events of one topic, with its own bounded queue.
+//! [`Subscription`]: a stream of the events of one topic, from a bounded queue.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -8,7 +9,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 
 use crate::layers::{Envelope, Topic};
-use crate::queue::Queue;
+use crate::queue::{Queue, Slot};
 use crate::target::driver::Direct;
 use crate::target::shared::Shared;
 use crate::ListenerId;
@@ -49,7 +50,8 @@ pub enum Overflow {
     DropOldest,
     /// Drop the new event and tell the subscriber with [`Gap::Lagged`].
     DropNewest,
-    /// Wait for room: lossless, but a slow subscriber slows delivery. On the in-process target
+    /// Wait for room: lossless, but a slow subscriber slows delivery (of every subscription
+    /// sharing its queue, too). On the in-process target
     /// it slows the publisher of that topic; behind a transport it pauses the driver's inbound
     /// side, and so every topic of the target. Note that redis-rs reads Redis pub/sub messages
     /// into an unbounded buffer of its own: over Redis, a subscriber that blocks for long
@@ -117,6 +119,14 @@ impl SubscribeOptions {
 /// transport fails for good. Dropping the subscription leaves the topic: the last listener to
 /// leave unsubscribes on the transport.
 ///
+/// Subscriptions of one topic with the same capacity and policy ([`Overflow::DropOldest`] or
+/// [`Overflow::Block`]) read one shared queue, each at its own pace, as receivers of
+/// `tokio::sync::broadcast` do: an event is stored once however many read it. Each still
+/// behaves as if the queue were its own (the capacity counts what *it* has not yet read). A
+/// subscription takes events from the queue in batches and releases a batch once it has
+/// yielded all of it, so events it yielded may count against the capacity until its next
+/// read.
+///
 /// Over a transport, a subscription that finds its queue empty routes what the transport has
 /// ready itself, when the target's driver task is not at it: that saves a hand-off between
 /// tasks per batch. So polling it may run the transport's reading side (and the reconnect
@@ -127,7 +137,14 @@ impl SubscribeOptions {
 ///
 /// `next()` is cancellation safe: an event is taken off the queue only when it is returned.
 pub struct Subscription<P = serde_json::Value> {
+    /// The queue this subscription reads (as reader `id`), maybe with others of the topic.
     queue: Arc<Queue<P>>,
+    /// Slots taken from the queue and not yet yielded.
+    batch: VecDeque<Slot<P>>,
+    /// The queue was found empty and the task yielded once rather than sleep at once.
+    yielded: bool,
+    /// The queue's version at this subscription's last read.
+    seen: u64,
     topic: Topic,
     id: ListenerId,
     shared: Arc<Shared<P>>,
@@ -146,6 +163,9 @@ impl<P: Send + Sync + 'static> Subscription<P> {
     ) -> Self {
         Subscription {
             queue,
+            batch: VecDeque::new(),
+            yielded: false,
+            seen: u64::MAX,
             topic,
             id,
             shared,
@@ -163,9 +183,10 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         self.id
     }
 
-    /// How many items wait in the queue now.
+    /// How many items wait for this subscription now (events and gap notices it has not
+    /// yielded).
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.batch.len() + self.queue.untaken(self.id)
     }
 
     /// Whether nothing waits in the queue now.
@@ -188,8 +209,16 @@ impl<P> Stream for Subscription<P> {
     type Item = Result<Arc<Envelope<P>>, Gap>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(direct) = &self.direct {
-            if let Poll::Ready(item) = self.queue.poll_pop(None) {
+        let this = self.get_mut();
+        if let Some(slot) = this.batch.pop_front() {
+            return Poll::Ready(Some(slot.into_item()));
+        }
+        if let Some(direct) = &this.direct {
+            if let Poll::Ready(item) =
+                this.queue
+                    .poll_read(this.id, &mut this.batch, None, &mut this.seen)
+            {
+                this.yielded = false;
                 return Poll::Ready(item);
             }
             // Empty: rather than wait for the driver task to route what the transport has
@@ -198,14 +227,38 @@ impl<P> Stream for Subscription<P> {
                 direct.try_pull();
             }
         }
-        self.queue.poll_pop(Some(cx))
+        // In-process, found empty for the first time: yield once before sleeping. The
+        // publisher is often a step ahead, and taking its next event then costs less than
+        // being woken for it (a wake-up is what a publisher pays for every sleeping reader).
+        // Behind a transport, the pull above was that look.
+        let sleep = this.yielded || this.direct.is_some();
+        if !sleep && this.queue.version() == this.seen {
+            // Nothing changed since this subscription's last read, which took everything.
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let item = this.queue.poll_read(
+            this.id,
+            &mut this.batch,
+            sleep.then_some(cx),
+            &mut this.seen,
+        );
+        this.yielded = item.is_pending() && !sleep;
+        if this.yielded {
+            cx.waker().wake_by_ref();
+        }
+        item
     }
 }
 
 impl<P> Drop for Subscription<P> {
     fn drop(&mut self) {
-        self.queue.close(true);
-        self.shared.remove_listener(&self.topic, self.id);
+        if !self.shared.remove_listener(&self.topic, self.id) {
+            // The target ended (the map is empty): leave the queue all the same, so that
+            // whoever still pushes to it stops counting this reader.
+            self.queue.remove_reader(self.id);
+        }
     }
 }
 
@@ -214,7 +267,7 @@ impl<P> fmt::Debug for Subscription<P> {
         f.debug_struct("Subscription")
             .field("topic", &self.topic)
             .field("id", &self.id)
-            .field("queued", &self.queue.len())
+            .field("queued", &(self.batch.len() + self.queue.untaken(self.id)))
             .field("capacity", &self.queue.capacity())
             .field("overflow", &self.queue.overflow())
             .finish()

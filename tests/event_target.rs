@@ -1006,3 +1006,153 @@ async fn a_transport_that_panics_when_a_subscription_reads_it_stops_the_target()
     })
     .await;
 }
+
+// ------------------------------------------------ subscriptions sharing one queue
+//
+// Subscriptions of a topic with the same capacity and a `DropOldest` or `Block` policy read one
+// queue, each with its own cursor. These pin that each still behaves as if it had its own.
+
+async fn publish_numbers(events: &EventTarget, topic_id: &str, numbers: std::ops::Range<u64>) {
+    for n in numbers {
+        events
+            .dispatch_event(numbered("shared", topic_id, n))
+            .await
+            .unwrap();
+    }
+}
+
+async fn shared_drop_oldest_lags_the_slow_reader_only(events: EventTarget) {
+    let options = SubscribeOptions::new().capacity(10);
+    let mut fast = events.subscribe_with("shared:1", options).await.unwrap();
+    let mut slow = events.subscribe_with("shared:1", options).await.unwrap();
+    assert_eq!(events.listener_count("shared:1"), 2);
+    for n in 0..100 {
+        publish_numbers(&events, "1", n..n + 1).await;
+        // The fast reader keeps up: it never lags.
+        assert_eq!(number_of(&testkit::next_event(&mut fast).await), n);
+    }
+    assert_eq!(slow.len(), 10);
+    assert_eq!(slow.next().await.unwrap().unwrap_err(), Gap::Lagged(90));
+    for n in 90..100 {
+        assert_eq!(number_of(&slow.next().await.unwrap().unwrap()), n);
+    }
+    assert!(slow.is_empty() && fast.is_empty());
+    let stats = events.stats();
+    assert_eq!((stats.delivered, stats.lagged), (200, 90));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_drop_oldest_queue_lags_the_slow_reader_only_in_process() {
+    shared_drop_oldest_lags_the_slow_reader_only(EventTarget::local()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_drop_oldest_queue_lags_the_slow_reader_only_through_the_driver() {
+    shared_drop_oldest_lags_the_slow_reader_only(EventTarget::new(LocalTransport::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_block_queue_waits_for_its_slowest_reader_and_loses_nothing() {
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let options = SubscribeOptions::new()
+            .capacity(4)
+            .overflow(Overflow::Block);
+        let mut readers = Vec::new();
+        for _ in 0..3 {
+            readers.push(events.subscribe_with("shared:2", options).await.unwrap());
+        }
+        let publisher = {
+            let events = events.clone();
+            tokio::spawn(async move { publish_numbers(&events, "2", 0..300).await })
+        };
+        let tasks: Vec<_> = readers
+            .into_iter()
+            .enumerate()
+            .map(|(reader, mut subscription)| {
+                tokio::spawn(async move {
+                    for n in 0..300 {
+                        let event = testkit::next_event(&mut subscription).await;
+                        assert_eq!(number_of(&event), n, "reader {reader}");
+                        assert!(subscription.len() <= 4, "over capacity");
+                        // Reader 0 is slow.
+                        if reader == 0 && n % 50 == 0 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        publisher.await.unwrap();
+        let stats = events.stats();
+        assert_eq!((stats.delivered, stats.lagged), (900, 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_reader_a_block_queue_waits_for_lets_the_publisher_go_on() {
+    let events = EventTarget::local();
+    let options = SubscribeOptions::new()
+        .capacity(4)
+        .overflow(Overflow::Block);
+    let mut reading = events.subscribe_with("shared:3", options).await.unwrap();
+    let stuck = events.subscribe_with("shared:3", options).await.unwrap();
+    let publisher = {
+        let events = events.clone();
+        tokio::spawn(async move { publish_numbers(&events, "3", 0..100).await })
+    };
+    for n in 0..4 {
+        assert_eq!(number_of(&testkit::next_event(&mut reading).await), n);
+    }
+    // The queue is full for `stuck`: nothing more arrives while it stays.
+    testkit_quiet(&mut reading).await;
+    assert!(!publisher.is_finished());
+    drop(stuck);
+    for n in 4..100 {
+        assert_eq!(number_of(&testkit::next_event(&mut reading).await), n);
+    }
+    tokio::time::timeout(WAIT, publisher)
+        .await
+        .expect("the publisher went on")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_reader_joining_a_shared_queue_starts_at_the_next_event_and_leaves_alone() {
+    let events = EventTarget::local();
+    let mut first = events.subscribe("shared:4").await.unwrap();
+    publish_numbers(&events, "4", 0..5).await;
+    let mut second = events.subscribe("shared:4").await.unwrap();
+    // Different settings: a queue of its own, never shared.
+    let newest = SubscribeOptions::new().overflow(Overflow::DropNewest);
+    let mut third = events.subscribe_with("shared:4", newest).await.unwrap();
+    let fourth = events.subscribe_with("shared:4", newest).await.unwrap();
+    assert_eq!(events.listener_count("shared:4"), 4);
+    publish_numbers(&events, "4", 5..10).await;
+    assert_eq!((first.len(), second.len(), third.len()), (10, 5, 5));
+    for n in 0..10 {
+        assert_eq!(number_of(&testkit::next_event(&mut first).await), n);
+    }
+    for n in 5..10 {
+        assert_eq!(number_of(&testkit::next_event(&mut second).await), n);
+        assert_eq!(number_of(&testkit::next_event(&mut third).await), n);
+    }
+    // Removing one reader by its id ends that subscription only.
+    assert!(events.remove_event_listener("shared:4", first.id()));
+    assert!(first.next().await.is_none());
+    assert!(!events.remove_event_listener("shared:4", first.id()));
+    drop(fourth);
+    assert_eq!(events.listener_count("shared:4"), 2);
+    publish_numbers(&events, "4", 10..11).await;
+    assert_eq!(number_of(&testkit::next_event(&mut second).await), 10);
+    assert_eq!(number_of(&testkit::next_event(&mut third).await), 10);
+    drop((first, second, third));
+    assert_eq!(events.topic_count(), 0);
+    let stats = events.stats();
+    assert_eq!((stats.subscribes, stats.unsubscribes), (1, 1));
+}

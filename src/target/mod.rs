@@ -37,7 +37,8 @@ pub struct ListenerId(pub(crate) u64);
 /// transport, the last one to leave unsubscribes. Each inbound message is decoded once and
 /// shared, as one `Arc`, by every listener of its topic, in arrival order. Listeners are
 /// callbacks ([`add_event_listener`](Self::add_event_listener)) or [`Subscription`] streams
-/// ([`subscribe`](Self::subscribe)), each with its own bounded queue.
+/// ([`subscribe`](Self::subscribe)), each with a bounded queue (shared by the subscriptions
+/// of a topic that have the same queue settings, each reading at its own pace).
 ///
 /// Handles are cheap to clone. Over a transport, one driver task owns it: it feeds every queued
 /// command down and flushes once, and routes what comes up. Two shortcuts skip the hand-off to
@@ -205,7 +206,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
             id,
             callback: Arc::new(callback),
         };
-        self.shared().add_listener(topic.into(), listener, false)?;
+        self.shared()
+            .add_listener(topic.into(), listener, None, false)?;
         Ok(id)
     }
 
@@ -226,8 +228,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         self.shared().remove_gap_listener(id)
     }
 
-    /// Removes a listener added by [`add_event_listener`](Self::add_event_listener). The last
-    /// listener of a topic to leave unsubscribes on the transport. Returns whether it was there.
+    /// Removes a listener added by [`add_event_listener`](Self::add_event_listener) (or, given
+    /// a [`Subscription::id`], that subscription, whose stream then ends). The last listener of
+    /// a topic to leave unsubscribes on the transport. Returns whether it was there.
     pub fn remove_event_listener(&self, topic: &str, id: ListenerId) -> bool {
         self.shared().remove_listener(topic, id)
     }
@@ -249,13 +252,18 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         options: SubscribeOptions,
     ) -> Result<Subscription<P>> {
         let topic = topic.into();
-        let queue = Arc::new(Queue::new(options.get_capacity(), options.get_overflow()));
         let id = self.shared().next_id();
         let listener = Listener::Queue {
-            id,
-            queue: Arc::clone(&queue),
+            queue: Arc::new(Queue::new(
+                options.get_capacity(),
+                options.get_overflow(),
+                id,
+            )),
         };
-        let added = self.shared().add_listener(topic.clone(), listener, true)?;
+        let (added, queue) = self
+            .shared()
+            .add_listener(topic.clone(), listener, Some(id), true)?;
+        let queue = queue.expect("a queue listener has a queue to read");
         // From here, dropping the subscription (also by cancellation) removes the listener.
         let subscription = Subscription::new(
             queue,
@@ -337,7 +345,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
 
     /// Like [`dispatch_event`](Self::dispatch_event), without waiting: when the driver's
     /// queue is full, fails at once with an error of kind [`ErrorKind::Unavailable`] that says
-    /// so. In-process, a full `Block` subscription drops the event (counted as lagged).
+    /// so. In-process, a full `Block` subscription drops the event (counted as lagged), for
+    /// every subscription sharing its queue.
     pub fn try_dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
         match &self.handle.publish {

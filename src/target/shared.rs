@@ -26,10 +26,8 @@ pub(crate) enum Listener<P> {
         id: ListenerId,
         callback: Arc<Callback<P>>,
     },
-    Queue {
-        id: ListenerId,
-        queue: Arc<Queue<P>>,
-    },
+    /// The queue of one or more subscriptions (its readers).
+    Queue { queue: Arc<Queue<P>> },
 }
 
 impl<P> Clone for Listener<P> {
@@ -39,8 +37,7 @@ impl<P> Clone for Listener<P> {
                 id: *id,
                 callback: Arc::clone(callback),
             },
-            Listener::Queue { id, queue } => Listener::Queue {
-                id: *id,
+            Listener::Queue { queue } => Listener::Queue {
                 queue: Arc::clone(queue),
             },
         }
@@ -48,9 +45,11 @@ impl<P> Clone for Listener<P> {
 }
 
 impl<P> Listener<P> {
-    fn id(&self) -> ListenerId {
+    /// How many listeners this is: one callback, or a queue's subscriptions.
+    fn count(&self) -> usize {
         match self {
-            Listener::Callback { id, .. } | Listener::Queue { id, .. } => *id,
+            Listener::Callback { .. } => 1,
+            Listener::Queue { queue } => queue.readers(),
         }
     }
 }
@@ -173,16 +172,21 @@ impl<P> Shared<P> {
     }
 
     pub(crate) fn listener_count(&self, topic: &str) -> usize {
-        self.read().get(topic).map_or(0, |e| e.listeners.len())
+        self.read()
+            .get(topic)
+            .map_or(0, |e| e.listeners.iter().map(Listener::count).sum())
     }
 
-    /// Adds a listener; the first one of a topic sends the subscribe command.
+    /// Adds a listener; the first one of a topic sends the subscribe command. A
+    /// [`Listener::Queue`] whose one reader is `reader` may instead join a queue the topic
+    /// already has with the same settings: the returned queue is the one to read.
     pub(crate) fn add_listener(
         &self,
         topic: Topic,
         listener: Listener<P>,
+        reader: Option<ListenerId>,
         wait: bool,
-    ) -> Result<Added> {
+    ) -> Result<(Added, Option<Arc<Queue<P>>>)> {
         crate::layers::check_topic_len(topic.len(), || {
             let head: String = topic.chars().take(32).collect();
             format!("subscribing to {head:?}…")
@@ -191,11 +195,32 @@ impl<P> Shared<P> {
         if self.is_closed() {
             return Err(self.closed_error(&format!("adding a listener to {topic:?}")));
         }
+        let mut read = match &listener {
+            Listener::Queue { queue } => Some(Arc::clone(queue)),
+            Listener::Callback { .. } => None,
+        };
         if let Some(entry) = map.get_mut(&topic) {
-            let mut listeners = Vec::with_capacity(entry.listeners.len() + 1);
-            listeners.extend(entry.listeners.iter().cloned());
-            listeners.push(listener);
-            entry.listeners = listeners.into();
+            let joined = match (&read, reader) {
+                (Some(new), Some(reader)) => entry.listeners.iter().find_map(|l| match l {
+                    Listener::Queue { queue }
+                        if queue.shareable(new.capacity(), new.overflow())
+                            && queue.add_reader(reader) =>
+                    {
+                        Some(Arc::clone(queue))
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            };
+            match joined {
+                Some(queue) => read = Some(queue),
+                None => {
+                    let mut listeners = Vec::with_capacity(entry.listeners.len() + 1);
+                    listeners.extend(entry.listeners.iter().cloned());
+                    listeners.push(listener);
+                    entry.listeners = listeners.into();
+                }
+            }
             if entry.failed {
                 if let Some(control) = &self.control {
                     entry.failed = false;
@@ -207,12 +232,13 @@ impl<P> Shared<P> {
                 }
             }
             if entry.confirmed || !wait {
-                return Ok(Added::Ready);
+                return Ok((Added::Ready, read));
             }
             let (tx, rx) = oneshot::channel();
             entry.waiters.push(tx);
-            return Ok(Added::Pending(rx));
+            return Ok((Added::Pending(rx), read));
         }
+
         let generation = self.next_id.fetch_add(1, Relaxed);
         let mut entry = Entry {
             listeners: Arc::from([listener]),
@@ -245,16 +271,36 @@ impl<P> Shared<P> {
             self.counters.subscribes.fetch_add(1, Relaxed);
         }
         map.insert(topic, entry);
-        Ok(added)
+        Ok((added, read))
     }
 
-    /// Removes a listener; the last one of a topic sends the unsubscribe command.
+    /// Removes a listener: a callback, or a subscription (a reader of a queue, which ends
+    /// the subscription). The last one of a topic sends the unsubscribe command.
     pub(crate) fn remove_listener(&self, topic: &str, id: ListenerId) -> bool {
         let mut map = self.write();
         let Some(entry) = map.get_mut(topic) else {
             return false;
         };
-        let Some(position) = entry.listeners.iter().position(|l| l.id() == id) else {
+        let mut found = None;
+        for (position, listener) in entry.listeners.iter().enumerate() {
+            match listener {
+                Listener::Callback { id: callback, .. } if *callback == id => {
+                    found = Some(position);
+                    break;
+                }
+                Listener::Callback { .. } => {}
+                Listener::Queue { queue } => match queue.remove_reader(id) {
+                    None => {}
+                    // The queue still serves other subscriptions.
+                    Some(true) => return true,
+                    Some(false) => {
+                        found = Some(position);
+                        break;
+                    }
+                },
+            }
+        }
+        let Some(position) = found else {
             return false;
         };
         if entry.listeners.len() > 1 {
@@ -365,7 +411,7 @@ impl<P> Shared<P> {
         }
         for entry in self.read().values() {
             for listener in entry.listeners.iter() {
-                if let Listener::Queue { queue, .. } = listener {
+                if let Listener::Queue { queue } = listener {
                     queue.push_reconnected();
                 }
             }
@@ -390,8 +436,8 @@ impl<P> Shared<P> {
         let mut topics = Vec::with_capacity(map.len());
         for (topic, entry) in map {
             for listener in entry.listeners.iter() {
-                if let Listener::Queue { queue, .. } = listener {
-                    queue.close(false);
+                if let Listener::Queue { queue } = listener {
+                    queue.close();
                 }
             }
             for waiter in entry.waiters {
@@ -428,9 +474,9 @@ impl<P> Shared<P> {
                     }
                 }
                 // Counted by the queue, under its lock.
-                Listener::Queue { queue, .. } => {
+                Listener::Queue { queue } => {
                     match queue.poll_push(cx.as_deref_mut(), event, &self.counters) {
-                        Poll::Ready(_) => {}
+                        Poll::Ready(()) => {}
                         Poll::Pending => {
                             result = Err(index);
                             break;
