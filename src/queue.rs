@@ -60,6 +60,10 @@ struct State<P> {
     /// `items[0]` has the sequence number `head`.
     items: VecDeque<Slot<P>>,
     head: u64,
+    /// The oldest slot a reader holds: the smallest `next` of the readers. The queue is full
+    /// when `capacity` slots from there on are held. Slots before `head` are held in a lone
+    /// reader's batch, which took them out of the queue rather than copy them.
+    oldest: u64,
     readers: Vec<Reader>,
     /// How many readers wait with a waker.
     waiting: usize,
@@ -92,19 +96,29 @@ impl<P> State<P> {
         self.readers.iter_mut().find(|r| r.id == id)
     }
 
-    /// Removes the slots every reader has released. Returns them, to be dropped once the
-    /// lock is released (dropping the last handle of an event frees it, which should not
-    /// keep the publisher waiting), and the producers to wake if that made room.
+    fn is_full(&self, capacity: usize) -> bool {
+        self.tail() - self.oldest >= capacity as u64
+    }
+
+    /// Moves `oldest` up to the slowest reader, and removes the slots every reader has
+    /// released. Returns them, to be dropped once the lock is released (dropping the last
+    /// handle of an event frees it, which should not keep the publisher waiting), and the
+    /// producers to wake if that made room.
     fn trim(&mut self) -> (Vec<Slot<P>>, Vec<Waker>) {
         let Some(oldest) = self.readers.iter().map(|r| r.next).min() else {
             return (Vec::new(), Vec::new());
         };
-        let released = oldest.saturating_sub(self.head) as usize;
-        if released == 0 {
+        if oldest <= self.oldest {
             return (Vec::new(), Vec::new());
         }
-        let slots = self.items.drain(..released).collect();
-        self.head = oldest;
+        self.oldest = oldest;
+        let released = oldest.saturating_sub(self.head) as usize;
+        let slots = if released == 0 {
+            Vec::new()
+        } else {
+            self.head = oldest;
+            self.items.drain(..released).collect()
+        };
         (slots, std::mem::take(&mut self.producers))
     }
 
@@ -134,6 +148,7 @@ impl<P> Queue<P> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 head: 0,
+                oldest: 0,
                 readers: vec![Reader {
                     id: reader,
                     next: 0,
@@ -157,8 +172,10 @@ impl<P> Queue<P> {
         self.version.load(Acquire)
     }
 
+    /// Called under the lock: a store, not a read-modify-write.
     fn changed(&self) {
-        self.version.fetch_add(1, Release);
+        self.version
+            .store(self.version.load(Relaxed).wrapping_add(1), Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, State<P>> {
@@ -263,35 +280,38 @@ impl<P> Queue<P> {
         }
         let readers = state.readers.len() as u64;
         let mut dropped = None;
-        if state.items.len() < self.capacity {
+        if !state.is_full(self.capacity) {
             state.items.push_back(Slot::Event(Arc::clone(event)));
             counters.delivered.fetch_add(readers, Relaxed);
         } else {
             match (self.overflow, cx) {
                 (Overflow::DropOldest, _) => {
-                    // The slowest readers lose their oldest slot.
-                    let oldest = state.items.pop_front().expect("a full queue has slots");
-                    let head = state.head;
-                    state.head += 1;
+                    // The slowest readers lose their oldest slot: out of the queue if it is
+                    // still there, else it is in their batch already and they keep it.
+                    let oldest = state.oldest;
+                    if state.head == oldest {
+                        dropped = state.items.pop_front();
+                        state.head += 1;
+                    }
                     let mut lagging = 0;
-                    for reader in state.readers.iter_mut().filter(|r| r.next == head) {
-                        reader.next = head + 1;
-                        // Unless the reader took it in its batch already.
-                        if reader.taken == head {
-                            reader.taken = head + 1;
-                            match oldest {
-                                Slot::Event(_) => {
+                    for reader in state.readers.iter_mut().filter(|r| r.next == oldest) {
+                        reader.next = oldest + 1;
+                        if reader.taken == oldest {
+                            reader.taken = oldest + 1;
+                            match dropped {
+                                Some(Slot::Event(_)) => {
                                     reader.lagged += 1;
                                     lagging += 1;
                                 }
-                                Slot::Reconnected => reader.missed_reconnect = true,
+                                Some(Slot::Reconnected) => reader.missed_reconnect = true,
+                                None => unreachable!("an untaken slot is in the queue"),
                             }
                         }
                     }
+                    state.oldest = oldest + 1;
                     state.items.push_back(Slot::Event(Arc::clone(event)));
                     counters.delivered.fetch_add(readers, Relaxed);
                     counters.lagged.fetch_add(lagging, Relaxed);
-                    dropped = Some(oldest);
                 }
                 (Overflow::Block, Some(cx)) => {
                     if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -352,14 +372,23 @@ impl<P> Queue<P> {
         let mut guard = self.lock();
         *seen = self.version.load(Relaxed);
         let state = &mut *guard;
-        let head = state.head;
-        let tail = state.tail();
-        let Some(me) = state.readers.iter_mut().find(|r| r.id == reader) else {
+        let Some(index) = state.readers.iter().position(|r| r.id == reader) else {
             return Poll::Ready(None);
         };
-        // The last batch is yielded: release it.
-        let was_oldest = me.next == head && me.taken > head;
+        // The last batch is yielded: release it, and if this was the slowest reader, what
+        // every reader has released leaves the queue.
+        let me = &mut state.readers[index];
+        let was_oldest = me.next == state.oldest && me.taken > me.next;
         me.next = me.taken;
+        let (released, producers) = if was_oldest {
+            state.trim()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let head = state.head;
+        let tail = state.tail();
+        let alone = state.readers.len() == 1;
+        let me = &mut state.readers[index];
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
         } else if std::mem::take(&mut me.missed_reconnect) {
@@ -368,14 +397,26 @@ impl<P> Queue<P> {
             let from = me.taken;
             let count = ((tail - from) as usize).min(READ_BATCH);
             me.taken = from + count as u64;
-            let start = (from - head) as usize;
-            let mut slots = state.items.range(start..start + count).cloned();
-            let first = slots.next().expect("count > 0");
-            batch.extend(slots);
+            let first = if alone && from == head {
+                // The only reader: take the slots out rather than copy them (they still
+                // count against the capacity until released, through `oldest`).
+                let mut slots = state.items.drain(..count);
+                let first = slots.next().expect("count > 0");
+                batch.extend(slots);
+                state.head += count as u64;
+                first
+            } else {
+                let start = (from - head) as usize;
+                let mut slots = state.items.range(start..start + count).cloned();
+                let first = slots.next().expect("count > 0");
+                batch.extend(slots);
+                first
+            };
             Some(first.into_item())
         } else {
             None
         };
+        let me = &mut state.readers[index];
         if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
             // More to take: `seen` must not say otherwise.
             *seen = u64::MAX;
@@ -400,14 +441,8 @@ impl<P> Queue<P> {
                 }
             }
         }
-        // The slowest reader moved: the slots every reader has released go.
-        let (slots, producers) = if was_oldest {
-            state.trim()
-        } else {
-            (Vec::new(), Vec::new())
-        };
         drop(guard);
-        drop(slots);
+        drop(released);
         wake_all(producers);
         match item {
             Some(item) => Poll::Ready(Some(item)),

@@ -3,6 +3,7 @@
 pub(crate) mod driver;
 pub(crate) mod shared;
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::fmt;
 use std::future::poll_fn;
@@ -132,6 +133,22 @@ fn check_envelope<P>(envelope: &Envelope<P>) -> Result<()> {
 thread_local! {
     /// Reused to look a topic up without allocating.
     static TOPIC_KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+thread_local! {
+    /// The route of this thread's last in-process dispatch (a [`LocalRoute`]): a publishing
+    /// loop mostly repeats its topic, and a remembered route skips the map's lock and hash.
+    static LOCAL_ROUTE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// A remembered lookup of the listener map: good while the map's version has not moved.
+/// Weak handles, so it keeps neither the listeners nor the target alive; the target's
+/// allocation stays reserved, so its address names it.
+struct LocalRoute<P> {
+    shared: Weak<Shared<P>>,
+    version: u64,
+    topic: Topic,
+    listeners: Weak<[Listener<P>]>,
 }
 
 thread_local! {
@@ -467,13 +484,40 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ) -> Option<(Arc<[Listener<P>]>, Arc<Envelope<P>>)> {
         let shared = self.shared();
         shared.counters.published.fetch_add(1, Relaxed);
-        let listeners = TOPIC_KEY.with(|key| {
-            let mut key = key.borrow_mut();
-            key.clear();
-            key.push_str(&envelope.r#type);
-            key.push(':');
-            key.push_str(&envelope.id);
-            shared.listeners(&key)
+        let version = shared.version();
+        let remembered = LOCAL_ROUTE.with(|route| {
+            let route = route.try_borrow().ok()?;
+            let route = route.as_ref()?.downcast_ref::<LocalRoute<P>>()?;
+            if route.version == version
+                && std::ptr::eq(route.shared.as_ptr(), Arc::as_ptr(shared))
+                && envelope.has_topic(&route.topic)
+            {
+                route.listeners.upgrade()
+            } else {
+                None
+            }
+        });
+        let listeners = remembered.or_else(|| {
+            let (version, found) = TOPIC_KEY.with(|key| {
+                let mut key = key.borrow_mut();
+                key.clear();
+                key.push_str(&envelope.r#type);
+                key.push(':');
+                key.push_str(&envelope.id);
+                shared.listeners_of(&key)
+            });
+            let (topic, listeners) = found?;
+            LOCAL_ROUTE.with(|route| {
+                if let Ok(mut route) = route.try_borrow_mut() {
+                    *route = Some(Box::new(LocalRoute {
+                        shared: Arc::downgrade(shared),
+                        version,
+                        topic,
+                        listeners: Arc::downgrade(&listeners),
+                    }));
+                }
+            });
+            Some(listeners)
         });
         let Some(listeners) = listeners else {
             shared.counters.unrouted.fetch_add(1, Relaxed);

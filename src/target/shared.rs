@@ -352,11 +352,6 @@ impl<P> Shared<P> {
         }
     }
 
-    /// The listeners of `topic` now.
-    pub(crate) fn listeners(&self, topic: &str) -> Option<Arc<[Listener<P>]>> {
-        self.read().get(topic).map(|e| Arc::clone(&e.listeners))
-    }
-
     /// The topic's listeners and its key in the map, with the map's version read before the
     /// lookup (so a change during it makes the remembered result look stale, never fresh).
     #[allow(clippy::type_complexity)]
