@@ -127,9 +127,10 @@ impl SubscribeOptions {
 /// [`Overflow::Block`]) read one shared queue, each at its own pace, as receivers of
 /// `tokio::sync::broadcast` do: an event is stored once however many read it. Each still
 /// behaves as if the queue were its own (the capacity counts what *it* has not yet read). A
-/// subscription takes events from the queue in batches and releases a batch once it has
-/// yielded all of it, so events it yielded may count against the capacity until its next
-/// read.
+/// subscription takes events from the queue in batches (of up to 64) and releases a batch
+/// once it has yielded all of it: events it yielded may count against the capacity until its
+/// next read, and under [`Overflow::DropOldest`] the events of a batch it took are not dropped
+/// (it may hold up to one batch more than its capacity).
 ///
 /// Over a transport, a subscription that finds its queue empty routes what the transport has
 /// ready itself, when the target's driver task is not at it: that saves a hand-off between

@@ -1156,3 +1156,26 @@ async fn a_reader_joining_a_shared_queue_starts_at_the_next_event_and_leaves_alo
     let stats = events.stats();
     assert_eq!((stats.subscribes, stats.unsubscribes), (1, 1));
 }
+
+#[tokio::test]
+async fn a_reader_keeps_the_batch_it_took_when_a_drop_oldest_queue_overflows() {
+    let events = EventTarget::local();
+    let options = SubscribeOptions::new().capacity(4);
+    let mut lone = events.subscribe_with("shared:5", options).await.unwrap();
+    publish_numbers(&events, "5", 0..10).await;
+    assert_eq!(lone.next().await.unwrap().unwrap_err(), Gap::Lagged(6));
+    // Takes 6..=9: yields 6, holds 7..=9.
+    assert_eq!(number_of(&testkit::next_event(&mut lone).await), 6);
+    // The queue overflows while they wait in the batch: they are not lost (nor counted
+    // lost), and a reader joining now shares the queue from the next event.
+    publish_numbers(&events, "5", 10..12).await;
+    let mut joined = events.subscribe_with("shared:5", options).await.unwrap();
+    publish_numbers(&events, "5", 12..13).await;
+    for n in 7..13 {
+        assert_eq!(number_of(&testkit::next_event(&mut lone).await), n);
+    }
+    assert_eq!(number_of(&testkit::next_event(&mut joined).await), 12);
+    assert!(lone.is_empty() && joined.is_empty());
+    let stats = events.stats();
+    assert_eq!((stats.delivered, stats.lagged), (14, 6));
+}
