@@ -262,26 +262,30 @@ impl<P> Queue<P> {
             .map_or(0, |r| tail.saturating_sub(r.taken) as usize)
     }
 
-    /// Pushes without waiting. A `Block` queue that is full returns `Poll::Pending` and
+    /// Pushes without waiting. A `Block` queue that is full gives the event back and
     /// registers `cx` to be woken when there is room; without `cx` it drops the newest (for
     /// every reader).
     ///
     /// The target's counters (one delivery per reader) are updated under the queue's lock,
     /// before a reader can see the event: whoever has read an event also sees it counted.
-    pub(crate) fn poll_push(
+    pub(crate) fn push(
         &self,
         cx: Option<&mut Context<'_>>,
-        event: &Arc<Envelope<P>>,
+        event: Arc<Envelope<P>>,
         counters: &Counters,
-    ) -> Poll<()> {
+    ) -> Result<(), Arc<Envelope<P>>> {
         let mut state = self.lock();
         if state.closed {
-            return Poll::Ready(());
+            drop(state);
+            return Ok(());
         }
         let readers = state.readers.len() as u64;
         let mut dropped = None;
+        let mut event = Some(event);
         if !state.is_full(self.capacity) {
-            state.items.push_back(Slot::Event(Arc::clone(event)));
+            state
+                .items
+                .push_back(Slot::Event(event.take().expect("not pushed yet")));
             counters.delivered.fetch_add(readers, Relaxed);
         } else {
             match (self.overflow, cx) {
@@ -309,7 +313,9 @@ impl<P> Queue<P> {
                         }
                     }
                     state.oldest = oldest + 1;
-                    state.items.push_back(Slot::Event(Arc::clone(event)));
+                    state
+                        .items
+                        .push_back(Slot::Event(event.take().expect("not pushed yet")));
                     counters.delivered.fetch_add(readers, Relaxed);
                     counters.lagged.fetch_add(lagging, Relaxed);
                 }
@@ -317,7 +323,7 @@ impl<P> Queue<P> {
                     if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
                         state.producers.push(cx.waker().clone());
                     }
-                    return Poll::Pending;
+                    return Err(event.take().expect("not pushed yet"));
                 }
                 (Overflow::DropNewest | Overflow::Block, _) => {
                     for reader in &mut state.readers {
@@ -330,9 +336,10 @@ impl<P> Queue<P> {
         self.changed();
         let wake = state.take_readers();
         drop(state);
-        drop(dropped);
+        // What was dropped is freed with the lock released.
+        drop((dropped, event));
         wake_all(wake);
-        Poll::Ready(())
+        Ok(())
     }
 
     /// Tells the readers that the transport reconnected. Never blocks; two notices in a row

@@ -394,11 +394,15 @@ where
     /// Routes what comes up, at most `budget` items. Returns whether the budget ran out.
     fn poll_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
         if let Some(stalled) = self.stalled.take() {
-            if let Err(from) =
+            if let Err((from, event)) =
                 self.shared
-                    .deliver_from(&stalled.listeners, &stalled.event, stalled.from, Some(cx))
+                    .deliver_from(&stalled.listeners, stalled.event, stalled.from, Some(cx))
             {
-                self.stalled = Some(Stalled { from, ..stalled });
+                self.stalled = Some(Stalled {
+                    listeners: stalled.listeners,
+                    event,
+                    from,
+                });
                 return false;
             }
         }
@@ -485,7 +489,8 @@ where
                     return;
                 };
                 let event = Arc::new(message);
-                if let Err(from) = self.shared.deliver_from(&listeners, &event, 0, Some(cx)) {
+                if let Err((from, event)) = self.shared.deliver_from(&listeners, event, 0, Some(cx))
+                {
                     self.stalled = Some(Stalled {
                         listeners,
                         event,

@@ -461,16 +461,19 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         };
         // A `Block` subscription is full: wait for room, then go on with the rest.
         let mut from = 0;
+        let mut event = Some(event);
         let shared = Arc::clone(self.shared());
-        poll_fn(
-            |cx| match shared.deliver_from(&listeners, &event, from, Some(cx)) {
+        poll_fn(|cx| {
+            let pending = event.take().expect("polled once more after Ready");
+            match shared.deliver_from(&listeners, pending, from, Some(cx)) {
                 Ok(()) => Poll::Ready(()),
-                Err(blocked) => {
+                Err((blocked, back)) => {
                     from = blocked;
+                    event = Some(back);
                     Poll::Pending
                 }
-            },
-        )
+            }
+        })
         .await;
         Ok(())
     }
@@ -525,15 +528,15 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         };
         let event = Arc::new(envelope);
         if !may_block {
-            let _ = shared.deliver_from(&listeners, &event, 0, None);
+            let _ = shared.deliver_from(&listeners, event, 0, None);
             return None;
         }
         // A first pass without a waker: only a full `Block` queue needs the slow path.
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
-        match shared.deliver_from(&listeners, &event, 0, Some(&mut cx)) {
+        match shared.deliver_from(&listeners, event, 0, Some(&mut cx)) {
             Ok(()) => None,
-            Err(from) => {
+            Err((from, event)) => {
                 let rest: Arc<[Listener<P>]> = listeners[from..].iter().cloned().collect();
                 Some((rest, event))
             }

@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -443,39 +443,47 @@ impl<P> Shared<P> {
         topics
     }
 
-    /// Delivers `event` to `listeners[from..]`. Stops with `Err(index)` at a full `Block`
-    /// queue, which will wake `cx` when it has room; without `cx`, such a queue drops the
-    /// event instead (and counts it as lagged).
+    /// Delivers `event` to `listeners[from..]` (the last queue takes this handle of it rather
+    /// than a copy). Stops at a full `Block` queue with `Err` of its index and the event, and
+    /// that queue will wake `cx` when it has room; without `cx`, such a queue drops the event
+    /// instead (and counts it as lagged).
+    #[allow(clippy::type_complexity)]
     pub(crate) fn deliver_from(
         &self,
         listeners: &[Listener<P>],
-        event: &Arc<Envelope<P>>,
+        event: Arc<Envelope<P>>,
         from: usize,
         mut cx: Option<&mut Context<'_>>,
-    ) -> Result<(), usize> {
+    ) -> Result<(), (usize, Arc<Envelope<P>>)> {
         let mut delivered = 0;
         let mut result = Ok(());
+        let last = listeners.len().saturating_sub(1);
+        let mut event = Some(event);
         for (index, listener) in listeners.iter().enumerate().skip(from) {
+            let current = event.as_ref().expect("held until the last listener");
             match listener {
                 Listener::Callback { callback, .. } => {
-                    if catch_unwind(AssertUnwindSafe(|| callback(event))).is_ok() {
+                    if catch_unwind(AssertUnwindSafe(|| callback(current))).is_ok() {
                         delivered += 1;
                     } else {
                         self.counters.callback_panics.fetch_add(1, Relaxed);
                         tracing::error!(
-                            topic = %event.topic(),
+                            topic = %current.topic(),
                             "a listener callback panicked; it stays registered and delivery goes on"
                         );
                     }
                 }
                 // Counted by the queue, under its lock.
                 Listener::Queue { queue } => {
-                    match queue.poll_push(cx.as_deref_mut(), event, &self.counters) {
-                        Poll::Ready(()) => {}
-                        Poll::Pending => {
-                            result = Err(index);
-                            break;
-                        }
+                    let handle = if index == last {
+                        event.take().expect("held until the last listener")
+                    } else {
+                        Arc::clone(current)
+                    };
+                    if let Err(back) = queue.push(cx.as_deref_mut(), handle, &self.counters) {
+                        let event = event.unwrap_or(back);
+                        result = Err((index, event));
+                        break;
                     }
                 }
             }
