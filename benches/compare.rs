@@ -158,7 +158,7 @@ impl Config {
     fn wants_group(&self, group: &str) -> bool {
         self.filter
             .as_deref()
-            .is_none_or(|f| group.contains(f) || f.starts_with(group))
+            .is_none_or(|f| group.contains(f) || f.contains(group))
     }
 }
 
