@@ -9,8 +9,8 @@
 //! batches (see [`Queue::poll_read`]), so a busy reader takes the lock once per batch.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -52,6 +52,8 @@ pub(crate) struct Queue<P> {
     /// notice, the end): a reader that saw it unchanged since it found nothing to take
     /// knows there is still nothing, without the lock.
     version: AtomicU64,
+    /// How many readers the queue has (kept under the lock; read without it).
+    reader_count: AtomicUsize,
     capacity: usize,
     overflow: Overflow,
 }
@@ -162,6 +164,7 @@ impl<P> Queue<P> {
                 producers: Vec::new(),
             }),
             version: AtomicU64::new(0),
+            reader_count: AtomicUsize::new(1),
             capacity: capacity.max(1),
             overflow,
         }
@@ -220,6 +223,7 @@ impl<P> Queue<P> {
             missed_reconnect: false,
             waker: None,
         });
+        self.reader_count.store(state.readers.len(), Relaxed);
         true
     }
 
@@ -233,6 +237,7 @@ impl<P> Queue<P> {
         if reader.waker.is_some() {
             state.waiting -= 1;
         }
+        self.reader_count.store(state.readers.len(), Relaxed);
         self.changed();
         let (slots, producers) = if state.readers.is_empty() {
             state.closed = true;
@@ -250,7 +255,7 @@ impl<P> Queue<P> {
 
     /// How many readers the queue has.
     pub(crate) fn readers(&self) -> usize {
-        self.lock().readers.len()
+        self.reader_count.load(Relaxed)
     }
 
     /// How many slots wait for `reader` to take them (its batch aside).
