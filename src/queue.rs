@@ -3,10 +3,13 @@
 //! One queue can serve several subscriptions of a topic (its *readers*) when they asked for the
 //! same capacity and a policy that treats them alike ([`Overflow::DropOldest`] or
 //! [`Overflow::Block`]): an event is then stored once, and each reader has a cursor into the
-//! queue, as in `tokio::sync::broadcast`. A slot leaves the queue once every reader has taken
-//! it. The queue is full when its slowest reader has `capacity` slots it has not taken; the
-//! policy then applies to that reader (drop its oldest, or wait for it). A reader takes slots in
-//! batches (see [`Queue::poll_read`]), so a busy reader takes the lock once per batch.
+//! queue, as in `tokio::sync::broadcast`. A slot counts against the capacity until every
+//! reader has released it (yielded it to its subscriber); the queue is full when its slowest
+//! reader holds `capacity` slots, and the policy then applies to that reader (drop its oldest,
+//! or wait for it). A reader takes slots in batches (see [`Queue::poll_read`]), so a busy
+//! reader takes the lock about once per batch. Slots leave the queue once every reader has
+//! released them, or, with a lone reader, when it takes them (it moves them out rather than
+//! copy them).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -70,15 +73,17 @@ struct State<P> {
     /// How many readers wait with a waker.
     waiting: usize,
     closed: bool,
+    /// The last slot pushed was a reconnect notice (it may have left the queue already, in a
+    /// lone reader's batch).
+    reconnect_last: bool,
     /// Producers waiting for room (policy `Block` only).
     producers: Vec<Waker>,
 }
 
 struct Reader {
     id: ListenerId,
-    /// The sequence number of the oldest slot this reader holds: not yet yielded, or taken in
-    /// its last batch. Slots stay in the queue (and count against its capacity) until every
-    /// reader is past them.
+    /// The sequence number of the oldest slot this reader holds (not yet yielded: in its
+    /// batch, or not taken yet). What it holds counts against the capacity.
     next: u64,
     /// The sequence number of the next slot this reader takes (`next..taken` is its batch).
     taken: u64,
@@ -161,6 +166,7 @@ impl<P> Queue<P> {
                 }],
                 waiting: 0,
                 closed: false,
+                reconnect_last: false,
                 producers: Vec::new(),
             }),
             version: AtomicU64::new(0),
@@ -227,10 +233,12 @@ impl<P> Queue<P> {
         true
     }
 
-    /// Removes a reader: what it had not taken is dropped for it (and room made for the
-    /// others). Returns `None` if it was not a reader, else whether the queue has readers
-    /// left; without, it is closed and empty.
-    pub(crate) fn remove_reader(&self, id: ListenerId) -> Option<bool> {
+    /// Removes a reader: what it held is released (room for the others), and a task waiting
+    /// on it is woken to find its stream ended. Returns `None` if it was not a reader, else
+    /// whether the queue has readers left (without, it is closed and empty) and the slots that
+    /// left the queue, for the caller to drop once it holds no lock (an event's last handle may
+    /// run a payload's `Drop`).
+    pub(crate) fn remove_reader(&self, id: ListenerId) -> Option<(bool, Vec<Slot<P>>)> {
         let mut state = self.lock();
         let index = state.readers.iter().position(|r| r.id == id)?;
         let reader = state.readers.swap_remove(index);
@@ -248,9 +256,11 @@ impl<P> Queue<P> {
         };
         let left = !state.readers.is_empty();
         drop(state);
-        drop(slots);
+        if let Some(waker) = reader.waker {
+            waker.wake();
+        }
         wake_all(producers);
-        Some(left)
+        Some((left, slots))
     }
 
     /// How many readers the queue has.
@@ -258,13 +268,16 @@ impl<P> Queue<P> {
         self.reader_count.load(Relaxed)
     }
 
-    /// How many slots wait for `reader` to take them (its batch aside).
+    /// How many items wait for `reader` to take them (its batch aside): slots, and a lag or
+    /// reconnect notice.
     pub(crate) fn untaken(&self, reader: ListenerId) -> usize {
         let mut state = self.lock();
         let tail = state.tail();
-        state
-            .reader(reader)
-            .map_or(0, |r| tail.saturating_sub(r.taken) as usize)
+        state.reader(reader).map_or(0, |r| {
+            tail.saturating_sub(r.taken) as usize
+                + usize::from(r.lagged > 0)
+                + usize::from(r.missed_reconnect)
+        })
     }
 
     /// Pushes without waiting. A `Block` queue that is full gives the event back and
@@ -287,6 +300,7 @@ impl<P> Queue<P> {
         let readers = state.readers.len() as u64;
         let mut dropped = None;
         let mut event = Some(event);
+        state.reconnect_last = false;
         if !state.is_full(self.capacity) {
             state
                 .items
@@ -351,10 +365,11 @@ impl<P> Queue<P> {
     /// are one.
     pub(crate) fn push_reconnected(&self) {
         let mut state = self.lock();
-        if state.closed || matches!(state.items.back(), Some(Slot::Reconnected)) {
+        if state.closed || state.reconnect_last {
             return;
         }
         state.items.push_back(Slot::Reconnected);
+        state.reconnect_last = true;
         self.changed();
         let wake = state.take_readers();
         drop(state);
@@ -362,14 +377,15 @@ impl<P> Queue<P> {
     }
 
     /// `reader` takes its next item: a lag notice first if events were dropped before it took
-    /// them, then its oldest slot, and up to [`READ_BATCH`]` - 1` more slots into `batch`.
-    /// The caller yields the whole batch before it reads again: only then are the slots of
-    /// its last batch released (they count against the capacity until then). `Ready(None)`
-    /// once the queue is closed and the reader has taken everything, or the reader was
-    /// removed. `Pending` when nothing waits: with `cx`, the reader is woken by the next push;
-    /// without, it is not (and any waker it left before is forgotten). `seen` is set to the
-    /// [`version`](Self::version) this read saw if it left nothing for the reader to take,
-    /// else to `u64::MAX`.
+    /// them, then its oldest slot, and up to [`READ_BATCH`]` - 1` more slots into `batch`,
+    /// which the caller yields before it reads again. What the reader yielded before is
+    /// released; so is the slot returned now when `batch` stays empty; the slots left in
+    /// `batch` are held (they count against the capacity) until [`release`](Self::release).
+    /// `Ready(None)` once the queue is closed and the reader has taken everything, or the
+    /// reader was removed. `Pending` when nothing waits: with `cx`, the reader is woken by the
+    /// next push; without, it is not (and any waker it left before is forgotten). `seen` is
+    /// set to the [`version`](Self::version) this read saw if it left nothing for the reader
+    /// to take, else to `u64::MAX`.
     pub(crate) fn poll_read(
         &self,
         reader: ListenerId,
@@ -387,20 +403,12 @@ impl<P> Queue<P> {
         let Some(index) = state.readers.iter().position(|r| r.id == reader) else {
             return Poll::Ready(None);
         };
-        // The last batch is yielded: release it, and if this was the slowest reader, what
-        // every reader has released leaves the queue.
-        let me = &mut state.readers[index];
-        let was_oldest = me.next == state.oldest && me.taken > me.next;
-        me.next = me.taken;
-        let (released, producers) = if was_oldest {
-            state.trim()
-        } else {
-            (Vec::new(), Vec::new())
-        };
         let head = state.head;
         let tail = state.tail();
         let alone = state.readers.len() == 1;
+        let oldest = state.oldest;
         let me = &mut state.readers[index];
+        let held_from = me.next;
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
         } else if std::mem::take(&mut me.missed_reconnect) {
@@ -427,6 +435,16 @@ impl<P> Queue<P> {
             Some(first.into_item())
         } else {
             None
+        };
+        // Everything taken before is yielded; what is taken now is held while it waits in
+        // the batch.
+        let me = &mut state.readers[index];
+        me.next = me.taken - batch.len() as u64;
+        // If this was the slowest reader and it released something, room is made.
+        let (released, producers) = if held_from == oldest && me.next > held_from {
+            state.trim()
+        } else {
+            (Vec::new(), Vec::new())
         };
         let me = &mut state.readers[index];
         if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
@@ -461,6 +479,24 @@ impl<P> Queue<P> {
             None if ended => Poll::Ready(None),
             None => Poll::Pending,
         }
+    }
+
+    /// `reader` has yielded its whole batch: what it held is released.
+    pub(crate) fn release(&self, reader: ListenerId) {
+        let mut state = self.lock();
+        let oldest = state.oldest;
+        let Some(me) = state.reader(reader) else {
+            return;
+        };
+        let held_from = std::mem::replace(&mut me.next, me.taken);
+        let (released, producers) = if held_from == oldest && me.next > held_from {
+            state.trim()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        drop(state);
+        drop(released);
+        wake_all(producers);
     }
 
     /// Ends the queue: each reader takes what is left for it, then the end; blocked

@@ -125,12 +125,13 @@ impl SubscribeOptions {
 ///
 /// Subscriptions of one topic with the same capacity and policy ([`Overflow::DropOldest`] or
 /// [`Overflow::Block`]) read one shared queue, each at its own pace, as receivers of
-/// `tokio::sync::broadcast` do: an event is stored once however many read it. Each still
-/// behaves as if the queue were its own (the capacity counts what *it* has not yet read). A
-/// subscription takes events from the queue in batches (of up to 64) and releases a batch
-/// once it has yielded all of it: events it yielded may count against the capacity until its
-/// next read, and under [`Overflow::DropOldest`] the events of a batch it took are not dropped
-/// (it may hold up to one batch more than its capacity).
+/// `tokio::sync::broadcast` do: an event is stored once however many read it. The queue is
+/// full when its slowest reader has `capacity` events it has not yielded: under
+/// [`Overflow::DropOldest`] that reader loses its oldest (the others lose nothing); under
+/// [`Overflow::Block`] the publisher waits for it, so every reader of the queue waits with it.
+/// A subscription takes events from the queue in batches (of up to 64); under `DropOldest`,
+/// the events of a batch it took are not dropped (so it may hold up to one batch more than its
+/// capacity).
 ///
 /// Over a transport, a subscription that finds its queue empty routes what the transport has
 /// ready itself, when the target's driver task is not at it: that saves a hand-off between
@@ -217,6 +218,10 @@ impl<P> Stream for Subscription<P> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(slot) = this.batch.pop_front() {
+            if this.batch.is_empty() {
+                // Yielded in full: what the batch held no longer counts against the capacity.
+                this.queue.release(this.id);
+            }
             return Poll::Ready(Some(slot.into_item()));
         }
         if let Some(direct) = &this.direct {
@@ -266,9 +271,9 @@ impl<P> Stream for Subscription<P> {
 impl<P> Drop for Subscription<P> {
     fn drop(&mut self) {
         if !self.shared.remove_listener(&self.topic, self.id) {
-            // The target ended (the map is empty): leave the queue all the same, so that
-            // whoever still pushes to it stops counting this reader.
-            self.queue.remove_reader(self.id);
+            // Not in the map (the target ended, or the subscription was removed by its id):
+            // leave the queue all the same, which frees what this reader held.
+            drop(self.queue.remove_reader(self.id));
         }
     }
 }

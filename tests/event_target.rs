@@ -269,7 +269,8 @@ async fn memory_stays_bounded_when_a_subscriber_never_reads() {
         for n in 0..20_000 {
             assert_eq!(number_of(&testkit::next_event(&mut fast).await), n);
         }
-        assert_eq!(never_read.len(), 64, "the queue is capped at its capacity");
+        // Capped at its capacity: 64 events, and the notice of the ones dropped.
+        assert_eq!(never_read.len(), 65, "the queue is capped at its capacity");
         assert_eq!(events.stats().lagged, 20_000 - 64);
     }
 }
@@ -1031,7 +1032,8 @@ async fn shared_drop_oldest_lags_the_slow_reader_only(events: EventTarget) {
         // The fast reader keeps up: it never lags.
         assert_eq!(number_of(&testkit::next_event(&mut fast).await), n);
     }
-    assert_eq!(slow.len(), 10);
+    // Ten events and the lag notice wait.
+    assert_eq!(slow.len(), 11);
     assert_eq!(slow.next().await.unwrap().unwrap_err(), Gap::Lagged(90));
     for n in 90..100 {
         assert_eq!(number_of(&slow.next().await.unwrap().unwrap()), n);
@@ -1178,4 +1180,60 @@ async fn a_reader_keeps_the_batch_it_took_when_a_drop_oldest_queue_overflows() {
     assert!(lone.is_empty() && joined.is_empty());
     let stats = events.stats();
     assert_eq!((stats.delivered, stats.lagged), (14, 6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_removed_by_its_id_while_it_waits_ends() {
+    for events in [
+        EventTarget::local(),
+        EventTarget::new(LocalTransport::new()),
+    ] {
+        let options = SubscribeOptions::new().capacity(8);
+        let mut removed = events.subscribe_with("shared:6", options).await.unwrap();
+        let mut other = events.subscribe_with("shared:6", options).await.unwrap();
+        let id = removed.id();
+        let waiting = tokio::spawn(async move { removed.next().await.is_none() });
+        // Let it register its waker and sleep.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(events.remove_event_listener("shared:6", id));
+        let ended = tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("the waiting task was woken")
+            .unwrap();
+        assert!(ended, "the stream ended");
+        publish_numbers(&events, "6", 0..1).await;
+        assert_eq!(number_of(&testkit::next_event(&mut other).await), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_subscription_has_yielded_no_longer_hold_a_block_publisher() {
+    let events = EventTarget::local();
+    let options = SubscribeOptions::new()
+        .capacity(2)
+        .overflow(Overflow::Block);
+    let mut subscription = events.subscribe_with("shared:7", options).await.unwrap();
+    publish_numbers(&events, "7", 0..2).await;
+    // Both are taken in one batch and yielded.
+    for n in 0..2 {
+        assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+    }
+    // A lockstep protocol: the subscriber waits for a signal the publisher gives only once
+    // two more events are in, without polling the subscription meanwhile.
+    let (signal, signalled) = tokio::sync::oneshot::channel();
+    let publisher = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            publish_numbers(&events, "7", 2..4).await;
+            signal.send(()).unwrap();
+        })
+    };
+    tokio::time::timeout(WAIT, signalled)
+        .await
+        .expect("the publisher found room")
+        .unwrap();
+    for n in 2..4 {
+        assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+    }
+    publisher.await.unwrap();
 }

@@ -277,6 +277,9 @@ impl<P> Shared<P> {
     /// Removes a listener: a callback, or a subscription (a reader of a queue, which ends
     /// the subscription). The last one of a topic sends the unsubscribe command.
     pub(crate) fn remove_listener(&self, topic: &str, id: ListenerId) -> bool {
+        // Events a removed reader released are dropped after the map's lock (declared before
+        // the guard, so dropped after it).
+        let mut _released = Vec::new();
         let mut map = self.write();
         let Some(entry) = map.get_mut(topic) else {
             return false;
@@ -291,9 +294,12 @@ impl<P> Shared<P> {
                 Listener::Callback { .. } => {}
                 Listener::Queue { queue } => match queue.remove_reader(id) {
                     None => {}
-                    // The queue still serves other subscriptions.
-                    Some(true) => return true,
-                    Some(false) => {
+                    Some((left, slots)) => {
+                        _released = slots;
+                        if left {
+                            // The queue still serves other subscriptions.
+                            return true;
+                        }
                         found = Some(position);
                         break;
                     }
