@@ -54,10 +54,10 @@ pub enum Overflow {
     DropOldest,
     /// Drop the new event and tell the subscriber with [`Gap::Lagged`].
     DropNewest,
-    /// Wait for room: lossless, but a slow subscriber slows delivery (of every subscription
-    /// sharing its queue, too). On the in-process target
-    /// it slows the publisher of that topic; behind a transport it pauses the driver's inbound
-    /// side, and so every topic of the target. Note that redis-rs reads Redis pub/sub messages
+    /// Wait for room: lossless, but a slow subscriber slows delivery (to every subscription
+    /// sharing its queue, too). On the in-process target it slows the publisher of that topic;
+    /// behind a transport it pauses the driver's inbound side, and so every topic of the
+    /// target. Note that redis-rs reads Redis pub/sub messages
     /// into an unbounded buffer of its own: over Redis, a subscriber that blocks for long
     /// moves the backlog there rather than bounding it; prefer the dropping policies there.
     Block,
