@@ -129,6 +129,18 @@ impl<P> State<P> {
         (slots, std::mem::take(&mut self.producers))
     }
 
+    /// Reader `index` now holds from `next` on (it yielded what came before). If it was the
+    /// slowest reader, that may make room: see [`trim`](Self::trim).
+    fn hold_from(&mut self, index: usize, next: u64) -> (Vec<Slot<P>>, Vec<Waker>) {
+        let reader = &mut self.readers[index];
+        let was = std::mem::replace(&mut reader.next, next);
+        if was == self.oldest && next > was {
+            self.trim()
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    }
+
     /// The wakers of every waiting reader.
     fn take_readers(&mut self) -> Vec<Waker> {
         if self.waiting == 0 {
@@ -176,7 +188,8 @@ impl<P> Queue<P> {
         }
     }
 
-    /// See [`Queue::version`](Self::version); `poll_read` returns the version it read under.
+    /// The queue's version (see the field); [`poll_read`](Self::poll_read) reports the one it
+    /// read under.
     pub(crate) fn version(&self) -> u64 {
         self.version.load(Acquire)
     }
@@ -300,11 +313,11 @@ impl<P> Queue<P> {
         let readers = state.readers.len() as u64;
         let mut dropped = None;
         let mut event = Some(event);
-        state.reconnect_last = false;
         if !state.is_full(self.capacity) {
             state
                 .items
                 .push_back(Slot::Event(event.take().expect("not pushed yet")));
+            state.reconnect_last = false;
             counters.delivered.fetch_add(readers, Relaxed);
         } else {
             match (self.overflow, cx) {
@@ -335,6 +348,7 @@ impl<P> Queue<P> {
                     state
                         .items
                         .push_back(Slot::Event(event.take().expect("not pushed yet")));
+                    state.reconnect_last = false;
                     counters.delivered.fetch_add(readers, Relaxed);
                     counters.lagged.fetch_add(lagging, Relaxed);
                 }
@@ -406,9 +420,7 @@ impl<P> Queue<P> {
         let head = state.head;
         let tail = state.tail();
         let alone = state.readers.len() == 1;
-        let oldest = state.oldest;
         let me = &mut state.readers[index];
-        let held_from = me.next;
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
         } else if std::mem::take(&mut me.missed_reconnect) {
@@ -438,14 +450,8 @@ impl<P> Queue<P> {
         };
         // Everything taken before is yielded; what is taken now is held while it waits in
         // the batch.
-        let me = &mut state.readers[index];
-        me.next = me.taken - batch.len() as u64;
-        // If this was the slowest reader and it released something, room is made.
-        let (released, producers) = if held_from == oldest && me.next > held_from {
-            state.trim()
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let held_from = state.readers[index].taken - batch.len() as u64;
+        let (released, producers) = state.hold_from(index, held_from);
         let me = &mut state.readers[index];
         if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
             // More to take: `seen` must not say otherwise.
@@ -484,16 +490,11 @@ impl<P> Queue<P> {
     /// `reader` has yielded its whole batch: what it held is released.
     pub(crate) fn release(&self, reader: ListenerId) {
         let mut state = self.lock();
-        let oldest = state.oldest;
-        let Some(me) = state.reader(reader) else {
+        let Some(index) = state.readers.iter().position(|r| r.id == reader) else {
             return;
         };
-        let held_from = std::mem::replace(&mut me.next, me.taken);
-        let (released, producers) = if held_from == oldest && me.next > held_from {
-            state.trim()
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let taken = state.readers[index].taken;
+        let (released, producers) = state.hold_from(index, taken);
         drop(state);
         drop(released);
         wake_all(producers);
