@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
@@ -10,7 +11,7 @@ use futures::Stream;
 
 use crate::layers::{Envelope, Topic};
 use crate::queue::{Queue, Slot};
-use crate::target::driver::Direct;
+use crate::target::driver::{Direct, Pulled};
 use crate::target::shared::Shared;
 use crate::ListenerId;
 
@@ -234,8 +235,27 @@ impl<P> Stream for Subscription<P> {
             }
             // Empty: rather than wait for the driver task to route what the transport has
             // ready and wake this task, route it from here (unless the driver is at it).
-            if let Some(direct) = direct.upgrade() {
-                direct.try_pull();
+            let pulled = direct.upgrade().map(|direct| direct.try_pull(cx.waker()));
+            match pulled {
+                // More is ready, and this task reads it for the target: once it has yielded
+                // what it routed to itself, or at once if that was nothing.
+                Some(Pulled::More) => {
+                    if let Poll::Ready(item) =
+                        this.queue
+                            .poll_read(this.id, &mut this.batch, None, &mut this.seen)
+                    {
+                        return Poll::Ready(item);
+                    }
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                // The transport is a subscription's to read, and the lock was held a moment
+                // (by a publisher, or by the driver waking this task to read): try again soon.
+                Some(Pulled::Busy) if this.shared.leased.load(Relaxed) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                _ => {}
             }
         }
         // In-process, a reader of a shared queue that finds it empty yields (once) before it

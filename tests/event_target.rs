@@ -853,13 +853,16 @@ async fn listeners_added_and_removed_between_messages_of_one_topic_are_honoured_
 }
 
 /// A transport whose inbound items are put in by the test and which never wakes anyone for
-/// them: only a poll finds them. Subscribes are confirmed at once; publishes are dropped.
-/// An item with payload `"panic"` makes `poll_next` panic.
+/// them ([`Silent::put`]; [`Silent::put_and_wake`] does): only a poll finds them. Subscribes
+/// are confirmed at once; publishes are dropped. An item with payload `"panic"` makes
+/// `poll_next` panic.
 #[derive(Clone, Default)]
 struct Silent {
     inbound: Arc<Mutex<std::collections::VecDeque<alkdev_pubsub::Up<Envelope>>>>,
-    /// The tasks that took an item out of it.
-    readers: Arc<Mutex<std::collections::HashSet<Option<tokio::task::Id>>>>,
+    /// The waker of the last `poll_next` that found nothing.
+    waker: Arc<Mutex<Option<std::task::Waker>>>,
+    /// The tasks that took items out of it, and how many each.
+    readers: Arc<Mutex<std::collections::HashMap<Option<tokio::task::Id>, usize>>>,
     dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -873,6 +876,22 @@ impl Silent {
                 channel: None,
                 message: numbered(kind, id, n),
             });
+    }
+
+    /// Puts, and wakes whoever last found nothing, as a real transport would.
+    fn put_and_wake(&self, topic: &str, n: u64) {
+        self.put(topic, n);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        // Under the queue's lock, as `poll_next` leaves its waker: no wake-up is lost.
+        let inbound = self.inbound.lock().unwrap();
+        let waker = self.waker.lock().unwrap().take();
+        drop(inbound);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 }
 
@@ -918,15 +937,23 @@ impl futures::Stream for Silent {
     type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let Some(up) = self.inbound.lock().unwrap().pop_front() else {
+        let mut inbound = self.inbound.lock().unwrap();
+        let Some(up) = inbound.pop_front() else {
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
             return std::task::Poll::Pending;
         };
+        drop(inbound);
         if matches!(&up, alkdev_pubsub::Up::Message { message, .. } if message.payload == "panic") {
             panic!("this transport cannot read that");
         }
-        self.readers.lock().unwrap().insert(tokio::task::try_id());
+        *self
+            .readers
+            .lock()
+            .unwrap()
+            .entry(tokio::task::try_id())
+            .or_default() += 1;
         std::task::Poll::Ready(Some(Ok(up)))
     }
 }
@@ -961,11 +988,97 @@ async fn a_subscription_with_an_empty_queue_routes_what_the_transport_has_ready(
         tokio::task::id()
     });
     let reader = reader.await.unwrap();
-    assert!(silent.readers.lock().unwrap().contains(&Some(reader)));
+    assert!(silent.readers.lock().unwrap().contains_key(&Some(reader)));
     // Routed on the way, in order: the callback's topic, and a subscription nobody read yet.
     for n in 0..100 {
         assert_eq!(seen_rx.recv().await, Some(n));
         assert_eq!(number_of(&testkit::next_event(&mut idle).await), n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_subscription_reads_what_arrives_itself() {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    let reader = tokio::spawn(async move {
+        for n in 0..100 {
+            assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+        }
+        tokio::task::id()
+    });
+    // Let the reader find the transport drained and wait, and any earlier check lapse.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    silent.readers.lock().unwrap().clear();
+    for n in 0..100 {
+        silent.put("a:1", n);
+    }
+    silent.wake();
+    let reader = reader.await.unwrap();
+    // The driver, woken by the transport, routed the first few and left the rest of the burst
+    // to the waiting subscription: decoded and routed in the task that consumed them.
+    let readers = silent.readers.lock().unwrap().clone();
+    assert!(readers.get(&Some(reader)) >= Some(&90), "{readers:?}");
+}
+
+/// A listener a subscription that stopped reading must not hold up: a callback of `b:1`.
+async fn b_callback(events: &EventTarget) -> tokio::sync::mpsc::UnboundedReceiver<u64> {
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    events
+        .add_event_listener("b:1", move |event| {
+            let _ = seen_tx.send(number_of(event));
+        })
+        .unwrap();
+    settle("the callback's subscribe", || {
+        events.stats().subscribes == 2
+    })
+    .await;
+    seen_rx
+}
+
+async fn expect_numbers(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64>, numbers: u64) {
+    for n in 0..numbers {
+        let next = tokio::time::timeout(WAIT, seen.recv()).await;
+        assert_eq!(next, Ok(Some(n)), "the callback is held up");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_subscription_that_is_not_polled_does_not_hold_up_the_others() {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    let mut seen = b_callback(&events).await;
+    // Polled once: it finds the transport drained and waits, then is never polled again (its
+    // task awaits something else). The driver, woken for what arrives, hands the transport to
+    // it, and must take it back.
+    assert!(futures::poll!(a.next()).is_pending());
+    for n in 0..100 {
+        silent.put_and_wake("b:1", n);
+    }
+    expect_numbers(&mut seen, 100).await;
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_stops_reading_the_transport_midway_does_not_hold_up_the_others() {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    let mut seen = b_callback(&events).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for n in 0..100 {
+        silent.put("a:1", n);
+        silent.put("b:1", n);
+    }
+    // More is ready than one read of the transport takes: this subscription reads on for the
+    // target, as long as it is polled. It stops after its first event.
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+    expect_numbers(&mut seen, 100).await;
+    assert!(silent.inbound.lock().unwrap().is_empty());
+    // Nothing of its own was lost meanwhile.
+    for n in 1..100 {
+        assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
     }
 }
 

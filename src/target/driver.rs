@@ -24,6 +24,15 @@ const BUDGET: usize = 256;
 /// waiting on it for long.
 const PULL_BUDGET: usize = 32;
 
+/// How often the driver checks that a subscription reading the transport for it (see
+/// [`Lease`]) still does: a lease with no pull for this long (up to twice this, at the timer's
+/// resolution) ends, and the driver reads again.
+const LEASE_CHECK: Duration = Duration::from_millis(1);
+
+/// How many inbound items the driver routes itself before it hands the rest to a waiting
+/// subscription (see [`Lease`]).
+const HAND_OFF_AFTER: usize = 8;
+
 /// A direct publish this long after the previous one (that found nothing to flush) is taken for
 /// a lone message, and flushed by the publishing task at once.
 const LONE_PUBLISH: Duration = Duration::from_micros(50);
@@ -69,6 +78,30 @@ struct Route<P> {
     listeners: Weak<[Listener<P>]>,
 }
 
+/// Reading the transport, left to a subscription.
+///
+/// Under a burst, decoding events on one thread and freeing them on another is what a driver
+/// task costs most over reading the transport in the subscriber's task: the allocator's
+/// per-thread caches miss, and a third thread competes for the cores. So when the driver is
+/// woken, routes a few items ([`HAND_OFF_AFTER`]) and finds more, and a subscription waits for
+/// the transport ([`Core::puller`]), the driver wakes that subscription and leaves the rest to
+/// it: the subscription routes it ([`Core::try_pull`]), for every listener, exactly as the
+/// driver would, and goes on reading while there is more. The driver only checks, on a timer,
+/// that the holder still pulls: one that stops (it was dropped, or its task awaits something
+/// else) loses the lease, and the driver reads again. One event at a time, the driver routes
+/// it: handing it over would cost a wake-up more.
+#[derive(Default)]
+struct Lease {
+    /// A subscription reads the transport: the driver does not.
+    held: bool,
+    /// Pulls so far ([`Core::try_pull`]), and their number when the timer was armed.
+    pulls: u64,
+    checked: u64,
+    /// The driver's check on the holder, armed while the lease is held.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
 /// Everything the driver owns. It sits behind a mutex so that, when the driver is not using
 /// the transport, a publishing task can feed it ([`Core::try_publish`]) and a subscription with
 /// an empty queue can route what it has ready ([`Core::try_pull`]); the driver task does all
@@ -100,6 +133,13 @@ pub(crate) struct Core<T, P> {
     flush_wanted: bool,
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
+    /// A subscription that found the transport drained and its queue empty: woken to read
+    /// the transport itself when the driver is next woken (see [`Lease`]).
+    puller: Option<Waker>,
+    /// The puller the driver hands the transport to, woken once the driver lets go of this
+    /// core (woken earlier, it would find the core locked).
+    hand_to: Option<Waker>,
+    lease: Lease,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
@@ -137,6 +177,9 @@ where
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
+            puller: None,
+            hand_to: None,
+            lease: Lease::default(),
             runtime: current_runtime(),
         }
     }
@@ -627,7 +670,7 @@ where
         if matches!(self.phase, Phase::Finished) {
             return Poll::Ready(());
         }
-        let more_in = self.poll_inbound(cx, BUDGET);
+        let more_in = self.poll_inbound_or_lend(cx);
         if self.poll_close_steps(cx).is_ready() {
             return Poll::Ready(());
         }
@@ -635,6 +678,77 @@ where
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// Routes what comes up ([`Self::poll_inbound`]), unless a subscription reads the
+    /// transport ([`Lease`]) or can be woken to. Returns whether the budget ran out.
+    fn poll_inbound_or_lend(&mut self, cx: &mut Context<'_>) -> bool {
+        let lease = &mut self.lease;
+        let fired = lease.armed
+            && lease
+                .timer
+                .as_mut()
+                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+        if fired {
+            lease.armed = false;
+        }
+        let lendable = self.stalled.is_none() && matches!(self.phase, Phase::Running);
+        if lease.held {
+            if !lendable || (fired && lease.pulls == lease.checked) {
+                // The holder stopped reading (or cannot go on): the driver reads again.
+                self.hold_lease(false);
+                return self.poll_inbound(cx, BUDGET);
+            }
+            self.arm_lease(cx);
+            return false;
+        }
+        if !(lendable && self.puller.is_some()) {
+            return self.poll_inbound(cx, BUDGET);
+        }
+        // A subscription waits for the transport. A few items are routed here first: one
+        // event at a time (the usual case at low rates) is cheaper to route than to hand over.
+        if !self.poll_inbound(cx, HAND_OFF_AFTER) {
+            return false;
+        }
+        // A burst: the waiting subscription reads the rest.
+        match self.puller.take() {
+            Some(puller) if self.stalled.is_none() && self.running() => {
+                self.hold_lease(true);
+                self.arm_lease(cx);
+                self.hand_to = Some(puller);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn hold_lease(&mut self, held: bool) {
+        if self.lease.held != held {
+            self.lease.held = held;
+            self.shared.leased.store(held, Relaxed);
+        }
+    }
+
+    /// Starts the check on a held lease, unless it runs.
+    fn arm_lease(&mut self, cx: &mut Context<'_>) {
+        let lease = &mut self.lease;
+        if lease.armed {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LEASE_CHECK;
+        let timer = match &mut lease.timer {
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => lease
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        // Registers the driver's waker; not ready before `LEASE_CHECK` has passed.
+        let _ = timer.as_mut().poll(cx);
+        lease.checked = lease.pulls;
+        lease.armed = true;
     }
 
     /// Whether commands wait to be fed: taken from the handles, or still in their channels.
@@ -749,22 +863,40 @@ where
     /// Routes what the transport has ready (at most [`PULL_BUDGET`] items) from the calling
     /// task, a subscription of this target whose queue is empty: exactly as the driver would,
     /// with the driver's waker, so that whatever is left pending (the transport's next item,
-    /// room in a `Block` queue) wakes the driver, never the caller.
-    fn try_pull(&mut self) {
+    /// room in a `Block` queue) wakes the driver, never the caller. Returns whether more may
+    /// be ready: the caller then holds the [`Lease`] and should pull again soon.
+    fn try_pull(&mut self, reader: &Waker) -> Pulled {
         if self.stalled.is_some() {
-            return;
+            return Pulled::Done;
         }
         let Some(waker) = self.lend_waker() else {
-            return;
+            return Pulled::Done;
         };
+        self.lease.pulls += 1;
         let routed = self.act_as_driver(waker, |core, waker| {
             core.poll_inbound(&mut Context::from_waker(waker), PULL_BUDGET)
         });
         match routed {
-            // Items may be left, and the transport wakes no one for those: the driver task
-            // takes them from here.
+            // Items may be left, and the transport wakes no one for those: the caller reads
+            // on, and the driver checks that it does.
+            Ok(true) if self.running() => {
+                if !self.lease.held {
+                    self.hold_lease(true);
+                    if !self.lease.armed {
+                        self.wake_driver();
+                    }
+                }
+                return Pulled::More;
+            }
             Ok(true) => self.wake_driver(),
-            Ok(false) => {}
+            Ok(false) => {
+                // Drained (or stalled on a full `Block` queue, which wakes the driver when it
+                // has room): the driver reads next, or wakes the caller to.
+                self.hold_lease(false);
+                if self.stalled.is_none() {
+                    crate::waker::remember(&mut self.puller, &Context::from_waker(reader));
+                }
+            }
             Err(panic) => {
                 // Stops the target: the caller's queue ends, with the others.
                 self.panicked(
@@ -773,6 +905,7 @@ where
                 );
             }
         }
+        Pulled::Done
     }
 }
 
@@ -817,15 +950,25 @@ pub(crate) enum Fed<P> {
     Panicked(Error),
 }
 
+/// What came of a subscription's [`Direct::try_pull`].
+pub(crate) enum Pulled {
+    /// More may be ready: the caller holds the [`Lease`] and should pull again soon.
+    More,
+    /// The transport is drained (or was not the caller's to read).
+    Done,
+    /// The driver, a publisher or another subscription was using the transport.
+    Busy,
+}
+
 /// A way to the transport past the driver task, for publishers ([`Core::try_publish`]) and
 /// for subscriptions that find their queue empty ([`Core::try_pull`]).
 pub(crate) trait Direct<P>: Send + Sync {
     /// Feeds `outgoing` now, or hands it back to be queued.
     fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P>;
 
-    /// Routes what the transport has ready now, from the calling task, if the driver is not
-    /// using the transport.
-    fn try_pull(&self);
+    /// Routes what the transport has ready now, from the calling task (a subscription, woken
+    /// by `reader`), if the driver is not using the transport.
+    fn try_pull(&self, reader: &Waker) -> Pulled;
 }
 
 impl<T, P> Direct<P> for Mutex<Core<T, P>>
@@ -841,10 +984,10 @@ where
         }
     }
 
-    fn try_pull(&self) {
-        // Busy: the driver is woken by the transport for what it has, as usual.
-        if let Ok(mut core) = self.try_lock() {
-            core.try_pull();
+    fn try_pull(&self, reader: &Waker) -> Pulled {
+        match self.try_lock() {
+            Ok(mut core) => core.try_pull(reader),
+            Err(_) => Pulled::Busy,
         }
     }
 }
@@ -883,7 +1026,7 @@ where
         let Ok(mut core) = self.core.lock() else {
             return Poll::Ready(());
         };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| core.poll(cx))) {
+        let poll = match std::panic::catch_unwind(AssertUnwindSafe(|| core.poll(cx))) {
             Ok(poll) => poll,
             Err(panic) => {
                 core.panicked(
@@ -892,6 +1035,12 @@ where
                 );
                 Poll::Ready(())
             }
+        };
+        let hand_to = core.hand_to.take();
+        drop(core);
+        if let Some(puller) = hand_to {
+            puller.wake();
         }
+        poll
     }
 }

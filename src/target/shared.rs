@@ -105,6 +105,9 @@ pub(crate) struct Shared<P> {
     gap_listeners: RwLock<Vec<(ListenerId, Arc<GapCallback>)>>,
     /// `None` for the in-process target, which has no driver and no transport.
     control: Option<mpsc::UnboundedSender<Control>>,
+    /// A subscription reads the transport for the driver (the driver's lease, mirrored here
+    /// for subscriptions that find the driver busy).
+    pub(crate) leased: AtomicBool,
 }
 
 /// What adding a listener needs from the caller.
@@ -124,6 +127,7 @@ impl<P> Shared<P> {
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            leased: AtomicBool::new(false),
             gap_listeners: RwLock::new(Vec::new()),
             control,
         }
