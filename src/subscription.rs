@@ -136,7 +136,10 @@ impl SubscribeOptions {
 ///
 /// Over a transport, a subscription that finds its queue empty routes what the transport has
 /// ready itself, when the target's driver task is not at it: that saves a hand-off between
-/// tasks per batch. So polling it may run the transport's reading side (and the reconnect
+/// tasks per batch. Under a burst the driver leaves the reading to a waiting subscription, which
+/// goes on reading for the whole target while it is polled (decoding and freeing the events on
+/// one thread); if it stops being polled, the driver takes the reading back within a couple of
+/// milliseconds. So polling it may run the transport's reading side (and the reconnect
 /// layer's work, if it is reconnecting) and the callbacks of other listeners of the target,
 /// on the polling task; they run one message at a time, in arrival order, wherever they run.
 ///

@@ -45,7 +45,8 @@ pub struct ListenerId(pub(crate) u64);
 /// command down and flushes once, and routes what comes up. Two shortcuts skip the hand-off to
 /// that task when it is not using the transport: a publishing task feeds its publish itself,
 /// and a [`Subscription`] that finds its queue empty routes what the transport has ready
-/// itself (both only from tasks on the runtime the target was built on). In-process
+/// itself, and under a burst reads on for the target while it is polled (both only from tasks
+/// on the runtime the target was built on). In-process
 /// ([`local`](Self::local)), there is no transport and no driver: a dispatch delivers straight
 /// from the publishing task into the listeners' queues.
 ///
