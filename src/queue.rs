@@ -283,6 +283,16 @@ impl<P> Queue<P> {
 
     /// How many items wait for `reader` to take them (its batch aside): slots, and a lag or
     /// reconnect notice.
+    /// Whether `reader` is there and has yielded everything it took, with nothing left to
+    /// take: it waits for the next event (or its task is busy with the last one).
+    pub(crate) fn waits(&self, reader: ListenerId) -> bool {
+        let mut state = self.lock();
+        let tail = state.tail();
+        state.reader(reader).is_some_and(|r| {
+            r.next == tail && r.taken == tail && r.lagged == 0 && !r.missed_reconnect
+        })
+    }
+
     pub(crate) fn untaken(&self, reader: ListenerId) -> usize {
         let mut state = self.lock();
         let tail = state.tail();

@@ -50,7 +50,9 @@ impl std::error::Error for Gap {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Overflow {
     /// Drop the oldest queued event and tell the subscriber with [`Gap::Lagged`], as
-    /// `tokio::sync::broadcast` does. Other subscribers are never slowed. The default.
+    /// `tokio::sync::broadcast` does. Other subscribers are not slowed (behind a transport, one
+    /// reading a burst for its target may hold the others up for a millisecond or two). The
+    /// default.
     #[default]
     DropOldest,
     /// Drop the new event and tell the subscriber with [`Gap::Lagged`].
@@ -238,7 +240,9 @@ impl<P> Stream for Subscription<P> {
             }
             // Empty: rather than wait for the driver task to route what the transport has
             // ready and wake this task, route it from here (unless the driver is at it).
-            let pulled = direct.upgrade().map(|direct| direct.try_pull(cx.waker()));
+            let pulled = direct
+                .upgrade()
+                .map(|direct| direct.try_pull(cx.waker(), &this.queue, this.id));
             match pulled {
                 // More is ready, and this task reads it for the target: once it has yielded
                 // what it routed to itself, or at once if that was nothing.

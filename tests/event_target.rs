@@ -852,8 +852,8 @@ async fn listeners_added_and_removed_between_messages_of_one_topic_are_honoured_
     );
 }
 
-/// A transport whose inbound items are put in by the test and which never wakes anyone for
-/// them ([`Silent::put`]; [`Silent::put_and_wake`] does): only a poll finds them. Subscribes
+/// A transport whose inbound items are put in by the test and which wakes no one for them
+/// unless told to ([`Silent::wake`]): only a poll finds them. Subscribes
 /// are confirmed at once; publishes are dropped. An item with payload `"panic"` makes
 /// `poll_next` panic.
 #[derive(Clone, Default)]
@@ -878,12 +878,7 @@ impl Silent {
             });
     }
 
-    /// Puts, and wakes whoever last found nothing, as a real transport would.
-    fn put_and_wake(&self, topic: &str, n: u64) {
-        self.put(topic, n);
-        self.wake();
-    }
-
+    /// Wakes whoever last found nothing, as a real transport would when items arrive.
     fn wake(&self) {
         // Under the queue's lock, as `poll_next` leaves its waker: no wake-up is lost.
         let inbound = self.inbound.lock().unwrap();
@@ -996,7 +991,11 @@ async fn a_subscription_with_an_empty_queue_routes_what_the_transport_has_ready(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The next three run on one thread with the clock paused: time moves only when every task
+// waits, so a subscription that reads is never overtaken by the end of its lease, and one that
+// does not read loses it after the lease's millisecond or two of (virtual) time.
+
+#[tokio::test(start_paused = true)]
 async fn a_waiting_subscription_reads_what_arrives_itself() {
     let silent = Silent::default();
     let events: EventTarget = EventTarget::new(silent.clone());
@@ -1007,7 +1006,7 @@ async fn a_waiting_subscription_reads_what_arrives_itself() {
         }
         tokio::task::id()
     });
-    // Let the reader find the transport drained and wait, and any earlier check lapse.
+    // Let the reader find the transport drained and wait.
     tokio::time::sleep(Duration::from_millis(20)).await;
     silent.readers.lock().unwrap().clear();
     for n in 0..100 {
@@ -1036,31 +1035,37 @@ async fn b_callback(events: &EventTarget) -> tokio::sync::mpsc::UnboundedReceive
     seen_rx
 }
 
-async fn expect_numbers(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64>, numbers: u64) {
+/// Expects `0..numbers` from `seen`, within a few (paused) milliseconds: a lease lasts two at
+/// most.
+async fn expect_numbers_soon(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64>, numbers: u64) {
+    let started = tokio::time::Instant::now();
     for n in 0..numbers {
         let next = tokio::time::timeout(WAIT, seen.recv()).await;
         assert_eq!(next, Ok(Some(n)), "the callback is held up");
     }
+    let took = started.elapsed();
+    assert!(took <= Duration::from_millis(5), "held up for {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_waiting_subscription_that_is_not_polled_does_not_hold_up_the_others() {
     let silent = Silent::default();
     let events: EventTarget = EventTarget::new(silent.clone());
     let mut a = events.subscribe("a:1").await.unwrap();
     let mut seen = b_callback(&events).await;
     // Polled once: it finds the transport drained and waits, then is never polled again (its
-    // task awaits something else). The driver, woken for what arrives, hands the transport to
-    // it, and must take it back.
+    // task awaits something else). The driver, woken for a burst, hands the transport to it,
+    // and must take it back.
     assert!(futures::poll!(a.next()).is_pending());
     for n in 0..100 {
-        silent.put_and_wake("b:1", n);
+        silent.put("b:1", n);
     }
-    expect_numbers(&mut seen, 100).await;
+    silent.wake();
+    expect_numbers_soon(&mut seen, 100).await;
     drop(a);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_subscription_that_stops_reading_the_transport_midway_does_not_hold_up_the_others() {
     let silent = Silent::default();
     let events: EventTarget = EventTarget::new(silent.clone());
@@ -1074,12 +1079,39 @@ async fn a_subscription_that_stops_reading_the_transport_midway_does_not_hold_up
     // More is ready than one read of the transport takes: this subscription reads on for the
     // target, as long as it is polled. It stops after its first event.
     assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
-    expect_numbers(&mut seen, 100).await;
+    expect_numbers_soon(&mut seen, 100).await;
     assert!(silent.inbound.lock().unwrap().is_empty());
     // Nothing of its own was lost meanwhile.
     for n in 1..100 {
         assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_that_reads_slowly_does_not_hold_up_the_others() {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let mut a = events.subscribe("a:1").await.unwrap();
+    let mut seen = b_callback(&events).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // One event in 32 is the slow subscription's; it takes half a millisecond over each, and
+    // reads the transport for the target whenever its queue runs dry.
+    for n in 0..3_200 {
+        if n % 32 == 0 {
+            silent.put("a:1", n / 32);
+        } else {
+            silent.put("b:1", n - n / 32 - 1);
+        }
+    }
+    let slow = tokio::spawn(async move {
+        for n in 0..100 {
+            assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    });
+    // Its lease is taken back: the callback does not wait for it (50 ms in all).
+    expect_numbers_soon(&mut seen, 3_100).await;
+    slow.await.unwrap();
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@ use tokio::time::Sleep;
 
 use super::shared::{Control, Listener, Shared};
 use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
+use crate::queue::Queue;
+use crate::ListenerId;
 
 /// How many commands, or inbound items, one poll handles before yielding to other tasks.
 const BUDGET: usize = 256;
@@ -24,14 +26,17 @@ const BUDGET: usize = 256;
 /// waiting on it for long.
 const PULL_BUDGET: usize = 32;
 
-/// How often the driver checks that a subscription reading the transport for it (see
-/// [`Lease`]) still does: a lease with no pull for this long (up to twice this, at the timer's
-/// resolution) ends, and the driver reads again.
-const LEASE_CHECK: Duration = Duration::from_millis(1);
+/// How long a subscription reads the transport for the driver (see [`Lease`]) before the
+/// driver checks that it keeps up: this long, up to twice this at the timer's resolution.
+const LEASE: Duration = Duration::from_millis(1);
 
 /// How many inbound items the driver routes itself before it hands the rest to a waiting
 /// subscription (see [`Lease`]).
 const HAND_OFF_AFTER: usize = 8;
+
+/// A lease holder that pulled this often during its lease read at least a driver's budget: it
+/// keeps up, and gets a new lease (see [`Lease`]).
+const KEEPS_UP: u64 = (BUDGET / PULL_BUDGET) as u64;
 
 /// A direct publish this long after the previous one (that found nothing to flush) is taken for
 /// a lone message, and flushed by the publishing task at once.
@@ -86,20 +91,33 @@ struct Route<P> {
 /// woken, routes a few items ([`HAND_OFF_AFTER`]) and finds more, and a subscription waits for
 /// the transport ([`Core::puller`]), the driver wakes that subscription and leaves the rest to
 /// it: the subscription routes it ([`Core::try_pull`]), for every listener, exactly as the
-/// driver would, and goes on reading while there is more. The driver only checks, on a timer,
-/// that the holder still pulls: one that stops (it was dropped, or its task awaits something
-/// else) loses the lease, and the driver reads again. One event at a time, the driver routes
-/// it: handing it over would cost a wake-up more.
+/// driver would, and goes on reading while there is more (a subscription whose queue runs dry
+/// takes the lease the same way). A lease lasts a millisecond or two ([`LEASE`]): then the
+/// driver checks on its holder. So a holder that stops reading (it was dropped, or its task
+/// awaits something else), or reads slowly, holds the other listeners up for that long at
+/// most. One event at a time, the driver routes it:
+/// handing it over would cost a wake-up more. A holder that read at least a driver's budget
+/// during its lease ([`KEEPS_UP`] pulls) keeps up, and the lease is renewed; a slower one loses
+/// it, and gets one again only when its queue runs dry.
 #[derive(Default)]
 struct Lease {
     /// A subscription reads the transport: the driver does not.
     held: bool,
-    /// Pulls so far ([`Core::try_pull`]), and their number when the timer was armed.
+    /// The number of pulls when it started, or was last renewed.
+    started: u64,
+    /// Pulls so far ([`Core::try_pull`]).
     pulls: u64,
-    checked: u64,
-    /// The driver's check on the holder, armed while the lease is held.
+    /// The end of the lease, armed when one starts.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+}
+
+/// A subscription waiting for the transport (see [`Lease`]): its queue and id, to check that
+/// it still waits, and its task's waker.
+struct Puller<P> {
+    queue: Weak<Queue<P>>,
+    id: ListenerId,
+    waker: Waker,
 }
 
 /// Everything the driver owns. It sits behind a mutex so that, when the driver is not using
@@ -135,7 +153,7 @@ pub(crate) struct Core<T, P> {
     last_direct: Instant,
     /// A subscription that found the transport drained and its queue empty: woken to read
     /// the transport itself when the driver is next woken (see [`Lease`]).
-    puller: Option<Waker>,
+    puller: Option<Puller<P>>,
     /// The puller the driver hands the transport to, woken once the driver lets go of this
     /// core (woken earlier, it would find the core locked).
     hand_to: Option<Waker>,
@@ -694,13 +712,19 @@ where
         }
         let lendable = self.stalled.is_none() && matches!(self.phase, Phase::Running);
         if lease.held {
-            if !lendable || (fired && lease.pulls == lease.checked) {
-                // The holder stopped reading (or cannot go on): the driver reads again.
-                self.hold_lease(false);
-                return self.poll_inbound(cx, BUDGET);
+            if lendable && !fired {
+                self.arm_lease(cx);
+                return false;
             }
-            self.arm_lease(cx);
-            return false;
+            if lendable && lease.pulls - lease.started >= KEEPS_UP {
+                // The holder keeps up: it goes on.
+                lease.started = lease.pulls;
+                self.arm_lease(cx);
+                return false;
+            }
+            // The holder stopped, reads slowly, or cannot go on: the driver reads again.
+            self.hold_lease(false);
+            return self.poll_inbound(cx, BUDGET);
         }
         if !(lendable && self.puller.is_some()) {
             return self.poll_inbound(cx, BUDGET);
@@ -710,16 +734,28 @@ where
         if !self.poll_inbound(cx, HAND_OFF_AFTER) {
             return false;
         }
-        // A burst: the waiting subscription reads the rest.
-        match self.puller.take() {
+        // A burst: the waiting subscription reads the rest, if it still waits (it has yielded
+        // everything, and is still there).
+        let puller = self.puller.take().filter(|puller| {
+            puller
+                .queue
+                .upgrade()
+                .is_some_and(|queue| queue.waits(puller.id))
+        });
+        match puller {
             Some(puller) if self.stalled.is_none() && self.running() => {
-                self.hold_lease(true);
+                self.hand_to = Some(puller.waker);
+                self.start_lease();
                 self.arm_lease(cx);
-                self.hand_to = Some(puller);
                 false
             }
             _ => true,
         }
+    }
+
+    fn start_lease(&mut self) {
+        self.hold_lease(true);
+        self.lease.started = self.lease.pulls;
     }
 
     fn hold_lease(&mut self, held: bool) {
@@ -729,13 +765,29 @@ where
         }
     }
 
-    /// Starts the check on a held lease, unless it runs.
+    fn remember_puller(&mut self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) {
+        if let Some(puller) = &mut self.puller {
+            if puller.id == id && puller.queue.as_ptr() == Arc::as_ptr(queue) {
+                if !puller.waker.will_wake(waker) {
+                    puller.waker = waker.clone();
+                }
+                return;
+            }
+        }
+        self.puller = Some(Puller {
+            queue: Arc::downgrade(queue),
+            id,
+            waker: waker.clone(),
+        });
+    }
+
+    /// Starts the timer that ends a held lease, unless it runs (then the lease ends sooner).
     fn arm_lease(&mut self, cx: &mut Context<'_>) {
         let lease = &mut self.lease;
         if lease.armed {
             return;
         }
-        let deadline = tokio::time::Instant::now() + LEASE_CHECK;
+        let deadline = tokio::time::Instant::now() + LEASE;
         let timer = match &mut lease.timer {
             Some(timer) => {
                 timer.as_mut().reset(deadline);
@@ -745,9 +797,8 @@ where
                 .timer
                 .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
-        // Registers the driver's waker; not ready before `LEASE_CHECK` has passed.
+        // Registers the driver's waker; not ready before `LEASE` has passed.
         let _ = timer.as_mut().poll(cx);
-        lease.checked = lease.pulls;
         lease.armed = true;
     }
 
@@ -863,17 +914,17 @@ where
     /// Routes what the transport has ready (at most [`PULL_BUDGET`] items) from the calling
     /// task, a subscription of this target whose queue is empty: exactly as the driver would,
     /// with the driver's waker, so that whatever is left pending (the transport's next item,
-    /// room in a `Block` queue) wakes the driver, never the caller. Returns whether more may
-    /// be ready: the caller then holds the [`Lease`] and should pull again soon.
-    fn try_pull(&mut self, reader: &Waker) -> Pulled {
+    /// room in a `Block` queue) wakes the driver, never the caller. The caller is reader `id`
+    /// of `queue`, woken by `waker`.
+    fn try_pull(&mut self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled {
         if self.stalled.is_some() {
             return Pulled::Done;
         }
-        let Some(waker) = self.lend_waker() else {
+        let Some(driver) = self.lend_waker() else {
             return Pulled::Done;
         };
         self.lease.pulls += 1;
-        let routed = self.act_as_driver(waker, |core, waker| {
+        let routed = self.act_as_driver(driver, |core, waker| {
             core.poll_inbound(&mut Context::from_waker(waker), PULL_BUDGET)
         });
         match routed {
@@ -881,7 +932,7 @@ where
             // on, and the driver checks that it does.
             Ok(true) if self.running() => {
                 if !self.lease.held {
-                    self.hold_lease(true);
+                    self.start_lease();
                     if !self.lease.armed {
                         self.wake_driver();
                     }
@@ -894,7 +945,7 @@ where
                 // has room): the driver reads next, or wakes the caller to.
                 self.hold_lease(false);
                 if self.stalled.is_none() {
-                    crate::waker::remember(&mut self.puller, &Context::from_waker(reader));
+                    self.remember_puller(waker, queue, id);
                 }
             }
             Err(panic) => {
@@ -954,7 +1005,8 @@ pub(crate) enum Fed<P> {
 pub(crate) enum Pulled {
     /// More may be ready: the caller holds the [`Lease`] and should pull again soon.
     More,
-    /// The transport is drained (or was not the caller's to read).
+    /// The transport is drained, or was not the caller's to read (the target is stopping, a
+    /// delivery waits for room, another runtime), or failed.
     Done,
     /// The driver, a publisher or another subscription was using the transport.
     Busy,
@@ -966,9 +1018,9 @@ pub(crate) trait Direct<P>: Send + Sync {
     /// Feeds `outgoing` now, or hands it back to be queued.
     fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P>;
 
-    /// Routes what the transport has ready now, from the calling task (a subscription, woken
-    /// by `reader`), if the driver is not using the transport.
-    fn try_pull(&self, reader: &Waker) -> Pulled;
+    /// Routes what the transport has ready now, from the calling task (reader `id` of `queue`,
+    /// woken by `waker`), if the driver is not using the transport.
+    fn try_pull(&self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled;
 }
 
 impl<T, P> Direct<P> for Mutex<Core<T, P>>
@@ -984,9 +1036,9 @@ where
         }
     }
 
-    fn try_pull(&self, reader: &Waker) -> Pulled {
+    fn try_pull(&self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled {
         match self.try_lock() {
-            Ok(mut core) => core.try_pull(reader),
+            Ok(mut core) => core.try_pull(waker, queue, id),
             Err(_) => Pulled::Busy,
         }
     }
