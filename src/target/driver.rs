@@ -93,12 +93,12 @@ struct Route<P> {
 /// it: the subscription routes it ([`Core::try_pull`]), for every listener, exactly as the
 /// driver would, and goes on reading while there is more (a subscription whose queue runs dry
 /// takes the lease the same way). A lease lasts a millisecond or two ([`LEASE`]): then the
-/// driver checks on its holder. So a holder that stops reading (it was dropped, or its task
-/// awaits something else), or reads slowly, holds the other listeners up for that long at
-/// most. One event at a time, the driver routes it:
-/// handing it over would cost a wake-up more. A holder that read at least a driver's budget
-/// during its lease ([`KEEPS_UP`] pulls) keeps up, and the lease is renewed; a slower one loses
-/// it, and gets one again only when its queue runs dry.
+/// driver checks on its holder. A holder that read at least a driver's budget during it
+/// ([`KEEPS_UP`] pulls) keeps up, and the lease is renewed; one that stopped reading (it was
+/// dropped, or its task awaits something else) or reads slowly loses it, and gets one again
+/// only when its queue runs dry. So such a holder holds the other listeners up for a
+/// millisecond or two at a time. One event at a time, the driver routes it: handing it over
+/// would cost a wake-up more.
 #[derive(Default)]
 struct Lease {
     /// A subscription reads the transport: the driver does not.

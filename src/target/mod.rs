@@ -191,7 +191,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// # Panics
     ///
-    /// Outside a Tokio runtime: the driver task is spawned on the current one.
+    /// Outside a Tokio runtime: the driver task is spawned on the current one. The runtime needs
+    /// its timer (`enable_time`, which `enable_all` and `#[tokio::main]` include): the driver
+    /// uses it under bursts and at close, and without it the target stops with an error.
     pub fn new<T>(transport: T) -> Self
     where
         T: Transport<Envelope<P>> + Send + 'static,
@@ -653,7 +655,9 @@ impl Builder {
     ///
     /// # Panics
     ///
-    /// Outside a Tokio runtime: the driver task is spawned on the current one.
+    /// Outside a Tokio runtime: the driver task is spawned on the current one. The runtime needs
+    /// its timer (`enable_time`, which `enable_all` and `#[tokio::main]` include): the driver
+    /// uses it under bursts and at close, and without it the target stops with an error.
     pub fn build<P, T>(self, transport: T) -> EventTarget<P>
     where
         P: Send + Sync + 'static,
