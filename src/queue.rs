@@ -281,8 +281,6 @@ impl<P> Queue<P> {
         self.reader_count.load(Relaxed)
     }
 
-    /// How many items wait for `reader` to take them (its batch aside): slots, and a lag or
-    /// reconnect notice.
     /// Whether `reader` is there and has yielded everything it took, with nothing left to
     /// take: it waits for the next event (or its task is busy with the last one).
     pub(crate) fn waits(&self, reader: ListenerId) -> bool {
@@ -293,6 +291,8 @@ impl<P> Queue<P> {
         })
     }
 
+    /// How many items wait for `reader` to take them (its batch aside): slots, and a lag or
+    /// reconnect notice.
     pub(crate) fn untaken(&self, reader: ListenerId) -> usize {
         let mut state = self.lock();
         let tail = state.tail();
