@@ -999,15 +999,21 @@ async fn a_subscription_with_an_empty_queue_routes_what_the_transport_has_ready(
     }
 }
 
-// The next three run on one thread with the clock paused: time moves only when every task
+// The lease tests run on one thread with the clock paused: time moves only when every task
 // waits, so a subscription that reads is never overtaken by the end of its lease, and one that
 // does not read loses it after the lease's millisecond or two of (virtual) time.
 
-#[tokio::test(start_paused = true)]
-async fn a_waiting_subscription_reads_what_arrives_itself() {
+/// A target over a fresh [`Silent`] transport, and its subscription of `a:1`.
+async fn silent_target() -> (Silent, EventTarget, alkdev_pubsub::Subscription) {
     let silent = Silent::default();
     let events: EventTarget = EventTarget::new(silent.clone());
-    let mut a = events.subscribe("a:1").await.unwrap();
+    let a = events.subscribe("a:1").await.unwrap();
+    (silent, events, a)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_subscription_reads_what_arrives_itself() {
+    let (silent, _events, mut a) = silent_target().await;
     let reader = tokio::spawn(async move {
         for n in 0..100 {
             assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
@@ -1042,9 +1048,7 @@ async fn expect_numbers_soon(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_subscription_that_is_not_polled_does_not_hold_up_the_others() {
-    let silent = Silent::default();
-    let events: EventTarget = EventTarget::new(silent.clone());
-    let mut a = events.subscribe("a:1").await.unwrap();
+    let (silent, events, mut a) = silent_target().await;
     let mut seen = b_callback(&events).await;
     // Polled once: it finds the transport drained and waits, then is never polled again (its
     // task awaits something else). The driver, woken for a burst, hands the transport to it,
@@ -1060,9 +1064,7 @@ async fn a_waiting_subscription_that_is_not_polled_does_not_hold_up_the_others()
 
 #[tokio::test(start_paused = true)]
 async fn a_subscription_that_stops_reading_the_transport_midway_does_not_hold_up_the_others() {
-    let silent = Silent::default();
-    let events: EventTarget = EventTarget::new(silent.clone());
-    let mut a = events.subscribe("a:1").await.unwrap();
+    let (silent, events, mut a) = silent_target().await;
     let mut seen = b_callback(&events).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     for n in 0..100 {
@@ -1082,9 +1084,7 @@ async fn a_subscription_that_stops_reading_the_transport_midway_does_not_hold_up
 
 #[tokio::test(start_paused = true)]
 async fn a_subscription_that_reads_slowly_does_not_hold_up_the_others() {
-    let silent = Silent::default();
-    let events: EventTarget = EventTarget::new(silent.clone());
-    let mut a = events.subscribe("a:1").await.unwrap();
+    let (silent, events, mut a) = silent_target().await;
     let mut seen = b_callback(&events).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     // One event in 32 is the slow subscription's; it takes half a millisecond over each, and
