@@ -256,9 +256,10 @@ impl<P> Stream for Subscription<P> {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
-                // The transport is a subscription's to read, and the lock was held a moment
+                // The transport is this subscription's to read, and the lock was held a moment
                 // (by a publisher, or by the driver waking this task to read): try again soon.
-                Some(Pulled::Busy) if this.shared.leased.load(Relaxed) => {
+                // (Another subscription holding it reads for this one too: this one sleeps.)
+                Some(Pulled::Busy) if this.shared.lease_holder.load(Relaxed) == this.id.0 => {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }

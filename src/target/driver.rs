@@ -723,7 +723,7 @@ where
                 return false;
             }
             // The holder stopped, reads slowly, or cannot go on: the driver reads again.
-            self.hold_lease(false);
+            self.end_lease();
             return self.poll_inbound(cx, BUDGET);
         }
         if !(lendable && self.puller.is_some()) {
@@ -744,8 +744,8 @@ where
         });
         match puller {
             Some(puller) if self.stalled.is_none() && self.running() => {
+                self.start_lease(puller.id);
                 self.hand_to = Some(puller.waker);
-                self.start_lease();
                 self.arm_lease(cx);
                 false
             }
@@ -753,15 +753,16 @@ where
         }
     }
 
-    fn start_lease(&mut self) {
-        self.hold_lease(true);
+    fn start_lease(&mut self, holder: ListenerId) {
+        self.lease.held = true;
         self.lease.started = self.lease.pulls;
+        self.shared.lease_holder.store(holder.0, Relaxed);
     }
 
-    fn hold_lease(&mut self, held: bool) {
-        if self.lease.held != held {
-            self.lease.held = held;
-            self.shared.leased.store(held, Relaxed);
+    fn end_lease(&mut self) {
+        if self.lease.held {
+            self.lease.held = false;
+            self.shared.lease_holder.store(0, Relaxed);
         }
     }
 
@@ -932,7 +933,7 @@ where
             // on, and the driver checks that it does.
             Ok(true) if self.running() => {
                 if !self.lease.held {
-                    self.start_lease();
+                    self.start_lease(id);
                     if !self.lease.armed {
                         self.wake_driver();
                     }
@@ -943,7 +944,7 @@ where
             Ok(false) => {
                 // Drained (or stalled on a full `Block` queue, which wakes the driver when it
                 // has room): the driver reads next, or wakes the caller to.
-                self.hold_lease(false);
+                self.end_lease();
                 if self.stalled.is_none() {
                     self.remember_puller(waker, queue, id);
                 }

@@ -105,9 +105,9 @@ pub(crate) struct Shared<P> {
     gap_listeners: RwLock<Vec<(ListenerId, Arc<GapCallback>)>>,
     /// `None` for the in-process target, which has no driver and no transport.
     control: Option<mpsc::UnboundedSender<Control>>,
-    /// A subscription reads the transport for the driver (the driver's lease, mirrored here
-    /// for subscriptions that find the driver busy).
-    pub(crate) leased: AtomicBool,
+    /// The id of the subscription that reads the transport for the driver, or 0 (the
+    /// driver's lease, mirrored here for the holder when it finds the driver's lock taken).
+    pub(crate) lease_holder: AtomicU64,
 }
 
 /// What adding a listener needs from the caller.
@@ -127,7 +127,7 @@ impl<P> Shared<P> {
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             next_id: AtomicU64::new(1),
-            leased: AtomicBool::new(false),
+            lease_holder: AtomicU64::new(0),
             gap_listeners: RwLock::new(Vec::new()),
             control,
         }
