@@ -99,10 +99,10 @@ struct Route<P> {
 /// only when its queue runs dry. So such a holder holds the other listeners up for a
 /// millisecond or two at a time. One event at a time, the driver routes it: handing it over
 /// would cost a wake-up more.
+/// Whether it is held, and by whom, is [`Shared::lease_holder`] (the holder reads it without
+/// the lock).
 #[derive(Default)]
 struct Lease {
-    /// A subscription reads the transport: the driver does not.
-    held: bool,
     /// The number of pulls when it started, or was last renewed.
     started: u64,
     /// Pulls so far ([`Core::try_pull`]).
@@ -701,6 +701,8 @@ where
     /// Routes what comes up ([`Self::poll_inbound`]), unless a subscription reads the
     /// transport ([`Lease`]) or can be woken to. Returns whether the budget ran out.
     fn poll_inbound_or_lend(&mut self, cx: &mut Context<'_>) -> bool {
+        let held = self.leased();
+        let lendable = self.lendable();
         let lease = &mut self.lease;
         let fired = lease.armed
             && lease
@@ -710,8 +712,7 @@ where
         if fired {
             lease.armed = false;
         }
-        let lendable = self.stalled.is_none() && matches!(self.phase, Phase::Running);
-        if lease.held {
+        if held {
             if lendable && !fired {
                 self.arm_lease(cx);
                 return false;
@@ -743,7 +744,7 @@ where
                 .is_some_and(|queue| queue.waits(puller.id))
         });
         match puller {
-            Some(puller) if self.stalled.is_none() && self.running() => {
+            Some(puller) if self.lendable() => {
                 self.start_lease(puller.id);
                 self.hand_to = Some(puller.waker);
                 self.arm_lease(cx);
@@ -753,15 +754,25 @@ where
         }
     }
 
+    /// Whether the driver may leave the reading to a subscription: the target runs, and no
+    /// delivery waits for room.
+    fn lendable(&self) -> bool {
+        self.stalled.is_none() && self.running()
+    }
+
+    /// Whether a subscription holds the lease. Written only under the core's lock, so exact
+    /// when read under it.
+    fn leased(&self) -> bool {
+        self.shared.lease_holder.load(Relaxed) != 0
+    }
+
     fn start_lease(&mut self, holder: ListenerId) {
-        self.lease.held = true;
         self.lease.started = self.lease.pulls;
         self.shared.lease_holder.store(holder.0, Relaxed);
     }
 
     fn end_lease(&mut self) {
-        if self.lease.held {
-            self.lease.held = false;
+        if self.leased() {
             self.shared.lease_holder.store(0, Relaxed);
         }
     }
@@ -932,7 +943,7 @@ where
             // Items may be left, and the transport wakes no one for those: the caller reads
             // on, and the driver checks that it does.
             Ok(true) if self.running() => {
-                if !self.lease.held {
+                if !self.leased() {
                     self.start_lease(id);
                     if !self.lease.armed {
                         self.wake_driver();

@@ -105,8 +105,9 @@ pub(crate) struct Shared<P> {
     gap_listeners: RwLock<Vec<(ListenerId, Arc<GapCallback>)>>,
     /// `None` for the in-process target, which has no driver and no transport.
     control: Option<mpsc::UnboundedSender<Control>>,
-    /// The id of the subscription that reads the transport for the driver, or 0 (the
-    /// driver's lease, mirrored here for the holder when it finds the driver's lock taken).
+    /// The id of the subscription that reads the transport for the driver (its lease), or 0.
+    /// Written under the driver's lock; read without it by the holder, when it finds that lock
+    /// taken.
     pub(crate) lease_holder: AtomicU64,
 }
 
