@@ -11,9 +11,10 @@
 //!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the
 //!   subscription.
 //! - Messages come up as `(channel, frame)`, the frame sharing redis-rs's buffer (no copy).
-//! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval); a
-//!   ping unanswered within [`ping_timeout`](RedisConfig::ping_timeout), a command
-//!   unanswered within [`response_timeout`](RedisConfig::response_timeout), or a closed
+//! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval)
+//!   (while messages keep coming, at their next pause: they show it alive); a ping unanswered
+//!   within [`ping_timeout`](RedisConfig::ping_timeout), a command unanswered within
+//!   [`response_timeout`](RedisConfig::response_timeout), or a closed
 //!   connection fail the transport with an [unrecoverable](crate::Error::is_unrecoverable)
 //!   error, so the reconnect layer rebuilds it: a connection cannot stay "connected but deaf".
 //!
@@ -109,7 +110,8 @@ impl RedisConfig {
         self
     }
 
-    /// How often the subscribe connection is pinged.
+    /// How often the subscribe connection is pinged. While messages keep coming, the ping
+    /// waits for a pause in them.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -615,9 +617,6 @@ impl Stream for RedisTransport {
         if let Some(signal) = this.signals.pop_front() {
             return Poll::Ready(Some(Ok(signal)));
         }
-        if let Err(error) = this.poll_liveness(cx) {
-            return Poll::Ready(Some(Err(error)));
-        }
         match Pin::new(&mut this.messages).poll_next(cx) {
             Poll::Ready(Some(message)) => {
                 let name = message.get_channel_name();
@@ -641,7 +640,14 @@ impl Stream for RedisTransport {
                 ));
                 Poll::Ready(Some(Err(error)))
             }
-            Poll::Pending => Poll::Pending,
+            // Liveness is looked at only when no message is ready: traffic shows the
+            // connection is alive, and its ping timer costs a poll per message otherwise. A
+            // ping's reply waiting meanwhile is not late for it (its timeout looks at the reply
+            // first).
+            Poll::Pending => match this.poll_liveness(cx) {
+                Ok(()) => Poll::Pending,
+                Err(error) => Poll::Ready(Some(Err(error))),
+            },
         }
     }
 }
