@@ -386,10 +386,15 @@ impl<P> Queue<P> {
     }
 
     /// Tells the readers that the transport reconnected. Never blocks; two notices in a row
-    /// are one.
+    /// are one while no reader has taken the first (a reader that has must hear of the second
+    /// reconnect: what was published during it is lost to it too).
     pub(crate) fn push_reconnected(&self) {
         let mut state = self.lock();
-        if state.closed || state.reconnect_last {
+        if state.closed {
+            return;
+        }
+        let tail = state.tail();
+        if state.reconnect_last && state.readers.iter().all(|reader| reader.taken < tail) {
             return;
         }
         state.items.push_back(Slot::Reconnected);

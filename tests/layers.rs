@@ -296,6 +296,23 @@ fn fast_backoff() -> Backoff {
         .jitter(0.0)
 }
 
+/// A subscription that has read the notice of one reconnect, and had no event since, is told
+/// of the next one too: what was published during it is lost to it as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_reconnect_of_a_quiet_topic_is_told_too() {
+    let broker = MemoryBroker::new();
+    let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let mut subscription = events.subscribe("quiet:1").await.unwrap();
+    for reconnect in 1..=3u64 {
+        broker.kill_connections();
+        match tokio::time::timeout(WAIT, subscription.next()).await {
+            Ok(Some(Err(Gap::Reconnected))) => {}
+            other => panic!("reconnect {reconnect}: expected Reconnected, got {other:?}"),
+        }
+    }
+    assert_eq!(events.stats().reconnects, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_replayed_after_each_of_five_reconnects() {
     let broker = MemoryBroker::new();
