@@ -483,6 +483,79 @@ impl futures::Stream for Stalled {
     }
 }
 
+/// A transport whose stream ends once its close has begun, and which counts the polls of its
+/// stream after that end (a stream need not survive them); its close takes three polls.
+struct EndsOnClose {
+    close_polls: u32,
+    ended: bool,
+    polled_after_end: Arc<AtomicU64>,
+}
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for EndsOnClose {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        _: alkdev_pubsub::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.close_polls += 1;
+        if self.close_polls < 3 {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for EndsOnClose {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.ended {
+            self.polled_after_end.fetch_add(1, Ordering::SeqCst);
+            return std::task::Poll::Ready(None);
+        }
+        if self.close_polls > 0 {
+            self.ended = true;
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_while_the_transport_closes_is_not_polled_again() {
+    let polled_after_end = Arc::new(AtomicU64::new(0));
+    let events: EventTarget = EventTarget::new(EndsOnClose {
+        close_polls: 0,
+        ended: false,
+        polled_after_end: Arc::clone(&polled_after_end),
+    });
+    tokio::time::timeout(WAIT, events.close())
+        .await
+        .expect("the close finishes");
+    assert_eq!(polled_after_end.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_pubsub_round_trip() {
     #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -578,6 +651,85 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
         .unwrap()
         .unwrap_err();
     assert!(error.is_closed(), "{error}");
+}
+
+/// The same, with the driver already waiting for the transport with publishes in hand when
+/// the close comes: it must still hear of the close, and give up after its timeout.
+#[tokio::test]
+async fn close_gives_up_on_a_transport_stuck_with_publishes_in_hand() {
+    let (sink, _rx) = futures::channel::mpsc::channel::<alkdev_pubsub::Command<Envelope>>(0);
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(100))
+        .build(Stalled { sink });
+    for n in 0..5 {
+        events
+            .try_dispatch_event(numbered("stuck", "1", n))
+            .unwrap();
+    }
+    // The driver runs: the transport takes one publish, and the driver waits with the rest.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::timeout(WAIT, events.close())
+        .await
+        .expect("close finishes after its timeout");
+}
+
+#[tokio::test]
+async fn a_cancelled_in_process_dispatch_still_reaches_the_listeners_after_a_full_block_queue() {
+    let events: EventTarget = EventTarget::local();
+    let options = SubscribeOptions::new()
+        .capacity(1)
+        .overflow(Overflow::Block);
+    let mut full = events.subscribe_with("c:1", options).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    events
+        .add_event_listener("c:1", move |event| {
+            record.lock().unwrap().push(number_of(event))
+        })
+        .unwrap();
+    events.dispatch_event(numbered("c", "1", 0)).await.unwrap();
+    let waiting = events.dispatch_event(numbered("c", "1", 1));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), waiting)
+            .await
+            .is_err(),
+        "the dispatch waits for room in the full queue"
+    );
+    // Cancelled: the callback after the full queue still gets the event, and the full
+    // queue's reader hears that it missed one.
+    assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+    let mut read = Vec::new();
+    for _ in 0..2 {
+        read.push(
+            match tokio::time::timeout(WAIT, full.next()).await.unwrap() {
+                Some(Ok(event)) => format!("event {}", number_of(&event)),
+                Some(Err(gap)) => format!("{gap:?}"),
+                None => "end".to_owned(),
+            },
+        );
+    }
+    read.sort();
+    assert_eq!(read, ["Lagged(1)", "event 0"]);
+}
+
+#[tokio::test]
+async fn removing_a_callback_that_holds_a_subscription_of_its_own_target_does_not_deadlock() {
+    let events: EventTarget = EventTarget::local();
+    let held = Mutex::new(Some(events.subscribe("held:1").await.unwrap()));
+    let id = events
+        .add_event_listener("holder:1", move |_| {
+            let _ = held.lock().unwrap().is_some();
+        })
+        .unwrap();
+    // The callback, and the subscription it holds, are dropped by the removal: that
+    // subscription leaves its topic, which takes the listener map's lock again.
+    let remover = events.clone();
+    let (done, removed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(remover.remove_event_listener("holder:1", id));
+    });
+    assert_eq!(removed.recv_timeout(WAIT), Ok(true), "the removal finished");
+    assert_eq!(events.listener_count("held:1"), 0);
 }
 
 /// A transport wrapper that records which tasks feed it, and, as asked: is not ready on every

@@ -158,6 +158,8 @@ pub(crate) struct Core<T, P> {
     /// core (woken earlier, it would find the core locked).
     hand_to: Option<Waker>,
     lease: Lease,
+    /// The transport's stream ended (during a close).
+    inbound_ended: bool,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
@@ -198,6 +200,7 @@ where
             puller: None,
             hand_to: None,
             lease: Lease::default(),
+            inbound_ended: false,
             runtime: current_runtime(),
         }
     }
@@ -264,11 +267,17 @@ where
         }
     }
 
-    /// Takes more work from the handles into the outbox.
-    fn fill_outbox(&mut self, cx: &mut Context<'_>) {
+    /// Takes the handles' control messages (subscribes, unsubscribes, close). Also while the
+    /// outbox waits for the transport: a close must start its deadline even then.
+    fn take_control(&mut self, cx: &mut Context<'_>) {
         while let Poll::Ready(Some(control)) = self.control.poll_recv(cx) {
             self.handle_control(control);
         }
+    }
+
+    /// Takes more work from the handles into the outbox.
+    fn fill_outbox(&mut self, cx: &mut Context<'_>) {
+        self.take_control(cx);
         if !self.outbox.is_empty() {
             return;
         }
@@ -467,6 +476,9 @@ where
                 return false;
             }
         }
+        if self.inbound_ended {
+            return false;
+        }
         for _ in 0..budget {
             match self.transport.as_mut().poll_next(cx) {
                 Poll::Pending => return false,
@@ -483,6 +495,9 @@ where
                 Poll::Ready(Some(Err(error))) => self.count_skipped(&error, true),
                 Poll::Ready(None) => {
                     if matches!(self.phase, Phase::Closing) {
+                        // Ended while the transport closes: not polled again (a stream that
+                        // has ended may panic if it is).
+                        self.inbound_ended = true;
                         return false;
                     }
                     self.terminate(Error::connection_lost("the transport's stream ended"));
@@ -684,6 +699,7 @@ where
         }
         crate::waker::remember(&mut self.waker, cx);
         self.flush_wanted = false;
+        self.take_control(cx);
         let more_out = self.poll_outgoing(cx);
         if matches!(self.phase, Phase::Finished) {
             return Poll::Ready(());

@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -150,6 +150,46 @@ struct LocalRoute<P> {
     version: u64,
     topic: Topic,
     listeners: Weak<[Listener<P>]>,
+}
+
+/// What an in-process dispatch has left to deliver, from a full `Block` queue on. Dropped
+/// before it is done (the dispatch was cancelled), it delivers the rest without waiting: the
+/// full queue counts the event as lagged (its readers hear of it), and the listeners after it
+/// still get the event.
+struct Undelivered<P> {
+    shared: Arc<Shared<P>>,
+    listeners: Arc<[Listener<P>]>,
+    from: usize,
+    event: Option<Arc<Envelope<P>>>,
+}
+
+impl<P> Undelivered<P> {
+    fn poll_deliver(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(event) = self.event.take() else {
+            return Poll::Ready(());
+        };
+        match self
+            .shared
+            .deliver_from(&self.listeners, event, self.from, Some(cx))
+        {
+            Ok(()) => Poll::Ready(()),
+            Err((blocked, back)) => {
+                self.from = blocked;
+                self.event = Some(back);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<P> Drop for Undelivered<P> {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            let _ = self
+                .shared
+                .deliver_from(&self.listeners, event, self.from, None);
+        }
+    }
 }
 
 thread_local! {
@@ -323,7 +363,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// # Cancellation safety
     ///
-    /// Cancelled before it resolves, the envelope was neither fed nor queued.
+    /// Through a transport: cancelled before it resolves, the envelope was neither fed nor
+    /// queued. In-process, where only a full [`Overflow::Block`](crate::Overflow::Block)
+    /// subscription makes it wait: cancelled there, the envelope is delivered to the listeners
+    /// left without waiting, and that subscription counts it as lagged (its reader gets a
+    /// [`Gap::Lagged`](crate::Gap::Lagged)).
     pub async fn dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
         match &self.handle.publish {
@@ -463,21 +507,13 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
             return Ok(());
         };
         // A `Block` subscription is full: wait for room, then go on with the rest.
-        let mut from = 0;
-        let mut event = Some(event);
-        let shared = Arc::clone(self.shared());
-        poll_fn(|cx| {
-            let pending = event.take().expect("polled once more after Ready");
-            match shared.deliver_from(&listeners, pending, from, Some(cx)) {
-                Ok(()) => Poll::Ready(()),
-                Err((blocked, back)) => {
-                    from = blocked;
-                    event = Some(back);
-                    Poll::Pending
-                }
-            }
-        })
-        .await;
+        let mut rest = Undelivered {
+            shared: Arc::clone(self.shared()),
+            listeners,
+            from: 0,
+            event: Some(event),
+        };
+        poll_fn(|cx| rest.poll_deliver(cx)).await;
         Ok(())
     }
 

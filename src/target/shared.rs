@@ -282,9 +282,12 @@ impl<P> Shared<P> {
     /// Removes a listener: a callback, or a subscription (a reader of a queue, which ends
     /// the subscription). The last one of a topic sends the unsubscribe command.
     pub(crate) fn remove_listener(&self, topic: &str, id: ListenerId) -> bool {
-        // Events a removed reader released are dropped after the map's lock (declared before
-        // the guard, so dropped after it).
+        // Events a removed reader released, and the removed listener, are dropped after the
+        // map's lock (declared before the guard, so dropped after it): a callback's captures
+        // may hold a subscription of this target, whose drop takes the lock again.
         let mut _released = Vec::new();
+        let mut _removed = None;
+        let mut _removed_entry = None;
         let mut map = self.write();
         let Some(entry) = map.get_mut(topic) else {
             return false;
@@ -318,10 +321,11 @@ impl<P> Shared<P> {
             let mut listeners = Vec::with_capacity(entry.listeners.len() - 1);
             listeners.extend(entry.listeners[..position].iter().cloned());
             listeners.extend(entry.listeners[position + 1..].iter().cloned());
-            entry.listeners = listeners.into();
+            _removed = Some(std::mem::replace(&mut entry.listeners, listeners.into()));
             return true;
         }
-        let (topic, _entry) = map.remove_entry(topic).expect("the entry was just found");
+        let (topic, entry) = map.remove_entry(topic).expect("the entry was just found");
+        _removed_entry = Some(entry);
         match &self.control {
             Some(control) => {
                 if !self.is_closed() {
