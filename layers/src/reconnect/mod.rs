@@ -720,14 +720,17 @@ where
             if this.closed {
                 return Poll::Ready(None);
             }
-            // Sending the backlog may be pending while reading goes on.
-            match this.poll_drained(cx) {
-                Poll::Ready(Err(error)) => {
-                    this.closed = true;
-                    return Poll::Ready(Some(Err(error)));
+            // Sending the backlog may be pending while reading goes on. Connected with no
+            // backlog (every message of a steady stream), there is nothing to drive.
+            if !(matches!(this.conn, Conn::Up(_)) && this.backlog.is_empty()) {
+                match this.poll_drained(cx) {
+                    Poll::Ready(Err(error)) => {
+                        this.closed = true;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Pending,
+                    _ => {}
                 }
-                Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Pending,
-                _ => {}
             }
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
