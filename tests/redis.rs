@@ -497,3 +497,30 @@ async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
     assert_eq!(next_gap_or_event(&mut allowed).await, Ok(5));
     assert_eq!(events.stats().reconnects, 0);
 }
+
+/// Small payloads are copied into a chunk they share, large ones keep redis-rs's buffer: a run
+/// of both, in sizes around the limit and past the chunk, arrives intact and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_and_large_payloads_arrive_intact() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut subscription = events.subscribe("sizes:1").await.unwrap();
+    let sizes = [0usize, 10, 900, 1_000, 1_100, 5_000, 20_000, 30, 8_000, 1];
+    for (n, size) in sizes.iter().enumerate() {
+        let payload = json!({ "n": n, "pad": "x".repeat(*size) });
+        events
+            .dispatch_event(Envelope::new("sizes", "1", payload))
+            .await
+            .unwrap();
+    }
+    for (n, size) in sizes.iter().enumerate() {
+        let event = testkit::next_event(&mut subscription).await;
+        assert_eq!(event.payload["n"], n, "in order");
+        assert_eq!(event.payload["pad"].as_str().unwrap().len(), *size);
+        assert!(event.payload["pad"]
+            .as_str()
+            .unwrap()
+            .bytes()
+            .all(|b| b == b'x'));
+    }
+}

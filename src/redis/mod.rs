@@ -10,7 +10,9 @@
 //!   the server's confirmation is surfaced as [`Up::Subscribed`], so
 //!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the
 //!   subscription.
-//! - Messages come up as `(channel, frame)`, the frame sharing redis-rs's buffer (no copy).
+//! - Messages come up as `(channel, frame)`: a frame of up to 1 KiB is copied into an 8 KiB
+//!   chunk that the next frames share (an allocation per message costs more than the copy); a
+//!   larger one shares redis-rs's buffer, uncopied.
 //! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval)
 //!   (while messages keep coming, at their next pause: they show it alive); a ping unanswered
 //!   within [`ping_timeout`](RedisConfig::ping_timeout), a command unanswered within
@@ -49,7 +51,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{Sink, Stream};
 use redis::aio::{MultiplexedConnection, PubSub, PubSubSink, PubSubStream};
@@ -248,6 +250,7 @@ pub struct RedisTransport {
     /// The last channel a message came on: traffic mostly repeats channels, and reusing the
     /// topic saves an allocation per message.
     last_channel: Option<Topic>,
+    frames: Frames,
 }
 
 impl fmt::Debug for RedisTransport {
@@ -302,6 +305,7 @@ impl RedisTransport {
             failed: None,
             deferred: None,
             last_channel: None,
+            frames: Frames::default(),
         }
     }
 
@@ -526,6 +530,32 @@ impl RedisTransport {
 /// A message's payload, shared with redis-rs's own buffer.
 struct Payload(Msg);
 
+/// Received payloads up to an eighth of this are copied into one chunk of this size and split
+/// off it, so that small frames share an allocation instead of taking one each.
+const FRAME_CHUNK: usize = 8 * 1024;
+
+/// Where received payloads become frames: small ones are copied into a shared chunk (cheaper
+/// than an allocation of their own per message), large ones keep redis-rs's buffer, uncopied.
+#[derive(Default)]
+struct Frames {
+    chunk: BytesMut,
+}
+
+impl Frames {
+    fn frame(&mut self, message: Msg) -> Bytes {
+        let payload = message.get_payload_bytes();
+        if payload.len() > FRAME_CHUNK / 8 {
+            return Bytes::from_owner(Payload(message));
+        }
+        if self.chunk.capacity() < payload.len() {
+            // What was split off keeps the old chunk alive until it is dropped.
+            self.chunk.reserve(FRAME_CHUNK);
+        }
+        self.chunk.extend_from_slice(payload);
+        self.chunk.split().freeze()
+    }
+}
+
 impl AsRef<[u8]> for Payload {
     fn as_ref(&self) -> &[u8] {
         self.0.get_payload_bytes()
@@ -628,7 +658,7 @@ impl Stream for RedisTransport {
                         channel
                     }
                 };
-                let frame = Bytes::from_owner(Payload(message));
+                let frame = this.frames.frame(message);
                 Poll::Ready(Some(Ok(Up::Message {
                     channel: Some(channel),
                     message: frame,
