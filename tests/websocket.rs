@@ -305,3 +305,53 @@ async fn the_spoke_reconnects_when_the_hub_restarts() {
     assert_eq!(number_of(&testkit::next_event(&mut events).await), 2);
     assert_eq!(spoke.stats().reconnects, 1);
 }
+
+/// A publish over the size limit fails alone, before it is sent: the peer would close the
+/// connection over it (1009), and behind a reconnect layer it would be sent again on every
+/// new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_publish_fails_alone_and_the_connection_goes_on() {
+    let url = start_echo_server().await;
+    let config = WebSocketConfig::new().max_message_size(1024);
+    let factory = move || config.clone().connect(url.clone());
+    let client: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(ReconnectLayer::new(Backoff::new()))
+            .service(factory),
+    );
+    let mut events = client.subscribe("size:1").await.unwrap();
+    let big = Envelope::new("size", "1", json!({ "n": 0, "pad": "x".repeat(2048) }));
+    let error = client.dispatch_confirmed(big).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+    assert!(
+        error.to_string().contains("over the limit of 1024"),
+        "{error}"
+    );
+    client
+        .dispatch_confirmed(numbered("size", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut events).await), 1);
+    assert_eq!(client.stats().reconnects, 0, "the connection went on");
+}
+
+/// The first ping goes out in time too: with an idle timeout shorter than the ping interval, a
+/// quiet, healthy peer must not be declared gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_healthy_peer_outlives_an_idle_timeout_shorter_than_the_ping_interval() {
+    let url = start_echo_server().await;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(60))
+        .idle_timeout(Duration::from_millis(300));
+    let client: EventTarget = websocket::event_target(config.connect(&url).await.unwrap());
+    let mut events = client.subscribe("quiet:1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!client.is_closed(), "the quiet peer answered the pings");
+    client
+        .dispatch_event(numbered("quiet", "1", 7))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut events).await), 7);
+}

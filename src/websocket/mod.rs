@@ -11,8 +11,10 @@
 //! - **Limits**: a message over [`max_message_size`](WebSocketConfig::max_message_size)
 //!   (1 MiB by default) is refused while its header is read, without buffering it: the
 //!   connection is closed with code 1009 and the stream reports an error of kind
-//!   [`TooLarge`](crate::ErrorKind::TooLarge).
-//! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval); a peer
+//!   [`TooLarge`](crate::ErrorKind::TooLarge). A publish over the limit is refused before it is
+//!   sent, with the same kind of error; the connection goes on.
+//! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval) (at least
+//!   twice per idle timeout); a peer
 //!   silent for [`idle_timeout`](WebSocketConfig::idle_timeout) (no frame, no pong) is gone,
 //!   reported as an [unrecoverable](crate::Error::is_unrecoverable) timeout.
 //! - **Close**: closing the transport performs the close handshake.
@@ -108,13 +110,15 @@ impl WebSocketConfig {
         Self::default()
     }
 
-    /// The largest message (and frame) accepted, in bytes.
+    /// The largest message (and frame) accepted, in bytes. Also the largest one sent: a
+    /// bigger publish fails alone with an error of kind [`ErrorKind::TooLarge`], and the
+    /// connection goes on.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
     }
 
-    /// How often to ping the peer.
+    /// How often to ping the peer; at least twice per [`idle_timeout`](Self::idle_timeout).
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -135,6 +139,14 @@ impl WebSocketConfig {
     /// The largest message accepted.
     pub fn get_max_message_size(&self) -> usize {
         self.max_message_size
+    }
+
+    /// How often pings go out: the interval, but at least twice per idle timeout, so that a
+    /// quiet, healthy peer answers one in time (also the first).
+    fn ping_every(&self) -> Duration {
+        self.ping_interval
+            .min(self.idle_timeout / 2)
+            .max(Duration::from_millis(1))
     }
 
     fn tungstenite(&self) -> TungsteniteConfig {
@@ -267,7 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
         WebSocketTransport {
             stream,
-            ping: Box::pin(tokio::time::sleep(config.ping_interval)),
+            ping: Box::pin(tokio::time::sleep(config.ping_every())),
             config,
             signals: VecDeque::new(),
             reader: None,
@@ -348,12 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             return Err(self.fail(error));
         }
         while self.ping.as_mut().poll(cx).is_ready() {
-            let next = Instant::now()
-                + self
-                    .config
-                    .ping_interval
-                    .min(self.config.idle_timeout / 2)
-                    .max(Duration::from_millis(1));
+            let next = Instant::now() + self.config.ping_every();
             self.ping.as_mut().reset(next);
             if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(cx) {
                 if Pin::new(&mut self.stream)
@@ -388,7 +395,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Err(error.clone());
         }
         match command {
-            Command::Publish { message, .. } => {
+            Command::Publish { topic, message } => {
+                // The peer would close the connection over it (1009), and a reconnect layer
+                // would send it again on the next one: refused here, for this publish alone.
+                if message.len() > this.config.max_message_size {
+                    return Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "publishing to {topic}: a message of {} bytes is over the limit of {} (WebSocketConfig::max_message_size)",
+                            message.len(),
+                            this.config.max_message_size
+                        ),
+                    ));
+                }
                 // The contract is text frames; a codec that writes something else goes binary.
                 let binary = message.clone();
                 let frame = match Utf8Bytes::try_from(message) {
