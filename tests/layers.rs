@@ -296,6 +296,46 @@ fn fast_backoff() -> Backoff {
         .jitter(0.0)
 }
 
+/// A publish buffered through an outage and refused for good when the layer replays it
+/// (too large for the new connection) is reported to the caller waiting for it, not
+/// confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_publish_refused_on_replay_is_reported() {
+    let broker = MemoryBroker::new();
+    broker.set_max_message(Some(200));
+    let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let mut subscription = events.subscribe("replay:1").await.unwrap();
+    broker.set_accepting(false);
+    broker.kill_connections();
+    let big = Envelope::new("replay", "1", json!({ "n": 0, "pad": "x".repeat(500) }));
+    let confirming = events.clone();
+    let big = tokio::spawn(async move { confirming.dispatch_confirmed(big).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    broker.set_accepting(true);
+    let error = tokio::time::timeout(WAIT, big)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+    match tokio::time::timeout(WAIT, subscription.next()).await {
+        Ok(Some(Err(Gap::Reconnected))) => {}
+        other => panic!("expected Reconnected, got {other:?}"),
+    }
+    events
+        .dispatch_confirmed(numbered("replay", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
+    assert!(
+        broker
+            .published()
+            .iter()
+            .all(|(_, frame)| frame.len() <= 200),
+        "the refused publish never reached the broker"
+    );
+}
+
 /// A subscription that has read the notice of one reconnect, and had no event since, is told
 /// of the next one too: what was published during it is lost to it as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

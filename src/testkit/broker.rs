@@ -48,6 +48,7 @@ struct BrokerState {
     refusing: bool,
     connects: u64,
     published: Vec<(Topic, Bytes)>,
+    max_message: Option<usize>,
 }
 
 struct Connection {
@@ -120,6 +121,13 @@ impl MemoryBroker {
     /// Whether new connections are accepted.
     pub fn set_accepting(&self, accepting: bool) {
         self.lock().refusing = !accepting;
+    }
+
+    /// The largest message a connection takes: a bigger publish is refused by `start_send`
+    /// with an error of kind [`TooLarge`](ErrorKind::TooLarge), and the connection goes on
+    /// (as the WebSocket transport does). `None`: no limit (the default).
+    pub fn set_max_message(&self, bytes: Option<usize>) {
+        self.lock().max_message = bytes;
     }
 
     /// Fails every live connection; what they had not flushed is lost.
@@ -233,6 +241,15 @@ impl Sink<Command<Bytes>> for BrokerConnection {
         match command {
             Command::Publish { topic, message } => {
                 let mut state = self.broker.lock();
+                if let Some(max) = state.max_message.filter(|max| message.len() > *max) {
+                    return Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "publishing to {topic}: a message of {} bytes is over the memory broker's limit of {max}",
+                            message.len()
+                        ),
+                    ));
+                }
                 if let Some(connection) = state.connections.get_mut(&self.id) {
                     connection.outgoing.push((topic, message));
                 }

@@ -202,6 +202,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             unavailable: self.unavailable.clone(),
             closed: false,
             flush_backlog: false,
+            failed_on_its_own: None,
         }
     }
 }
@@ -242,6 +243,9 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     buffer: usize,
     /// Publishes handed to the current connection since its last successful flush.
     unacked: Vec<(Topic, M)>,
+    /// A failure of a publish this layer sent on its own (from the backlog), or of flushing
+    /// them: the next flush from above reports it, so that it is not lost.
+    failed_on_its_own: Option<Error>,
     signals: VecDeque<Up<M>>,
     state: Arc<watch::Sender<ConnectionState>>,
     unavailable: Counter,
@@ -471,6 +475,7 @@ where
             }
             let command = self.backlog.pop_front().expect("the backlog is not empty");
             self.flush_backlog = true;
+            let published = matches!(command, Command::Publish { .. });
             if let Command::Publish { topic, message } = &command {
                 self.buffered -= 1;
                 self.unacked.push((topic.clone(), message.clone()));
@@ -495,6 +500,11 @@ where
                     tracing::warn!(%error, "the transport refused a buffered command");
                     if let Some(topic) = unsubscribed {
                         self.signals.push_back(Up::Unsubscribed(topic));
+                    }
+                    if published {
+                        // Refused for good: not to be sent again after a reconnect.
+                        self.unacked.pop();
+                        self.failed_on_its_own.get_or_insert(error);
                     }
                 }
             }
@@ -679,6 +689,9 @@ where
                 Ok(()) => {
                     this.unacked.clear();
                     this.flush_backlog = false;
+                    if let Some(error) = this.failed_on_its_own.take() {
+                        return Poll::Ready(Err(error));
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Err(error) if error.is_unrecoverable() => this.lost(error),
@@ -748,6 +761,7 @@ where
                     Poll::Ready(Err(error)) => {
                         this.flush_backlog = false;
                         tracing::warn!(%error, "flushing the replayed backlog failed");
+                        this.failed_on_its_own.get_or_insert(error);
                     }
                     Poll::Pending => {}
                 }
