@@ -524,3 +524,34 @@ async fn small_and_large_payloads_arrive_intact() {
             .all(|b| b == b'x'));
     }
 }
+
+/// The transport used as a plain sink, nobody reading its stream: publishes fed behind a
+/// subscribe go out once the subscribe is answered, and closing waits for them, without a
+/// reader to drive the subscribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_alone_sends_publishes_held_behind_a_subscribe() {
+    use futures::SinkExt;
+    let server = RedisServer::start();
+    let mut raw = raw_subscriber(&server.url(), "held:1").await;
+    let mut transport = config().connect(server.url()).await.unwrap();
+    transport
+        .feed(alkdev_pubsub::Command::Subscribe(Topic::from("held:2")))
+        .await
+        .unwrap();
+    transport
+        .feed(alkdev_pubsub::Command::Publish {
+            topic: Topic::from("held:1"),
+            message: bytes::Bytes::from_static(b"after the subscribe"),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, transport.close())
+        .await
+        .expect("the close finishes")
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, raw.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.get_payload_bytes(), b"after the subscribe");
+}

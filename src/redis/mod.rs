@@ -386,6 +386,11 @@ impl RedisTransport {
                     let Poll::Ready(result) = reply.as_mut().poll(cx) else {
                         return Ok(());
                     };
+                    // The answer becomes a signal (or a failure) for the reading side, which
+                    // may be another task than the one that polled it.
+                    if let Some(reader) = &self.reader {
+                        reader.wake_by_ref();
+                    }
                     let Control::InFlight {
                         subscribe, topics, ..
                     } = std::mem::replace(&mut self.control, Control::Idle)
@@ -577,9 +582,13 @@ impl Sink<Command<Bytes>> for RedisTransport {
             let done = std::task::ready!(in_flight.as_mut().poll(cx));
             this.pipeline_done(done)?;
         }
+        // Held behind a subscribe? Driven from here too (whatever task feeds this sink), so
+        // that its answer wakes this task.
+        this.poll_control(cx)?;
         this.send_pipeline();
         if this.in_flight.is_none() {
-            // Held behind a subscribe: the control future wakes this task when it is answered.
+            // Still held behind a subscribe: the control future wakes this task when it is
+            // answered.
             return Poll::Pending;
         }
         Poll::Ready(Ok(()))
@@ -623,6 +632,8 @@ impl Sink<Command<Bytes>> for RedisTransport {
         if this.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
+        // Publishes held behind a subscribe go once it is answered: drive it from here.
+        this.poll_control(cx)?;
         std::task::ready!(this.poll_publishes(cx))?;
         Poll::Ready(Ok(()))
     }
