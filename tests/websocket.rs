@@ -355,3 +355,54 @@ async fn a_quiet_healthy_peer_outlives_an_idle_timeout_shorter_than_the_ping_int
         .unwrap();
     assert_eq!(number_of(&testkit::next_event(&mut events).await), 7);
 }
+
+/// A transport split into a writing and a reading half, each in its own task (as a hub does):
+/// a ping the reading half sends while the writing half waits for room must not take the
+/// writing half's wake-up, or the writer sleeps for good once the peer reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_from_the_reading_half_does_not_strand_the_writing_half() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    const MESSAGES: usize = 200;
+    let (ours, theirs) = tokio::io::duplex(256);
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(10))
+        .idle_timeout(Duration::from_secs(30));
+    let transport = WebSocketTransport::from_raw_socket(ours, Role::Client, config).await;
+    let mut peer =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+    let (mut sink, mut stream) = transport.split();
+    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+    let writer = tokio::spawn(async move {
+        for n in 0..MESSAGES {
+            let frame = format!(
+                r#"{{"type":"w","id":"1","payload":{{"n":{n},"pad":"{}"}}}}"#,
+                "x".repeat(100)
+            );
+            sink.send(Command::Publish {
+                topic: Topic::from("w:1"),
+                message: bytes::Bytes::from(frame),
+            })
+            .await
+            .unwrap();
+        }
+    });
+    // The pipe fills at once; the reading half pings meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut received = 0;
+    tokio::time::timeout(WAIT, async {
+        while received < MESSAGES {
+            match peer.next().await {
+                Some(Ok(Message::Text(_))) => received += 1,
+                Some(Ok(_)) => {}
+                other => panic!("expected the writer's frames, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the writer stalled after {received} of {MESSAGES} frames"));
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("the writer finished")
+        .unwrap();
+    reader.abort();
+}

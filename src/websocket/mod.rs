@@ -240,6 +240,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     config: WebSocketConfig,
     signals: VecDeque<Up<Bytes>>,
     reader: Option<Waker>,
+    /// The task that last used the sink: a ping sent from the reading side must not take its
+    /// wake-up (the WebSocket keeps one waker for writing).
+    writer: Option<Waker>,
     ping: Pin<Box<Sleep>>,
     last_heard: Instant,
     /// Something arrived since `last_heard` was last set (cheaper than reading the clock per
@@ -283,6 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             config,
             signals: VecDeque::new(),
             reader: None,
+            writer: None,
             last_heard: Instant::now(),
             heard: false,
             failed: None,
@@ -337,6 +341,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             code: CloseCode::Size,
             reason: Utf8Bytes::from_static("message too big"),
         }));
+        let waker = crate::waker::also_waking(cx, self.writer.as_ref());
+        let cx = &mut Context::from_waker(&waker);
         if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(cx) {
             if Pin::new(&mut self.stream).start_send(close).is_ok() {
                 let _ = Pin::new(&mut self.stream).poll_flush(cx);
@@ -362,12 +368,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         while self.ping.as_mut().poll(cx).is_ready() {
             let next = Instant::now() + self.config.ping_every();
             self.ping.as_mut().reset(next);
-            if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(cx) {
+            // Through the sink, which may be another task's (a split transport): whatever
+            // this leaves pending wakes that task too.
+            let waker = crate::waker::also_waking(cx, self.writer.as_ref());
+            let mut cx = Context::from_waker(&waker);
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(&mut cx) {
                 if Pin::new(&mut self.stream)
                     .start_send(Message::Ping(Bytes::new()))
                     .is_ok()
                 {
-                    let _ = Pin::new(&mut self.stream).poll_flush(cx);
+                    let _ = Pin::new(&mut self.stream).poll_flush(&mut cx);
                 }
             }
         }
@@ -383,6 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         if let Some(error) = &this.failed {
             return Poll::Ready(Err(error.clone()));
         }
+        crate::waker::remember(&mut this.writer, cx);
         match Pin::new(&mut this.stream).poll_ready(cx) {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
             other => other.map(|_| Ok(())),
@@ -440,6 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         if let Some(error) = &this.failed {
             return Poll::Ready(Err(error.clone()));
         }
+        crate::waker::remember(&mut this.writer, cx);
         match Pin::new(&mut this.stream).poll_flush(cx) {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             other => other.map(|_| Ok(())),
@@ -451,6 +463,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         if this.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
+        crate::waker::remember(&mut this.writer, cx);
         match Pin::new(&mut this.stream).poll_close(cx) {
             Poll::Ready(Err(
                 tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
