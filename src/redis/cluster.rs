@@ -10,7 +10,10 @@
 //! topology refresh) and reconnects nodes. When a node's connection drops (a restart, a
 //! failover), the transport subscribes every active channel again — each on the node that now
 //! owns it — and once all are confirmed sends [`Up::Reconnected`], so subscribers learn that
-//! events may have been missed.
+//! events may have been missed. A channel refused for good then (an ACL, say) is reported with
+//! [`Up::SubscribeFailed`]; one still not subscribed after about a minute of attempts fails the
+//! transport with a connection error, so that the reconnect layer builds a new one rather than
+//! a notice claiming the channel is back.
 //!
 //! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
 //! while its shard is down or failing over is lost; ordering is kept per channel (one channel
@@ -82,9 +85,10 @@ enum Control {
         command: Command<()>,
         reply: BoxFuture<'static, Result<()>>,
     },
-    /// Subscribing every active channel again after a node's connection dropped.
+    /// Subscribing every active channel again after a node's connection dropped; resolves to
+    /// the channels refused for good.
     Resubscribing {
-        reply: BoxFuture<'static, Result<()>>,
+        reply: BoxFuture<'static, Result<Vec<(Topic, Error)>>>,
     },
 }
 
@@ -267,11 +271,16 @@ impl RedisClusterTransport {
         })
     }
 
-    fn resubscribe_future(&self) -> BoxFuture<'static, Result<()>> {
+    /// Subscribes every active channel again, on its (possibly new) owner. Resolves to the
+    /// channels refused for good (an ACL, say); an error once a channel could not be
+    /// subscribed again within the attempts, for the reconnect layer to rebuild the transport
+    /// (rather than tell of a reconnect that left a channel deaf).
+    fn resubscribe_future(&self) -> BoxFuture<'static, Result<Vec<(Topic, Error)>>> {
         let channels: Vec<Topic> = self.active.iter().cloned().collect();
         let connection = self.connection.clone();
         let timeout = self.response_timeout;
         Box::pin(async move {
+            let mut refused = Vec::new();
             // Until every channel is back on its (possibly new) owner: the node may still be
             // restarting or failing over.
             for channel in channels {
@@ -288,6 +297,7 @@ impl RedisClusterTransport {
                             if !(error.is_transient() || error.is_unrecoverable()) {
                                 // Refused for good (an ACL, say): nothing to wait for.
                                 tracing::warn!(%error, "re-subscribing after a node dropped failed");
+                                refused.push((channel.clone(), error));
                                 break;
                             }
                             tracing::debug!(%error, attempt, "re-subscribing after a node dropped");
@@ -295,14 +305,15 @@ impl RedisClusterTransport {
                         Err(_) => tracing::debug!(%channel, attempt, "re-subscribing timed out"),
                     }
                     if attempt == RESUBSCRIBE_ATTEMPTS {
-                        tracing::warn!(%channel, "gave up re-subscribing after a node dropped");
-                        break;
+                        return Err(Error::connection_lost(format!(
+                            "gave up subscribing to {channel} again after a node dropped ({RESUBSCRIBE_ATTEMPTS} attempts)"
+                        )));
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
-            Ok(())
+            Ok(refused)
         })
     }
 
@@ -347,7 +358,13 @@ impl RedisClusterTransport {
                         return Ok(());
                     };
                     self.control = Control::Idle;
-                    result?;
+                    // Given up on a channel: the transport fails, and the reconnect layer
+                    // builds a new one (which subscribes everything again).
+                    for (topic, error) in result? {
+                        self.active.remove(&topic);
+                        let error = error.on_channel(&topic);
+                        self.signals.push_back(Up::SubscribeFailed(topic, error));
+                    }
                     self.signals.push_back(Up::Reconnected);
                 }
                 Control::Idle => {
