@@ -535,6 +535,12 @@ impl RedisTransport {
 /// A message's payload, shared with redis-rs's own buffer.
 struct Payload(Msg);
 
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self.0.get_payload_bytes()
+    }
+}
+
 /// Received payloads up to an eighth of this are copied into one chunk of this size and split
 /// off it, so that small frames share an allocation instead of taking one each.
 const FRAME_CHUNK: usize = 8 * 1024;
@@ -558,12 +564,6 @@ impl Frames {
         }
         self.chunk.extend_from_slice(payload);
         self.chunk.split().freeze()
-    }
-}
-
-impl AsRef<[u8]> for Payload {
-    fn as_ref(&self) -> &[u8] {
-        self.0.get_payload_bytes()
     }
 }
 

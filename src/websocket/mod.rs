@@ -14,9 +14,9 @@
 //!   [`TooLarge`](crate::ErrorKind::TooLarge). A publish over the limit is refused before it is
 //!   sent, with the same kind of error; the connection goes on.
 //! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval) (at least
-//!   twice per idle timeout); a peer
-//!   silent for [`idle_timeout`](WebSocketConfig::idle_timeout) (no frame, no pong) is gone,
-//!   reported as an [unrecoverable](crate::Error::is_unrecoverable) timeout.
+//!   twice per idle timeout); a peer silent for [`idle_timeout`](WebSocketConfig::idle_timeout)
+//!   (no frame, no pong) is gone, reported as an [unrecoverable](crate::Error::is_unrecoverable)
+//!   timeout.
 //! - **Close**: closing the transport performs the close handshake.
 //! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
 //!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
