@@ -296,6 +296,38 @@ fn fast_backoff() -> Backoff {
         .jitter(0.0)
 }
 
+/// The transport contract answers commands in their order, also when the connection is lost
+/// with both unanswered: a subscribe, then an unsubscribe of the same topic.
+#[tokio::test]
+async fn after_a_loss_a_subscribe_is_answered_before_the_unsubscribe_that_followed_it() {
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let connecting = broker.clone();
+    let mut transport = ReconnectLayer::new(fast_backoff()).layer(move || {
+        let broker = connecting.clone();
+        async move { broker.connect() }
+    });
+    transport
+        .feed(Command::Subscribe(Topic::from("order:1")))
+        .await
+        .unwrap();
+    transport
+        .feed(Command::Unsubscribe(Topic::from("order:1")))
+        .await
+        .unwrap();
+    broker.kill_connections();
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match tokio::time::timeout(WAIT, transport.next()).await.unwrap() {
+            Some(Ok(Up::Subscribed(topic))) => answers.push(format!("subscribed {topic}")),
+            Some(Ok(Up::Unsubscribed(topic))) => answers.push(format!("unsubscribed {topic}")),
+            Some(Ok(Up::Reconnected)) => {}
+            other => panic!("expected the two answers, got {other:?}"),
+        }
+    }
+    assert_eq!(answers, ["subscribed order:1", "unsubscribed order:1"]);
+}
+
 /// A publish buffered through an outage and refused for good when the layer replays it
 /// (too large for the new connection) is reported to the caller waiting for it, not
 /// confirmed.

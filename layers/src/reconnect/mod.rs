@@ -321,6 +321,8 @@ where
             backlog.push_back(Command::Publish { topic, message });
             buffered += 1;
         }
+        // Never sent: the topic is no longer active, so it is not replayed.
+        let mut never_sent = Vec::new();
         for command in self.backlog.drain(..) {
             match command {
                 publish @ Command::Publish { .. } => {
@@ -329,24 +331,19 @@ where
                 }
                 // The replay on the next connection covers it.
                 Command::Subscribe(_) => {}
-                // Never sent: the topic is no longer active, so it is not replayed.
-                Command::Unsubscribe(topic) => self.signals.push_back(Up::Unsubscribed(topic)),
+                Command::Unsubscribe(topic) => never_sent.push(topic),
             }
         }
         self.backlog = backlog;
         self.buffered = buffered;
-        // Unsubscribes the dead connection never confirmed: done, with the connection.
-        for (topic, count) in self.unsubscribing.drain() {
-            self.signals
-                .extend((0..count).map(|_| Up::Unsubscribed(topic.clone())));
-        }
         // Unconfirmed replays go back to waiting on the next one.
         for (topic, covered) in self.replaying.drain() {
             if covered > 0 {
                 *self.pending_up.entry(topic).or_default() += covered;
             }
         }
-        // Subscribes for topics left since will never be confirmed: answer them now.
+        // Subscribes for topics left since will never be confirmed: answer them now, before
+        // the unsubscribes that came after them (answers go in the order of the commands).
         let active = &self.active;
         let signals = &mut self.signals;
         self.pending_up.retain(|topic, count| {
@@ -356,6 +353,14 @@ where
             signals.extend((0..*count).map(|_| Up::Subscribed(topic.clone())));
             false
         });
+        // Unsubscribes the dead connection never confirmed: done, with the connection; then
+        // those it was never sent.
+        for (topic, count) in self.unsubscribing.drain() {
+            self.signals
+                .extend((0..count).map(|_| Up::Unsubscribed(topic.clone())));
+        }
+        self.signals
+            .extend(never_sent.into_iter().map(Up::Unsubscribed));
         self.up_since = None;
         self.announce = self.ever_connected;
         if stable {
