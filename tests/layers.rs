@@ -350,10 +350,7 @@ async fn a_buffered_publish_refused_on_replay_is_reported() {
         .unwrap()
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
-    match tokio::time::timeout(WAIT, subscription.next()).await {
-        Ok(Some(Err(Gap::Reconnected))) => {}
-        other => panic!("expected Reconnected, got {other:?}"),
-    }
+    assert_eq!(testkit::next_gap(&mut subscription).await, Gap::Reconnected);
     events
         .dispatch_confirmed(numbered("replay", "1", 1))
         .await
@@ -377,10 +374,11 @@ async fn a_second_reconnect_of_a_quiet_topic_is_told_too() {
     let mut subscription = events.subscribe("quiet:1").await.unwrap();
     for reconnect in 1..=3u64 {
         broker.kill_connections();
-        match tokio::time::timeout(WAIT, subscription.next()).await {
-            Ok(Some(Err(Gap::Reconnected))) => {}
-            other => panic!("reconnect {reconnect}: expected Reconnected, got {other:?}"),
-        }
+        assert_eq!(
+            testkit::next_gap(&mut subscription).await,
+            Gap::Reconnected,
+            "reconnect {reconnect}"
+        );
     }
     assert_eq!(events.stats().reconnects, 3);
 }
@@ -404,10 +402,11 @@ async fn subscriptions_are_replayed_after_each_of_five_reconnects() {
     for round in 0..5u64 {
         broker.kill_connections();
         for subscription in &mut subscriptions {
-            match tokio::time::timeout(WAIT, subscription.next()).await {
-                Ok(Some(Err(Gap::Reconnected))) => {}
-                other => panic!("round {round}: expected Reconnected, got {other:?}"),
-            }
+            assert_eq!(
+                testkit::next_gap(subscription).await,
+                Gap::Reconnected,
+                "round {round}"
+            );
         }
         let expected: std::collections::HashSet<Topic> = (0..10)
             .map(|t| Topic::from(format!("alk:events:r:{t}")))

@@ -294,10 +294,7 @@ async fn the_spoke_reconnects_when_the_hub_restarts() {
         WebSocketConfig::new(),
     )));
 
-    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
-        Some(Err(Gap::Reconnected)) => {}
-        other => panic!("expected Reconnected, got {other:?}"),
-    }
+    assert_eq!(testkit::next_gap(&mut events).await, Gap::Reconnected);
     spoke
         .dispatch_event(numbered("spoke", "1", 2))
         .await

@@ -98,6 +98,20 @@ pub async fn next_event(subscription: &mut Subscription) -> std::sync::Arc<Envel
     }
 }
 
+/// The next gap notice of `subscription`, failing the check on an event, the end, or after
+/// [`WAIT`].
+pub async fn next_gap(subscription: &mut Subscription) -> Gap {
+    match tokio::time::timeout(WAIT, subscription.next()).await {
+        Ok(Some(Err(gap))) => gap,
+        Ok(Some(Ok(event))) => panic!(
+            "{:?}: expected a gap, got an event: {event:?}",
+            subscription.topic()
+        ),
+        Ok(None) => panic!("{:?}: the subscription ended", subscription.topic()),
+        Err(_) => panic!("{:?}: no gap within {WAIT:?}", subscription.topic()),
+    }
+}
+
 /// Asserts that nothing arrives on `subscription` within `quiet`.
 pub async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
     if let Ok(item) = tokio::time::timeout(quiet, subscription.next()).await {
@@ -431,10 +445,11 @@ where
     }
     restart().await;
     for (id, subscription) in &mut subscriptions {
-        match tokio::time::timeout(WAIT, subscription.next()).await {
-            Ok(Some(Err(Gap::Reconnected))) => {}
-            other => panic!("restart.event:{id}: expected Gap::Reconnected first, got {other:?}"),
-        }
+        assert_eq!(
+            next_gap(subscription).await,
+            Gap::Reconnected,
+            "restart.event:{id}: first"
+        );
     }
     // Publish until every topic hears again: the publisher's own connection may still be
     // reconnecting.
