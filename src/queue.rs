@@ -8,8 +8,13 @@
 //! reader holds `capacity` slots, and the policy then applies to that reader (drop its oldest,
 //! or wait for it). A reader takes slots in batches (see [`Queue::poll_read`]), so a busy
 //! reader takes the lock about once per batch. Slots leave the queue once every reader has
-//! released them, or, with a lone reader, when it takes them (it moves them out rather than
-//! copy them).
+//! released them.
+//!
+//! Released slots are dropped by the next push, on the publishing thread, up to a bound (see
+//! `State::garbage`). Dropping an event's last handle frees it: freed on the thread that
+//! allocated it, its memory goes back to that thread's allocator cache, where the next event
+//! is allocated, rather than to another thread's (glibc's `malloc` then takes it from its
+//! per-thread cache instead of its arena).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -24,6 +29,9 @@ use crate::ListenerId;
 
 /// The most slots a reader takes at once.
 const READ_BATCH: usize = 64;
+
+/// The most released slots a queue keeps for its next push to drop (see `State::garbage`).
+const GARBAGE_MAX: usize = 1024;
 
 /// One entry of a queue: an event, or the notice that the transport reconnected.
 pub(crate) enum Slot<P> {
@@ -66,8 +74,8 @@ struct State<P> {
     items: VecDeque<Slot<P>>,
     head: u64,
     /// The oldest slot a reader holds: the smallest `next` of the readers. The queue is full
-    /// when `capacity` slots from there on are held. Slots before `head` are held in a lone
-    /// reader's batch, which took them out of the queue rather than copy them.
+    /// when `capacity` slots from there on are held. Slots leave the queue once no reader
+    /// holds them, so `head == oldest`.
     oldest: u64,
     readers: Vec<Reader>,
     /// How many readers wait with a waker.
@@ -78,6 +86,11 @@ struct State<P> {
     reconnect_last: bool,
     /// Producers waiting for room (policy `Block` only).
     producers: Vec<Waker>,
+    /// Slots every reader has released, left for the next push to drop (outside the lock, on
+    /// the publishing thread): at most `capacity` (and [`GARBAGE_MAX`]) of them, no more than
+    /// the queue could hold anyway; past that, the reader that released them drops them.
+    /// Dropped with the queue if no push comes.
+    garbage: Vec<Slot<P>>,
 }
 
 struct Reader {
@@ -108,10 +121,10 @@ impl<P> State<P> {
     }
 
     /// Moves `oldest` up to the slowest reader, and removes the slots every reader has
-    /// released. Returns them, to be dropped once the lock is released (dropping the last
-    /// handle of an event frees it, which should not keep the publisher waiting), and the
-    /// producers to wake if that made room.
-    fn trim(&mut self) -> (Vec<Slot<P>>, Vec<Waker>) {
+    /// released. They go to the garbage if it has room; else they are returned, to be dropped
+    /// once the lock is released (dropping the last handle of an event frees it, which should
+    /// not keep the publisher waiting). Also returns the producers to wake if that made room.
+    fn trim(&mut self, capacity: usize) -> (Vec<Slot<P>>, Vec<Waker>) {
         let Some(oldest) = self.readers.iter().map(|r| r.next).min() else {
             return (Vec::new(), Vec::new());
         };
@@ -124,18 +137,28 @@ impl<P> State<P> {
             Vec::new()
         } else {
             self.head = oldest;
-            self.items.drain(..released).collect()
+            if self.garbage.len() + released <= capacity.min(GARBAGE_MAX) {
+                self.garbage.extend(self.items.drain(..released));
+                Vec::new()
+            } else {
+                self.items.drain(..released).collect()
+            }
         };
         (slots, std::mem::take(&mut self.producers))
     }
 
     /// Reader `index` now holds from `next` on (it yielded what came before). If it was the
     /// slowest reader, that may make room: see [`trim`](Self::trim).
-    fn hold_from(&mut self, index: usize, next: u64) -> (Vec<Slot<P>>, Vec<Waker>) {
+    fn hold_from(
+        &mut self,
+        index: usize,
+        next: u64,
+        capacity: usize,
+    ) -> (Vec<Slot<P>>, Vec<Waker>) {
         let reader = &mut self.readers[index];
         let was = std::mem::replace(&mut reader.next, next);
         if was == self.oldest && next > was {
-            self.trim()
+            self.trim(capacity)
         } else {
             (Vec::new(), Vec::new())
         }
@@ -180,6 +203,7 @@ impl<P> Queue<P> {
                 closed: false,
                 reconnect_last: false,
                 producers: Vec::new(),
+                garbage: Vec::new(),
             }),
             version: AtomicU64::new(0),
             reader_count: AtomicUsize::new(1),
@@ -262,10 +286,11 @@ impl<P> Queue<P> {
         self.changed();
         let (slots, producers) = if state.readers.is_empty() {
             state.closed = true;
-            let slots = std::mem::take(&mut state.items);
-            (slots.into(), std::mem::take(&mut state.producers))
+            let mut slots: Vec<_> = std::mem::take(&mut state.items).into();
+            slots.append(&mut state.garbage);
+            (slots, std::mem::take(&mut state.producers))
         } else {
-            state.trim()
+            state.trim(self.capacity)
         };
         let left = !state.readers.is_empty();
         drop(state);
@@ -332,28 +357,27 @@ impl<P> Queue<P> {
         } else {
             match (self.overflow, cx) {
                 (Overflow::DropOldest, _) => {
-                    // The slowest readers lose their oldest slot: out of the queue if it is
-                    // still there, else it is in their batch already and they keep it.
+                    // The oldest slot leaves the queue: the slowest readers lose it if they
+                    // have not taken it yet; those that have keep it in their batch.
                     let oldest = state.oldest;
-                    if state.head == oldest {
-                        dropped = state.items.pop_front();
-                        state.head += 1;
-                    }
+                    debug_assert_eq!(state.head, oldest, "released slots leave at once");
+                    let slot = state.items.pop_front().expect("a full queue has slots");
+                    state.head += 1;
                     let mut lagging = 0;
                     for reader in state.readers.iter_mut().filter(|r| r.next == oldest) {
                         reader.next = oldest + 1;
                         if reader.taken == oldest {
                             reader.taken = oldest + 1;
-                            match dropped {
-                                Some(Slot::Event(_)) => {
+                            match slot {
+                                Slot::Event(_) => {
                                     reader.lagged += 1;
                                     lagging += 1;
                                 }
-                                Some(Slot::Reconnected) => reader.missed_reconnect = true,
-                                None => unreachable!("an untaken slot is in the queue"),
+                                Slot::Reconnected => reader.missed_reconnect = true,
                             }
                         }
                     }
+                    dropped = Some(slot);
                     state.oldest = oldest + 1;
                     state
                         .items
@@ -378,9 +402,11 @@ impl<P> Queue<P> {
         }
         self.changed();
         let wake = state.take_readers();
+        let garbage = std::mem::take(&mut state.garbage);
         drop(state);
-        // What was dropped is freed with the lock released.
-        drop((dropped, event));
+        // What was dropped, and what the readers released since the last push, is freed with
+        // the lock released.
+        drop((dropped, event, garbage));
         wake_all(wake);
         Ok(())
     }
@@ -434,7 +460,6 @@ impl<P> Queue<P> {
         };
         let head = state.head;
         let tail = state.tail();
-        let alone = state.readers.len() == 1;
         let me = &mut state.readers[index];
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
@@ -444,21 +469,13 @@ impl<P> Queue<P> {
             let from = me.taken;
             let count = ((tail - from) as usize).min(READ_BATCH);
             me.taken = from + count as u64;
-            let first = if alone && from == head {
-                // The only reader: take the slots out rather than copy them (they still
-                // count against the capacity until released, through `oldest`).
-                let mut slots = state.items.drain(..count);
-                let first = slots.next().expect("count > 0");
-                batch.extend(slots);
-                state.head += count as u64;
-                first
-            } else {
-                let start = (from - head) as usize;
-                let mut slots = state.items.range(start..start + count).cloned();
-                let first = slots.next().expect("count > 0");
-                batch.extend(slots);
-                first
-            };
+            // Copies, even for a lone reader: the queue keeps its handles until the slots are
+            // released, so that the publisher, not the reader, drops the last one (see the
+            // module doc).
+            let start = (from - head) as usize;
+            let mut slots = state.items.range(start..start + count).cloned();
+            let first = slots.next().expect("count > 0");
+            batch.extend(slots);
             Some(first.into_item())
         } else {
             None
@@ -466,7 +483,7 @@ impl<P> Queue<P> {
         // Everything taken before is yielded; what is taken now is held while it waits in
         // the batch.
         let held_from = state.readers[index].taken - batch.len() as u64;
-        let (released, producers) = state.hold_from(index, held_from);
+        let (released, producers) = state.hold_from(index, held_from, self.capacity);
         let me = &mut state.readers[index];
         if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
             // More to take: `seen` must not say otherwise.
@@ -509,7 +526,7 @@ impl<P> Queue<P> {
             return;
         };
         let taken = state.readers[index].taken;
-        let (released, producers) = state.hold_from(index, taken);
+        let (released, producers) = state.hold_from(index, taken, self.capacity);
         drop(state);
         drop(released);
         wake_all(producers);

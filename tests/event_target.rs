@@ -275,6 +275,67 @@ async fn memory_stays_bounded_when_a_subscriber_never_reads() {
     }
 }
 
+/// A payload that counts its drops.
+struct Tracked(Arc<AtomicU64>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_them_wait() {
+    const CAPACITY: u64 = 8;
+    let freed = Arc::new(AtomicU64::new(0));
+    let tracked = |id: &str| Envelope::new("t", id, Tracked(Arc::clone(&freed)));
+    let events: EventTarget<Tracked> = EventTarget::local();
+    let options = SubscribeOptions::new().capacity(CAPACITY as usize);
+    let mut one = events.subscribe_with("t:1", options).await.unwrap();
+    let mut two = events.subscribe_with("t:1", options).await.unwrap();
+    // An event nobody listens to is freed at once.
+    events.dispatch_event(tracked("0")).await.unwrap();
+    assert_eq!(freed.load(Ordering::SeqCst), 1);
+
+    let mut published = 1;
+    for round in 0..20 {
+        for _ in 0..3 {
+            events.dispatch_event(tracked("1")).await.unwrap();
+            published += 1;
+        }
+        for subscription in [&mut one, &mut two] {
+            for _ in 0..3 {
+                let event = tokio::time::timeout(WAIT, subscription.next())
+                    .await
+                    .expect("an event in time")
+                    .expect("open")
+                    .expect("no gap");
+                assert_eq!(event.id, "1");
+            }
+        }
+        // Both readers have yielded the round's events and dropped them. The queue drops its
+        // own handles of what they released at the next publish: what is still allocated is
+        // what the queue holds and what waits for that publish, each at most its capacity.
+        let allocated = published - freed.load(Ordering::SeqCst);
+        assert!(
+            allocated <= 2 * CAPACITY,
+            "round {round}: {allocated} of {published} events still allocated"
+        );
+    }
+    // Everything published so far is read and released: the next publish frees it, and
+    // only the new event stays allocated.
+    events.dispatch_event(tracked("1")).await.unwrap();
+    published += 1;
+    assert_eq!(published - freed.load(Ordering::SeqCst), 1);
+    drop(one);
+    drop(two);
+    assert_eq!(
+        freed.load(Ordering::SeqCst),
+        published,
+        "every event is freed once its subscriptions are gone"
+    );
+}
+
 #[tokio::test]
 async fn a_panicking_callback_does_not_stop_delivery() {
     for events in [
