@@ -8,13 +8,17 @@
 //! reader holds `capacity` slots, and the policy then applies to that reader (drop its oldest,
 //! or wait for it). A reader takes slots in batches (see [`Queue::poll_read`]), so a busy
 //! reader takes the lock about once per batch. Slots leave the queue once every reader has
-//! released them.
+//! released them, or, with a lone reader on the publisher's thread, when it takes them (it
+//! moves them out rather than copy them).
 //!
-//! Released slots are dropped by the next push, on the publishing thread, up to a bound (see
-//! `State::garbage`). Dropping an event's last handle frees it: freed on the thread that
-//! allocated it, its memory goes back to that thread's allocator cache, where the next event
-//! is allocated, rather than to another thread's (glibc's `malloc` then takes it from its
-//! per-thread cache instead of its arena).
+//! An event is best freed on the thread that allocated it: its memory goes back to that
+//! thread's allocator cache, where the next event is allocated (glibc's `malloc` otherwise
+//! goes to its arena for it, measurably slower). The queue knows the thread of the last
+//! push, where events come from. A reader on another thread leaves the slots it released to
+//! the next push, which drops them on the publishing thread, up to a bound (see
+//! `State::garbage`); a lone reader there copies its slots rather than move them out, so
+//! that the queue's handle, not the subscriber's, is the last. A reader on the publisher's
+//! thread (a subscription reading its transport for the target) moves and frees as it goes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -32,6 +36,12 @@ const READ_BATCH: usize = 64;
 
 /// The most released slots a queue keeps for its next push to drop (see `State::garbage`).
 const GARBAGE_MAX: usize = 1024;
+
+/// Identifies the calling thread, cheaply: the address of a thread-local.
+fn this_thread() -> usize {
+    thread_local!(static MARK: u8 = const { 0 });
+    MARK.with(|mark| mark as *const u8 as usize)
+}
 
 /// One entry of a queue: an event, or the notice that the transport reconnected.
 pub(crate) enum Slot<P> {
@@ -74,8 +84,8 @@ struct State<P> {
     items: VecDeque<Slot<P>>,
     head: u64,
     /// The oldest slot a reader holds: the smallest `next` of the readers. The queue is full
-    /// when `capacity` slots from there on are held. Slots leave the queue once no reader
-    /// holds them, so `head == oldest`.
+    /// when `capacity` slots from there on are held. Slots before `head` are held in a lone
+    /// reader's batch, which took them out of the queue rather than copy them.
     oldest: u64,
     readers: Vec<Reader>,
     /// How many readers wait with a waker.
@@ -86,10 +96,13 @@ struct State<P> {
     reconnect_last: bool,
     /// Producers waiting for room (policy `Block` only).
     producers: Vec<Waker>,
-    /// Slots every reader has released, left for the next push to drop (outside the lock, on
-    /// the publishing thread): at most `capacity` (and [`GARBAGE_MAX`]) of them, no more than
-    /// the queue could hold anyway; past that, the reader that released them drops them.
-    /// Dropped with the queue if no push comes.
+    /// The thread of the last push ([`this_thread`]).
+    publisher: usize,
+    /// Slots every reader has released, released on another thread than the publisher's, left
+    /// for the next push to drop (outside the lock, on the publishing thread): at most
+    /// `capacity` (and [`GARBAGE_MAX`]) of them, no more than the queue could hold anyway;
+    /// past that, the reader that released them drops them. Dropped with the queue if no push
+    /// comes.
     garbage: Vec<Slot<P>>,
 }
 
@@ -121,9 +134,10 @@ impl<P> State<P> {
     }
 
     /// Moves `oldest` up to the slowest reader, and removes the slots every reader has
-    /// released. They go to the garbage if it has room; else they are returned, to be dropped
-    /// once the lock is released (dropping the last handle of an event frees it, which should
-    /// not keep the publisher waiting). Also returns the producers to wake if that made room.
+    /// released. On the publisher's thread, or when the garbage is full, they are returned, to
+    /// be dropped once the lock is released (dropping the last handle of an event frees it,
+    /// which should not keep the publisher waiting); else they go to the garbage. Also returns
+    /// the producers to wake if that made room.
     fn trim(&mut self, capacity: usize) -> (Vec<Slot<P>>, Vec<Waker>) {
         let Some(oldest) = self.readers.iter().map(|r| r.next).min() else {
             return (Vec::new(), Vec::new());
@@ -137,7 +151,9 @@ impl<P> State<P> {
             Vec::new()
         } else {
             self.head = oldest;
-            if self.garbage.len() + released <= capacity.min(GARBAGE_MAX) {
+            if self.publisher != this_thread()
+                && self.garbage.len() + released <= capacity.min(GARBAGE_MAX)
+            {
                 self.garbage.extend(self.items.drain(..released));
                 Vec::new()
             } else {
@@ -203,6 +219,7 @@ impl<P> Queue<P> {
                 closed: false,
                 reconnect_last: false,
                 producers: Vec::new(),
+                publisher: 0,
                 garbage: Vec::new(),
             }),
             version: AtomicU64::new(0),
@@ -345,6 +362,7 @@ impl<P> Queue<P> {
             drop(state);
             return Ok(());
         }
+        state.publisher = this_thread();
         let readers = state.readers.len() as u64;
         let mut dropped = None;
         let mut event = Some(event);
@@ -357,27 +375,28 @@ impl<P> Queue<P> {
         } else {
             match (self.overflow, cx) {
                 (Overflow::DropOldest, _) => {
-                    // The oldest slot leaves the queue: the slowest readers lose it if they
-                    // have not taken it yet; those that have keep it in their batch.
+                    // The slowest readers lose their oldest slot: out of the queue if it is
+                    // still there, else it is in their batch already and they keep it.
                     let oldest = state.oldest;
-                    debug_assert_eq!(state.head, oldest, "released slots leave at once");
-                    let slot = state.items.pop_front().expect("a full queue has slots");
-                    state.head += 1;
+                    if state.head == oldest {
+                        dropped = state.items.pop_front();
+                        state.head += 1;
+                    }
                     let mut lagging = 0;
                     for reader in state.readers.iter_mut().filter(|r| r.next == oldest) {
                         reader.next = oldest + 1;
                         if reader.taken == oldest {
                             reader.taken = oldest + 1;
-                            match slot {
-                                Slot::Event(_) => {
+                            match dropped {
+                                Some(Slot::Event(_)) => {
                                     reader.lagged += 1;
                                     lagging += 1;
                                 }
-                                Slot::Reconnected => reader.missed_reconnect = true,
+                                Some(Slot::Reconnected) => reader.missed_reconnect = true,
+                                None => unreachable!("an untaken slot is in the queue"),
                             }
                         }
                     }
-                    dropped = Some(slot);
                     state.oldest = oldest + 1;
                     state
                         .items
@@ -404,8 +423,8 @@ impl<P> Queue<P> {
         let wake = state.take_readers();
         let garbage = std::mem::take(&mut state.garbage);
         drop(state);
-        // What was dropped, and what the readers released since the last push, is freed with
-        // the lock released.
+        // What was dropped, and what readers on other threads released since the last push,
+        // is freed with the lock released.
         drop((dropped, event, garbage));
         wake_all(wake);
         Ok(())
@@ -460,6 +479,8 @@ impl<P> Queue<P> {
         };
         let head = state.head;
         let tail = state.tail();
+        // A lone reader on the publisher's thread moves its slots out (see the module doc).
+        let alone = state.readers.len() == 1 && state.publisher == this_thread();
         let me = &mut state.readers[index];
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
@@ -469,13 +490,22 @@ impl<P> Queue<P> {
             let from = me.taken;
             let count = ((tail - from) as usize).min(READ_BATCH);
             me.taken = from + count as u64;
-            // Copies, even for a lone reader: the queue keeps its handles until the slots are
-            // released, so that the publisher, not the reader, drops the last one (see the
-            // module doc).
-            let start = (from - head) as usize;
-            let mut slots = state.items.range(start..start + count).cloned();
-            let first = slots.next().expect("count > 0");
-            batch.extend(slots);
+            let first = if alone && from == head {
+                // The only reader, on the publisher's thread: take the slots out rather than
+                // copy them (they still count against the capacity until released, through
+                // `oldest`).
+                let mut slots = state.items.drain(..count);
+                let first = slots.next().expect("count > 0");
+                batch.extend(slots);
+                state.head += count as u64;
+                first
+            } else {
+                let start = (from - head) as usize;
+                let mut slots = state.items.range(start..start + count).cloned();
+                let first = slots.next().expect("count > 0");
+                batch.extend(slots);
+                first
+            };
             Some(first.into_item())
         } else {
             None

@@ -284,56 +284,93 @@ impl Drop for Tracked {
     }
 }
 
+/// Reads `count` events (`t:1`) from each subscription.
+async fn read_each(subscriptions: &mut [alkdev_pubsub::Subscription<Tracked>], count: usize) {
+    for subscription in subscriptions {
+        for _ in 0..count {
+            let event = tokio::time::timeout(WAIT, subscription.next())
+                .await
+                .expect("an event in time")
+                .expect("open")
+                .expect("no gap");
+            assert_eq!(event.id, "1");
+        }
+    }
+}
+
 #[tokio::test]
 async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_them_wait() {
     const CAPACITY: u64 = 8;
-    let freed = Arc::new(AtomicU64::new(0));
-    let tracked = |id: &str| Envelope::new("t", id, Tracked(Arc::clone(&freed)));
-    let events: EventTarget<Tracked> = EventTarget::local();
-    let options = SubscribeOptions::new().capacity(CAPACITY as usize);
-    let mut one = events.subscribe_with("t:1", options).await.unwrap();
-    let mut two = events.subscribe_with("t:1", options).await.unwrap();
-    // An event nobody listens to is freed at once.
-    events.dispatch_event(tracked("0")).await.unwrap();
-    assert_eq!(freed.load(Ordering::SeqCst), 1);
+    // One reader and two (a shared queue); on the publisher's thread, and on another one
+    // (where the publisher, not the reader, frees what was read).
+    for (readers, elsewhere) in [(1, false), (2, false), (1, true), (2, true)] {
+        let case = format!("{readers} reader(s), on another thread: {elsewhere}");
+        let freed = Arc::new(AtomicU64::new(0));
+        let tracked = |id: &str| Envelope::new("t", id, Tracked(Arc::clone(&freed)));
+        let events: EventTarget<Tracked> = EventTarget::local();
+        let options = SubscribeOptions::new().capacity(CAPACITY as usize);
+        let mut subscriptions = Vec::new();
+        for _ in 0..readers {
+            subscriptions.push(events.subscribe_with("t:1", options).await.unwrap());
+        }
+        let (ask, asked) = std::sync::mpsc::channel::<usize>();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let reader_thread = elsewhere.then(|| {
+            let mut subscriptions = std::mem::take(&mut subscriptions);
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                for count in asked {
+                    runtime.block_on(read_each(&mut subscriptions, count));
+                    done.send(()).unwrap();
+                }
+            })
+        });
+        // An event nobody listens to is freed at once.
+        events.dispatch_event(tracked("0")).await.unwrap();
+        assert_eq!(freed.load(Ordering::SeqCst), 1, "{case}");
 
-    let mut published = 1;
-    for round in 0..20 {
-        for _ in 0..3 {
-            events.dispatch_event(tracked("1")).await.unwrap();
-            published += 1;
-        }
-        for subscription in [&mut one, &mut two] {
+        let mut published = 1;
+        for round in 0..20 {
             for _ in 0..3 {
-                let event = tokio::time::timeout(WAIT, subscription.next())
-                    .await
-                    .expect("an event in time")
-                    .expect("open")
-                    .expect("no gap");
-                assert_eq!(event.id, "1");
+                events.dispatch_event(tracked("1")).await.unwrap();
+                published += 1;
             }
+            if elsewhere {
+                ask.send(3).unwrap();
+                finished
+                    .recv_timeout(WAIT)
+                    .expect("the readers read the round");
+            } else {
+                read_each(&mut subscriptions, 3).await;
+            }
+            // The readers have yielded the round's events and dropped them. What is still
+            // allocated is what the queue holds and what waits for the next publish to drop
+            // it, each at most the queue's capacity.
+            let allocated = published - freed.load(Ordering::SeqCst);
+            assert!(
+                allocated <= 2 * CAPACITY,
+                "{case}, round {round}: {allocated} of {published} events still allocated"
+            );
         }
-        // Both readers have yielded the round's events and dropped them. The queue drops its
-        // own handles of what they released at the next publish: what is still allocated is
-        // what the queue holds and what waits for that publish, each at most its capacity.
-        let allocated = published - freed.load(Ordering::SeqCst);
-        assert!(
-            allocated <= 2 * CAPACITY,
-            "round {round}: {allocated} of {published} events still allocated"
+        // Everything published so far is read and released: by the next publish at the
+        // latest, it is freed, and only the new event stays allocated.
+        events.dispatch_event(tracked("1")).await.unwrap();
+        published += 1;
+        assert_eq!(published - freed.load(Ordering::SeqCst), 1, "{case}");
+        drop(ask);
+        if let Some(thread) = reader_thread {
+            thread.join().unwrap();
+        }
+        drop(subscriptions);
+        assert_eq!(
+            freed.load(Ordering::SeqCst),
+            published,
+            "{case}: every event is freed once its subscriptions are gone"
         );
     }
-    // Everything published so far is read and released: the next publish frees it, and
-    // only the new event stays allocated.
-    events.dispatch_event(tracked("1")).await.unwrap();
-    published += 1;
-    assert_eq!(published - freed.load(Ordering::SeqCst), 1);
-    drop(one);
-    drop(two);
-    assert_eq!(
-        freed.load(Ordering::SeqCst),
-        published,
-        "every event is freed once its subscriptions are gone"
-    );
 }
 
 #[tokio::test]
