@@ -275,12 +275,19 @@ async fn memory_stays_bounded_when_a_subscriber_never_reads() {
     }
 }
 
-/// A payload that counts its drops.
-struct Tracked(Arc<AtomicU64>);
+/// A payload that counts its drops, and those on another thread than the publisher's.
+struct Tracked {
+    freed: Arc<AtomicU64>,
+    freed_elsewhere: Arc<AtomicU64>,
+    publisher: std::thread::ThreadId,
+}
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.freed.fetch_add(1, Ordering::SeqCst);
+        if std::thread::current().id() != self.publisher {
+            self.freed_elsewhere.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -299,19 +306,24 @@ async fn read_each(subscriptions: &mut [alkdev_pubsub::Subscription<Tracked>], c
 }
 
 #[tokio::test]
-async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_them_wait() {
-    const CAPACITY: u64 = 8;
-    // One reader and two (a shared queue); on the publisher's thread, and on another one
-    // (where the publisher, not the reader, frees what was read).
+async fn events_read_on_another_thread_are_freed_by_the_next_publish_or_with_the_readers() {
+    // One reader and two (a shared queue); on the publisher's thread, and on another one.
     for (readers, elsewhere) in [(1, false), (2, false), (1, true), (2, true)] {
         let case = format!("{readers} reader(s), on another thread: {elsewhere}");
         let freed = Arc::new(AtomicU64::new(0));
-        let tracked = |id: &str| Envelope::new("t", id, Tracked(Arc::clone(&freed)));
+        let freed_elsewhere = Arc::new(AtomicU64::new(0));
+        let tracked = |id: &str| {
+            let payload = Tracked {
+                freed: Arc::clone(&freed),
+                freed_elsewhere: Arc::clone(&freed_elsewhere),
+                publisher: std::thread::current().id(),
+            };
+            Envelope::new("t", id, payload)
+        };
         let events: EventTarget<Tracked> = EventTarget::local();
-        let options = SubscribeOptions::new().capacity(CAPACITY as usize);
         let mut subscriptions = Vec::new();
         for _ in 0..readers {
-            subscriptions.push(events.subscribe_with("t:1", options).await.unwrap());
+            subscriptions.push(events.subscribe("t:1").await.unwrap());
         }
         let (ask, asked) = std::sync::mpsc::channel::<usize>();
         let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -328,11 +340,7 @@ async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_t
                 }
             })
         });
-        // An event nobody listens to is freed at once.
-        events.dispatch_event(tracked("0")).await.unwrap();
-        assert_eq!(freed.load(Ordering::SeqCst), 1, "{case}");
-
-        let mut published = 1;
+        let mut published = 0;
         for round in 0..20 {
             for _ in 0..3 {
                 events.dispatch_event(tracked("1")).await.unwrap();
@@ -346,20 +354,23 @@ async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_t
             } else {
                 read_each(&mut subscriptions, 3).await;
             }
-            // The readers have yielded the round's events and dropped them. What is still
-            // allocated is what the queue holds and what waits for the next publish to drop
-            // it, each at most the queue's capacity.
+            // The readers have yielded the round's events and dropped them. At most those wait
+            // for the next publish to free them: what came before was freed.
             let allocated = published - freed.load(Ordering::SeqCst);
             assert!(
-                allocated <= 2 * CAPACITY,
+                allocated <= 3,
                 "{case}, round {round}: {allocated} of {published} events still allocated"
             );
         }
-        // Everything published so far is read and released: by the next publish at the
-        // latest, it is freed, and only the new event stays allocated.
-        events.dispatch_event(tracked("1")).await.unwrap();
-        published += 1;
-        assert_eq!(published - freed.load(Ordering::SeqCst), 1, "{case}");
+        if elsewhere {
+            assert_eq!(
+                freed_elsewhere.load(Ordering::SeqCst),
+                0,
+                "{case}: the publisher frees what readers on other threads read"
+            );
+        }
+        // The publisher goes quiet: the last round's events wait until the readers leave
+        // (the reader thread drops its subscriptions when it ends).
         drop(ask);
         if let Some(thread) = reader_thread {
             thread.join().unwrap();
@@ -368,9 +379,52 @@ async fn read_events_are_freed_by_the_next_publish_and_no_more_than_a_queue_of_t
         assert_eq!(
             freed.load(Ordering::SeqCst),
             published,
-            "{case}: every event is freed once its subscriptions are gone"
+            "{case}: everything is freed once the subscriptions are gone"
         );
     }
+}
+
+/// A payload whose `Drop` panics when it is armed.
+struct PanicsOnDrop(bool);
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if self.0 && !std::thread::panicking() {
+            panic!("a payload's bug, in its Drop");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_payload_that_panics_when_freed_by_a_publish_does_not_fail_it() {
+    let events: EventTarget<PanicsOnDrop> = EventTarget::local();
+    let subscription = events.subscribe("t:1").await.unwrap();
+    events
+        .dispatch_event(Envelope::new("t", "1", PanicsOnDrop(true)))
+        .await
+        .unwrap();
+    // Read (and dropped) on another thread: the queue leaves the event to the next publish.
+    let mut subscription = std::thread::spawn(move || {
+        let mut subscription = subscription;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let event = tokio::time::timeout(WAIT, subscription.next()).await;
+            assert!(matches!(event, Ok(Some(Ok(_)))));
+        });
+        subscription
+    })
+    .join()
+    .unwrap();
+    // This publish frees the first event, whose payload panics: the publish goes on.
+    events
+        .dispatch_event(Envelope::new("t", "1", PanicsOnDrop(false)))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(WAIT, subscription.next()).await;
+    assert!(matches!(event, Ok(Some(Ok(_)))), "the second event arrives");
 }
 
 #[tokio::test]
