@@ -44,7 +44,8 @@ const READ_BATCH: usize = 64;
 /// The most released slots a queue keeps for its next push to drop (see `State::garbage`).
 const GARBAGE_MAX: usize = 1024;
 
-/// Identifies the calling thread, cheaply: the address of a thread-local.
+/// Identifies the calling thread, cheaply: the address of a thread-local. A thread that
+/// exited may leave its address to a new one; that only decides which thread frees an event.
 fn this_thread() -> usize {
     thread_local!(static MARK: u8 = const { 0 });
     MARK.with(|mark| mark as *const u8 as usize)
@@ -105,11 +106,11 @@ struct State<P> {
     producers: Vec<Waker>,
     /// The thread of the last push ([`this_thread`]).
     publisher: usize,
-    /// Slots every reader has released, released on another thread than the publisher's, left
-    /// for the next push to drop (outside the lock, on the publishing thread): at most
-    /// `capacity` (and [`GARBAGE_MAX`]) of them, no more than the queue could hold anyway;
-    /// past that, the reader that released them drops them. Also dropped by a reconnect
-    /// notice, by [`Queue::close`], and when the last reader leaves.
+    /// Slots every reader has released, the last of them on another thread than the
+    /// publisher's: left for the next push to drop (outside the lock, on the publishing
+    /// thread). At most `capacity` (and [`GARBAGE_MAX`]) of them, no more than the queue could
+    /// hold anyway; past that, the reader that released them drops them. Also dropped by a
+    /// reconnect notice, by [`Queue::close`], and when the last reader leaves.
     garbage: Vec<Slot<P>>,
 }
 
