@@ -383,6 +383,69 @@ async fn a_second_reconnect_of_a_quiet_topic_is_told_too() {
     assert_eq!(events.stats().reconnects, 3);
 }
 
+/// A topic the broker refuses when the layer subscribes it again after a reconnect (an access
+/// rule changed meanwhile) ends its subscriptions, rather than leave them waiting for events
+/// that no longer come. The other topics go on, and subscribing the topic again asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_refused_when_subscribed_again_after_a_reconnect_ends_its_subscriptions() {
+    let broker = MemoryBroker::new();
+    let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let mut denied = events.subscribe("acl:denied").await.unwrap();
+    let mut kept = events.subscribe("acl:kept").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("acl", "denied", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut denied).await), 1);
+
+    broker.refuse_channel("alk:events:acl:denied");
+    broker.kill_connections();
+    loop {
+        match tokio::time::timeout(WAIT, denied.next())
+            .await
+            .expect("the refused subscription ends in time")
+        {
+            None => break,
+            Some(Err(Gap::Reconnected)) => {}
+            other => panic!("expected the refused subscription to end, got {other:?}"),
+        }
+    }
+    assert_eq!(testkit::next_gap(&mut kept).await, Gap::Reconnected);
+    events
+        .dispatch_confirmed(numbered("acl", "kept", 2))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut kept).await), 2);
+
+    let again = tokio::time::timeout(WAIT, events.subscribe("acl:denied"))
+        .await
+        .expect("an answer in time");
+    let error = again.expect_err("the broker still refuses the topic");
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+}
+
+/// A subscription in effect that the transport drops for good on its own (as the Redis
+/// Cluster transport does when a node refuses a channel it takes back) ends; the others go on,
+/// with no reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_the_transport_drops_for_good_ends_and_the_others_go_on() {
+    let broker = MemoryBroker::new();
+    let events = full_stack(&broker, ReconnectLayer::new(fast_backoff()));
+    let mut gone = events.subscribe("revoked:gone").await.unwrap();
+    let mut kept = events.subscribe("revoked:kept").await.unwrap();
+    broker.revoke_channel("alk:events:revoked:gone");
+    let end = tokio::time::timeout(WAIT, gone.next())
+        .await
+        .expect("the dropped subscription ends in time");
+    assert!(end.is_none(), "expected the end, got {end:?}");
+    events
+        .dispatch_confirmed(numbered("revoked", "kept", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut kept).await), 1);
+    assert_eq!(events.stats().reconnects, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_replayed_after_each_of_five_reconnects() {
     let broker = MemoryBroker::new();

@@ -13,6 +13,9 @@ use crate::{Command, Error, Up};
 ///   subscription is in effect (a transport with no server answers at once), or with
 ///   [`Up::SubscribeFailed`] if the peer refused it for good; every [`Command::Unsubscribe`]
 ///   with [`Up::Unsubscribed`];
+/// - a subscription in effect that the peer drops for good (it refused it when it was
+///   subscribed again after a reconnect: an access rule changed, say) is told with an
+///   [`Up::SubscribeFailed`] that answers no command;
 /// - a successful `poll_flush` means every command fed before it was handed to the peer (a
 ///   transport with acknowledgements, such as Redis, waits for them);
 /// - an error for which [`Error::is_unrecoverable`] holds, or the end of the stream, means the

@@ -588,10 +588,14 @@ where
                 }
             }
             Up::SubscribeFailed(topic, error) => {
-                tracing::warn!(%topic, %error, "the transport refused a subscription");
                 let Some(pending) = self.confirms.get_mut(&topic) else {
+                    // Answers no subscribe: a subscription in effect that the peer dropped for
+                    // good. Its subscribers are told (their streams end).
+                    tracing::error!(%topic, %error, "the transport dropped a subscription for good");
+                    self.shared.revoke(&topic, &error);
                     return;
                 };
+                tracing::warn!(%topic, %error, "the transport refused a subscription");
                 let generation = pending.pop_front();
                 if pending.is_empty() {
                     self.confirms.remove(&topic);

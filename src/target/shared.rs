@@ -367,6 +367,35 @@ impl<P> Shared<P> {
         }
     }
 
+    /// The transport dropped `topic`'s subscription for good, unprompted (it refused it when
+    /// it subscribed it again after a reconnect, say). The topic's subscriptions end, once they
+    /// have yielded what they hold; a subscribe still waiting fails; callbacks stay registered
+    /// but hear nothing. The next listener added subscribes the topic again.
+    pub(crate) fn revoke(&self, topic: &str, error: &Error) {
+        let queues: Vec<Arc<Queue<P>>> = {
+            let mut map = self.write();
+            let Some(entry) = map.get_mut(topic) else {
+                return;
+            };
+            entry.failed = true;
+            entry.confirmed = false;
+            for waiter in entry.waiters.drain(..) {
+                let _ = waiter.send(Err(error.clone()));
+            }
+            entry
+                .listeners
+                .iter()
+                .filter_map(|listener| match listener {
+                    Listener::Queue { queue } => Some(Arc::clone(queue)),
+                    Listener::Callback { .. } => None,
+                })
+                .collect()
+        };
+        for queue in queues {
+            queue.close();
+        }
+    }
+
     /// The topic's listeners and its key in the map, with the map's version read before the
     /// lookup (so a change during it makes the remembered result look stale, never fresh).
     #[allow(clippy::type_complexity)]

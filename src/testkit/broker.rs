@@ -49,6 +49,7 @@ struct BrokerState {
     connects: u64,
     published: Vec<(Topic, Bytes)>,
     max_message: Option<usize>,
+    refused: HashSet<Topic>,
 }
 
 struct Connection {
@@ -128,6 +129,32 @@ impl MemoryBroker {
     /// (as the WebSocket transport does). `None`: no limit (the default).
     pub fn set_max_message(&self, bytes: Option<usize>) {
         self.lock().max_message = bytes;
+    }
+
+    /// Refuses, from now on, every subscribe to `channel` for good, as a server's access
+    /// control would: the connection answers it with [`Up::SubscribeFailed`] (an error of kind
+    /// [`Rejected`](ErrorKind::Rejected)). Subscriptions already in effect stay.
+    pub fn refuse_channel(&self, channel: impl Into<Topic>) {
+        self.lock().refused.insert(channel.into());
+    }
+
+    /// Drops every subscription to `channel` for good: each live connection that had one is
+    /// told with an [`Up::SubscribeFailed`] that answers no command (what a transport reports
+    /// when its server refuses a channel it subscribed again on its own, as the Redis Cluster
+    /// transport does after a node comes back), and later subscribes are refused.
+    pub fn revoke_channel(&self, channel: impl Into<Topic>) {
+        let channel = channel.into();
+        let mut state = self.lock();
+        state.refused.insert(channel.clone());
+        for connection in state.connections.values_mut() {
+            if !connection.dead && connection.subscribed.remove(&channel) {
+                let error = Error::new(
+                    ErrorKind::Rejected,
+                    format!("the memory broker revoked channel {channel}"),
+                );
+                connection.push(Up::SubscribeFailed(channel.clone(), error));
+            }
+        }
     }
 
     /// Fails every live connection; what they had not flushed is lost.
@@ -256,9 +283,18 @@ impl Sink<Command<Bytes>> for BrokerConnection {
             }
             Command::Subscribe(topic) => {
                 let mut state = self.broker.lock();
+                let refused = state.refused.contains(&topic);
                 if let Some(connection) = state.connections.get_mut(&self.id) {
-                    connection.subscribed.insert(topic.clone());
-                    connection.push(Up::Subscribed(topic));
+                    if refused {
+                        let error = Error::new(
+                            ErrorKind::Rejected,
+                            format!("the memory broker refuses channel {topic}"),
+                        );
+                        connection.push(Up::SubscribeFailed(topic, error));
+                    } else {
+                        connection.subscribed.insert(topic.clone());
+                        connection.push(Up::Subscribed(topic));
+                    }
                 }
             }
             Command::Unsubscribe(topic) => {

@@ -517,13 +517,17 @@ where
     }
 
     /// The peer refused a subscribe for good: answer whoever waits for it, and stop replaying
-    /// the topic.
+    /// the topic. A topic that was in effect and answers no subscribe from above (refused
+    /// when it was subscribed again after a reconnect, or dropped by the transport itself) is
+    /// told unprompted, so that its subscribers do not wait for events that no longer come.
     fn answer_failed(&mut self, topic: Topic, error: Error) {
         tracing::warn!(%topic, %error, "a subscription was refused");
-        self.active.remove(&topic);
+        let was_active = self.active.remove(&topic);
         if let Some(covered) = self.replaying.remove(&topic) {
+            // A replay is only of an active topic: one notice at least.
+            let answers = covered.max(1);
             self.signals
-                .extend((0..covered).map(|_| Up::SubscribeFailed(topic.clone(), error.clone())));
+                .extend((0..answers).map(|_| Up::SubscribeFailed(topic.clone(), error.clone())));
             self.maybe_announce();
             return;
         }
@@ -532,6 +536,10 @@ where
             if *count == 0 {
                 self.pending_up.remove(&topic);
             }
+            self.signals.push_back(Up::SubscribeFailed(topic, error));
+            return;
+        }
+        if was_active {
             self.signals.push_back(Up::SubscribeFailed(topic, error));
         }
     }
