@@ -186,6 +186,43 @@ async fn a_master_killed_and_restarted_gets_its_subscriptions_back() {
     drop(cluster);
 }
 
+/// An access rule that takes a channel away from the subscriber's user: the node drops the
+/// connection, the transport subscribes its channels again, and the node refuses that one
+/// (`NOPERM`). Its subscription ends; the other comes back with a reconnect notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_an_acl_takes_away_ends_its_subscription_and_the_others_come_back() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(1))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    let mut gone = events.subscribe("acl:gone").await.unwrap();
+    let mut kept = events.subscribe("acl:kept").await.unwrap();
+    cluster.nodes[0].cli(&[
+        "ACL",
+        "SETUSER",
+        "default",
+        "resetchannels",
+        &format!("&{PREFIX}acl:kept"),
+    ]);
+    loop {
+        match tokio::time::timeout(WAIT, gone.next())
+            .await
+            .expect("the refused subscription ends in time")
+        {
+            None => break,
+            Some(Err(Gap::Reconnected)) => {}
+            other => panic!("expected the refused subscription to end, got {other:?}"),
+        }
+    }
+    assert_eq!(testkit::next_gap(&mut kept).await, Gap::Reconnected);
+    events
+        .dispatch_confirmed(numbered("acl", "kept", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut kept).await), 1);
+    drop(cluster);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_slots_match_the_server() {
     let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
