@@ -498,6 +498,43 @@ async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
     assert_eq!(events.stats().reconnects, 0);
 }
 
+/// An access rule that takes a channel away mid-stream: the server drops the connection, the
+/// reconnect layer subscribes every topic again, and the server refuses that one (`NOPERM`).
+/// Its subscription ends rather than wait for good; the other comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_an_acl_takes_away_mid_stream_ends_its_subscription_only() {
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let mut gone = events.subscribe("acl:gone").await.unwrap();
+    let mut kept = events.subscribe("acl:kept").await.unwrap();
+    assert_eq!(
+        server.cli(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetchannels",
+            "&alk:events:acl:kept"
+        ]),
+        "OK"
+    );
+    loop {
+        match tokio::time::timeout(WAIT, gone.next())
+            .await
+            .expect("the refused subscription ends in time")
+        {
+            None => break,
+            Some(Err(Gap::Reconnected)) => {}
+            other => panic!("expected the refused subscription to end, got {other:?}"),
+        }
+    }
+    assert_eq!(next_gap_or_event(&mut kept).await, Err(Gap::Reconnected));
+    events
+        .dispatch_confirmed(numbered("acl", "kept", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut kept).await, Ok(1));
+}
+
 /// Small payloads are copied into a chunk they share, large ones keep redis-rs's buffer: a run
 /// of both, in sizes around the limit and past the chunk, arrives intact and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
