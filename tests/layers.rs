@@ -328,6 +328,67 @@ async fn after_a_loss_a_subscribe_is_answered_before_the_unsubscribe_that_follow
     assert_eq!(answers, ["subscribed order:1", "unsubscribed order:1"]);
 }
 
+/// A topic left and subscribed again while its replay after a reconnect is unanswered, then
+/// refused: the new subscribe gets one answer (its own refusal), not a second one made up for
+/// the replay, which would be taken for the answer of the next subscribe.
+#[tokio::test]
+async fn a_refused_replay_of_a_topic_subscribed_again_meanwhile_answers_once() {
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let connecting = broker.clone();
+    let mut transport = ReconnectLayer::new(fast_backoff()).layer(move || {
+        let broker = connecting.clone();
+        async move { broker.connect() }
+    });
+    transport
+        .send(Command::Subscribe(Topic::from("again:1")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_up(&mut transport).await,
+        Ok(Up::Subscribed(_))
+    ));
+    broker.refuse_channel("again:1");
+    broker.kill_connections();
+    // The sink notices the loss, reconnects and sends the replay; nothing is read yet.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        transport.flush().await.unwrap();
+        if transport.state() == ConnectionState::Connected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reconnected in time"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Sent now, while the replay's answer waits unread.
+    transport
+        .feed(Command::Unsubscribe(Topic::from("again:1")))
+        .await
+        .unwrap();
+    transport
+        .feed(Command::Subscribe(Topic::from("again:1")))
+        .await
+        .unwrap();
+    transport
+        .send(Command::Subscribe(Topic::from("after:1")))
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    loop {
+        match next_up(&mut transport).await {
+            Ok(Up::Subscribed(topic)) if topic == "after:1" => break,
+            Ok(Up::Reconnected) => {}
+            Ok(Up::Unsubscribed(topic)) => answers.push(format!("unsubscribed {topic}")),
+            Ok(Up::SubscribeFailed(topic, _)) => answers.push(format!("refused {topic}")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(answers, ["unsubscribed again:1", "refused again:1"]);
+}
+
 /// A publish buffered through an outage and refused for good when the layer replays it
 /// (too large for the new connection) is reported to the caller waiting for it, not
 /// confirmed.

@@ -592,7 +592,7 @@ where
                     // Answers no subscribe: a subscription in effect that the peer dropped for
                     // good. Its subscribers are told (their streams end).
                     tracing::error!(%topic, %error, "the transport dropped a subscription for good");
-                    self.shared.revoke(&topic, &error);
+                    self.shared.revoke(&topic);
                     return;
                 };
                 tracing::warn!(%topic, %error, "the transport refused a subscription");

@@ -256,7 +256,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// listeners still get the event.
     ///
     /// The first listener of a topic subscribes on the transport. The subscription may not be
-    /// in effect yet when this returns; [`subscribe`](Self::subscribe) waits for it.
+    /// in effect yet when this returns; [`subscribe`](Self::subscribe) waits for it. If the
+    /// transport drops the topic for good later (its server refuses it when it is subscribed
+    /// again after a reconnect), the error is logged, the topic's [`Subscription`]s end, and a
+    /// callback stays registered but hears nothing until a listener is added to the topic
+    /// again, which subscribes it again.
     pub fn add_event_listener<F>(&self, topic: impl Into<Topic>, callback: F) -> Result<ListenerId>
     where
         F: Fn(&Arc<Envelope<P>>) + Send + Sync + 'static,

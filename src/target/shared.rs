@@ -369,19 +369,18 @@ impl<P> Shared<P> {
 
     /// The transport dropped `topic`'s subscription for good, unprompted (it refused it when
     /// it subscribed it again after a reconnect, say). The topic's subscriptions end, once they
-    /// have yielded what they hold; a subscribe still waiting fails; callbacks stay registered
-    /// but hear nothing. The next listener added subscribes the topic again.
-    pub(crate) fn revoke(&self, topic: &str, error: &Error) {
+    /// have yielded what they hold; callbacks stay registered but hear nothing. The next
+    /// listener added subscribes the topic again.
+    pub(crate) fn revoke(&self, topic: &str) {
         let queues: Vec<Arc<Queue<P>>> = {
             let mut map = self.write();
-            let Some(entry) = map.get_mut(topic) else {
+            // Only a subscription in effect: a notice about one the listeners left since is
+            // not about the topic's new subscribe, which gets its own answer.
+            let Some(entry) = map.get_mut(topic).filter(|entry| entry.confirmed) else {
                 return;
             };
             entry.failed = true;
             entry.confirmed = false;
-            for waiter in entry.waiters.drain(..) {
-                let _ = waiter.send(Err(error.clone()));
-            }
             entry
                 .listeners
                 .iter()

@@ -522,10 +522,17 @@ where
     /// told unprompted, so that its subscribers do not wait for events that no longer come.
     fn answer_failed(&mut self, topic: Topic, error: Error) {
         tracing::warn!(%topic, %error, "a subscription was refused");
-        let was_active = self.active.remove(&topic);
+        // A subscribe from above sent since the connection came up waits for its own answer,
+        // and keeps the topic active until then.
+        let fresh = self.pending_up.contains_key(&topic);
         if let Some(covered) = self.replaying.remove(&topic) {
-            // A replay is only of an active topic: one notice at least.
-            let answers = covered.max(1);
+            if !fresh {
+                self.active.remove(&topic);
+            }
+            // The answers of the subscribes from above that the replay covers. Covering none,
+            // it was of a topic in effect: told unprompted, unless the topic was left and
+            // subscribed again since (that subscribe is answered on its own).
+            let answers = if covered == 0 && !fresh { 1 } else { covered };
             self.signals
                 .extend((0..answers).map(|_| Up::SubscribeFailed(topic.clone(), error.clone())));
             self.maybe_announce();
@@ -535,11 +542,12 @@ where
             *count -= 1;
             if *count == 0 {
                 self.pending_up.remove(&topic);
+                self.active.remove(&topic);
             }
             self.signals.push_back(Up::SubscribeFailed(topic, error));
             return;
         }
-        if was_active {
+        if self.active.remove(&topic) {
             self.signals.push_back(Up::SubscribeFailed(topic, error));
         }
     }
