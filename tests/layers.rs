@@ -7,8 +7,10 @@ use std::time::Duration;
 use alkdev_pubsub::layers::codec::{Codec, CodecLayer, Json, WithCodec};
 use alkdev_pubsub::layers::parse_error::ParseErrorLayer;
 use alkdev_pubsub::layers::prefix::{Prefix, PrefixLayer};
-use alkdev_pubsub::layers::reconnect::{Backoff, ConnectionState, ReconnectLayer};
-use alkdev_pubsub::testkit::{self, number_of, numbered, MemoryBroker};
+use alkdev_pubsub::layers::reconnect::{
+    Backoff, ConnectionState, MakeTransport, Reconnect, ReconnectLayer,
+};
+use alkdev_pubsub::testkit::{self, number_of, numbered, BrokerConnection, MemoryBroker};
 use alkdev_pubsub::{Command, Envelope, ErrorKind, EventTarget, Gap, SubscribeOptions, Topic, Up};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -296,17 +298,24 @@ fn fast_backoff() -> Backoff {
         .jitter(0.0)
 }
 
+/// The reconnect layer alone, over `broker`'s connections.
+fn reconnecting(
+    broker: &MemoryBroker,
+) -> Reconnect<impl MakeTransport<Transport = BrokerConnection>, Bytes> {
+    use tower::Layer;
+    let broker = broker.clone();
+    ReconnectLayer::new(fast_backoff()).layer(move || {
+        let broker = broker.clone();
+        async move { broker.connect() }
+    })
+}
+
 /// The transport contract answers commands in their order, also when the connection is lost
 /// with both unanswered: a subscribe, then an unsubscribe of the same topic.
 #[tokio::test]
 async fn after_a_loss_a_subscribe_is_answered_before_the_unsubscribe_that_followed_it() {
-    use tower::Layer;
     let broker = MemoryBroker::new();
-    let connecting = broker.clone();
-    let mut transport = ReconnectLayer::new(fast_backoff()).layer(move || {
-        let broker = connecting.clone();
-        async move { broker.connect() }
-    });
+    let mut transport = reconnecting(&broker);
     transport
         .feed(Command::Subscribe(Topic::from("order:1")))
         .await
@@ -333,13 +342,8 @@ async fn after_a_loss_a_subscribe_is_answered_before_the_unsubscribe_that_follow
 /// the replay, which would be taken for the answer of the next subscribe.
 #[tokio::test]
 async fn a_refused_replay_of_a_topic_subscribed_again_meanwhile_answers_once() {
-    use tower::Layer;
     let broker = MemoryBroker::new();
-    let connecting = broker.clone();
-    let mut transport = ReconnectLayer::new(fast_backoff()).layer(move || {
-        let broker = connecting.clone();
-        async move { broker.connect() }
-    });
+    let mut transport = reconnecting(&broker);
     transport
         .send(Command::Subscribe(Topic::from("again:1")))
         .await
@@ -461,16 +465,7 @@ async fn a_topic_refused_when_subscribed_again_after_a_reconnect_ends_its_subscr
 
     broker.refuse_channel("alk:events:acl:denied");
     broker.kill_connections();
-    loop {
-        match tokio::time::timeout(WAIT, denied.next())
-            .await
-            .expect("the refused subscription ends in time")
-        {
-            None => break,
-            Some(Err(Gap::Reconnected)) => {}
-            other => panic!("expected the refused subscription to end, got {other:?}"),
-        }
-    }
+    testkit::next_end(&mut denied).await;
     assert_eq!(testkit::next_gap(&mut kept).await, Gap::Reconnected);
     events
         .dispatch_confirmed(numbered("acl", "kept", 2))

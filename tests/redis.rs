@@ -517,16 +517,7 @@ async fn a_channel_an_acl_takes_away_mid_stream_ends_its_subscription_only() {
         ]),
         "OK"
     );
-    loop {
-        match tokio::time::timeout(WAIT, gone.next())
-            .await
-            .expect("the refused subscription ends in time")
-        {
-            None => break,
-            Some(Err(Gap::Reconnected)) => {}
-            other => panic!("expected the refused subscription to end, got {other:?}"),
-        }
-    }
+    testkit::next_end(&mut gone).await;
     assert_eq!(next_gap_or_event(&mut kept).await, Err(Gap::Reconnected));
     events
         .dispatch_confirmed(numbered("acl", "kept", 1))

@@ -204,16 +204,7 @@ async fn a_channel_an_acl_takes_away_ends_its_subscription_and_the_others_come_b
         "resetchannels",
         &format!("&{PREFIX}acl:kept"),
     ]);
-    loop {
-        match tokio::time::timeout(WAIT, gone.next())
-            .await
-            .expect("the refused subscription ends in time")
-        {
-            None => break,
-            Some(Err(Gap::Reconnected)) => {}
-            other => panic!("expected the refused subscription to end, got {other:?}"),
-        }
-    }
+    testkit::next_end(&mut gone).await;
     assert_eq!(testkit::next_gap(&mut kept).await, Gap::Reconnected);
     events
         .dispatch_confirmed(numbered("acl", "kept", 1))

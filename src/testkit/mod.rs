@@ -112,6 +112,22 @@ pub async fn next_gap(subscription: &mut Subscription) -> Gap {
     }
 }
 
+/// Waits for `subscription` to end, past reconnect notices, failing the check on an event,
+/// another gap, or after [`WAIT`].
+pub async fn next_end(subscription: &mut Subscription) {
+    loop {
+        match tokio::time::timeout(WAIT, subscription.next()).await {
+            Ok(None) => return,
+            Ok(Some(Err(Gap::Reconnected))) => {}
+            Ok(Some(other)) => panic!(
+                "{:?}: expected the end, got {other:?}",
+                subscription.topic()
+            ),
+            Err(_) => panic!("{:?}: not ended within {WAIT:?}", subscription.topic()),
+        }
+    }
+}
+
 /// Asserts that nothing arrives on `subscription` within `quiet`.
 pub async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
     if let Ok(item) = tokio::time::timeout(quiet, subscription.next()).await {
