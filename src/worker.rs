@@ -42,20 +42,14 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 
-use futures::channel::mpsc;
-use futures::task::AtomicWaker;
 use futures::{Sink, Stream};
 
 use crate::layers::{Command, Envelope, Error, ErrorKind, Result, Up};
 use crate::EventTarget;
-
-/// Envelopes travel in batches of up to this many: one channel operation per batch.
-const MAX_BATCH: usize = 64;
 
 /// The default capacity of a pair made by [`spawn`], in envelopes.
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -66,95 +60,109 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 /// everything it publishes, and this side's event target keeps what has listeners) and is
 /// confirmed at once. When the other side is dropped, this side's stream ends.
 ///
-/// Envelopes travel in batches. A flush hands a partial batch over at once when the other side
-/// has taken everything sent before it (so a lone envelope is not delayed); otherwise it
-/// completes when the other side takes the batch ahead of it, and what was published
-/// meanwhile goes in the same batch. Closing hands everything over at once.
+/// An envelope is the other side's to read as soon as it is sent: a flush has nothing to do.
+/// The reader takes everything sent since it last looked in one go, so a burst travels in
+/// batches as large as the reader lets it grow, and a lone envelope is not delayed. Event
+/// targets over this transport should flush after each publish
+/// ([`Builder::flush_each_publish`](crate::Builder::flush_each_publish)), which [`spawn`] does.
 pub struct WorkerTransport<P = serde_json::Value> {
-    tx: mpsc::Sender<Vec<Envelope<P>>>,
-    rx: mpsc::Receiver<Vec<Envelope<P>>>,
-    outgoing: Vec<Envelope<P>>,
+    /// The direction this side writes, and the one it reads.
+    out: Arc<Pipe<P>>,
+    input: Arc<Pipe<P>>,
+    /// What the writer knows there is room for without looking (the reader only makes more).
+    room: usize,
+    /// Taken from `input`, not yet yielded.
     incoming: VecDeque<Envelope<P>>,
     signals: VecDeque<Up<Envelope<P>>>,
     reader: Option<Waker>,
-    /// Emptied batches, shared by the two sides: a reader hands back what it drained, so a
-    /// writer rarely allocates one (and the allocation is not freed on the other thread).
-    spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
-    /// The direction this side writes, and the one it reads.
-    out_link: Arc<Link>,
-    in_link: Arc<Link>,
+    closed: bool,
 }
 
-/// What the two ends of one direction share beyond the channel: how many batches the reader
-/// has not taken yet, and the writer's flush waiting for it to take one (the flush rule is in
-/// [`WorkerTransport`]'s docs).
-#[derive(Default)]
-struct Link {
-    in_flight: AtomicUsize,
-    flusher: AtomicWaker,
+/// One direction of a pair: what the writer sent and the reader has not taken yet.
+struct Pipe<P> {
+    state: Mutex<PipeState<P>>,
+    capacity: usize,
 }
 
-/// How many emptied batches wait for reuse, at most.
-const SPARE_BATCHES: usize = 4;
+struct PipeState<P> {
+    items: Vec<Envelope<P>>,
+    /// The reader found nothing and waits.
+    reader: Option<Waker>,
+    /// The writer found no room and waits.
+    writer: Option<Waker>,
+    /// The writer closed its side, or was dropped: once `items` is taken, the stream ends.
+    writer_gone: bool,
+    /// The reader was dropped: sending fails.
+    reader_gone: bool,
+}
+
+impl<P> Pipe<P> {
+    fn new(capacity: usize) -> Self {
+        Pipe {
+            state: Mutex::new(PipeState {
+                items: Vec::new(),
+                reader: None,
+                writer: None,
+                writer_gone: false,
+                reader_gone: false,
+            }),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PipeState<P>> {
+        // Nothing under this lock runs code that can panic between related updates (an
+        // envelope's `Drop` runs outside it): a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the writer gone and wakes a waiting reader.
+    fn close_writer(&self) {
+        let reader = {
+            let mut state = self.lock();
+            state.writer_gone = true;
+            state.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+}
 
 impl<P> Unpin for WorkerTransport<P> {}
 
 impl<P> fmt::Debug for WorkerTransport<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerTransport")
-            .field("unsent", &self.outgoing.len())
             .field("unread", &self.incoming.len())
+            .field("closed", &self.closed)
             .finish()
     }
 }
 
 /// A connected pair: what one side publishes comes up the other side's stream.
 ///
-/// Each direction holds about `capacity` envelopes in flight (in batches of up to 64); a
-/// publisher waits for room beyond that.
+/// Each direction holds up to `capacity` envelopes the reader has not taken (and the reader
+/// holds what it took and has not yielded yet); a publisher waits for room beyond that.
 pub fn channel<P>(capacity: usize) -> (WorkerTransport<P>, WorkerTransport<P>) {
-    // A futures channel holds `buffer + 1` items per sender.
-    let batches = (capacity / MAX_BATCH).max(1);
-    let (a_tx, b_rx) = mpsc::channel(batches - 1);
-    let (b_tx, a_rx) = mpsc::channel(batches - 1);
-    let spare = Arc::default();
-    let (a_to_b, b_to_a) = (Arc::new(Link::default()), Arc::new(Link::default()));
+    let (a_to_b, b_to_a) = (Arc::new(Pipe::new(capacity)), Arc::new(Pipe::new(capacity)));
     (
-        WorkerTransport::new(
-            a_tx,
-            a_rx,
-            Arc::clone(&spare),
-            Arc::clone(&a_to_b),
-            Arc::clone(&b_to_a),
-        ),
-        WorkerTransport::new(b_tx, b_rx, spare, b_to_a, a_to_b),
+        WorkerTransport::new(Arc::clone(&a_to_b), Arc::clone(&b_to_a)),
+        WorkerTransport::new(b_to_a, a_to_b),
     )
 }
 
 impl<P> WorkerTransport<P> {
-    fn new(
-        tx: mpsc::Sender<Vec<Envelope<P>>>,
-        rx: mpsc::Receiver<Vec<Envelope<P>>>,
-        spare: Arc<Mutex<Vec<Vec<Envelope<P>>>>>,
-        out_link: Arc<Link>,
-        in_link: Arc<Link>,
-    ) -> Self {
+    fn new(out: Arc<Pipe<P>>, input: Arc<Pipe<P>>) -> Self {
         WorkerTransport {
-            tx,
-            rx,
-            outgoing: Vec::new(),
+            room: out.capacity,
+            out,
+            input,
             incoming: VecDeque::new(),
             signals: VecDeque::new(),
             reader: None,
-            spare,
-            out_link,
-            in_link,
+            closed: false,
         }
-    }
-
-    fn spare(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Envelope<P>>>> {
-        // Only empty vectors are ever stored: a poisoned lock holds nothing inconsistent.
-        self.spare.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn peer_gone() -> Error {
@@ -164,53 +172,11 @@ impl<P> WorkerTransport<P> {
         )
     }
 
-    /// Hands the current batch to the channel, if there is room.
-    fn poll_send_batch(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        if self.outgoing.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        match self.tx.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(Self::peer_gone())),
-            Poll::Pending => return Poll::Pending,
-        }
-        let next = self
-            .spare()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(MAX_BATCH));
-        let batch = std::mem::replace(&mut self.outgoing, next);
-        // Counted before the reader can see it, so the count never goes below zero.
-        self.out_link.in_flight.fetch_add(1, SeqCst);
-        self.tx
-            .start_send(batch)
-            .map_err(|_| Self::peer_gone())
-            .into()
-    }
-
-    /// Whether a partial batch may wait: the reader has not taken the batch ahead of it yet
-    /// (and will wake this task when it does). Never when the reader is gone, nor when nothing
-    /// waits to be sent.
-    fn may_wait(&self, cx: &mut Context<'_>) -> bool {
-        let link = &self.out_link;
-        if self.outgoing.is_empty()
-            || self.outgoing.len() >= MAX_BATCH
-            || link.in_flight.load(SeqCst) == 0
-        {
-            return false;
-        }
-        link.flusher.register(cx.waker());
-        // Looked at again after registering: a batch taken in between has woken no one.
-        link.in_flight.load(SeqCst) > 0 && !self.tx.is_closed()
-    }
-
-    /// Sends what is unsent and flushes the channel.
-    fn poll_send_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        if self.poll_send_batch(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        Pin::new(&mut self.tx)
-            .poll_flush(cx)
-            .map_err(|_| Self::peer_gone())
+    fn closed_error() -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            "this side of the worker channel is closed",
+        )
     }
 
     fn signal(&mut self, up: Up<Envelope<P>>) {
@@ -223,9 +189,18 @@ impl<P> WorkerTransport<P> {
 
 impl<P> Drop for WorkerTransport<P> {
     fn drop(&mut self) {
-        // A writer waiting for this side to take a batch must learn that it never will.
-        self.rx.close();
-        self.in_link.flusher.wake();
+        // The other side's stream ends once it has read what was sent...
+        self.out.close_writer();
+        // ... and a writer waiting for room here learns that there will be none.
+        let (writer, unread) = {
+            let mut state = self.input.lock();
+            state.reader_gone = true;
+            (state.writer.take(), std::mem::take(&mut state.items))
+        };
+        drop(unread);
+        if let Some(writer) = writer {
+            writer.wake();
+        }
     }
 }
 
@@ -234,38 +209,58 @@ impl<P> Sink<Command<Envelope<P>>> for WorkerTransport<P> {
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if this.outgoing.len() < MAX_BATCH {
+        if this.room > 0 {
             return Poll::Ready(Ok(()));
         }
-        this.poll_send_batch(cx)
+        let mut state = this.out.lock();
+        if state.reader_gone {
+            return Poll::Ready(Err(Self::peer_gone()));
+        }
+        this.room = this.out.capacity.saturating_sub(state.items.len());
+        if this.room > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        crate::waker::remember(&mut state.writer, cx);
+        Poll::Pending
     }
 
     fn start_send(self: Pin<&mut Self>, command: Command<Envelope<P>>) -> Result<()> {
         let this = self.get_mut();
         match command {
-            Command::Publish { message, .. } => this.outgoing.push(message),
+            Command::Publish { message, .. } => {
+                if this.closed {
+                    return Err(Self::closed_error());
+                }
+                let mut state = this.out.lock();
+                if state.reader_gone {
+                    drop(state);
+                    return Err(Self::peer_gone());
+                }
+                state.items.push(message);
+                this.room = this.out.capacity.saturating_sub(state.items.len());
+                let reader = state.reader.take();
+                drop(state);
+                if let Some(reader) = reader {
+                    reader.wake();
+                }
+            }
             Command::Subscribe(topic) => this.signal(Up::Subscribed(topic)),
             Command::Unsubscribe(topic) => this.signal(Up::Unsubscribed(topic)),
         }
         Ok(())
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let this = self.get_mut();
-        if this.may_wait(cx) {
-            return Poll::Pending;
-        }
-        this.poll_send_now(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<()>> {
+        // Sent is readable: nothing to flush. A reader that is gone was reported by the send.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        // Everything goes now: a reader that never reads again must not hold up the close.
-        match self.poll_send_now(cx) {
-            Poll::Pending => return Poll::Pending,
-            // The peer is gone: nothing left to close.
-            Poll::Ready(_) => {}
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        if !this.closed {
+            this.closed = true;
+            this.out.close_writer();
         }
-        self.tx.close_channel();
         Poll::Ready(Ok(()))
     }
 }
@@ -278,32 +273,37 @@ impl<P> Stream for WorkerTransport<P> {
         if let Some(signal) = this.signals.pop_front() {
             return Poll::Ready(Some(Ok(signal)));
         }
-        loop {
-            if let Some(message) = this.incoming.pop_front() {
-                return Poll::Ready(Some(Ok(Up::Message {
-                    channel: None,
-                    message,
-                })));
-            }
-            match Pin::new(&mut this.rx).poll_next(cx) {
-                Poll::Ready(Some(batch)) => {
-                    this.in_link.in_flight.fetch_sub(1, SeqCst);
-                    this.in_link.flusher.wake();
-                    // The drained one goes back for the writer (no data moves: it is empty).
-                    let drained = std::mem::replace(&mut this.incoming, VecDeque::from(batch));
-                    let mut spare = this.spare();
-                    if spare.len() < SPARE_BATCHES && drained.capacity() > 0 {
-                        spare.push(Vec::from(drained));
-                    }
+        if this.incoming.is_empty() {
+            // Take everything sent so far, and leave the emptied buffer for the writer (no
+            // data moves, and neither side allocates once both buffers have grown).
+            let drained = Vec::from(std::mem::take(&mut this.incoming));
+            let mut state = this.input.lock();
+            if state.items.is_empty() {
+                let ended = state.writer_gone;
+                if !ended {
+                    crate::waker::remember(&mut state.reader, cx);
                 }
-                // The other side is gone: the stream ends cleanly.
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {
-                    this.reader = Some(cx.waker().clone());
-                    return Poll::Pending;
+                drop(state);
+                this.incoming = VecDeque::from(drained);
+                if ended {
+                    return Poll::Ready(None);
                 }
+                this.reader = Some(cx.waker().clone());
+                return Poll::Pending;
             }
+            let batch = std::mem::replace(&mut state.items, drained);
+            let writer = state.writer.take();
+            drop(state);
+            if let Some(writer) = writer {
+                writer.wake();
+            }
+            this.incoming = VecDeque::from(batch);
         }
+        let message = this.incoming.pop_front().expect("not empty");
+        Poll::Ready(Some(Ok(Up::Message {
+            channel: None,
+            message,
+        })))
     }
 }
 
@@ -331,12 +331,19 @@ where
         .name("alkdev-pubsub-worker".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let events = EventTarget::new(worker_side);
+                let events = EventTarget::builder()
+                    .flush_each_publish(true)
+                    .build(worker_side);
                 let output = work(events.clone()).await;
                 events.close().await;
                 output
             })
         })
         .map_err(|e| Error::with_source(ErrorKind::Other, "spawning a worker thread", e))?;
-    Ok((EventTarget::new(main_side), join))
+    Ok((
+        EventTarget::builder()
+            .flush_each_publish(true)
+            .build(main_side),
+        join,
+    ))
 }

@@ -897,6 +897,8 @@ struct Probe<T> {
     feeders: Arc<Mutex<std::collections::HashSet<tokio::task::Id>>>,
     /// Publishes fed from outside any runtime (a transport may need one).
     outside_runtime: Arc<AtomicU64>,
+    /// The task of each flush (none outside a task).
+    flushers: Arc<Mutex<Vec<Option<tokio::task::Id>>>>,
     dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -909,6 +911,7 @@ impl<T> Probe<T> {
             polls: 0,
             feeders: Arc::default(),
             outside_runtime: Arc::default(),
+            flushers: Arc::default(),
             dropped: Arc::default(),
         }
     }
@@ -959,6 +962,7 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.flushers.lock().unwrap().push(tokio::task::try_id());
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -1041,6 +1045,50 @@ async fn publishes_keep_each_publishers_order_whether_fed_directly_or_queued() {
     // Both ways were taken: the driver fed some, publishers fed others themselves.
     let feeders = feeders.lock().unwrap().len();
     assert!(feeders >= 2, "only {feeders} task(s) fed the transport");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_flush_each_publish_a_publisher_flushes_each_publish_it_feeds() {
+    const BURST: usize = 50;
+    for each in [false, true] {
+        let probe = Probe::new(LocalTransport::new());
+        let flushers = Arc::clone(&probe.flushers);
+        let events: EventTarget = EventTarget::builder().flush_each_publish(each).build(probe);
+        let mut subscription = events.subscribe("burst:1").await.unwrap();
+        // One thread: the driver cannot run before the publishing task is done.
+        let publisher = {
+            let events = events.clone();
+            tokio::spawn(async move {
+                for n in 0..BURST as u64 {
+                    events
+                        .dispatch_event(numbered("burst", "1", n))
+                        .await
+                        .unwrap();
+                }
+                tokio::task::id()
+            })
+        };
+        let publisher = publisher.await.unwrap();
+        for n in 0..BURST as u64 {
+            let event = subscription.next().await.unwrap().unwrap();
+            assert_eq!(number_of(&event), n);
+        }
+        let by_publisher = flushers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|task| **task == Some(publisher))
+            .count();
+        if each {
+            assert_eq!(by_publisher, BURST, "the publisher flushed each publish");
+        } else {
+            // A burst is the driver's to flush (a publish after a pause is flushed at once).
+            assert!(
+                by_publisher < BURST / 2,
+                "the publisher flushed {by_publisher} times"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

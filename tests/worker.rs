@@ -132,58 +132,98 @@ fn read(side: &mut Side) -> Vec<u64> {
     numbers
 }
 
+/// Whether `side`'s writer may send now (with `cx` registered if not).
+fn ready(side: &mut Side, cx: &mut Context<'_>) -> Poll<alkdev_pubsub::Result<()>> {
+    Pin::new(side).poll_ready(cx)
+}
+
 #[test]
-fn a_flush_waits_for_the_reader_to_take_the_batch_ahead_so_a_burst_travels_in_full_batches() {
+fn what_is_sent_is_readable_at_once_and_a_flush_has_nothing_to_wait_for() {
     let (mut a, mut b) = worker::channel(4096);
     let count = Count::new();
     let waker = futures::task::waker(std::sync::Arc::clone(&count));
     let mut cx = Context::from_waker(&waker);
-    // Nothing ahead of it: a lone envelope goes at once.
+    // A reader that found nothing waits, and the next send wakes it.
+    assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
     send(&mut a, &mut cx, 1);
-    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
-    // With nothing unsent, a flush has nothing to wait for.
-    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
-    // The reader has not taken it yet: the next flush waits, and the batch grows meanwhile.
+    assert_eq!(count.get(), 1, "the waiting reader was woken by the send");
+    assert_eq!(read(&mut b), [1], "readable before any flush");
+    // A burst the reader has not looked at yet is taken in one go, in order.
     send(&mut a, &mut cx, 2);
-    assert!(flush(&mut a, &mut cx).is_pending());
     send(&mut a, &mut cx, 3);
-    assert!(flush(&mut a, &mut cx).is_pending());
-    assert_eq!(count.get(), 0);
-    // The reader takes the first batch: the writer is woken, and 2 and 3 go as one batch.
-    assert_eq!(read(&mut b), [1]);
-    assert!(count.get() >= 1, "the waiting flush was not woken");
     assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
     assert_eq!(read(&mut b), [2, 3]);
+    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
 }
 
 #[test]
-fn a_waiting_flush_learns_that_the_reader_is_gone() {
-    let (mut a, b) = worker::channel(4096);
+fn a_full_direction_makes_the_writer_wait_until_the_reader_takes_what_is_there() {
+    let (mut a, mut b) = worker::channel(2);
     let count = Count::new();
     let waker = futures::task::waker(std::sync::Arc::clone(&count));
     let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
-    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
     send(&mut a, &mut cx, 2);
-    assert!(flush(&mut a, &mut cx).is_pending());
+    assert!(ready(&mut a, &mut cx).is_pending(), "two is the capacity");
+    assert_eq!(count.get(), 0);
+    assert_eq!(read(&mut b), [1, 2]);
+    assert_eq!(count.get(), 1, "the waiting writer was woken");
+    assert!(matches!(ready(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    send(&mut a, &mut cx, 3);
+    assert_eq!(read(&mut b), [3]);
+}
+
+#[test]
+fn a_waiting_writer_learns_that_the_reader_is_gone() {
+    let (mut a, b) = worker::channel(1);
+    let count = Count::new();
+    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let mut cx = Context::from_waker(&waker);
+    send(&mut a, &mut cx, 1);
+    assert!(ready(&mut a, &mut cx).is_pending());
     drop(b);
-    assert!(count.get() >= 1, "the waiting flush was not woken");
-    match flush(&mut a, &mut cx) {
+    assert_eq!(count.get(), 1, "the waiting writer was woken");
+    match ready(&mut a, &mut cx) {
         Poll::Ready(Err(error)) => assert!(error.to_string().contains("dropped"), "{error}"),
         other => panic!("expected the peer's loss, got {other:?}"),
     }
+    let error = Pin::new(&mut a)
+        .start_send(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: numbered("t", "1", 2),
+        })
+        .unwrap_err();
+    assert!(error.to_string().contains("dropped"), "{error}");
 }
 
 #[test]
-fn close_sends_at_once_even_with_a_batch_ahead() {
+fn close_ends_the_other_sides_stream_after_what_was_sent() {
     let (mut a, mut b) = worker::channel(4096);
-    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    let count = Count::new();
+    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
-    assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
     send(&mut a, &mut cx, 2);
     assert!(matches!(
         Pin::new(&mut a).poll_close(&mut cx),
         Poll::Ready(Ok(()))
     ));
     assert_eq!(read(&mut b), [1, 2]);
+    assert!(matches!(
+        Pin::new(&mut b).poll_next(&mut cx),
+        Poll::Ready(None)
+    ));
+    // A reader waiting when the writer closes is woken to find the end.
+    let (mut c, mut d) = worker::channel::<serde_json::Value>(4096);
+    assert!(Pin::new(&mut d).poll_next(&mut cx).is_pending());
+    let before = count.get();
+    assert!(matches!(
+        Pin::new(&mut c).poll_close(&mut cx),
+        Poll::Ready(Ok(()))
+    ));
+    assert_eq!(count.get(), before + 1);
+    assert!(matches!(
+        Pin::new(&mut d).poll_next(&mut cx),
+        Poll::Ready(None)
+    ));
 }

@@ -151,6 +151,8 @@ pub(crate) struct Core<T, P> {
     flush_wanted: bool,
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
+    /// A direct publish always flushes (see `Builder::flush_each_publish`).
+    flush_each_publish: bool,
     /// A subscription that found the transport drained and its queue empty: woken to read
     /// the transport itself when the driver is next woken (see [`Lease`]).
     puller: Option<Puller<P>>,
@@ -176,6 +178,7 @@ where
         control: mpsc::UnboundedReceiver<Control>,
         publishes: mpsc::Receiver<Outgoing<P>>,
         close_timeout: Duration,
+        flush_each_publish: bool,
     ) -> Self {
         Core {
             transport: Box::pin(transport),
@@ -197,6 +200,7 @@ where
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
+            flush_each_publish,
             puller: None,
             hand_to: None,
             lease: Lease::default(),
@@ -928,10 +932,13 @@ where
             // The first publish since the driver last flushed. A lone one is flushed here and
             // now: waiting for the driver task would add a hand-off to its latency. In a burst,
             // the driver flushes once for many (and the clock is read once per flush, not per
-            // publish).
-            let now = Instant::now();
-            let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
-            self.last_direct = now;
+            // publish), unless flushing costs nothing (`Builder::flush_each_publish`).
+            let lone = self.flush_each_publish || {
+                let now = Instant::now();
+                let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
+                self.last_direct = now;
+                lone
+            };
             if lone {
                 self.poll_flush(&mut cx);
             }
@@ -1010,6 +1017,7 @@ where
         control: mpsc::UnboundedReceiver<Control>,
         publishes: mpsc::Receiver<Outgoing<P>>,
         close_timeout: Duration,
+        flush_each_publish: bool,
     ) -> (Self, Weak<dyn Direct<P>>) {
         let core = Arc::new(Mutex::new(Core::new(
             transport,
@@ -1017,6 +1025,7 @@ where
             control,
             publishes,
             close_timeout,
+            flush_each_publish,
         )));
         let direct: Weak<Mutex<Core<T, P>>> = Arc::downgrade(&core);
         (Driver { core }, direct)

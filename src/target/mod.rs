@@ -642,6 +642,7 @@ pub struct Builder {
     publish_capacity: usize,
     options: SubscribeOptions,
     close_timeout: Duration,
+    flush_each_publish: bool,
 }
 
 impl Default for Builder {
@@ -650,6 +651,7 @@ impl Default for Builder {
             publish_capacity: DEFAULT_PUBLISH_CAPACITY,
             options: SubscribeOptions::default(),
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            flush_each_publish: false,
         }
     }
 }
@@ -676,6 +678,20 @@ impl Builder {
     /// How long a close waits for the transport ([`DEFAULT_CLOSE_TIMEOUT`]).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// Whether a publishing task that feeds the transport itself also flushes it after each
+    /// publish (default: `false`).
+    ///
+    /// By default a publish that follows the previous one closely is left for the driver
+    /// task to flush, once for the whole burst: over a socket, a flush is a system call. For a
+    /// transport whose flush costs nothing, such as [`WorkerTransport`](crate::worker::WorkerTransport)
+    /// (what is sent is readable at once), that only wakes the driver task for nothing: set
+    /// this, and a publisher flushes as it goes ([`worker::spawn`](crate::worker::spawn)
+    /// does). A flush that cannot complete at once is still left to the driver.
+    pub fn flush_each_publish(mut self, yes: bool) -> Self {
+        self.flush_each_publish = yes;
         self
     }
 
@@ -712,6 +728,7 @@ impl Builder {
             control_rx,
             publish_rx,
             self.close_timeout,
+            self.flush_each_publish,
         );
         tokio::spawn(driver);
         EventTarget {
