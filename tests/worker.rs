@@ -154,6 +154,51 @@ fn what_is_sent_is_readable_at_once_and_a_flush_has_nothing_to_wait_for() {
     assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
     assert_eq!(read(&mut b), [2, 3]);
     assert!(matches!(flush(&mut a, &mut cx), Poll::Ready(Ok(()))));
+    // After a burst the reader looks for more a little longer, then waits as before.
+    assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
+    send(&mut a, &mut cx, 4);
+    assert_eq!(count.get(), 2, "the waiting reader was woken by the send");
+    assert_eq!(read(&mut b), [4]);
+}
+
+#[test]
+fn a_reader_in_a_burst_takes_what_comes_while_it_looks_for_more() {
+    let (mut a, mut b) = worker::channel(4096);
+    let count = Count::new();
+    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let mut cx = Context::from_waker(&waker);
+    send(&mut a, &mut cx, 1);
+    send(&mut a, &mut cx, 2);
+    assert_eq!(read(&mut b), [1, 2]);
+    // The writer goes on from another thread; the reader, which has just drained a burst,
+    // gets what it sends either while it looks for more or once woken: nothing is lost, and
+    // the order holds.
+    let writer = std::thread::spawn(move || {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        for n in 3..=2_000 {
+            while ready(&mut a, &mut cx).is_pending() {
+                std::thread::yield_now();
+            }
+            send(&mut a, &mut cx, n);
+        }
+        a
+    });
+    let mut next = 3;
+    while next <= 2_000 {
+        match Pin::new(&mut b).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(Up::Message { message, .. }))) => {
+                assert_eq!(number_of(&message), next);
+                next += 1;
+            }
+            Poll::Ready(other) => panic!("unexpected {other:?}"),
+            Poll::Pending => std::thread::yield_now(),
+        }
+    }
+    drop(writer.join().unwrap());
+    assert!(matches!(
+        Pin::new(&mut b).poll_next(&mut cx),
+        Poll::Ready(None)
+    ));
 }
 
 #[test]
