@@ -46,7 +46,7 @@ const GARBAGE_MAX: usize = 1024;
 
 /// Identifies the calling thread, cheaply: the address of a thread-local. A thread that
 /// exited may leave its address to a new one; that only decides which thread frees an event.
-fn this_thread() -> usize {
+pub(crate) fn this_thread() -> usize {
     thread_local!(static MARK: u8 = const { 0 });
     MARK.with(|mark| mark as *const u8 as usize)
 }

@@ -42,6 +42,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::thread;
@@ -56,9 +57,18 @@ use crate::EventTarget;
 /// [`WorkerTransport`]).
 const SPIN: Duration = Duration::from_micros(2);
 
+/// How long a reader spins in all, from one time it asks to be woken to the next: a writer
+/// that trickles envelopes a microsecond or two apart does not keep the reader's thread (and
+/// the tasks it would run) busy for long.
+const SPIN_BUDGET: Duration = Duration::from_micros(50);
+
 /// A reader that took at least this many envelopes since it last asked to be woken is in a
 /// burst, and waits [`SPIN`] for more; a lone envelope's reader asks to be woken at once.
 const BURST: usize = 2;
+
+/// A buffer left to the writer keeps at most this many slots when the reader took at most a
+/// quarter of that: a burst's buffers do not stay at their largest for the life of the pair.
+const KEEP_SLOTS: usize = 1024;
 
 /// The default capacity of a pair made by [`spawn`], in envelopes.
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -73,13 +83,15 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 /// The reader takes everything sent since it last looked in one go, so a burst travels in
 /// batches as large as the reader lets it grow, and a lone envelope is not delayed. Event
 /// targets over this transport should flush after each publish
-/// ([`Builder::flush_each_publish`](crate::Builder::flush_each_publish)), which [`spawn`] does.
+/// ([`Builder::flush_each_publish`](crate::Builder::flush_each_publish)):
+/// [`into_event_target`](Self::into_event_target) and [`spawn`] set that up.
 ///
 /// A reader that drains a burst looks for more for up to two microseconds, spinning, before it
-/// asks to be woken: a reader that keeps up with its writer would otherwise go to sleep every
-/// few envelopes, and waking a sleeping thread costs both threads a system call (measured: the
-/// worker benchmark went from about 0.8× a raw `tokio::sync::mpsc` pair to about 1.0×). A
-/// reader that took a lone envelope does not wait.
+/// asks to be woken (at most 50 µs in all between two sleeps): a reader that keeps up with its
+/// writer would otherwise go to sleep every few envelopes, and waking a sleeping thread costs
+/// both threads a system call (see BENCHMARKS.md, eighth session). It spins in the task that
+/// reads the transport, which holds the event target meanwhile. A reader that took a lone
+/// envelope does not wait, nor does one on the writer's thread or on a machine with one CPU.
 pub struct WorkerTransport<P = serde_json::Value> {
     /// The direction this side writes, and the one it reads.
     out: Arc<Pipe<P>>,
@@ -92,6 +104,10 @@ pub struct WorkerTransport<P = serde_json::Value> {
     reader: Option<Waker>,
     /// How many envelopes the reader took since it last asked to be woken (see [`BURST`]).
     taken_awake: usize,
+    /// How long the reader spun since it last asked to be woken (see [`SPIN_BUDGET`]).
+    spun: Duration,
+    /// How many times the reader spun, in all.
+    spins: u64,
     closed: bool,
 }
 
@@ -99,6 +115,9 @@ pub struct WorkerTransport<P = serde_json::Value> {
 struct Pipe<P> {
     state: Mutex<PipeState<P>>,
     capacity: usize,
+    /// Set under the lock when envelopes come into an empty pipe or the writer leaves, and
+    /// cleared when the reader takes them: a spinning reader looks at this, not at the lock.
+    news: AtomicBool,
 }
 
 struct PipeState<P> {
@@ -111,6 +130,9 @@ struct PipeState<P> {
     writer_gone: bool,
     /// The reader was dropped: sending fails.
     reader_gone: bool,
+    /// The thread of the last send (`queue::this_thread`): a reader on it cannot see more
+    /// come while it spins.
+    writer_thread: usize,
 }
 
 impl<P> Pipe<P> {
@@ -122,28 +144,30 @@ impl<P> Pipe<P> {
                 writer: None,
                 writer_gone: false,
                 reader_gone: false,
+                writer_thread: 0,
             }),
             capacity: capacity.max(1),
+            news: AtomicBool::new(false),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, PipeState<P>> {
-        // Nothing under this lock runs code that can panic between related updates (an
-        // envelope's `Drop` runs outside it): a poisoned lock is still consistent.
+        // No envelope's `Drop` runs under this lock, and each update under it leaves the state
+        // consistent (a push that fails to allocate aborts): a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Looks for envelopes until some come, the writer is gone, or `spin` has passed, and
-    /// returns the state then (locked).
-    fn wait_for_more(&self, spin: Duration) -> MutexGuard<'_, PipeState<P>> {
+    /// Spins until envelopes come or the writer leaves ([`Pipe::news`]), or for `spin`;
+    /// returns how long it spun.
+    fn wait_for_news(&self, spin: Duration) -> Duration {
         let started = Instant::now();
         loop {
             for _ in 0..32 {
                 std::hint::spin_loop();
             }
-            let state = self.lock();
-            if !state.items.is_empty() || state.writer_gone || started.elapsed() >= spin {
-                return state;
+            let spun = started.elapsed();
+            if self.news.load(Relaxed) || spun >= spin {
+                return spun;
             }
         }
     }
@@ -153,6 +177,7 @@ impl<P> Pipe<P> {
         let reader = {
             let mut state = self.lock();
             state.writer_gone = true;
+            self.news.store(true, Relaxed);
             state.reader.take()
         };
         if let Some(reader) = reader {
@@ -167,6 +192,7 @@ impl<P> fmt::Debug for WorkerTransport<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerTransport")
             .field("unread", &self.incoming.len())
+            .field("spins", &self.spins)
             .field("closed", &self.closed)
             .finish()
     }
@@ -184,6 +210,21 @@ pub fn channel<P>(capacity: usize) -> (WorkerTransport<P>, WorkerTransport<P>) {
     )
 }
 
+impl<P: Send + Sync + 'static> WorkerTransport<P> {
+    /// An event target over this side, set up for it: a publishing task flushes as it goes
+    /// ([`Builder::flush_each_publish`](crate::Builder::flush_each_publish)), which costs
+    /// nothing here and saves waking the driver task. [`EventTarget::new`] works too, only
+    /// slower; for other settings, use the builder with that flag.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, as [`Builder::build`](crate::Builder::build): call it on the
+    /// runtime that should drive this side (the worker thread's, for the worker's side).
+    pub fn into_event_target(self) -> EventTarget<P> {
+        EventTarget::builder().flush_each_publish(true).build(self)
+    }
+}
+
 impl<P> WorkerTransport<P> {
     fn new(out: Arc<Pipe<P>>, input: Arc<Pipe<P>>) -> Self {
         WorkerTransport {
@@ -194,6 +235,8 @@ impl<P> WorkerTransport<P> {
             signals: VecDeque::new(),
             reader: None,
             taken_awake: 0,
+            spun: Duration::ZERO,
+            spins: 0,
             closed: false,
         }
     }
@@ -225,12 +268,15 @@ impl<P> Drop for WorkerTransport<P> {
         // The other side's stream ends once it has read what was sent...
         self.out.close_writer();
         // ... and a writer waiting for room here learns that there will be none.
-        let (writer, unread) = {
+        let (writer, unread, own) = {
             let mut state = self.input.lock();
             state.reader_gone = true;
-            (state.writer.take(), std::mem::take(&mut state.items))
+            let items = std::mem::take(&mut state.items);
+            (state.writer.take(), items, state.reader.take())
         };
-        drop(unread);
+        // This side's own wakers would keep its task alive until the other side is dropped.
+        let own_writer = self.out.lock().writer.take();
+        drop((unread, own, own_writer));
         if let Some(writer) = writer {
             writer.wake();
         }
@@ -269,7 +315,11 @@ impl<P> Sink<Command<Envelope<P>>> for WorkerTransport<P> {
                     drop(state);
                     return Err(Self::peer_gone());
                 }
+                if state.items.is_empty() {
+                    this.out.news.store(true, Relaxed);
+                }
                 state.items.push(message);
+                state.writer_thread = crate::queue::this_thread();
                 this.room = this.out.capacity.saturating_sub(state.items.len());
                 let reader = state.reader.take();
                 drop(state);
@@ -309,12 +359,20 @@ impl<P> Stream for WorkerTransport<P> {
         if this.incoming.is_empty() {
             // Take everything sent so far, and leave the emptied buffer for the writer (no
             // data moves, and neither side allocates once both buffers have grown).
-            let drained = Vec::from(std::mem::take(&mut this.incoming));
+            let mut drained = Vec::from(std::mem::take(&mut this.incoming));
             let mut state = this.input.lock();
-            if state.items.is_empty() && !state.writer_gone && this.taken_awake >= BURST {
+            if state.items.is_empty()
+                && !state.writer_gone
+                && this.taken_awake >= BURST
+                && this.spun < SPIN_BUDGET
+                && state.writer_thread != crate::queue::this_thread()
+                && several_cpus()
+            {
                 // In a burst: the writer is likely to send more within microseconds.
                 drop(state);
-                state = this.input.wait_for_more(SPIN);
+                this.spun += this.input.wait_for_news(SPIN);
+                this.spins += 1;
+                state = this.input.lock();
             }
             if state.items.is_empty() {
                 let ended = state.writer_gone;
@@ -328,10 +386,17 @@ impl<P> Stream for WorkerTransport<P> {
                 }
                 crate::waker::remember(&mut this.reader, cx);
                 this.taken_awake = 0;
+                this.spun = Duration::ZERO;
                 return Poll::Pending;
             }
-            this.taken_awake += state.items.len();
+            let taken = state.items.len();
+            this.taken_awake += taken;
+            if drained.capacity() > KEEP_SLOTS && taken <= KEEP_SLOTS / 4 {
+                // Empty: no envelope moves, and its `Drop` does not run under the lock.
+                drained.shrink_to(KEEP_SLOTS);
+            }
             let batch = std::mem::replace(&mut state.items, drained);
+            this.input.news.store(false, Relaxed);
             let writer = state.writer.take();
             drop(state);
             if let Some(writer) = writer {
@@ -345,6 +410,13 @@ impl<P> Stream for WorkerTransport<P> {
             message,
         })))
     }
+}
+
+/// Whether this machine runs more than one thread at once: on one CPU, a reader that spins
+/// only keeps the writer from running.
+fn several_cpus() -> bool {
+    static SEVERAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SEVERAL.get_or_init(|| thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 /// Runs `work` on a new OS thread, with its own single-threaded Tokio runtime and its end of a
@@ -371,19 +443,106 @@ where
         .name("alkdev-pubsub-worker".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let events = EventTarget::builder()
-                    .flush_each_publish(true)
-                    .build(worker_side);
+                let events = worker_side.into_event_target();
                 let output = work(events.clone()).await;
                 events.close().await;
                 output
             })
         })
         .map_err(|e| Error::with_source(ErrorKind::Other, "spawning a worker thread", e))?;
-    Ok((
-        EventTarget::builder()
-            .flush_each_publish(true)
-            .build(main_side),
-        join,
-    ))
+    Ok((main_side.into_event_target(), join))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Topic;
+
+    type Side = WorkerTransport<u64>;
+
+    fn send(side: &mut Side, n: u64) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert!(Pin::new(&mut *side).poll_ready(&mut cx).is_ready());
+        Pin::new(side)
+            .start_send(Command::Publish {
+                topic: Topic::from("t:1"),
+                message: Envelope::new("t", "1", n),
+            })
+            .unwrap();
+    }
+
+    /// Sends `numbers` from another thread.
+    fn send_elsewhere(side: Side, numbers: std::ops::Range<u64>) -> Side {
+        thread::spawn(move || {
+            let mut side = side;
+            for n in numbers {
+                send(&mut side, n);
+            }
+            side
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Reads until `Pending`; returns the numbers read.
+    fn read(side: &mut Side) -> Vec<u64> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut numbers = Vec::new();
+        while let Poll::Ready(Some(Ok(Up::Message { message, .. }))) =
+            Pin::new(&mut *side).poll_next(&mut cx)
+        {
+            numbers.push(message.payload);
+        }
+        numbers
+    }
+
+    #[test]
+    fn a_reader_spins_after_a_burst_from_another_thread_only() {
+        if !several_cpus() {
+            return;
+        }
+        let (a, mut b) = channel::<u64>(64);
+        // A burst from another thread: the reader looks for more once before it sleeps.
+        let mut a = send_elsewhere(a, 0..2);
+        assert_eq!(read(&mut b), [0, 1]);
+        assert_eq!(b.spins, 1);
+        // A lone envelope: it sleeps at once.
+        a = send_elsewhere(a, 2..3);
+        assert_eq!(read(&mut b), [2]);
+        assert_eq!(b.spins, 1);
+        // A burst from its own thread: nothing can come while it spins.
+        send(&mut a, 3);
+        send(&mut a, 4);
+        assert_eq!(read(&mut b), [3, 4]);
+        assert_eq!(b.spins, 1);
+        // Its spin budget spent, it sleeps at once; the budget comes back after a sleep.
+        a = send_elsewhere(a, 5..7);
+        b.spun = SPIN_BUDGET;
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        for n in 5..7 {
+            assert!(matches!(
+                Pin::new(&mut b).poll_next(&mut cx),
+                Poll::Ready(Some(Ok(Up::Message { ref message, .. }))) if message.payload == n
+            ));
+        }
+        assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
+        assert_eq!(b.spins, 1);
+        assert_eq!(b.spun, Duration::ZERO);
+        let _a = send_elsewhere(a, 7..9);
+        assert_eq!(read(&mut b), [7, 8]);
+        assert_eq!(b.spins, 2);
+    }
+
+    #[test]
+    fn the_writers_buffer_shrinks_back_after_a_large_burst() {
+        let (mut a, mut b) = channel::<u64>(4096);
+        for n in 0..3000 {
+            send(&mut a, n);
+        }
+        assert_eq!(read(&mut b).len(), 3000);
+        send(&mut a, 3000);
+        assert_eq!(read(&mut b), [3000]);
+        // The burst's buffer went back to the writer, and was cut down with that small take.
+        assert!(a.out.lock().items.capacity() <= KEEP_SLOTS);
+    }
 }

@@ -23,6 +23,16 @@ async fn worker_pair_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_pair_set_up_as_spawn_does_conforms() {
+    // Publishers flush as they go (`into_event_target`), as in `worker::spawn`.
+    testkit::run_all(|| async {
+        let (a, b) = worker::channel(1024);
+        Pair::new(a.into_event_target(), b.into_event_target())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_pair_across_threads_conforms() {
     // The subscriber side runs its driver on another thread's runtime.
     testkit::run_all(|| async {

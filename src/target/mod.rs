@@ -689,7 +689,9 @@ impl Builder {
     /// transport whose flush costs nothing, such as [`WorkerTransport`](crate::worker::WorkerTransport)
     /// (what is sent is readable at once), that only wakes the driver task for nothing: set
     /// this, and a publisher flushes as it goes ([`worker::spawn`](crate::worker::spawn)
-    /// does). A flush that cannot complete at once is still left to the driver.
+    /// and [`WorkerTransport::into_event_target`](crate::worker::WorkerTransport::into_event_target)
+    /// do). A flush that cannot complete at once is still left to the driver. No effect on
+    /// [`local`](Self::local) targets, which have no transport.
     pub fn flush_each_publish(mut self, yes: bool) -> Self {
         self.flush_each_publish = yes;
         self
