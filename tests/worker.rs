@@ -96,6 +96,13 @@ impl Count {
         std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)))
     }
 
+    /// A new count, and a waker that counts into it.
+    fn waker() -> (std::sync::Arc<Self>, std::task::Waker) {
+        let count = Count::new();
+        let waker = futures::task::waker(std::sync::Arc::clone(&count));
+        (count, waker)
+    }
+
     fn get(&self) -> usize {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -140,8 +147,7 @@ fn ready(side: &mut Side, cx: &mut Context<'_>) -> Poll<alkdev_pubsub::Result<()
 #[test]
 fn what_is_sent_is_readable_at_once_and_a_flush_has_nothing_to_wait_for() {
     let (mut a, mut b) = worker::channel(4096);
-    let count = Count::new();
-    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let (count, waker) = Count::waker();
     let mut cx = Context::from_waker(&waker);
     // A reader that found nothing waits, and the next send wakes it.
     assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
@@ -201,8 +207,7 @@ fn a_dropped_reader_drops_what_it_did_not_read() {
 #[test]
 fn a_reader_racing_a_writer_on_another_thread_gets_everything_in_order() {
     let (mut a, mut b) = worker::channel(4096);
-    let count = Count::new();
-    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let (count, waker) = Count::waker();
     let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
     send(&mut a, &mut cx, 2);
@@ -238,8 +243,7 @@ fn a_reader_racing_a_writer_on_another_thread_gets_everything_in_order() {
 #[test]
 fn a_full_direction_makes_the_writer_wait_until_the_reader_takes_what_is_there() {
     let (mut a, mut b) = worker::channel(2);
-    let count = Count::new();
-    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let (count, waker) = Count::waker();
     let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
     send(&mut a, &mut cx, 2);
@@ -255,8 +259,7 @@ fn a_full_direction_makes_the_writer_wait_until_the_reader_takes_what_is_there()
 #[test]
 fn a_waiting_writer_learns_that_the_reader_is_gone() {
     let (mut a, b) = worker::channel(1);
-    let count = Count::new();
-    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let (count, waker) = Count::waker();
     let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
     assert!(ready(&mut a, &mut cx).is_pending());
@@ -278,8 +281,7 @@ fn a_waiting_writer_learns_that_the_reader_is_gone() {
 #[test]
 fn close_ends_the_other_sides_stream_after_what_was_sent() {
     let (mut a, mut b) = worker::channel(4096);
-    let count = Count::new();
-    let waker = futures::task::waker(std::sync::Arc::clone(&count));
+    let (count, waker) = Count::waker();
     let mut cx = Context::from_waker(&waker);
     send(&mut a, &mut cx, 1);
     send(&mut a, &mut cx, 2);
