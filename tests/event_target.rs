@@ -1204,6 +1204,30 @@ async fn listeners_added_and_removed_between_messages_of_one_topic_are_honoured_
     );
 }
 
+#[tokio::test]
+async fn a_removed_callback_is_released_though_no_event_follows() {
+    // The driver holds the listeners of what it routes while it routes a run of events: once
+    // that run is over, a removed callback's captures must go, without waiting for the topic's
+    // next event to replace what the driver last looked up.
+    let events: EventTarget = EventTarget::new(LocalTransport::new());
+    let mut keeps_the_topic = events.subscribe("t:1").await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let id = events
+        .add_event_listener("t:1", move |event| {
+            let _ = seen_tx.send(number_of(event));
+        })
+        .unwrap();
+    events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
+    assert_eq!(seen_rx.recv().await, Some(0));
+    assert_eq!(
+        number_of(&testkit::next_event(&mut keeps_the_topic).await),
+        0
+    );
+    assert!(events.remove_event_listener("t:1", id));
+    let closed = tokio::time::timeout(WAIT, seen_rx.recv()).await;
+    assert_eq!(closed, Ok(None), "the removed callback was kept alive");
+}
+
 /// A transport whose inbound items are put in by the test and which wakes no one for them
 /// unless told to ([`Silent::wake`]): only a poll finds them. Subscribes
 /// are confirmed at once; publishes are dropped. An item with payload `"panic"` makes

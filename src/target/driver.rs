@@ -143,6 +143,10 @@ pub(crate) struct Core<T, P> {
     deadline: Option<Pin<Box<Sleep>>>,
     key: String,
     route: Option<Route<P>>,
+    /// `route`'s listeners, held during one call of [`Self::poll_inbound`] (and only then:
+    /// `route` keeps them weakly), so that routing a run of events to one topic does not
+    /// upgrade and drop the weak reference for each.
+    held: Option<Arc<[Listener<P>]>>,
     /// The driver task's waker: direct publishes and pulls hand it to the transport, so
     /// whatever they leave pending (a flush, room in a buffer, the next inbound item) wakes
     /// the driver, never the publisher or the subscription.
@@ -197,6 +201,7 @@ where
             deadline: None,
             key: String::new(),
             route: None,
+            held: None,
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
@@ -467,6 +472,13 @@ where
 
     /// Routes what comes up, at most `budget` items. Returns whether the budget ran out.
     fn poll_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
+        let more = self.route_inbound(cx, budget);
+        // Held for this call only: a listener removed since is not kept alive by the driver.
+        self.held = None;
+        more
+    }
+
+    fn route_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
         if let Some(stalled) = self.stalled.take() {
             if let Err((from, event)) =
                 self.shared
@@ -524,21 +536,23 @@ where
         }
     }
 
-    /// The listeners of a message's topic (its channel's, where the transport has channels).
-    /// Traffic mostly repeats a topic: the last lookup is reused while the map is unchanged.
-    fn route(
-        &mut self,
-        channel: Option<&Topic>,
-        message: &Envelope<P>,
-    ) -> Option<Arc<[Listener<P>]>> {
+    /// Finds the listeners of a message's topic (its channel's, where the transport has
+    /// channels) and holds them in `held`; `false` if the topic has none. Traffic mostly
+    /// repeats a topic: the last lookup is reused while the map is unchanged.
+    fn route(&mut self, channel: Option<&Topic>, message: &Envelope<P>) -> bool {
         if let Some(route) = &self.route {
             let same = match channel {
                 Some(channel) => *channel == route.topic,
                 None => message.has_topic(&route.topic),
             };
             if same && route.version == self.shared.version() {
+                // `held`, when set, holds `route`'s listeners.
+                if self.held.is_some() {
+                    return true;
+                }
                 if let Some(listeners) = route.listeners.upgrade() {
-                    return Some(listeners);
+                    self.held = Some(listeners);
+                    return true;
                 }
             }
         }
@@ -552,27 +566,31 @@ where
                 self.shared.listeners_of(&self.key)
             }
         };
-        let (topic, listeners) = found?;
+        let Some((topic, listeners)) = found else {
+            return false;
+        };
         self.route = Some(Route {
             version,
             topic,
             listeners: Arc::downgrade(&listeners),
         });
-        Some(listeners)
+        self.held = Some(listeners);
+        true
     }
 
     fn handle_up(&mut self, up: Up<Envelope<P>>, cx: &mut Context<'_>) {
         match up {
             Up::Message { channel, message } => {
-                let Some(listeners) = self.route(channel.as_ref(), &message) else {
+                if !self.route(channel.as_ref(), &message) {
                     self.shared.counters.unrouted.fetch_add(1, Relaxed);
                     return;
-                };
+                }
+                let listeners = self.held.as_ref().expect("held by `route`");
                 let event = Arc::new(message);
-                if let Err((from, event)) = self.shared.deliver_from(&listeners, event, 0, Some(cx))
+                if let Err((from, event)) = self.shared.deliver_from(listeners, event, 0, Some(cx))
                 {
                     self.stalled = Some(Stalled {
-                        listeners,
+                        listeners: Arc::clone(listeners),
                         event,
                         from,
                     });
