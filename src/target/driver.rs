@@ -22,9 +22,12 @@ use crate::ListenerId;
 const BUDGET: usize = 256;
 
 /// How many inbound items a subscription routes at most when it reads the transport itself
-/// (see [`Core::try_pull`]): enough to amortise the lock, little enough not to keep the driver
-/// waiting on it for long.
-const PULL_BUDGET: usize = 32;
+/// (see [`Core::try_pull`]), before it yields them: few, so that what it frees once it has
+/// read an event is what decoding the next one allocates. Routing 32 ahead of the reader, the
+/// allocator's per-thread caches overflowed: glibc's hold 7 blocks of a size, and an event
+/// decodes into 4 blocks or more. With 3, `perf` found its slow paths (`_int_malloc`,
+/// `_int_free`) at about half the samples for the WebSocket receiving side; see BENCHMARKS.md.
+const PULL_BUDGET: usize = 3;
 
 /// How long a subscription reads the transport for the driver (see [`Lease`]) before the
 /// driver checks that it keeps up: this long, up to twice this at the timer's resolution.
