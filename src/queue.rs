@@ -342,7 +342,8 @@ impl<P> Queue<P> {
     }
 
     /// Whether `reader` is there and has yielded everything it took, with nothing left to
-    /// take: it waits for the next event (or its task is busy with the last one).
+    /// take: it waits for the next event (or its task is busy with the last one, or with the
+    /// few a pull handed it, which are not in the queue: see [`hand_over`](Self::hand_over)).
     pub(crate) fn waits(&self, reader: ListenerId) -> bool {
         let mut state = self.lock();
         let tail = state.tail();
@@ -469,6 +470,27 @@ impl<P> Queue<P> {
         drop(state);
         wake_all(wake);
         drop_released(garbage);
+    }
+
+    /// Gives an event to `reader` directly (the caller puts it in the reader's batch) rather
+    /// than through the queue: only while it is the queue's one reader, the queue is open,
+    /// and nothing waits for it (it has taken and yielded every slot, and has no lag or
+    /// reconnect notice), so that the event is in order and within the capacity. Counted as
+    /// a push would count it. False, and nothing done, otherwise: push it.
+    pub(crate) fn hand_over(&self, reader: ListenerId, counters: &Counters) -> bool {
+        let mut state = self.lock();
+        let tail = state.tail();
+        let clear = !state.closed
+            && matches!(&state.readers[..], [r] if r.id == reader
+                && r.taken == tail
+                && r.next == tail
+                && r.lagged == 0
+                && !r.missed_reconnect);
+        if clear {
+            state.reconnect_last = false;
+            counters.delivered.fetch_add(1, Relaxed);
+        }
+        clear
     }
 
     /// `reader` takes its next item: a lag notice first if events were dropped before it took

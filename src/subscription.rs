@@ -159,8 +159,11 @@ impl SubscribeOptions {
 pub struct Subscription<P = serde_json::Value> {
     /// The queue this subscription reads (as reader `id`), maybe with others of the topic.
     queue: Arc<Queue<P>>,
-    /// Slots taken from the queue and not yet yielded.
+    /// Slots taken from the queue, or handed over by a pull, and not yet yielded.
     batch: VecDeque<Slot<P>>,
+    /// `batch` was filled by a pull ([`Direct::try_pull`]), not from the queue: yielding it
+    /// releases nothing there.
+    handed: bool,
     /// How many times in a row the queue was found empty and the task yielded rather than
     /// sleep (in-process; see [`YIELDS`]).
     yielded: u8,
@@ -185,6 +188,7 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         Subscription {
             queue,
             batch: VecDeque::new(),
+            handed: false,
             yielded: 0,
             seen: u64::MAX,
             topic,
@@ -231,12 +235,8 @@ impl<P> Stream for Subscription<P> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(slot) = this.batch.pop_front() {
-            if this.batch.is_empty() {
-                // Yielded in full: what the batch held no longer counts against the capacity.
-                this.queue.release(this.id);
-            }
-            return Poll::Ready(Some(slot.into_item()));
+        if let Some(item) = this.pop_batch() {
+            return Poll::Ready(Some(item));
         }
         if let Some(direct) = &this.direct {
             if let Poll::Ready(item) =
@@ -250,7 +250,16 @@ impl<P> Stream for Subscription<P> {
             // ready and wake this task, route it from here (unless the driver is at it).
             let pulled = direct
                 .upgrade()
-                .map(|direct| direct.try_pull(cx.waker(), &this.queue, this.id));
+                .map(|direct| direct.try_pull(cx.waker(), &this.queue, this.id, &mut this.batch));
+            // The pull's events for this subscription alone came straight to it, ahead of
+            // whatever it left in the queue.
+            if !this.batch.is_empty() {
+                this.handed = true;
+                this.yielded = 0;
+                if let Some(item) = this.pop_batch() {
+                    return Poll::Ready(Some(item));
+                }
+            }
             match pulled {
                 // More is ready, and this task reads it for the target: once it has yielded
                 // what it routed to itself, or at once if that was nothing.
@@ -301,6 +310,18 @@ impl<P> Stream for Subscription<P> {
             _ => this.yielded = 0,
         }
         item
+    }
+}
+
+impl<P> Subscription<P> {
+    /// The next item of the batch, if any.
+    fn pop_batch(&mut self) -> Option<Result<Arc<Envelope<P>>, Gap>> {
+        let slot = self.batch.pop_front()?;
+        // Yielded in full: what the batch held no longer counts against the capacity.
+        if self.batch.is_empty() && !std::mem::take(&mut self.handed) {
+            self.queue.release(self.id);
+        }
+        Some(slot.into_item())
     }
 }
 

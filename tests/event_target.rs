@@ -1415,6 +1415,45 @@ async fn a_waiting_subscription_reads_what_arrives_itself() {
     assert!(readers.get(&Some(reader)) >= Some(&90), "{readers:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn what_a_subscription_reads_for_itself_keeps_its_order_with_what_it_queues() {
+    let (silent, events, mut a) = silent_target().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // One read of the transport finds an event, a reconnect and an event. The first event goes
+    // straight to the subscription that reads; the notice goes through its queue, and the
+    // second event must not overtake it.
+    silent.put("a:1", 0);
+    silent
+        .inbound
+        .lock()
+        .unwrap()
+        .push_back(alkdev_pubsub::Up::Reconnected);
+    silent.put("a:1", 1);
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+    assert_eq!(a.len(), 2, "the notice and the second event wait");
+    assert_eq!(testkit::next_gap(&mut a).await, Gap::Reconnected);
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 1);
+    assert!(silent.inbound.lock().unwrap().is_empty());
+    let stats = events.stats();
+    assert_eq!((stats.delivered, stats.reconnects), (2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_that_reads_for_itself_leaves_a_shared_queue_to_both_readers() {
+    let (silent, events, mut a) = silent_target().await;
+    let mut also = events.subscribe("a:1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for n in 0..10 {
+        silent.put("a:1", n);
+    }
+    for n in 0..10 {
+        assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+    }
+    for n in 0..10 {
+        assert_eq!(number_of(&testkit::next_event(&mut also).await), n);
+    }
+}
+
 /// Expects `0..numbers` from `seen`, within a few (paused) milliseconds: a lease lasts two at
 /// most.
 async fn expect_numbers_soon(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64>, numbers: u64) {

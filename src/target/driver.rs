@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 
 use super::shared::{Control, Listener, Shared};
 use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
-use crate::queue::Queue;
+use crate::queue::{Queue, Slot};
 use crate::ListenerId;
 
 /// How many commands, or inbound items, one poll handles before yielding to other tasks.
@@ -113,6 +113,15 @@ struct Lease {
     /// The end of the lease, armed when one starts.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+}
+
+/// The subscription that routes what the transport has ready ([`Core::try_pull`]): while it
+/// is the only reader of its queue and nothing waits there for it, an event for that queue
+/// alone goes straight into its `batch` ([`Queue::hand_over`]), not in and out of the queue.
+pub(crate) struct Taker<'a, P> {
+    queue: &'a Arc<Queue<P>>,
+    id: ListenerId,
+    batch: &'a mut VecDeque<Slot<P>>,
 }
 
 /// A subscription waiting for the transport (see [`Lease`]): its queue and id, to check that
@@ -473,15 +482,26 @@ where
         }
     }
 
-    /// Routes what comes up, at most `budget` items. Returns whether the budget ran out.
-    fn poll_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
-        let more = self.route_inbound(cx, budget);
+    /// Routes what comes up, at most `budget` items (for `taker`, when a subscription reads).
+    /// Returns whether the budget ran out.
+    fn poll_inbound(
+        &mut self,
+        cx: &mut Context<'_>,
+        budget: usize,
+        taker: Option<&mut Taker<'_, P>>,
+    ) -> bool {
+        let more = self.route_inbound(cx, budget, taker);
         // Held for this call only: a listener removed since is not kept alive by the driver.
         self.held = None;
         more
     }
 
-    fn route_inbound(&mut self, cx: &mut Context<'_>, budget: usize) -> bool {
+    fn route_inbound(
+        &mut self,
+        cx: &mut Context<'_>,
+        budget: usize,
+        mut taker: Option<&mut Taker<'_, P>>,
+    ) -> bool {
         if let Some(stalled) = self.stalled.take() {
             if let Err((from, event)) =
                 self.shared
@@ -502,7 +522,7 @@ where
             match self.transport.as_mut().poll_next(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Some(Ok(up))) => {
-                    self.handle_up(up, cx);
+                    self.handle_up(up, cx, taker.as_deref_mut());
                     if self.stalled.is_some() {
                         return false;
                     }
@@ -581,7 +601,12 @@ where
         true
     }
 
-    fn handle_up(&mut self, up: Up<Envelope<P>>, cx: &mut Context<'_>) {
+    fn handle_up(
+        &mut self,
+        up: Up<Envelope<P>>,
+        cx: &mut Context<'_>,
+        taker: Option<&mut Taker<'_, P>>,
+    ) {
         match up {
             Up::Message { channel, message } => {
                 if !self.route(channel.as_ref(), &message) {
@@ -589,6 +614,14 @@ where
                     return;
                 }
                 let listeners = self.held.as_ref().expect("held by `route`");
+                if let (Some(taker), [Listener::Queue { queue }]) = (taker, &listeners[..]) {
+                    if Arc::ptr_eq(queue, taker.queue)
+                        && queue.hand_over(taker.id, &self.shared.counters)
+                    {
+                        taker.batch.push_back(Slot::Event(Arc::new(message)));
+                        return;
+                    }
+                }
                 let event = Arc::new(message);
                 if let Err((from, event)) = self.shared.deliver_from(listeners, event, 0, Some(cx))
                 {
@@ -770,14 +803,14 @@ where
             }
             // The holder stopped, reads slowly, or cannot go on: the driver reads again.
             self.end_lease();
-            return self.poll_inbound(cx, BUDGET);
+            return self.poll_inbound(cx, BUDGET, None);
         }
         if !(lendable && self.puller.is_some()) {
-            return self.poll_inbound(cx, BUDGET);
+            return self.poll_inbound(cx, BUDGET, None);
         }
         // A subscription waits for the transport. A few items are routed here first: one
         // event at a time (the usual case at low rates) is cheaper to route than to hand over.
-        if !self.poll_inbound(cx, HAND_OFF_AFTER) {
+        if !self.poll_inbound(cx, HAND_OFF_AFTER, None) {
             return false;
         }
         // A burst: the waiting subscription reads the rest, if it still waits (it has yielded
@@ -976,7 +1009,13 @@ where
     /// with the driver's waker, so that whatever is left pending (the transport's next item,
     /// room in a `Block` queue) wakes the driver, never the caller. The caller is reader `id`
     /// of `queue`, woken by `waker`.
-    fn try_pull(&mut self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled {
+    fn try_pull(
+        &mut self,
+        waker: &Waker,
+        queue: &Arc<Queue<P>>,
+        id: ListenerId,
+        batch: &mut VecDeque<Slot<P>>,
+    ) -> Pulled {
         if self.stalled.is_some() {
             return Pulled::Done;
         }
@@ -984,8 +1023,13 @@ where
             return Pulled::Done;
         };
         self.lease.pulls += 1;
+        let mut taker = Taker { queue, id, batch };
         let routed = self.act_as_driver(driver, |core, waker| {
-            core.poll_inbound(&mut Context::from_waker(waker), PULL_BUDGET)
+            core.poll_inbound(
+                &mut Context::from_waker(waker),
+                PULL_BUDGET,
+                Some(&mut taker),
+            )
         });
         match routed {
             // Items may be left, and the transport wakes no one for those: the caller reads
@@ -1081,8 +1125,16 @@ pub(crate) trait Direct<P>: Send + Sync {
     fn try_publish(&self, outgoing: Outgoing<P>) -> Fed<P>;
 
     /// Routes what the transport has ready now, from the calling task (reader `id` of `queue`,
-    /// woken by `waker`), if the driver is not using the transport.
-    fn try_pull(&self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled;
+    /// woken by `waker`), if the driver is not using the transport. Events for that reader
+    /// alone may be put straight into its `batch` (see [`Taker`]), ahead of anything the
+    /// pull leaves in the queue.
+    fn try_pull(
+        &self,
+        waker: &Waker,
+        queue: &Arc<Queue<P>>,
+        id: ListenerId,
+        batch: &mut VecDeque<Slot<P>>,
+    ) -> Pulled;
 }
 
 impl<T, P> Direct<P> for Mutex<Core<T, P>>
@@ -1098,9 +1150,15 @@ where
         }
     }
 
-    fn try_pull(&self, waker: &Waker, queue: &Arc<Queue<P>>, id: ListenerId) -> Pulled {
+    fn try_pull(
+        &self,
+        waker: &Waker,
+        queue: &Arc<Queue<P>>,
+        id: ListenerId,
+        batch: &mut VecDeque<Slot<P>>,
+    ) -> Pulled {
         match self.try_lock() {
-            Ok(mut core) => core.try_pull(waker, queue, id),
+            Ok(mut core) => core.try_pull(waker, queue, id, batch),
             Err(_) => Pulled::Busy,
         }
     }
