@@ -342,8 +342,7 @@ impl<P> Queue<P> {
     }
 
     /// Whether `reader` is there and has yielded everything it took, with nothing left to
-    /// take: it waits for the next event (or its task is busy with the last one, or with the
-    /// few a pull handed it, which are not in the queue: see [`hand_over`](Self::hand_over)).
+    /// take: it waits for the next event (or its task is busy with the last one).
     pub(crate) fn waits(&self, reader: ListenerId) -> bool {
         let mut state = self.lock();
         let tail = state.tail();
@@ -473,24 +472,36 @@ impl<P> Queue<P> {
     }
 
     /// Gives an event to `reader` directly (the caller puts it in the reader's batch) rather
-    /// than through the queue: only while it is the queue's one reader, the queue is open,
-    /// and nothing waits for it (it has taken and yielded every slot, and has no lag or
-    /// reconnect notice), so that the event is in order and within the capacity. Counted as
-    /// a push would count it. False, and nothing done, otherwise: push it.
+    /// than through the queue: only while it is the queue's one reader, the queue is open and
+    /// not full, and nothing waits for it there (it has taken every slot, and has no lag or
+    /// reconnect notice), so that the event keeps its order. The event is accounted for as a
+    /// slot a lone reader took out of the queue (see [`poll_read`](Self::poll_read)): it
+    /// counts against the capacity until the reader [releases](Self::release) its batch.
+    /// Counted as a push would count it. False, and nothing done, otherwise: push it.
     pub(crate) fn hand_over(&self, reader: ListenerId, counters: &Counters) -> bool {
-        let mut state = self.lock();
-        let tail = state.tail();
-        let clear = !state.closed
-            && matches!(&state.readers[..], [r] if r.id == reader
-                && r.taken == tail
-                && r.next == tail
-                && r.lagged == 0
-                && !r.missed_reconnect);
-        if clear {
-            state.reconnect_last = false;
-            counters.delivered.fetch_add(1, Relaxed);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if state.closed || !state.items.is_empty() || state.is_full(self.capacity) {
+            return false;
         }
-        clear
+        let [me] = &mut state.readers[..] else {
+            return false;
+        };
+        if me.id != reader || me.taken != state.head || me.lagged > 0 || me.missed_reconnect {
+            return false;
+        }
+        state.head += 1;
+        me.taken = state.head;
+        state.reconnect_last = false;
+        state.publisher = this_thread();
+        counters.delivered.fetch_add(1, Relaxed);
+        // As a push does: what readers released on other threads is freed here.
+        let garbage = std::mem::take(&mut state.garbage);
+        drop(guard);
+        if !garbage.is_empty() {
+            drop_released(garbage);
+        }
+        true
     }
 
     /// `reader` takes its next item: a lag notice first if events were dropped before it took

@@ -161,9 +161,6 @@ pub struct Subscription<P = serde_json::Value> {
     queue: Arc<Queue<P>>,
     /// Slots taken from the queue, or handed over by a pull, and not yet yielded.
     batch: VecDeque<Slot<P>>,
-    /// `batch` was filled by a pull ([`Direct::try_pull`]), not from the queue: yielding it
-    /// releases nothing there.
-    handed: bool,
     /// How many times in a row the queue was found empty and the task yielded rather than
     /// sleep (in-process; see [`YIELDS`]).
     yielded: u8,
@@ -188,7 +185,6 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         Subscription {
             queue,
             batch: VecDeque::new(),
-            handed: false,
             yielded: 0,
             seen: u64::MAX,
             topic,
@@ -253,12 +249,9 @@ impl<P> Stream for Subscription<P> {
                 .map(|direct| direct.try_pull(cx.waker(), &this.queue, this.id, &mut this.batch));
             // The pull's events for this subscription alone came straight to it, ahead of
             // whatever it left in the queue.
-            if !this.batch.is_empty() {
-                this.handed = true;
+            if let Some(item) = this.pop_batch() {
                 this.yielded = 0;
-                if let Some(item) = this.pop_batch() {
-                    return Poll::Ready(Some(item));
-                }
+                return Poll::Ready(Some(item));
             }
             match pulled {
                 // More is ready, and this task reads it for the target: once it has yielded
@@ -318,7 +311,7 @@ impl<P> Subscription<P> {
     fn pop_batch(&mut self) -> Option<Result<Arc<Envelope<P>>, Gap>> {
         let slot = self.batch.pop_front()?;
         // Yielded in full: what the batch held no longer counts against the capacity.
-        if self.batch.is_empty() && !std::mem::take(&mut self.handed) {
+        if self.batch.is_empty() {
             self.queue.release(self.id);
         }
         Some(slot.into_item())

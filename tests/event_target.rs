@@ -1438,6 +1438,45 @@ async fn what_a_subscription_reads_for_itself_keeps_its_order_with_what_it_queue
     assert_eq!((stats.delivered, stats.reconnects), (2, 1));
 }
 
+/// A target over a fresh [`Silent`] transport, and its subscription of `a:1` with a queue of
+/// one event under `overflow`.
+async fn silent_target_of_one(
+    overflow: Overflow,
+) -> (Silent, EventTarget, alkdev_pubsub::Subscription) {
+    let silent = Silent::default();
+    let events: EventTarget = EventTarget::new(silent.clone());
+    let options = SubscribeOptions::new().capacity(1).overflow(overflow);
+    let a = events.subscribe_with("a:1", options).await.unwrap();
+    (silent, events, a)
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_a_subscription_reads_for_itself_counts_against_its_capacity() {
+    let (silent, events, mut a) = silent_target_of_one(Overflow::DropNewest).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for n in 0..3 {
+        silent.put("a:1", n);
+    }
+    // The first fills the queue of one while the subscription holds it; the next two are
+    // dropped, as if the driver had routed them.
+    assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+    assert_eq!(testkit::next_gap(&mut a).await, Gap::Lagged(2));
+    assert!(futures::poll!(a.next()).is_pending());
+    let stats = events.stats();
+    assert_eq!((stats.delivered, stats.lagged), (1, 2));
+
+    // Lossless: the rest waits for room, and comes in order.
+    let (silent, _events, mut a) = silent_target_of_one(Overflow::Block).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for n in 0..3 {
+        silent.put("a:1", n);
+    }
+    for n in 0..3 {
+        assert_eq!(number_of(&testkit::next_event(&mut a).await), n);
+        assert!(a.len() <= 1, "{} held by a queue of one", a.len());
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_subscription_that_reads_for_itself_leaves_a_shared_queue_to_both_readers() {
     let (silent, events, mut a) = silent_target().await;

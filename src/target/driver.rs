@@ -741,6 +741,8 @@ where
             format!("{what} panicked: {}", panic_message(panic)),
         );
         self.terminate(error.clone());
+        // A panic may have skipped the end of `poll_inbound`, which lets go of these.
+        self.held = None;
         // Let the driver task see that it is finished, end, and drop the transport. (The direct
         // paths put the waker back before they get here; without one, the control channel
         // wakes the driver.)
