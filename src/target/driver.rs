@@ -118,7 +118,7 @@ struct Lease {
 /// The subscription that routes what the transport has ready ([`Core::try_pull`]): while it
 /// is the only reader of its queue and nothing waits there for it, an event for that queue
 /// alone goes straight into its `batch` ([`Queue::hand_over`]), not in and out of the queue.
-pub(crate) struct Taker<'a, P> {
+struct Taker<'a, P> {
     queue: &'a Arc<Queue<P>>,
     id: ListenerId,
     batch: &'a mut VecDeque<Slot<P>>,
