@@ -1381,9 +1381,16 @@ async fn a_subscription_with_an_empty_queue_routes_what_the_transport_has_ready(
 
 /// A target over a fresh [`Silent`] transport, and its subscription of `a:1`.
 async fn silent_target() -> (Silent, EventTarget, alkdev_pubsub::Subscription) {
+    silent_target_with(SubscribeOptions::new()).await
+}
+
+/// [`silent_target`], its subscription with `options`.
+async fn silent_target_with(
+    options: SubscribeOptions,
+) -> (Silent, EventTarget, alkdev_pubsub::Subscription) {
     let silent = Silent::default();
     let events: EventTarget = EventTarget::new(silent.clone());
-    let a = events.subscribe("a:1").await.unwrap();
+    let a = events.subscribe_with("a:1", options).await.unwrap();
     (silent, events, a)
 }
 
@@ -1438,16 +1445,11 @@ async fn what_a_subscription_reads_for_itself_keeps_its_order_with_what_it_queue
     assert_eq!((stats.delivered, stats.reconnects), (2, 1));
 }
 
-/// A target over a fresh [`Silent`] transport, and its subscription of `a:1` with a queue of
-/// one event under `overflow`.
+/// [`silent_target`] with a queue of one event under `overflow`.
 async fn silent_target_of_one(
     overflow: Overflow,
 ) -> (Silent, EventTarget, alkdev_pubsub::Subscription) {
-    let silent = Silent::default();
-    let events: EventTarget = EventTarget::new(silent.clone());
-    let options = SubscribeOptions::new().capacity(1).overflow(overflow);
-    let a = events.subscribe_with("a:1", options).await.unwrap();
-    (silent, events, a)
+    silent_target_with(SubscribeOptions::new().capacity(1).overflow(overflow)).await
 }
 
 #[tokio::test(start_paused = true)]
