@@ -60,9 +60,11 @@ pub enum Overflow {
     /// Wait for room: lossless, but a slow subscriber slows delivery (to every subscription
     /// sharing its queue, too). On the in-process target it slows the publisher of that topic;
     /// behind a transport it pauses the driver's inbound side, and so every topic of the
-    /// target. Note that redis-rs reads Redis pub/sub messages
-    /// into an unbounded buffer of its own: over Redis, a subscriber that blocks for long
-    /// moves the backlog there rather than bounding it; prefer the dropping policies there.
+    /// target. Over Redis, the backlog then waits in the socket and in Redis, which bounds
+    /// it per client (`client-output-buffer-limit pubsub`) by closing the connection: the
+    /// reconnect layer reconnects, and the subscriber hears of the gap. (Over a redis-rs
+    /// `PubSub` given to `RedisTransport::from_clients`, redis-rs reads messages into an
+    /// unbounded buffer of its own instead.) Prefer the dropping policies there.
     Block,
 }
 

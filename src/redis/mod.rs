@@ -10,9 +10,22 @@
 //!   the server's confirmation is surfaced as [`Up::Subscribed`], so
 //!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the
 //!   subscription.
-//! - Messages come up as `(channel, frame)`: a frame of up to 1 KiB is copied into an 8 KiB
-//!   chunk that the next frames share (an allocation per message costs more than the copy); a
-//!   larger one shares redis-rs's buffer, uncopied.
+//! - The publish connection is redis-rs's. The subscribe connection that
+//!   [`connect`](RedisTransport::connect) opens is this transport's own: a TCP or Unix socket
+//!   speaking RESP2 (also when the URL asks for RESP3, which then applies to the publish
+//!   connection), read by whichever task polls the transport, with no task or channel of its
+//!   own, and parsed by hand (a subscribe connection is sent few kinds of frames). That costs
+//!   about half the CPU per message of redis-rs's `PubSub` (see BENCHMARKS.md), and a
+//!   subscriber that stops reading stops reading the socket, so TCP holds the backlog back
+//!   (redis-rs buffers it in memory, without a bound). TLS (`rediss://`) is not supported.
+//! - Messages come up as `(channel, frame)`. Over our own connection, a frame is a slice of the
+//!   connection's read buffer, uncopied. Over a redis-rs `PubSub` given to
+//!   [`from_clients`](RedisTransport::from_clients), a frame of up to 1 KiB is copied into an
+//!   8 KiB chunk that the next frames share (an allocation per message costs more than the
+//!   copy); a larger one shares redis-rs's buffer, uncopied.
+//! - A frame the subscribe connection cannot parse, one over Redis's own limit of 512 MiB for a
+//!   bulk string, or a reply to no command fails the transport with a
+//!   [protocol](crate::ErrorKind::Protocol) error (the reconnect layer then opens a new one).
 //! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval)
 //!   (while messages keep coming, at their next pause: they show it alive); a ping unanswered
 //!   within [`ping_timeout`](RedisConfig::ping_timeout), a command unanswered within
@@ -43,6 +56,8 @@
 
 #[cfg(feature = "redis-cluster")]
 pub mod cluster;
+mod resp;
+mod subscriber;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -59,6 +74,8 @@ use redis::{AsyncConnectionConfig, Client, Msg, RedisError};
 use tokio::time::{Instant, Sleep};
 
 use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
+use resp::Frame;
+use subscriber::SubscribeConnection;
 
 /// Publishes fed beyond this many wait for the pipeline in flight to be acknowledged.
 const MAX_PIPELINE: usize = 4096;
@@ -143,20 +160,24 @@ impl RedisConfig {
             .get_multiplexed_async_connection_with_config(&connection_config)
             .await
             .map_err(|e| connect_error(&where_, "the publish connection", e))?;
-        let subscriber = tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Connect,
-                    format!(
-                        "opening the subscribe connection to {where_}: no answer within {:?}",
-                        self.connect_timeout
-                    ),
-                )
-            })?
-            .map_err(|e| connect_error(&where_, "the subscribe connection", e))?;
-        Ok(RedisTransport::from_clients_with(
-            publisher, subscriber, self,
+        let subscriber = tokio::time::timeout(
+            self.connect_timeout,
+            SubscribeConnection::connect(client.get_connection_info(), where_.clone()),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Connect,
+                format!(
+                    "opening the subscribe connection to {where_}: no answer within {:?}",
+                    self.connect_timeout
+                ),
+            )
+        })??;
+        Ok(RedisTransport::new(
+            publisher,
+            Subscriber::Own(Box::new(subscriber)),
+            self,
         ))
     }
 }
@@ -210,15 +231,68 @@ fn redis_error(what: &str, error: RedisError) -> Error {
     Error::with_source(kind, format!("{what}: {error}"), error)
 }
 
+/// The subscribe connection.
+enum Subscriber {
+    /// The connection [`RedisConfig::connect`] opens: read and written by this transport's own
+    /// polls.
+    Own(Box<SubscribeConnection>),
+    /// A redis-rs `PubSub` given to [`RedisTransport::from_clients`], with its own task.
+    RedisRs {
+        sink: PubSubSink,
+        messages: PubSubStream,
+    },
+}
+
 /// What the subscribe connection is doing.
 enum Control {
     Idle,
-    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of these topics, awaiting the server's confirmation.
+    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of these topics sent over a redis-rs `PubSub`, awaiting
+    /// the server's confirmation.
     InFlight {
         subscribe: bool,
         topics: Vec<Topic>,
         reply: BoxFuture<'static, Result<()>>,
     },
+    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of these topics sent over our own connection, of which
+    /// `confirmed` are confirmed (the server confirms each channel, in order).
+    Sent {
+        subscribe: bool,
+        topics: Vec<Topic>,
+        confirmed: usize,
+    },
+}
+
+/// A command sent over our own subscribe connection and not answered yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    /// The command of [`Control::Sent`].
+    Control,
+    Ping,
+}
+
+/// What a `SUBSCRIBE` or `UNSUBSCRIBE` is, for messages.
+fn describe_control(subscribe: bool, topics: &[Topic]) -> String {
+    format!(
+        "{} {} channel(s) starting with {:?}",
+        if subscribe {
+            "SUBSCRIBE to"
+        } else {
+            "UNSUBSCRIBE from"
+        },
+        topics.len(),
+        topics.first().map_or("", |topic| topic.as_str())
+    )
+}
+
+/// An error reply of the server to `what`, as redis-rs would classify it.
+fn server_error(what: &str, reply: &[u8]) -> Error {
+    let reply = String::from_utf8_lossy(reply);
+    let code = reply.split(' ').next().unwrap_or_default();
+    let kind = match code {
+        "BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" => ErrorKind::Busy,
+        _ => ErrorKind::Rejected,
+    };
+    Error::new(kind, format!("{what}: {reply}"))
 }
 
 /// The Redis pub/sub transport: see the [module](self).
@@ -232,16 +306,21 @@ pub struct RedisTransport {
     in_flight: Option<BoxFuture<'static, (redis::Pipeline, Result<()>)>>,
     /// An emptied pipeline, ready to take the place of the one sent next.
     spare: Option<redis::Pipeline>,
-    subscriber: PubSubSink,
-    messages: PubSubStream,
+    subscriber: Subscriber,
     /// Subscribes and unsubscribes not yet sent, in order.
     pending: VecDeque<Command<()>>,
     /// How many of the first pending commands go out one by one (after a refused batch).
     singly: usize,
     control: Control,
+    /// Commands sent over our own subscribe connection, not answered yet, in order, with when
+    /// their answer is due.
+    requests: VecDeque<(Request, Instant)>,
+    /// Fires when the first of `requests` is due.
+    reply_timer: Pin<Box<Sleep>>,
     signals: VecDeque<Up<Bytes>>,
     reader: Option<Waker>,
     ping: Pin<Box<Sleep>>,
+    /// A ping over a redis-rs `PubSub`.
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
     failed: Option<Error>,
@@ -274,7 +353,9 @@ impl RedisTransport {
 
     /// A transport over connections the caller opened: `publish` may be shared with other
     /// users (it is a cheap clone of a multiplexed connection); `subscribe` is this
-    /// transport's own.
+    /// transport's own. (Messages then come through redis-rs's `PubSub`, its task and its
+    /// parser; [`connect`](Self::connect) opens a subscribe connection that this transport
+    /// reads itself, which costs about half as much per message.)
     pub fn from_clients(publish: MultiplexedConnection, subscribe: PubSub) -> Self {
         Self::from_clients_with(publish, subscribe, RedisConfig::default())
     }
@@ -285,7 +366,11 @@ impl RedisTransport {
         subscribe: PubSub,
         config: RedisConfig,
     ) -> Self {
-        let (subscriber, messages) = subscribe.split();
+        let (sink, messages) = subscribe.split();
+        Self::new(publish, Subscriber::RedisRs { sink, messages }, config)
+    }
+
+    fn new(publish: MultiplexedConnection, subscriber: Subscriber, config: RedisConfig) -> Self {
         RedisTransport {
             publisher: publish,
             pipeline: redis::pipe(),
@@ -293,10 +378,11 @@ impl RedisTransport {
             spare: None,
             in_flight: None,
             subscriber,
-            messages,
             pending: VecDeque::new(),
             singly: 0,
             control: Control::Idle,
+            requests: VecDeque::new(),
+            reply_timer: Box::pin(tokio::time::sleep(config.response_timeout)),
             signals: VecDeque::new(),
             reader: None,
             ping: Box::pin(tokio::time::sleep(config.ping_interval)),
@@ -343,7 +429,7 @@ impl RedisTransport {
     /// one wait for it, so that a target hears its own publishes on a topic it just joined
     /// (the two use different connections).
     fn subscribing(&self) -> bool {
-        !self.pending.is_empty() || matches!(self.control, Control::InFlight { .. })
+        !self.pending.is_empty() || !matches!(self.control, Control::Idle)
     }
 
     /// Drives the publish pipelines; `Ready(Ok)` once every fed publish is acknowledged.
@@ -378,6 +464,57 @@ impl RedisTransport {
         }
     }
 
+    /// The answer to a `SUBSCRIBE` or `UNSUBSCRIBE` of `topics`: signals for the reading side,
+    /// or, for a refused batch, its topics sent again one by one. An error only if the
+    /// transport failed.
+    fn control_answered(
+        &mut self,
+        subscribe: bool,
+        topics: Vec<Topic>,
+        result: Result<()>,
+    ) -> Result<()> {
+        // The answer becomes a signal (or a failure) for the reading side, which may be
+        // another task than the one that read it.
+        if let Some(reader) = &self.reader {
+            reader.wake_by_ref();
+        }
+        match result {
+            Ok(()) => {
+                self.signals.extend(topics.into_iter().map(|topic| {
+                    if subscribe {
+                        Up::Subscribed(topic)
+                    } else {
+                        Up::Unsubscribed(topic)
+                    }
+                }));
+            }
+            Err(error) if error.is_unrecoverable() => return Err(self.fail(error)),
+            Err(error) if topics.len() > 1 => {
+                // Refused, but for which channel? Ask for each alone.
+                tracing::debug!(%error, "a batched (UN)SUBSCRIBE was refused; retrying one by one");
+                self.singly += topics.len();
+                for topic in topics.into_iter().rev() {
+                    self.pending.push_front(if subscribe {
+                        Command::Subscribe(topic)
+                    } else {
+                        Command::Unsubscribe(topic)
+                    });
+                }
+            }
+            Err(error) => {
+                // Refused for this channel alone: the connection goes on.
+                let topic = topics.into_iter().next().expect("one topic");
+                self.signals.push_back(if subscribe {
+                    Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
+                } else {
+                    tracing::warn!(%error, %topic, "UNSUBSCRIBE was refused");
+                    Up::Unsubscribed(topic)
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Drives subscribes and unsubscribes, one command at a time, in order.
     fn poll_control(&mut self, cx: &mut Context<'_>) -> Result<()> {
         loop {
@@ -386,52 +523,21 @@ impl RedisTransport {
                     let Poll::Ready(result) = reply.as_mut().poll(cx) else {
                         return Ok(());
                     };
-                    // The answer becomes a signal (or a failure) for the reading side, which
-                    // may be another task than the one that polled it.
-                    if let Some(reader) = &self.reader {
-                        reader.wake_by_ref();
-                    }
                     let Control::InFlight {
                         subscribe, topics, ..
                     } = std::mem::replace(&mut self.control, Control::Idle)
                     else {
                         unreachable!("matched above");
                     };
-                    let topics = match result {
-                        Ok(()) => topics,
-                        Err(error) if error.is_unrecoverable() => return Err(self.fail(error)),
-                        Err(error) if topics.len() > 1 => {
-                            // Refused, but for which channel? Ask for each alone.
-                            tracing::debug!(%error, "a batched (UN)SUBSCRIBE was refused; retrying one by one");
-                            self.singly += topics.len();
-                            for topic in topics.into_iter().rev() {
-                                self.pending.push_front(if subscribe {
-                                    Command::Subscribe(topic)
-                                } else {
-                                    Command::Unsubscribe(topic)
-                                });
-                            }
-                            continue;
-                        }
-                        Err(error) => {
-                            // Refused for this channel alone: the connection goes on.
-                            let topic = topics.into_iter().next().expect("one topic");
-                            self.signals.push_back(if subscribe {
-                                Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
-                            } else {
-                                tracing::warn!(%error, %topic, "UNSUBSCRIBE was refused");
-                                Up::Unsubscribed(topic)
-                            });
-                            continue;
-                        }
-                    };
-                    self.signals.extend(topics.into_iter().map(|topic| {
-                        if subscribe {
-                            Up::Subscribed(topic)
-                        } else {
-                            Up::Unsubscribed(topic)
-                        }
-                    }));
+                    self.control_answered(subscribe, topics, result)?;
+                }
+                Control::Sent { .. } => {
+                    // Answered by what the connection reads: read it from here too, so that
+                    // a sink that nobody reads still hears the answer.
+                    self.poll_replies(cx)?;
+                    if matches!(self.control, Control::Sent { .. }) {
+                        return Ok(());
+                    }
                 }
                 Control::Idle => {
                     let Some(first) = self.pending.pop_front() else {
@@ -457,47 +563,282 @@ impl RedisTransport {
                         }
                         topics.push(self.pending.pop_front().expect("peeked").topic().clone());
                     }
-                    let names: Vec<String> = topics.iter().map(|t| t.as_str().to_owned()).collect();
-                    let mut sink = self.subscriber.clone();
-                    let timeout = self.config.response_timeout;
-                    let what = format!(
-                        "{} {} channel(s) starting with {:?}",
-                        if subscribe {
-                            "SUBSCRIBE to"
-                        } else {
-                            "UNSUBSCRIBE from"
-                        },
-                        names.len(),
-                        names[0]
-                    );
-                    let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
-                        let request = async {
-                            if subscribe {
-                                sink.subscribe(&names).await
-                            } else {
-                                sink.unsubscribe(&names).await
-                            }
-                        };
-                        match tokio::time::timeout(timeout, request).await {
-                            Ok(result) => result.map_err(|e| redis_error(&what, e)),
-                            Err(_) => Err(Error::new(
-                                ErrorKind::Timeout,
-                                format!("{what}: no answer within {timeout:?}"),
-                            )),
-                        }
-                    });
-                    self.control = Control::InFlight {
-                        subscribe,
-                        topics,
-                        reply,
-                    };
+                    self.send_control(subscribe, topics);
                 }
             }
         }
     }
 
+    /// Sends a `SUBSCRIBE` or `UNSUBSCRIBE` of `topics`.
+    fn send_control(&mut self, subscribe: bool, topics: Vec<Topic>) {
+        let verb: &[u8] = if subscribe {
+            b"SUBSCRIBE"
+        } else {
+            b"UNSUBSCRIBE"
+        };
+        match &mut self.subscriber {
+            Subscriber::Own(connection) => {
+                let args: Vec<&[u8]> = std::iter::once(verb)
+                    .chain(topics.iter().map(|topic| topic.as_bytes()))
+                    .collect();
+                connection.send(&args);
+                self.request(Request::Control, self.config.response_timeout);
+                self.control = Control::Sent {
+                    subscribe,
+                    topics,
+                    confirmed: 0,
+                };
+            }
+            Subscriber::RedisRs { sink, .. } => {
+                let names: Vec<String> = topics.iter().map(|t| t.as_str().to_owned()).collect();
+                let mut sink = sink.clone();
+                let timeout = self.config.response_timeout;
+                let what = describe_control(subscribe, &topics);
+                let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
+                    let request = async {
+                        if subscribe {
+                            sink.subscribe(&names).await
+                        } else {
+                            sink.unsubscribe(&names).await
+                        }
+                    };
+                    match tokio::time::timeout(timeout, request).await {
+                        Ok(result) => result.map_err(|e| redis_error(&what, e)),
+                        Err(_) => Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!("{what}: no answer within {timeout:?}"),
+                        )),
+                    }
+                });
+                self.control = Control::InFlight {
+                    subscribe,
+                    topics,
+                    reply,
+                };
+            }
+        }
+    }
+
+    /// Notes a command sent over our own connection, answered within `timeout`.
+    fn request(&mut self, request: Request, timeout: Duration) {
+        let due = Instant::now() + timeout;
+        if self.requests.is_empty() {
+            self.reply_timer.as_mut().reset(due);
+        }
+        self.requests.push_back((request, due));
+    }
+
+    /// The first of `requests` is answered.
+    fn answered(&mut self) -> Option<Request> {
+        let (request, _) = self.requests.pop_front()?;
+        if let Some((_, due)) = self.requests.front() {
+            self.reply_timer.as_mut().reset(*due);
+        }
+        Some(request)
+    }
+
+    /// Reads our own connection for the answers to its commands while a `SUBSCRIBE` or
+    /// `UNSUBSCRIBE` waits for one, keeping the messages read meanwhile for the reading side.
+    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        while matches!(self.control, Control::Sent { .. }) {
+            match self.poll_message(cx) {
+                Poll::Ready(Ok(Some(message))) => self.signals.push_back(message),
+                Poll::Ready(Ok(None)) => {}
+                Poll::Ready(Err(error)) => return Err(self.fail(error)),
+                Poll::Pending => {
+                    self.poll_reply_timeout(cx)?;
+                    break;
+                }
+            }
+        }
+        // The socket now wakes this task: the reading side, if another, must look again.
+        if let Some(reader) = &self.reader {
+            if !reader.will_wake(cx.waker()) {
+                reader.wake_by_ref();
+            }
+        }
+        Ok(())
+    }
+
+    /// The next message of the subscribe connection, `Ok(None)` if what it read was an answer
+    /// to a command (handled).
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Up<Bytes>>>> {
+        match &mut self.subscriber {
+            Subscriber::Own(connection) => {
+                if let Poll::Ready(Err(error)) = connection.poll_write(cx) {
+                    return Poll::Ready(Err(error));
+                }
+                let frame = std::task::ready!(connection.poll_frame(cx))?;
+                Poll::Ready(self.handle_frame(frame))
+            }
+            Subscriber::RedisRs { messages, .. } => {
+                match std::task::ready!(Pin::new(messages).poll_next(cx)) {
+                    Some(message) => {
+                        let channel = self.channel(message.get_channel_name().as_bytes());
+                        let frame = self.frames.frame(message);
+                        Poll::Ready(Ok(Some(Up::Message {
+                            channel: Some(channel),
+                            message: frame,
+                        })))
+                    }
+                    None => Poll::Ready(Err(Error::connection_lost(
+                        "the Redis subscribe connection closed",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The topic of a message's channel.
+    fn channel(&mut self, name: &[u8]) -> Topic {
+        match &self.last_channel {
+            Some(last) if last.as_bytes() == name => last.clone(),
+            _ => {
+                let channel = Topic::from(String::from_utf8_lossy(name).as_ref());
+                self.last_channel = Some(channel.clone());
+                channel
+            }
+        }
+    }
+
+    /// A frame of our own connection: a message, or an answer to a command.
+    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Up<Bytes>>> {
+        let unexpected = |frame: &Frame| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "the Redis subscribe connection was sent {frame:?}, which it did not ask for"
+                ),
+            )
+        };
+        match frame {
+            Frame::Message { channel, payload } => {
+                return Ok(Some(Up::Message {
+                    channel: Some(self.channel(&channel)),
+                    message: payload,
+                }))
+            }
+            Frame::Subscribed(ref channel) | Frame::Unsubscribed(ref channel) => {
+                let subscribing = matches!(frame, Frame::Subscribed(_));
+                let Control::Sent {
+                    subscribe,
+                    topics,
+                    confirmed,
+                } = &mut self.control
+                else {
+                    return Err(unexpected(&frame));
+                };
+                if *subscribe != subscribing
+                    || self.requests.front().map(|(request, _)| *request) != Some(Request::Control)
+                    || topics[*confirmed].as_bytes() != &channel[..] && !channel.is_empty()
+                {
+                    return Err(unexpected(&frame));
+                }
+                *confirmed += 1;
+                if *confirmed == topics.len() {
+                    self.answered();
+                    let Control::Sent {
+                        subscribe, topics, ..
+                    } = std::mem::replace(&mut self.control, Control::Idle)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    self.control_answered(subscribe, topics, Ok(()))?;
+                }
+            }
+            Frame::Pong => {
+                if self.requests.front().map(|(request, _)| *request) != Some(Request::Ping) {
+                    return Err(unexpected(&frame));
+                }
+                self.answered();
+                let next = Instant::now() + self.config.ping_interval;
+                self.ping.as_mut().reset(next);
+            }
+            Frame::Error(ref reply) => match self.requests.front().map(|(request, _)| *request) {
+                Some(Request::Control) => {
+                    self.answered();
+                    let Control::Sent {
+                        subscribe, topics, ..
+                    } = std::mem::replace(&mut self.control, Control::Idle)
+                    else {
+                        return Err(unexpected(&frame));
+                    };
+                    let error = server_error(&describe_control(subscribe, &topics), reply);
+                    self.control_answered(subscribe, topics, Err(error))?;
+                }
+                Some(Request::Ping) => {
+                    return Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!(
+                            "pinging the subscribe connection: {}",
+                            String::from_utf8_lossy(reply)
+                        ),
+                    ))
+                }
+                None => return Err(unexpected(&frame)),
+            },
+            Frame::Simple(_) | Frame::Unexpected(_) => return Err(unexpected(&frame)),
+        }
+        Ok(None)
+    }
+
+    /// Fails the transport if the first command of our own connection is not answered in
+    /// time; otherwise registers `cx` to be woken when it is due.
+    fn poll_reply_timeout(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        let Some((request, _)) = self.requests.front() else {
+            return Ok(());
+        };
+        if self.reply_timer.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        let error = match (request, &self.control) {
+            (
+                Request::Control,
+                Control::Sent {
+                    subscribe, topics, ..
+                },
+            ) => Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{}: no answer within {:?}",
+                    describe_control(*subscribe, topics),
+                    self.config.response_timeout
+                ),
+            ),
+            _ => Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the subscribe connection did not answer a PING within {:?}",
+                    self.config.ping_timeout
+                ),
+            ),
+        };
+        Err(self.fail(error))
+    }
+
     /// Pings the subscribe connection on schedule; an error once it is declared dead.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if let Subscriber::Own(_) = self.subscriber {
+            self.poll_reply_timeout(cx)?;
+            if self
+                .requests
+                .iter()
+                .any(|(request, _)| *request == Request::Ping)
+                || self.ping.as_mut().poll(cx).is_pending()
+            {
+                return Ok(());
+            }
+            let Subscriber::Own(connection) = &mut self.subscriber else {
+                unreachable!("matched above");
+            };
+            connection.send(&[b"PING"]);
+            if let Poll::Ready(Err(error)) = connection.poll_write(cx) {
+                return Err(self.fail(error));
+            }
+            self.request(Request::Ping, self.config.ping_timeout);
+            // Registers the timer for the answer, if it is the first awaited.
+            return self.poll_reply_timeout(cx);
+        }
         if let Some(reply) = &mut self.ping_reply {
             match reply.as_mut().poll(cx) {
                 Poll::Ready(Ok(())) => {
@@ -510,7 +851,10 @@ impl RedisTransport {
             }
         }
         if self.ping.as_mut().poll(cx).is_ready() {
-            let mut sink = self.subscriber.clone();
+            let Subscriber::RedisRs { sink, .. } = &self.subscriber else {
+                unreachable!("our own connection returned above");
+            };
+            let mut sink = sink.clone();
             let timeout = self.config.ping_timeout;
             let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
                 match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
@@ -644,51 +988,37 @@ impl Stream for RedisTransport {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(signal) = this.signals.pop_front() {
-            return Poll::Ready(Some(Ok(signal)));
-        }
-        if this.failed.is_some() {
-            // Reported once; then the stream ends.
-            return Poll::Ready(None);
-        }
-        crate::waker::remember(&mut this.reader, cx);
-        if let Err(error) = this.poll_control(cx) {
-            return Poll::Ready(Some(Err(error)));
-        }
-        if let Some(signal) = this.signals.pop_front() {
-            return Poll::Ready(Some(Ok(signal)));
-        }
-        match Pin::new(&mut this.messages).poll_next(cx) {
-            Poll::Ready(Some(message)) => {
-                let name = message.get_channel_name();
-                let channel = match &this.last_channel {
-                    Some(last) if last.as_str() == name => last.clone(),
-                    _ => {
-                        let channel = Topic::from(name);
-                        this.last_channel = Some(channel.clone());
-                        channel
+        loop {
+            if let Some(signal) = this.signals.pop_front() {
+                return Poll::Ready(Some(Ok(signal)));
+            }
+            if this.failed.is_some() {
+                // Reported once; then the stream ends.
+                return Poll::Ready(None);
+            }
+            crate::waker::remember(&mut this.reader, cx);
+            if let Err(error) = this.poll_control(cx) {
+                return Poll::Ready(Some(Err(error)));
+            }
+            if let Some(signal) = this.signals.pop_front() {
+                return Poll::Ready(Some(Ok(signal)));
+            }
+            match this.poll_message(cx) {
+                Poll::Ready(Ok(Some(message))) => return Poll::Ready(Some(Ok(message))),
+                // An answer to a command: look again.
+                Poll::Ready(Ok(None)) => {}
+                Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(this.fail(error)))),
+                // Liveness is looked at only when no message is ready: traffic shows the
+                // connection is alive, and its ping timer costs a poll per message otherwise.
+                // A ping's reply waiting meanwhile is not late for it (its timeout looks at the
+                // reply first).
+                Poll::Pending => {
+                    return match this.poll_liveness(cx) {
+                        Ok(()) => Poll::Pending,
+                        Err(error) => Poll::Ready(Some(Err(error))),
                     }
-                };
-                let frame = this.frames.frame(message);
-                Poll::Ready(Some(Ok(Up::Message {
-                    channel: Some(channel),
-                    message: frame,
-                })))
+                }
             }
-            Poll::Ready(None) => {
-                let error = this.fail(Error::connection_lost(
-                    "the Redis subscribe connection closed",
-                ));
-                Poll::Ready(Some(Err(error)))
-            }
-            // Liveness is looked at only when no message is ready: traffic shows the
-            // connection is alive, and its ping timer costs a poll per message otherwise. A
-            // ping's reply waiting meanwhile is not late for it (its timeout looks at the reply
-            // first).
-            Poll::Pending => match this.poll_liveness(cx) {
-                Ok(()) => Poll::Pending,
-                Err(error) => Poll::Ready(Some(Err(error))),
-            },
         }
     }
 }

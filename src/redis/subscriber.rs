@@ -1,0 +1,181 @@
+//! The subscribe connection that [`RedisConfig::connect`](super::RedisConfig::connect) opens:
+//! a socket that speaks RESP2 in subscribe mode, read and written from the transport's own
+//! polls (no task of its own, so a message is parsed by the task that routes it).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use redis::{ConnectionAddr, ConnectionInfo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::resp::{self, Frame};
+use crate::layers::{Error, ErrorKind, Result};
+
+/// Read space kept free before each read of the socket.
+const READ_SPACE: usize = 16 * 1024;
+
+/// A socket the connection runs over: TCP or a Unix socket.
+trait Io: AsyncRead + AsyncWrite + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Send> Io for T {}
+
+/// A Redis connection in subscribe mode: see the [module](self).
+pub(crate) struct SubscribeConnection {
+    io: Pin<Box<dyn Io>>,
+    /// What was read and not parsed yet. A message's payload is split off it (see
+    /// [`resp`]), so this is a new allocation once the readers of the old one are done.
+    read: BytesMut,
+    /// Commands not written yet.
+    write: BytesMut,
+    /// Where it is connected, for messages (the URL without its password).
+    peer: String,
+}
+
+impl SubscribeConnection {
+    /// Connects to `info`'s address and authenticates with its credentials. `peer` names the
+    /// server in errors.
+    pub(crate) async fn connect(info: &ConnectionInfo, peer: String) -> Result<Self> {
+        let failed = |error: std::io::Error| {
+            Error::with_source(
+                ErrorKind::Connect,
+                format!("opening the subscribe connection to {peer}: {error}"),
+                error,
+            )
+        };
+        let io: Pin<Box<dyn Io>> = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(failed)?;
+                stream.set_nodelay(true).map_err(failed)?;
+                Box::pin(stream)
+            }
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => {
+                Box::pin(tokio::net::UnixStream::connect(path).await.map_err(failed)?)
+            }
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!("opening the subscribe connection to {peer}: {other} is not supported (TCP and Unix sockets are)"),
+                ))
+            }
+        };
+        let mut connection = SubscribeConnection {
+            io,
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            peer,
+        };
+        let settings = info.redis_settings();
+        if let Some(password) = settings.password() {
+            let mut auth = vec![&b"AUTH"[..]];
+            auth.extend(settings.username().map(str::as_bytes));
+            auth.push(password.as_bytes());
+            connection.send(&auth);
+            std::future::poll_fn(|cx| connection.poll_write(cx)).await?;
+            match std::future::poll_fn(|cx| connection.poll_frame(cx)).await? {
+                Frame::Simple(ok) if ok == "OK" => {}
+                Frame::Error(error) => {
+                    return Err(Error::new(
+                        ErrorKind::Connect,
+                        format!(
+                            "authenticating the subscribe connection to {}: {}",
+                            connection.peer,
+                            String::from_utf8_lossy(&error)
+                        ),
+                    ))
+                }
+                other => return Err(connection.unexpected(&other, "AUTH")),
+            }
+        }
+        Ok(connection)
+    }
+
+    /// Queues a command; [`poll_write`](Self::poll_write) sends it.
+    pub(crate) fn send(&mut self, args: &[&[u8]]) {
+        resp::command(&mut self.write, args);
+    }
+
+    /// Writes the queued commands; `Ready(Ok)` once all are written.
+    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.write.is_empty() {
+            // Nothing was queued since the last write (a socket's flush does nothing).
+            return Poll::Ready(Ok(()));
+        }
+        while !self.write.is_empty() {
+            match std::task::ready!(self.io.as_mut().poll_write(cx, &self.write)) {
+                Ok(0) => return Poll::Ready(Err(self.lost("writing a command", None))),
+                Ok(written) => {
+                    let _ = self.write.split_to(written);
+                }
+                Err(error) => return Poll::Ready(Err(self.lost("writing a command", Some(error)))),
+            }
+        }
+        std::task::ready!(self.io.as_mut().poll_flush(cx))
+            .map_err(|error| self.lost("writing a command", Some(error)))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next frame: from what was read, or once more is read.
+    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
+        loop {
+            match resp::parse(&mut self.read) {
+                Ok(Some(frame)) => return Poll::Ready(Ok(frame)),
+                Ok(None) => {}
+                Err(error) => {
+                    return Poll::Ready(Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!(
+                            "reading the subscribe connection to {}: {}",
+                            self.peer, error.0
+                        ),
+                    )))
+                }
+            }
+            if self.read.capacity() - self.read.len() < READ_SPACE {
+                self.read.reserve(READ_SPACE);
+            }
+            match std::task::ready!(tokio_util::io::poll_read_buf(
+                self.io.as_mut(),
+                cx,
+                &mut self.read
+            )) {
+                Ok(0) => {
+                    return Poll::Ready(Err(self.lost("reading", None)));
+                }
+                Ok(_) => {}
+                Err(error) => return Poll::Ready(Err(self.lost("reading", Some(error)))),
+            }
+        }
+    }
+
+    /// A frame this connection is not sent in answer to `what`.
+    pub(crate) fn unexpected(&self, frame: &Frame, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "the subscribe connection to {} answered {what} with {frame:?}",
+                self.peer
+            ),
+        )
+    }
+
+    fn lost(&self, what: &str, error: Option<std::io::Error>) -> Error {
+        match error {
+            Some(error) => Error::with_source(
+                ErrorKind::ConnectionLost,
+                format!(
+                    "the Redis subscribe connection to {} failed {what}: {error}",
+                    self.peer
+                ),
+                error,
+            ),
+            None => Error::connection_lost(format!(
+                "the Redis subscribe connection to {} closed",
+                self.peer
+            )),
+        }
+    }
+}
