@@ -583,3 +583,84 @@ async fn a_sink_alone_sends_publishes_held_behind_a_subscribe() {
         .unwrap();
     assert_eq!(message.get_payload_bytes(), b"after the subscribe");
 }
+
+/// A Unix socket and a password without a user name (`AUTH password`): the subscribe
+/// connection, which the transport opens itself, uses both as the publish connection does.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_and_a_password_reach_both_connections() {
+    let socket = std::env::temp_dir().join(format!(
+        "alkdev-pubsub-test-{}-{}.sock",
+        std::process::id(),
+        testkit::free_port()
+    ));
+    let server = RedisServer::start_with(&[
+        "--unixsocket",
+        socket.to_str().unwrap(),
+        "--unixsocketperm",
+        "700",
+    ]);
+    assert_eq!(
+        server.cli(&["CONFIG", "SET", "requirepass", "s3cret"]),
+        "OK"
+    );
+    let url = format!("redis+unix://{}?pass=s3cret", socket.display());
+    let events = stack(&url, "alk:events:", 1024);
+    let mut subscription = events.subscribe("unix:1").await.unwrap();
+    for n in 0..3 {
+        events
+            .dispatch_confirmed(numbered("unix", "1", n))
+            .await
+            .unwrap();
+    }
+    for n in 0..3 {
+        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(n));
+    }
+    events.close().await;
+
+    // A wrong password is refused, and the error does not print it.
+    let error = config()
+        .connect(format!("redis+unix://{}?pass=wrong", socket.display()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Connect, "{error}");
+    assert!(!error.to_string().contains("wrong"), "{error}");
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// A transport over a redis-rs `PubSub` the caller opened (`from_clients`) still subscribes,
+/// receives, unsubscribes and pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_over_a_redis_rs_pubsub_still_works() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let publish = client.get_multiplexed_async_connection().await.unwrap();
+    let subscribe = client.get_async_pubsub().await.unwrap();
+    let transport = RedisTransport::from_clients_with(publish, subscribe, config());
+    let events: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .service(transport),
+    );
+    let mut subscription = events.subscribe("rs:1").await.unwrap();
+    for n in 0..3 {
+        events
+            .dispatch_confirmed(numbered("rs", "1", n))
+            .await
+            .unwrap();
+    }
+    for n in 0..3 {
+        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(n));
+    }
+    // Quiet for longer than the ping interval: the pings are answered, the transport lives.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    events
+        .dispatch_confirmed(numbered("rs", "1", 3))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(3));
+    drop(subscription);
+    wait_until(|| server.cli(&["PUBSUB", "NUMSUB", "rs:1"]).ends_with("\n0")).await;
+    assert_eq!(events.stats().reconnects, 0);
+}

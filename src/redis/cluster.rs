@@ -132,6 +132,8 @@ impl RedisClusterTransport {
         timeout: Duration,
     ) -> Result<Self> {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        // For messages: never a password.
+        let printed: Vec<String> = seeds.iter().map(|seed| super::redact(seed)).collect();
         let (push_tx, pushes) = mpsc::unbounded_channel();
         let client = ClusterClientBuilder::new(seeds.clone())
             .use_protocol(ProtocolVersion::RESP3)
@@ -142,14 +144,14 @@ impl RedisClusterTransport {
             .map_err(|e| {
                 Error::with_source(
                     ErrorKind::Connect,
-                    format!("cluster seeds {seeds:?}: {e}"),
+                    format!("cluster seeds {printed:?}: {e}"),
                     e,
                 )
             })?;
         let connection = client.get_async_connection().await.map_err(|e| {
             Error::with_source(
                 ErrorKind::Connect,
-                format!("connecting to the cluster {seeds:?}: {e}"),
+                format!("connecting to the cluster {printed:?}: {e}"),
                 e,
             )
         })?;

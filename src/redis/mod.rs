@@ -182,9 +182,19 @@ impl RedisConfig {
     }
 }
 
-/// A URL without its password, for messages.
+/// Not part of the API: the subscribe connection's parser, for the fuzz target
+/// `redis_frames`. Parses `wire` delivered in pieces that end at `cuts` (ascending offsets);
+/// returns what was read, as debug text, up to the end or the first protocol error (then that
+/// error, last).
+#[doc(hidden)]
+pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize]) -> Vec<String> {
+    resp::parse_in_pieces(wire, cuts)
+}
+
+/// A URL without its password (`user:password@`, or a `pass=` query parameter as in
+/// `redis+unix:///path?pass=...`), for messages.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut redacted = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
@@ -198,7 +208,21 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    };
+    if let Some(question) = redacted.find('?') {
+        let query: Vec<&str> = redacted[question + 1..]
+            .split('&')
+            .map(|pair| {
+                if pair.starts_with("pass=") {
+                    "pass=***"
+                } else {
+                    pair
+                }
+            })
+            .collect();
+        redacted = format!("{}?{}", &redacted[..question], query.join("&"));
     }
+    redacted
 }
 
 fn connect_error(url: &str, what: &str, error: RedisError) -> Error {
@@ -1019,6 +1043,32 @@ impl Stream for RedisTransport {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_url_is_printed_without_its_password() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:s3cret@host:1/2", "redis://:***@host:1/2"),
+            ("redis://user:s3cret@host/", "redis://user:***@host/"),
+            ("redis://user@host/", "redis://user@host/"),
+            (
+                "redis+unix:///tmp/r.sock?db=1&pass=s3cret&user=u",
+                "redis+unix:///tmp/r.sock?db=1&pass=***&user=u",
+            ),
+            (
+                "unix:///tmp/r.sock?pass=s3cret",
+                "unix:///tmp/r.sock?pass=***",
+            ),
+        ];
+        for (url, printed) in cases {
+            assert_eq!(redact(url), printed);
         }
     }
 }

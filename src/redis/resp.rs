@@ -262,6 +262,32 @@ pub(crate) fn command(out: &mut BytesMut, args: &[&[u8]]) {
     }
 }
 
+/// Parses `wire` as a connection reads it, delivered in pieces that end at `cuts` (ascending
+/// offsets; the rest comes last): what it reads, in order, as debug text, up to the end or the
+/// first protocol error (then that error, last). For the tests and the fuzz target: the frames
+/// must not depend on where the reads end.
+pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
+    let mut read = Vec::new();
+    let mut buffer = BytesMut::new();
+    let mut from = 0;
+    for end in cuts.iter().copied().chain([wire.len()]) {
+        let end = end.clamp(from, wire.len());
+        buffer.extend_from_slice(&wire[from..end]);
+        from = end;
+        loop {
+            match parse(&mut buffer) {
+                Ok(Some(frame)) => read.push(format!("{frame:?}")),
+                Ok(None) => break,
+                Err(error) => {
+                    read.push(format!("{error:?}"));
+                    return read;
+                }
+            }
+        }
+    }
+    read
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +415,65 @@ mod tests {
             &out[..],
             b"*3\r\n$9\r\nSUBSCRIBE\r\n$14\r\nalk:events:a:1\r\n$0\r\n\r\n"
         );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A frame as Redis would send it, and what it parses to.
+        fn frame() -> impl Strategy<Value = (Vec<u8>, Frame)> {
+            let bytes = || proptest::collection::vec(any::<u8>(), 0..300);
+            prop_oneof![
+                (bytes(), bytes()).prop_map(|(channel, payload)| {
+                    let mut wire = BytesMut::new();
+                    command(&mut wire, &[b"message", &channel, &payload]);
+                    let frame = Frame::Message {
+                        channel: channel.into(),
+                        payload: payload.into(),
+                    };
+                    (wire.to_vec(), frame)
+                }),
+                bytes().prop_map(|channel| {
+                    let mut wire =
+                        format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", channel.len()).into_bytes();
+                    wire.extend_from_slice(&channel);
+                    // The count of subscriptions is an integer.
+                    wire.extend_from_slice(b"\r\n:12\r\n");
+                    (wire, Frame::Subscribed(channel.into()))
+                }),
+                "[a-zA-Z ]{0,40}".prop_map(|text| {
+                    let wire = format!("-ERR {text}\r\n").into_bytes();
+                    (wire, Frame::Error(format!("ERR {text}").into()))
+                }),
+                Just((b"*2\r\n$4\r\npong\r\n$0\r\n\r\n".to_vec(), Frame::Pong)),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn frames_read_in_any_pieces_are_the_frames_sent(
+                frames in proptest::collection::vec(frame(), 0..8),
+                mut cuts in proptest::collection::vec(0usize..4000, 0..12),
+            ) {
+                let wire: Vec<u8> = frames.iter().flat_map(|(wire, _)| wire.clone()).collect();
+                cuts.sort_unstable();
+                let expected: Vec<String> =
+                    frames.iter().map(|(_, frame)| format!("{frame:?}")).collect();
+                prop_assert_eq!(parse_in_pieces(&wire, &cuts), expected);
+            }
+
+            #[test]
+            fn any_bytes_read_in_any_pieces_read_the_same(
+                wire in proptest::collection::vec(
+                    prop_oneof![any::<u8>(), Just(b'\r'), Just(b'\n'), Just(b'*'), Just(b'$'), Just(b'3')],
+                    0..200,
+                ),
+                mut cuts in proptest::collection::vec(0usize..200, 0..12),
+            ) {
+                cuts.sort_unstable();
+                prop_assert_eq!(parse_in_pieces(&wire, &cuts), parse_in_pieces(&wire, &[]));
+            }
+        }
     }
 }
