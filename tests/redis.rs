@@ -526,14 +526,17 @@ async fn a_channel_an_acl_takes_away_mid_stream_ends_its_subscription_only() {
     assert_eq!(next_gap_or_event(&mut kept).await, Ok(1));
 }
 
-/// Small payloads are copied into a chunk they share, large ones keep redis-rs's buffer: a run
-/// of both, in sizes around the limit and past the chunk, arrives intact and in order.
+/// Payloads are slices of the subscribe connection's read buffer, which a large message grows
+/// and which is replaced after it: a run of small and large payloads, in sizes around the read
+/// space (16 KiB) and past the buffer's limit (64 KiB), arrives intact and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_and_large_payloads_arrive_intact() {
     let server = RedisServer::start();
     let events = stack(&server.url(), "alk:events:", 1024);
     let mut subscription = events.subscribe("sizes:1").await.unwrap();
-    let sizes = [0usize, 10, 900, 1_000, 1_100, 5_000, 20_000, 30, 8_000, 1];
+    let sizes = [
+        0usize, 10, 900, 1_000, 1_100, 5_000, 20_000, 30, 8_000, 1, 100_000, 70_000, 3,
+    ];
     for (n, size) in sizes.iter().enumerate() {
         let payload = json!({ "n": n, "pad": "x".repeat(*size) });
         events

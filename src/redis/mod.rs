@@ -80,6 +80,14 @@ use subscriber::SubscribeConnection;
 /// Publishes fed beyond this many wait for the pipeline in flight to be acknowledged.
 const MAX_PIPELINE: usize = 4096;
 
+/// While a `SUBSCRIBE` or `UNSUBSCRIBE` waits for its confirmation, the messages that come
+/// before it are read and kept for the reading side: at most this many frames per call (then
+/// the task yields and goes on), and no more once this many messages are kept (then the
+/// confirmation waits for the reading side to take them: a listener that blocks holds the
+/// backlog in the socket and in Redis, not here).
+const REPLY_READ_BUDGET: usize = 256;
+const HELD_MESSAGES_MAX: usize = 4096;
+
 /// Settings of a [`RedisTransport`].
 ///
 /// ```
@@ -342,7 +350,11 @@ pub struct RedisTransport {
     /// Fires when the first of `requests` is due.
     reply_timer: Pin<Box<Sleep>>,
     signals: VecDeque<Up<Bytes>>,
+    /// The task reading the stream, and the one feeding the sink (the same in an event
+    /// target's driver; two when the transport is split): an answer read by one may concern
+    /// the other.
     reader: Option<Waker>,
+    writer: Option<Waker>,
     ping: Pin<Box<Sleep>>,
     /// A ping over a redis-rs `PubSub`.
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
@@ -409,6 +421,7 @@ impl RedisTransport {
             reply_timer: Box::pin(tokio::time::sleep(config.response_timeout)),
             signals: VecDeque::new(),
             reader: None,
+            writer: None,
             ping: Box::pin(tokio::time::sleep(config.ping_interval)),
             ping_reply: None,
             config,
@@ -497,10 +510,11 @@ impl RedisTransport {
         topics: Vec<Topic>,
         result: Result<()>,
     ) -> Result<()> {
-        // The answer becomes a signal (or a failure) for the reading side, which may be
-        // another task than the one that read it.
-        if let Some(reader) = &self.reader {
-            reader.wake_by_ref();
+        // The answer becomes a signal (or a failure) for the reading side, and may free
+        // publishes held behind it for the writing side: either may be another task than the
+        // one that read it.
+        for task in self.reader.iter().chain(&self.writer) {
+            task.wake_by_ref();
         }
         match result {
             Ok(()) => {
@@ -566,9 +580,9 @@ impl RedisTransport {
                 Control::Idle => {
                     let Some(first) = self.pending.pop_front() else {
                         if self.pipeline_len > 0 && self.in_flight.is_none() {
-                            // Publishes held behind the subscriptions can go now: the flush
-                            // that waits for them runs on this task.
-                            cx.waker().wake_by_ref();
+                            // Publishes held behind the subscriptions can go now: wake the
+                            // task that flushes.
+                            self.writer.as_ref().unwrap_or(cx.waker()).wake_by_ref();
                         }
                         return Ok(());
                     };
@@ -664,7 +678,17 @@ impl RedisTransport {
     /// Reads our own connection for the answers to its commands while a `SUBSCRIBE` or
     /// `UNSUBSCRIBE` waits for one, keeping the messages read meanwhile for the reading side.
     fn poll_replies(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        let mut budget = REPLY_READ_BUDGET;
         while matches!(self.control, Control::Sent { .. }) {
+            if self.signals.len() >= HELD_MESSAGES_MAX {
+                // The reading side takes them first; its next poll reads on.
+                break;
+            }
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            budget -= 1;
             match self.poll_message(cx) {
                 Poll::Ready(Ok(Some(message))) => self.signals.push_back(message),
                 Poll::Ready(Ok(None)) => {}
@@ -713,6 +737,14 @@ impl RedisTransport {
         }
     }
 
+    /// The server of our own subscribe connection, for messages.
+    fn peer(&self) -> &str {
+        match &self.subscriber {
+            Subscriber::Own(connection) => connection.peer(),
+            Subscriber::RedisRs { .. } => "Redis",
+        }
+    }
+
     /// The topic of a message's channel.
     fn channel(&mut self, name: &[u8]) -> Topic {
         match &self.last_channel {
@@ -727,11 +759,12 @@ impl RedisTransport {
 
     /// A frame of our own connection: a message, or an answer to a command.
     fn handle_frame(&mut self, frame: Frame) -> Result<Option<Up<Bytes>>> {
+        let peer = self.peer().to_owned();
         let unexpected = |frame: &Frame| {
             Error::new(
                 ErrorKind::Protocol,
                 format!(
-                    "the Redis subscribe connection was sent {frame:?}, which it did not ask for"
+                    "the Redis subscribe connection to {peer} was sent {frame:?}, which it did not ask for"
                 ),
             )
         };
@@ -754,7 +787,7 @@ impl RedisTransport {
                 };
                 if *subscribe != subscribing
                     || self.requests.front().map(|(request, _)| *request) != Some(Request::Control)
-                    || topics[*confirmed].as_bytes() != &channel[..] && !channel.is_empty()
+                    || topics[*confirmed].as_bytes() != &channel[..]
                 {
                     return Err(unexpected(&frame));
                 }
@@ -787,17 +820,21 @@ impl RedisTransport {
                     else {
                         return Err(unexpected(&frame));
                     };
-                    let error = server_error(&describe_control(subscribe, &topics), reply);
+                    let what = format!("{} on {peer}", describe_control(subscribe, &topics));
+                    let error = server_error(&what, reply);
                     self.control_answered(subscribe, topics, Err(error))?;
                 }
                 Some(Request::Ping) => {
+                    let reply = String::from_utf8_lossy(reply);
+                    let hint = if reply.starts_with("NOPERM") {
+                        " (the liveness check needs the user to be allowed PING: +ping)"
+                    } else {
+                        ""
+                    };
                     return Err(Error::new(
                         ErrorKind::Protocol,
-                        format!(
-                            "pinging the subscribe connection: {}",
-                            String::from_utf8_lossy(reply)
-                        ),
-                    ))
+                        format!("pinging the subscribe connection to {peer}: {reply}{hint}"),
+                    ));
                 }
                 None => return Err(unexpected(&frame)),
             },
@@ -824,15 +861,17 @@ impl RedisTransport {
             ) => Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{}: no answer within {:?}",
+                    "{} on {}: no answer within {:?}",
                     describe_control(*subscribe, topics),
+                    self.peer(),
                     self.config.response_timeout
                 ),
             ),
             _ => Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "the subscribe connection did not answer a PING within {:?}",
+                    "the subscribe connection to {} did not answer a PING within {:?}",
+                    self.peer(),
                     self.config.ping_timeout
                 ),
             ),
@@ -941,6 +980,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         this.check()?;
+        crate::waker::remember(&mut this.writer, cx);
         if this.pipeline_len < MAX_PIPELINE {
             return Poll::Ready(Ok(()));
         }
@@ -991,6 +1031,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         this.check()?;
+        crate::waker::remember(&mut this.writer, cx);
         this.poll_control(cx)?;
         this.poll_publishes(cx)
     }
@@ -1000,6 +1041,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
         if this.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
+        crate::waker::remember(&mut this.writer, cx);
         // Publishes held behind a subscribe go once it is answered: drive it from here.
         this.poll_control(cx)?;
         std::task::ready!(this.poll_publishes(cx))?;

@@ -20,6 +20,9 @@ const MAX_LINE: usize = 64 * 1024;
 /// The most elements in an array a subscribe connection reads (a `pmessage` has 4).
 const MAX_ELEMENTS: usize = 8;
 
+/// The most elements in an array inside a frame (one level deep only).
+const MAX_NESTED: usize = 1024 * 1024;
+
 /// What a subscribe connection reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Frame {
@@ -47,6 +50,9 @@ pub(crate) struct ProtocolError(pub(crate) String);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 enum Element {
     Bulk(Range<usize>),
+    /// An array inside the frame, kept as its raw bytes (a message whose payload is an array,
+    /// as Redis sends on `__redis__:invalidate` to a RESP2 connection).
+    Array(Range<usize>),
     #[default]
     Null,
     Integer(i64),
@@ -91,18 +97,19 @@ fn scan(bytes: &[u8]) -> Result<Option<(usize, Top)>, ProtocolError> {
             })?;
         let mut elements: [Element; MAX_ELEMENTS] = Default::default();
         for slot in elements.iter_mut().take(count) {
-            match element(bytes, &mut at)? {
+            match element(bytes, &mut at, true)? {
                 Some(element) => *slot = element,
                 None => return Ok(None),
             }
         }
         return Ok(Some((at, Top::Array(count, elements))));
     }
-    Ok(element(bytes, &mut at)?.map(|element| (at, Top::Element(element))))
+    Ok(element(bytes, &mut at, false)?.map(|element| (at, Top::Element(element))))
 }
 
-/// The element at `*at`, which moves past it; `None` if it is incomplete.
-fn element(bytes: &[u8], at: &mut usize) -> Result<Option<Element>, ProtocolError> {
+/// The element at `*at`, which moves past it; `None` if it is incomplete. An array is an
+/// element only when `nested` (one level deep).
+fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>, ProtocolError> {
     let Some(&kind) = bytes.get(*at) else {
         return Ok(None);
     };
@@ -136,6 +143,27 @@ fn element(bytes: &[u8], at: &mut usize) -> Result<Option<Element>, ProtocolErro
             }
             *at = data.end + 2;
             Element::Bulk(data)
+        }
+        b'*' if nested => {
+            let count = integer(&bytes[line])?;
+            if count == -1 {
+                return Ok(Some(Element::Null));
+            }
+            let count = usize::try_from(count)
+                .ok()
+                .filter(|&count| count <= MAX_NESTED)
+                .ok_or_else(|| {
+                    ProtocolError(format!(
+                        "a nested array of {count} elements (at most {MAX_NESTED} are accepted)"
+                    ))
+                })?;
+            for _ in 0..count {
+                if element(bytes, at, false)?.is_none() {
+                    *at = start;
+                    return Ok(None);
+                }
+            }
+            Element::Array(start..*at)
         }
         b':' => Element::Integer(integer(&bytes[line])?),
         b'+' => Element::Simple(line),
@@ -199,15 +227,25 @@ fn classify(frame: &Bytes, top: Top) -> Frame {
         Element::Bulk(range) => Some(frame.slice(range.clone())),
         _ => None,
     };
+    let payload = |element: &Element| match element {
+        Element::Bulk(range) | Element::Array(range) => Some(frame.slice(range.clone())),
+        _ => None,
+    };
     let kind = elements.first().and_then(|e| match e {
         Element::Bulk(range) => Some(&frame[range.clone()]),
         _ => None,
     });
     let message = match (kind, count) {
-        (Some(b"message"), 3) => bulk(&elements[1]).zip(bulk(&elements[2])),
-        (Some(b"pmessage"), 4) => bulk(&elements[2]).zip(bulk(&elements[3])),
-        (Some(b"subscribe"), 3) => return confirmation(bulk(&elements[1]), Frame::Subscribed),
-        (Some(b"unsubscribe"), 3) => return confirmation(bulk(&elements[1]), Frame::Unsubscribed),
+        (Some(b"message"), 3) => bulk(&elements[1]).zip(payload(&elements[2])),
+        (Some(b"pmessage"), 4) => bulk(&elements[2]).zip(payload(&elements[3])),
+        // A null channel (the answer to an `UNSUBSCRIBE` of nothing, never sent here) is
+        // unexpected: described below.
+        (Some(b"subscribe"), 3) if bulk(&elements[1]).is_some() => {
+            return Frame::Subscribed(bulk(&elements[1]).expect("a channel"))
+        }
+        (Some(b"unsubscribe"), 3) if bulk(&elements[1]).is_some() => {
+            return Frame::Unsubscribed(bulk(&elements[1]).expect("a channel"))
+        }
         (Some(b"pong"), 2) => return Frame::Pong,
         _ => None,
     };
@@ -224,11 +262,6 @@ fn classify(frame: &Bytes, top: Top) -> Frame {
     }
 }
 
-fn confirmation(channel: Option<Bytes>, frame: fn(Bytes) -> Frame) -> Frame {
-    // `UNSUBSCRIBE` with no subscription left answers with a null channel.
-    frame(channel.unwrap_or_default())
-}
-
 fn describe(frame: &Bytes, element: &Element) -> String {
     let text = |range: &Range<usize>| {
         let bytes = &frame[range.clone()];
@@ -241,6 +274,7 @@ fn describe(frame: &Bytes, element: &Element) -> String {
     };
     match element {
         Element::Bulk(range) => text(range),
+        Element::Array(range) => format!("an array {}", text(range)),
         Element::Null => "null".to_owned(),
         Element::Integer(n) => n.to_string(),
         Element::Simple(range) => format!("+{}", text(range)),
@@ -314,7 +348,8 @@ mod tests {
         *4\r\n$8\r\npmessage\r\n$3\r\nch*\r\n$4\r\nch:2\r\n$0\r\n\r\n\
         *2\r\n$4\r\npong\r\n$0\r\n\r\n+PONG\r\n+OK\r\n\
         -NOPERM no permissions to access a channel\r\n\
-        *3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n";
+        *3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n\
+        *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n";
 
     fn stream_frames() -> Vec<Frame> {
         vec![
@@ -327,7 +362,8 @@ mod tests {
             Frame::Error(Bytes::from_static(
                 b"NOPERM no permissions to access a channel",
             )),
-            Frame::Unsubscribed(Bytes::new()),
+            Frame::Unexpected("an array of 3: [\"unsubscribe\", null, 0]".into()),
+            message("__redis__:invalidate", "*2\r\n$1\r\na\r\n$1\r\nb\r\n"),
         ]
     }
 
@@ -382,8 +418,9 @@ mod tests {
 
     #[test]
     fn what_is_not_resp_or_over_a_limit_is_a_protocol_error() {
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
             (b"HTTP/1.1 400\r\n", "not RESP2"),
+            (b"*3\r\n$7\r\nmessage\r\n*1\r\n*1\r\n", "not RESP2"),
             (b"*x\r\n", "integer was expected"),
             (b"*9\r\n", "an array of 9 elements"),
             (b"*-1\r\n", "an array of -1 elements"),

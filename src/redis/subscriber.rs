@@ -15,6 +15,11 @@ use crate::layers::{Error, ErrorKind, Result};
 /// Read space kept free before each read of the socket.
 const READ_SPACE: usize = 16 * 1024;
 
+/// A read buffer grown past this (for a large message) is replaced once that message is
+/// parsed, so that the small messages after it, which are slices of the buffer, do not keep
+/// the large allocation alive.
+const READ_BUFFER_MAX: usize = 4 * READ_SPACE;
+
 /// A socket the connection runs over: TCP or a Unix socket.
 trait Io: AsyncRead + AsyncWrite + Send {}
 
@@ -70,27 +75,51 @@ impl SubscribeConnection {
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
-            let mut auth = vec![&b"AUTH"[..]];
-            auth.extend(settings.username().map(str::as_bytes));
-            auth.push(password.as_bytes());
-            connection.send(&auth);
-            std::future::poll_fn(|cx| connection.poll_write(cx)).await?;
-            match std::future::poll_fn(|cx| connection.poll_frame(cx)).await? {
-                Frame::Simple(ok) if ok == "OK" => {}
-                Frame::Error(error) => {
-                    return Err(Error::new(
-                        ErrorKind::Connect,
-                        format!(
-                            "authenticating the subscribe connection to {}: {}",
-                            connection.peer,
-                            String::from_utf8_lossy(&error)
-                        ),
-                    ))
+            let password = password.as_bytes();
+            let mut refused = match settings.username() {
+                Some(user) => {
+                    connection
+                        .auth(&[b"AUTH", user.as_bytes(), password])
+                        .await?
                 }
-                other => return Err(connection.unexpected(&other, "AUTH")),
+                None => connection.auth(&[b"AUTH", password]).await?,
+            };
+            if settings.username().is_some()
+                && refused
+                    .as_deref()
+                    .is_some_and(|reply| reply.contains("wrong number of arguments"))
+            {
+                // Redis before 6 has no users: `AUTH password` alone, as redis-rs does.
+                refused = connection.auth(&[b"AUTH", password]).await?;
+            }
+            if let Some(reply) = refused {
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "authenticating the subscribe connection to {}: {reply}",
+                        connection.peer
+                    ),
+                ));
             }
         }
         Ok(connection)
+    }
+
+    /// Sends an `AUTH` command and reads its answer: `None` if accepted, else the server's
+    /// reply.
+    async fn auth(&mut self, command: &[&[u8]]) -> Result<Option<String>> {
+        self.send(command);
+        std::future::poll_fn(|cx| self.poll_write(cx)).await?;
+        match std::future::poll_fn(|cx| self.poll_frame(cx)).await? {
+            Frame::Simple(ok) if ok == "OK" => Ok(None),
+            Frame::Error(reply) => Ok(Some(String::from_utf8_lossy(&reply).into_owned())),
+            other => Err(self.unexpected(&other, "AUTH")),
+        }
+    }
+
+    /// The server, for messages (its URL without a password).
+    pub(crate) fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Queues a command; [`poll_write`](Self::poll_write) sends it.
@@ -122,7 +151,13 @@ impl SubscribeConnection {
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
         loop {
             match resp::parse(&mut self.read) {
-                Ok(Some(frame)) => return Poll::Ready(Ok(frame)),
+                Ok(Some(frame)) => {
+                    if self.read.capacity() > READ_BUFFER_MAX {
+                        // What follows a large message goes to a buffer of the usual size.
+                        self.read = BytesMut::from(&self.read[..]);
+                    }
+                    return Poll::Ready(Ok(frame));
+                }
                 Ok(None) => {}
                 Err(error) => {
                     return Poll::Ready(Err(Error::new(
