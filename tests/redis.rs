@@ -667,3 +667,77 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
     wait_until(|| server.cli(&["PUBSUB", "NUMSUB", "rs:1"]).ends_with("\n0")).await;
     assert_eq!(events.stats().reconnects, 0);
 }
+
+/// A listener that stops reading its `Block` subscription: the target stops reading the
+/// subscribe connection, so the backlog waits in the socket and in Redis, which closes the
+/// connection once its output buffer for a pub/sub client is over the limit (set low here).
+/// Reading again, the listener gets what was on its way, then the gap; the subscription is
+/// back, and what is published next arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_stops_reading_is_cut_off_by_redis_and_comes_back() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.cli(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 256kb 128kb 1"
+        ]),
+        "OK"
+    );
+    let events = stack(&server.url(), "alk:events:", 1024);
+    let options = SubscribeOptions::new()
+        .capacity(4)
+        .overflow(alkdev_pubsub::Overflow::Block);
+    let mut slow = events.subscribe_with("slow:1", options).await.unwrap();
+
+    // 20 MB from another client, far more than the socket buffers and the limit hold.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let pad = "x".repeat(1_000);
+    for batch in 0..20u64 {
+        let mut pipe = redis::pipe();
+        for n in batch * 1_000..(batch + 1) * 1_000 {
+            let envelope = Envelope::new("slow", "1", json!({ "n": n, "pad": pad }));
+            pipe.cmd("PUBLISH")
+                .arg("alk:events:slow:1")
+                .arg(serde_json::to_vec(&envelope).unwrap())
+                .ignore();
+        }
+        let () = pipe.query_async(&mut publisher).await.unwrap();
+    }
+    // Redis cut the slow connection off: nobody is subscribed until the target reads again.
+    wait_until(|| {
+        server
+            .cli(&["PUBSUB", "NUMSUB", "alk:events:slow:1"])
+            .ends_with("\n0")
+    })
+    .await;
+
+    let mut received = 0u64;
+    let mut last = None;
+    loop {
+        match next_gap_or_event(&mut slow).await {
+            Ok(n) => {
+                assert!(
+                    last.is_none_or(|last| n > last),
+                    "in order: {n} after {last:?}"
+                );
+                last = Some(n);
+                received += 1;
+            }
+            Err(Gap::Reconnected) => break,
+            Err(gap) => panic!("unexpected {gap:?}"),
+        }
+    }
+    assert!(
+        received < 20_000,
+        "some were lost to the cut, as Redis drops them"
+    );
+    assert!(events.stats().reconnects >= 1);
+    events
+        .dispatch_confirmed(numbered("slow", "1", 1_000_000))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut slow).await, Ok(1_000_000));
+}
