@@ -349,6 +349,10 @@ pub struct RedisTransport {
     requests: VecDeque<(Request, Instant)>,
     /// Fires when the first of `requests` is due.
     reply_timer: Pin<Box<Sleep>>,
+    /// How many bytes the connection had read when `reply_timer` was armed: if it read more
+    /// since, it is alive (the answer is behind a long message or a backlog), and the timer is
+    /// armed again rather than fail the connection.
+    read_when_armed: u64,
     signals: VecDeque<Up<Bytes>>,
     /// The task reading the stream, and the one feeding the sink (the same in an event
     /// target's driver; two when the transport is split): an answer read by one may concern
@@ -419,6 +423,7 @@ impl RedisTransport {
             control: Control::Idle,
             requests: VecDeque::new(),
             reply_timer: Box::pin(tokio::time::sleep(config.response_timeout)),
+            read_when_armed: 0,
             signals: VecDeque::new(),
             reader: None,
             writer: None,
@@ -661,7 +666,7 @@ impl RedisTransport {
     fn request(&mut self, request: Request, timeout: Duration) {
         let due = Instant::now() + timeout;
         if self.requests.is_empty() {
-            self.reply_timer.as_mut().reset(due);
+            self.arm_reply_timer(due);
         }
         self.requests.push_back((request, due));
     }
@@ -669,10 +674,23 @@ impl RedisTransport {
     /// The first of `requests` is answered.
     fn answered(&mut self) -> Option<Request> {
         let (request, _) = self.requests.pop_front()?;
-        if let Some((_, due)) = self.requests.front() {
-            self.reply_timer.as_mut().reset(*due);
+        if let Some(&(_, due)) = self.requests.front() {
+            self.arm_reply_timer(due);
         }
         Some(request)
+    }
+
+    fn arm_reply_timer(&mut self, due: Instant) {
+        self.reply_timer.as_mut().reset(due);
+        self.read_when_armed = self.bytes_read();
+    }
+
+    /// How many bytes our own subscribe connection has read.
+    fn bytes_read(&self) -> u64 {
+        match &self.subscriber {
+            Subscriber::Own(connection) => connection.bytes_read(),
+            Subscriber::RedisRs { .. } => 0,
+        }
     }
 
     /// Reads our own connection for the answers to its commands while a `SUBSCRIBE` or
@@ -846,10 +864,20 @@ impl RedisTransport {
     /// Fails the transport if the first command of our own connection is not answered in
     /// time; otherwise registers `cx` to be woken when it is due.
     fn poll_reply_timeout(&mut self, cx: &mut Context<'_>) -> Result<()> {
-        let Some((request, _)) = self.requests.front() else {
+        let Some(&(request, _)) = self.requests.front() else {
             return Ok(());
         };
         if self.reply_timer.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        if self.bytes_read() != self.read_when_armed {
+            // Still reading what came before the answer: alive. Give it the time again.
+            let timeout = match request {
+                Request::Control => self.config.response_timeout,
+                Request::Ping => self.config.ping_timeout,
+            };
+            self.arm_reply_timer(Instant::now() + timeout);
+            let _ = self.reply_timer.as_mut().poll(cx);
             return Ok(());
         }
         let error = match (request, &self.control) {

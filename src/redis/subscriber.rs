@@ -35,6 +35,8 @@ pub(crate) struct SubscribeConnection {
     write: BytesMut,
     /// Where it is connected, for messages (the URL without its password).
     peer: String,
+    /// Bytes read so far: progress, for the reply timeouts.
+    bytes_read: u64,
 }
 
 impl SubscribeConnection {
@@ -72,6 +74,7 @@ impl SubscribeConnection {
             read: BytesMut::new(),
             write: BytesMut::new(),
             peer,
+            bytes_read: 0,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -115,6 +118,11 @@ impl SubscribeConnection {
             Frame::Error(reply) => Ok(Some(String::from_utf8_lossy(&reply).into_owned())),
             other => Err(self.unexpected(&other, "AUTH")),
         }
+    }
+
+    /// How many bytes the connection has read so far.
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// The server, for messages (its URL without a password).
@@ -180,7 +188,7 @@ impl SubscribeConnection {
                 Ok(0) => {
                     return Poll::Ready(Err(self.lost("reading", None)));
                 }
-                Ok(_) => {}
+                Ok(read) => self.bytes_read += read as u64,
                 Err(error) => return Poll::Ready(Err(self.lost("reading", Some(error)))),
             }
         }
