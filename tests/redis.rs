@@ -63,6 +63,26 @@ async fn next_gap_or_event(subscription: &mut alkdev_pubsub::Subscription) -> Re
     }
 }
 
+/// Publishes `numbers` on `{event_type}:{id}`, each confirmed by Redis, and checks that
+/// `subscription` gets them, in order.
+async fn publish_and_receive(
+    events: &EventTarget,
+    subscription: &mut alkdev_pubsub::Subscription,
+    event_type: &str,
+    id: &str,
+    numbers: std::ops::Range<u64>,
+) {
+    for n in numbers.clone() {
+        events
+            .dispatch_confirmed(numbered(event_type, id, n))
+            .await
+            .unwrap();
+    }
+    for n in numbers {
+        assert_eq!(next_gap_or_event(subscription).await, Ok(n));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wire_format_is_byte_for_byte_the_javascript_contract() {
     let server = RedisServer::start();
@@ -610,15 +630,7 @@ async fn a_unix_socket_and_a_password_reach_both_connections() {
     let url = format!("redis+unix://{}?pass=s3cret", socket.display());
     let events = stack(&url, "alk:events:", 1024);
     let mut subscription = events.subscribe("unix:1").await.unwrap();
-    for n in 0..3 {
-        events
-            .dispatch_confirmed(numbered("unix", "1", n))
-            .await
-            .unwrap();
-    }
-    for n in 0..3 {
-        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(n));
-    }
+    publish_and_receive(&events, &mut subscription, "unix", "1", 0..3).await;
     events.close().await;
 
     // A wrong password is refused, and the error does not print it.
@@ -647,15 +659,7 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
             .service(transport),
     );
     let mut subscription = events.subscribe("rs:1").await.unwrap();
-    for n in 0..3 {
-        events
-            .dispatch_confirmed(numbered("rs", "1", n))
-            .await
-            .unwrap();
-    }
-    for n in 0..3 {
-        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(n));
-    }
+    publish_and_receive(&events, &mut subscription, "rs", "1", 0..3).await;
     // Quiet for longer than the ping interval: the pings are answered, the transport lives.
     tokio::time::sleep(Duration::from_millis(600)).await;
     events

@@ -86,15 +86,14 @@ fn scan(bytes: &[u8]) -> Result<Option<(usize, Top)>, ProtocolError> {
         let Some(line) = line(bytes, &mut at)? else {
             return Ok(None);
         };
-        let count = integer(&bytes[line])?;
-        let count = usize::try_from(count)
-            .ok()
-            .filter(|&count| count <= MAX_ELEMENTS)
-            .ok_or_else(|| {
-                ProtocolError(format!(
-                    "an array of {count} elements, where a subscribe connection reads at most {MAX_ELEMENTS}"
-                ))
-            })?;
+        let count = length(
+            &bytes[line],
+            MAX_ELEMENTS,
+            "an array of {} elements, where a subscribe connection reads at most {}",
+        )?
+        .ok_or_else(|| {
+            ProtocolError("a null array, where a subscribe connection reads a frame".into())
+        })?;
         let mut elements: [Element; MAX_ELEMENTS] = Default::default();
         for slot in elements.iter_mut().take(count) {
             match element(bytes, &mut at, true)? {
@@ -119,18 +118,14 @@ fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>
     };
     Ok(Some(match kind {
         b'$' => {
-            let len = integer(&bytes[line])?;
-            if len == -1 {
+            let Some(len) = length(
+                &bytes[line],
+                MAX_BULK,
+                "a bulk string of {} bytes (at most {} are accepted)",
+            )?
+            else {
                 return Ok(Some(Element::Null));
-            }
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&len| len <= MAX_BULK)
-                .ok_or_else(|| {
-                    ProtocolError(format!(
-                        "a bulk string of {len} bytes (at most {MAX_BULK} are accepted)"
-                    ))
-                })?;
+            };
             let data = *at..*at + len;
             if bytes.len() < data.end + 2 {
                 *at = start;
@@ -145,18 +140,14 @@ fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>
             Element::Bulk(data)
         }
         b'*' if nested => {
-            let count = integer(&bytes[line])?;
-            if count == -1 {
+            let Some(count) = length(
+                &bytes[line],
+                MAX_NESTED,
+                "a nested array of {} elements (at most {} are accepted)",
+            )?
+            else {
                 return Ok(Some(Element::Null));
-            }
-            let count = usize::try_from(count)
-                .ok()
-                .filter(|&count| count <= MAX_NESTED)
-                .ok_or_else(|| {
-                    ProtocolError(format!(
-                        "a nested array of {count} elements (at most {MAX_NESTED} are accepted)"
-                    ))
-                })?;
+            };
             for _ in 0..count {
                 if element(bytes, at, false)?.is_none() {
                     *at = start;
@@ -192,6 +183,22 @@ fn line(bytes: &[u8], at: &mut usize) -> Result<Option<Range<usize>>, ProtocolEr
             "a line of more than {MAX_LINE} bytes"
         ))),
         None => Ok(None),
+    }
+}
+
+/// A length (of a bulk string or an array): `None` for `-1` (null), an error past `max` or
+/// below -1, described by `over` (whose two `{}` are the length and `max`).
+fn length(digits: &[u8], max: usize, over: &str) -> Result<Option<usize>, ProtocolError> {
+    let len = integer(digits)?;
+    if len == -1 {
+        return Ok(None);
+    }
+    match usize::try_from(len) {
+        Ok(len) if len <= max => Ok(Some(len)),
+        _ => Err(ProtocolError(
+            over.replacen("{}", &len.to_string(), 1)
+                .replacen("{}", &max.to_string(), 1),
+        )),
     }
 }
 
@@ -418,12 +425,13 @@ mod tests {
 
     #[test]
     fn what_is_not_resp_or_over_a_limit_is_a_protocol_error() {
-        let cases: [(&[u8], &str); 7] = [
+        let cases: [(&[u8], &str); 8] = [
             (b"HTTP/1.1 400\r\n", "not RESP2"),
             (b"*3\r\n$7\r\nmessage\r\n*1\r\n*1\r\n", "not RESP2"),
             (b"*x\r\n", "integer was expected"),
             (b"*9\r\n", "an array of 9 elements"),
-            (b"*-1\r\n", "an array of -1 elements"),
+            (b"*-1\r\n", "a null array"),
+            (b"*-2\r\n", "an array of -2 elements"),
             (b"$536870913\r\n", "a bulk string of 536870913 bytes"),
             (b"$3\r\nabcd\r\n", "not followed by CRLF"),
         ];
