@@ -60,11 +60,12 @@ pub enum Overflow {
     /// Wait for room: lossless, but a slow subscriber slows delivery (to every subscription
     /// sharing its queue, too). On the in-process target it slows the publisher of that topic;
     /// behind a transport it pauses the driver's inbound side, and so every topic of the
-    /// target. Over Redis, the backlog then waits in the socket and in Redis, which bounds
-    /// it per client (`client-output-buffer-limit pubsub`) by closing the connection: the
-    /// reconnect layer reconnects, and the subscriber hears of the gap. (Over a redis-rs
-    /// `PubSub` given to `RedisTransport::from_clients`, redis-rs reads messages into an
-    /// unbounded buffer of its own instead.) Prefer the dropping policies there.
+    /// target. Over Redis (`RedisTransport::connect`), the backlog then waits in the socket
+    /// and in Redis, which bounds it per client (`client-output-buffer-limit pubsub`) by
+    /// closing the connection: the reconnect layer reconnects, and the subscriber hears of
+    /// the gap. (Over Redis Cluster, or a redis-rs `PubSub` given to
+    /// `RedisTransport::from_clients`, redis-rs reads messages into an unbounded buffer of its
+    /// own instead.) Prefer the dropping policies there.
     Block,
 }
 

@@ -660,8 +660,19 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
     );
     let mut subscription = events.subscribe("rs:1").await.unwrap();
     publish_and_receive(&events, &mut subscription, "rs", "1", 0..3).await;
-    // Quiet for longer than the ping interval: the pings are answered, the transport lives.
+    // Quiet for longer than the ping interval: pings go out and are answered, the transport
+    // lives.
+    let pings = || {
+        let stats = server.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = pings();
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(pings() > before, "the transport pings");
     events
         .dispatch_confirmed(numbered("rs", "1", 3))
         .await
@@ -669,7 +680,6 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
     assert_eq!(next_gap_or_event(&mut subscription).await, Ok(3));
     drop(subscription);
     wait_until(|| server.cli(&["PUBSUB", "NUMSUB", "rs:1"]).ends_with("\n0")).await;
-    assert_eq!(events.stats().reconnects, 0);
 }
 
 /// A listener that stops reading its `Block` subscription: the target stops reading the
@@ -734,10 +744,7 @@ async fn a_listener_that_stops_reading_is_cut_off_by_redis_and_comes_back() {
             Err(gap) => panic!("unexpected {gap:?}"),
         }
     }
-    assert!(
-        received < 20_000,
-        "some were lost to the cut, as Redis drops them"
-    );
+    assert!(received > 0, "what was on its way arrives before the gap");
     assert!(events.stats().reconnects >= 1);
     events
         .dispatch_confirmed(numbered("slow", "1", 1_000_000))

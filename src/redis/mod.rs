@@ -17,7 +17,10 @@
 //!   own, and parsed by hand (a subscribe connection is sent few kinds of frames). That costs
 //!   about half the CPU per message of redis-rs's `PubSub` (see BENCHMARKS.md), and a
 //!   subscriber that stops reading stops reading the socket, so TCP holds the backlog back
-//!   (redis-rs buffers it in memory, without a bound). TLS (`rediss://`) is not supported.
+//!   (redis-rs buffers it in memory, without a bound), and Redis bounds it by closing the
+//!   connection past its `client-output-buffer-limit pubsub`. (While a `SUBSCRIBE` waits for
+//!   its confirmation, the messages Redis sent before it are read and kept for the reading
+//!   side, which that same limit bounds.) TLS (`rediss://`) is not supported.
 //! - Messages come up as `(channel, frame)`. Over our own connection, a frame is a slice of the
 //!   connection's read buffer, uncopied. Over a redis-rs `PubSub` given to
 //!   [`from_clients`](RedisTransport::from_clients), a frame of up to 1 KiB is copied into an
@@ -81,12 +84,11 @@ use subscriber::SubscribeConnection;
 const MAX_PIPELINE: usize = 4096;
 
 /// While a `SUBSCRIBE` or `UNSUBSCRIBE` waits for its confirmation, the messages that come
-/// before it are read and kept for the reading side: at most this many frames per call (then
-/// the task yields and goes on), and no more once this many messages are kept (then the
-/// confirmation waits for the reading side to take them: a listener that blocks holds the
-/// backlog in the socket and in Redis, not here).
+/// before it are read and kept for the reading side, at most this many frames per call (then
+/// the task yields and goes on). What is kept so is what Redis sent before the confirmation:
+/// no more than Redis holds for a pub/sub connection before it closes it
+/// (`client-output-buffer-limit pubsub`, 32 MB by default), and the socket's buffers.
 const REPLY_READ_BUDGET: usize = 256;
-const HELD_MESSAGES_MAX: usize = 4096;
 
 /// Settings of a [`RedisTransport`].
 ///
@@ -131,7 +133,9 @@ impl RedisConfig {
         self
     }
 
-    /// How long Redis may take to answer a command (a pipeline of publishes, a subscribe).
+    /// How long Redis may take to answer a command (a pipeline of publishes, a subscribe). On
+    /// the subscribe connection, bytes still arriving ahead of the answer (a long message, a
+    /// backlog) show the connection alive and give the answer this long again.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -144,7 +148,8 @@ impl RedisConfig {
         self
     }
 
-    /// How long a ping may go unanswered before the connection is declared dead.
+    /// How long a ping may go unanswered before the connection is declared dead; bytes still
+    /// arriving ahead of the answer give it this long again.
     pub fn ping_timeout(mut self, timeout: Duration) -> Self {
         self.ping_timeout = timeout;
         self
@@ -161,6 +166,12 @@ impl RedisConfig {
             )
         })?;
         let where_ = redact(url);
+        if let redis::ConnectionAddr::TcpTls { .. } = client.get_connection_info().addr() {
+            return Err(Error::new(
+                ErrorKind::Connect,
+                format!("{where_:?}: TLS (rediss://) is not supported by RedisTransport"),
+            ));
+        }
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout));
@@ -344,9 +355,9 @@ pub struct RedisTransport {
     /// How many of the first pending commands go out one by one (after a refused batch).
     singly: usize,
     control: Control,
-    /// Commands sent over our own subscribe connection, not answered yet, in order, with when
-    /// their answer is due.
-    requests: VecDeque<(Request, Instant)>,
+    /// Commands sent over our own subscribe connection, not answered yet, in order. Redis
+    /// answers in order, so only the first is timed, from when it became the first.
+    requests: VecDeque<Request>,
     /// Fires when the first of `requests` is due.
     reply_timer: Pin<Box<Sleep>>,
     /// How many bytes the connection had read when `reply_timer` was armed: if it read more
@@ -438,6 +449,10 @@ impl RedisTransport {
     }
 
     fn fail(&mut self, error: Error) -> Error {
+        // Either side may be waiting on something the other polled last (the socket, a timer).
+        for task in self.reader.iter().chain(&self.writer) {
+            task.wake_by_ref();
+        }
         self.failed.get_or_insert(error).clone()
     }
 
@@ -480,7 +495,7 @@ impl RedisTransport {
             self.send_pipeline();
             let Some(in_flight) = self.in_flight.as_mut() else {
                 if self.pipeline_len > 0 {
-                    // Held behind a subscribe; the control future wakes this task.
+                    // Held behind a subscribe; its answer wakes this task (the writer).
                     return Poll::Pending;
                 }
                 // Everything fed so far is answered: report a failure among it now.
@@ -625,7 +640,7 @@ impl RedisTransport {
                     .chain(topics.iter().map(|topic| topic.as_bytes()))
                     .collect();
                 connection.send(&args);
-                self.request(Request::Control, self.config.response_timeout);
+                self.request(Request::Control);
                 self.control = Control::Sent {
                     subscribe,
                     topics,
@@ -663,25 +678,29 @@ impl RedisTransport {
     }
 
     /// Notes a command sent over our own connection, answered within `timeout`.
-    fn request(&mut self, request: Request, timeout: Duration) {
-        let due = Instant::now() + timeout;
+    fn request(&mut self, request: Request) {
         if self.requests.is_empty() {
-            self.arm_reply_timer(due);
+            self.arm_reply_timer(request);
         }
-        self.requests.push_back((request, due));
+        self.requests.push_back(request);
     }
 
     /// The first of `requests` is answered.
     fn answered(&mut self) -> Option<Request> {
-        let (request, _) = self.requests.pop_front()?;
-        if let Some(&(_, due)) = self.requests.front() {
-            self.arm_reply_timer(due);
+        let request = self.requests.pop_front()?;
+        if let Some(&next) = self.requests.front() {
+            self.arm_reply_timer(next);
         }
         Some(request)
     }
 
-    fn arm_reply_timer(&mut self, due: Instant) {
-        self.reply_timer.as_mut().reset(due);
+    /// Times the answer to `request`, the first awaited, from now.
+    fn arm_reply_timer(&mut self, request: Request) {
+        let timeout = match request {
+            Request::Control => self.config.response_timeout,
+            Request::Ping => self.config.ping_timeout,
+        };
+        self.reply_timer.as_mut().reset(Instant::now() + timeout);
         self.read_when_armed = self.bytes_read();
     }
 
@@ -698,10 +717,6 @@ impl RedisTransport {
     fn poll_replies(&mut self, cx: &mut Context<'_>) -> Result<()> {
         let mut budget = REPLY_READ_BUDGET;
         while matches!(self.control, Control::Sent { .. }) {
-            if self.signals.len() >= HELD_MESSAGES_MAX {
-                // The reading side takes them first; its next poll reads on.
-                break;
-            }
             if budget == 0 {
                 cx.waker().wake_by_ref();
                 break;
@@ -804,7 +819,7 @@ impl RedisTransport {
                     return Err(unexpected(&frame));
                 };
                 if *subscribe != subscribing
-                    || self.requests.front().map(|(request, _)| *request) != Some(Request::Control)
+                    || self.requests.front().copied() != Some(Request::Control)
                     || topics[*confirmed].as_bytes() != &channel[..]
                 {
                     return Err(unexpected(&frame));
@@ -822,14 +837,14 @@ impl RedisTransport {
                 }
             }
             Frame::Pong => {
-                if self.requests.front().map(|(request, _)| *request) != Some(Request::Ping) {
+                if self.requests.front().copied() != Some(Request::Ping) {
                     return Err(unexpected(&frame));
                 }
                 self.answered();
                 let next = Instant::now() + self.config.ping_interval;
                 self.ping.as_mut().reset(next);
             }
-            Frame::Error(ref reply) => match self.requests.front().map(|(request, _)| *request) {
+            Frame::Error(ref reply) => match self.requests.front().copied() {
                 Some(Request::Control) => {
                     self.answered();
                     let Control::Sent {
@@ -864,7 +879,7 @@ impl RedisTransport {
     /// Fails the transport if the first command of our own connection is not answered in
     /// time; otherwise registers `cx` to be woken when it is due.
     fn poll_reply_timeout(&mut self, cx: &mut Context<'_>) -> Result<()> {
-        let Some(&(request, _)) = self.requests.front() else {
+        let Some(&request) = self.requests.front() else {
             return Ok(());
         };
         if self.reply_timer.as_mut().poll(cx).is_pending() {
@@ -872,11 +887,7 @@ impl RedisTransport {
         }
         if self.bytes_read() != self.read_when_armed {
             // Still reading what came before the answer: alive. Give it the time again.
-            let timeout = match request {
-                Request::Control => self.config.response_timeout,
-                Request::Ping => self.config.ping_timeout,
-            };
-            self.arm_reply_timer(Instant::now() + timeout);
+            self.arm_reply_timer(request);
             let _ = self.reply_timer.as_mut().poll(cx);
             return Ok(());
         }
@@ -911,12 +922,7 @@ impl RedisTransport {
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
         if let Subscriber::Own(_) = self.subscriber {
             self.poll_reply_timeout(cx)?;
-            if self
-                .requests
-                .iter()
-                .any(|(request, _)| *request == Request::Ping)
-                || self.ping.as_mut().poll(cx).is_pending()
-            {
+            if self.requests.contains(&Request::Ping) || self.ping.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
             let Subscriber::Own(connection) = &mut self.subscriber else {
@@ -926,7 +932,7 @@ impl RedisTransport {
             if let Poll::Ready(Err(error)) = connection.poll_write(cx) {
                 return Err(self.fail(error));
             }
-            self.request(Request::Ping, self.config.ping_timeout);
+            self.request(Request::Ping);
             // Registers the timer for the answer, if it is the first awaited.
             return self.poll_reply_timeout(cx);
         }
@@ -1023,7 +1029,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
         this.poll_control(cx)?;
         this.send_pipeline();
         if this.in_flight.is_none() {
-            // Still held behind a subscribe: the control future wakes this task when it is
+            // Still held behind a subscribe: its answer wakes this task (the writer) when it is
             // answered.
             return Poll::Pending;
         }

@@ -234,8 +234,11 @@ fn classify(frame: &Bytes, top: Top) -> Frame {
         Element::Bulk(range) => Some(frame.slice(range.clone())),
         _ => None,
     };
+    // A payload may also be an array (RESP2 client-side-caching invalidations: the keys) or
+    // null (the invalidation of everything), delivered as their raw bytes, or empty.
     let payload = |element: &Element| match element {
         Element::Bulk(range) | Element::Array(range) => Some(frame.slice(range.clone())),
+        Element::Null => Some(Bytes::new()),
         _ => None,
     };
     let kind = elements.first().and_then(|e| match e {
@@ -356,7 +359,8 @@ mod tests {
         *2\r\n$4\r\npong\r\n$0\r\n\r\n+PONG\r\n+OK\r\n\
         -NOPERM no permissions to access a channel\r\n\
         *3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n\
-        *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n";
+        *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n\
+        *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*-1\r\n";
 
     fn stream_frames() -> Vec<Frame> {
         vec![
@@ -371,6 +375,7 @@ mod tests {
             )),
             Frame::Unexpected("an array of 3: [\"unsubscribe\", null, 0]".into()),
             message("__redis__:invalidate", "*2\r\n$1\r\na\r\n$1\r\nb\r\n"),
+            message("__redis__:invalidate", ""),
         ]
     }
 

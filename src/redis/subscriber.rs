@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, RedisConnectionInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::resp::{self, Frame};
@@ -37,6 +37,9 @@ pub(crate) struct SubscribeConnection {
     peer: String,
     /// Bytes read so far: progress, for the reply timeouts.
     bytes_read: u64,
+    /// The read buffer grew past [`READ_BUFFER_MAX`] for a large message: replace it once
+    /// little is left in it.
+    grown: bool,
 }
 
 impl SubscribeConnection {
@@ -69,14 +72,25 @@ impl SubscribeConnection {
                 ))
             }
         };
-        let mut connection = SubscribeConnection {
+        let mut connection = Self::over(io, peer);
+        connection.authenticate(info.redis_settings()).await?;
+        Ok(connection)
+    }
+
+    fn over(io: Pin<Box<dyn Io>>, peer: String) -> Self {
+        SubscribeConnection {
             io,
             read: BytesMut::new(),
             write: BytesMut::new(),
             peer,
             bytes_read: 0,
-        };
-        let settings = info.redis_settings();
+            grown: false,
+        }
+    }
+
+    /// Authenticates with `settings`' credentials, if it has a password.
+    async fn authenticate(&mut self, settings: &RedisConnectionInfo) -> Result<()> {
+        let connection = self;
         if let Some(password) = settings.password() {
             let password = password.as_bytes();
             let mut refused = match settings.username() {
@@ -105,7 +119,7 @@ impl SubscribeConnection {
                 ));
             }
         }
-        Ok(connection)
+        Ok(())
     }
 
     /// Sends an `AUTH` command and reads its answer: `None` if accepted, else the server's
@@ -160,9 +174,11 @@ impl SubscribeConnection {
         loop {
             match resp::parse(&mut self.read) {
                 Ok(Some(frame)) => {
-                    if self.read.capacity() > READ_BUFFER_MAX {
-                        // What follows a large message goes to a buffer of the usual size.
+                    if self.grown && self.read.len() < READ_SPACE {
+                        // What follows a large message goes to a buffer of the usual size
+                        // (copied once, and little: the large one goes with its readers).
                         self.read = BytesMut::from(&self.read[..]);
+                        self.grown = false;
                     }
                     return Poll::Ready(Ok(frame));
                 }
@@ -179,6 +195,7 @@ impl SubscribeConnection {
             }
             if self.read.capacity() - self.read.len() < READ_SPACE {
                 self.read.reserve(READ_SPACE);
+                self.grown |= self.read.capacity() > READ_BUFFER_MAX;
             }
             match std::task::ready!(tokio_util::io::poll_read_buf(
                 self.io.as_mut(),
@@ -220,5 +237,105 @@ impl SubscribeConnection {
                 self.peer
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::IntoConnectionInfo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// A connection over an in-memory pipe, and the server's end of it.
+    fn pair() -> (SubscribeConnection, DuplexStream) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let connection = SubscribeConnection::over(Box::pin(client), "redis://fake/".into());
+        (connection, server)
+    }
+
+    fn settings(url: &str) -> RedisConnectionInfo {
+        url.into_connection_info().unwrap().redis_settings().clone()
+    }
+
+    async fn frame(connection: &mut SubscribeConnection) -> Frame {
+        std::future::poll_fn(|cx| connection.poll_frame(cx))
+            .await
+            .unwrap()
+    }
+
+    /// What the server end reads, as text, once `expected` bytes came.
+    async fn received(server: &mut DuplexStream, expected: &str) -> String {
+        let mut bytes = vec![0; expected.len()];
+        server.read_exact(&mut bytes).await.unwrap();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_password_is_a_connect_error_with_the_servers_words_only() {
+        let (mut connection, mut server) = pair();
+        server
+            .write_all(b"-WRONGPASS invalid username-password pair\r\n")
+            .await
+            .unwrap();
+        let error = connection
+            .authenticate(&settings("redis://u:s3cret@fake/"))
+            .await
+            .unwrap_err();
+        let auth = "*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$6\r\ns3cret\r\n";
+        assert_eq!(received(&mut server, auth).await, auth);
+        assert_eq!(error.kind(), ErrorKind::Connect);
+        assert_eq!(
+            error.to_string(),
+            "connect failed: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_without_users_is_sent_the_password_alone() {
+        let (mut connection, mut server) = pair();
+        server
+            .write_all(b"-ERR wrong number of arguments for 'auth' command\r\n+OK\r\n")
+            .await
+            .unwrap();
+        connection
+            .authenticate(&settings("redis://u:s3cret@fake/"))
+            .await
+            .unwrap();
+        let both =
+            "*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$6\r\ns3cret\r\n*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n";
+        assert_eq!(received(&mut server, both).await, both);
+    }
+
+    #[tokio::test]
+    async fn after_a_large_message_small_ones_do_not_keep_its_buffer() {
+        let (mut connection, mut server) = pair();
+        let large = "x".repeat(300_000);
+        let mut wire = format!(
+            "*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n${}\r\n{large}\r\n",
+            large.len()
+        );
+        for n in 0..50 {
+            wire.push_str(&format!(
+                "*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\n{n:02}\r\n"
+            ));
+        }
+        server.write_all(wire.as_bytes()).await.unwrap();
+        let Frame::Message { payload: first, .. } = frame(&mut connection).await else {
+            panic!("a message");
+        };
+        assert_eq!(first.len(), large.len());
+        let span = first.as_ptr() as usize..first.as_ptr() as usize + first.len() + READ_SPACE;
+        for n in 0..50 {
+            let Frame::Message { payload, .. } = frame(&mut connection).await else {
+                panic!("a message");
+            };
+            assert_eq!(payload, format!("{n:02}").as_bytes());
+            assert!(
+                !span.contains(&(payload.as_ptr() as usize)),
+                "message {n} is a slice of the large message's buffer"
+            );
+        }
+        assert!(connection.read.capacity() <= READ_BUFFER_MAX);
     }
 }
