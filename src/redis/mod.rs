@@ -792,12 +792,13 @@ impl RedisTransport {
 
     /// A frame of our own connection: a message, or an answer to a command.
     fn handle_frame(&mut self, frame: Frame) -> Result<Option<Up<Bytes>>> {
-        let peer = self.peer().to_owned();
-        let unexpected = |frame: &Frame| {
+        // Built on the error paths only: a message is the hot path.
+        let unexpected = |this: &Self, frame: &Frame| {
             Error::new(
                 ErrorKind::Protocol,
                 format!(
-                    "the Redis subscribe connection to {peer} was sent {frame:?}, which it did not ask for"
+                    "the Redis subscribe connection to {} was sent {frame:?}, which it did not ask for",
+                    this.peer()
                 ),
             )
         };
@@ -816,13 +817,13 @@ impl RedisTransport {
                     confirmed,
                 } = &mut self.control
                 else {
-                    return Err(unexpected(&frame));
+                    return Err(unexpected(self, &frame));
                 };
                 if *subscribe != subscribing
                     || self.requests.front().copied() != Some(Request::Control)
                     || topics[*confirmed].as_bytes() != &channel[..]
                 {
-                    return Err(unexpected(&frame));
+                    return Err(unexpected(self, &frame));
                 }
                 *confirmed += 1;
                 if *confirmed == topics.len() {
@@ -838,7 +839,7 @@ impl RedisTransport {
             }
             Frame::Pong => {
                 if self.requests.front().copied() != Some(Request::Ping) {
-                    return Err(unexpected(&frame));
+                    return Err(unexpected(self, &frame));
                 }
                 self.answered();
                 let next = Instant::now() + self.config.ping_interval;
@@ -851,9 +852,13 @@ impl RedisTransport {
                         subscribe, topics, ..
                     } = std::mem::replace(&mut self.control, Control::Idle)
                     else {
-                        return Err(unexpected(&frame));
+                        return Err(unexpected(self, &frame));
                     };
-                    let what = format!("{} on {peer}", describe_control(subscribe, &topics));
+                    let what = format!(
+                        "{} on {}",
+                        describe_control(subscribe, &topics),
+                        self.peer()
+                    );
                     let error = server_error(&what, reply);
                     self.control_answered(subscribe, topics, Err(error))?;
                 }
@@ -866,12 +871,15 @@ impl RedisTransport {
                     };
                     return Err(Error::new(
                         ErrorKind::Protocol,
-                        format!("pinging the subscribe connection to {peer}: {reply}{hint}"),
+                        format!(
+                            "pinging the subscribe connection to {}: {reply}{hint}",
+                            self.peer()
+                        ),
                     ));
                 }
-                None => return Err(unexpected(&frame)),
+                None => return Err(unexpected(self, &frame)),
             },
-            Frame::Simple(_) | Frame::Unexpected(_) => return Err(unexpected(&frame)),
+            Frame::Simple(_) | Frame::Unexpected(_) => return Err(unexpected(self, &frame)),
         }
         Ok(None)
     }
