@@ -1133,7 +1133,201 @@ impl Stream for RedisTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A transport whose two connections are in-memory pipes: the test plays Redis at their
+    /// other ends (the publish end, then the subscribe end).
+    async fn over_pipes(config: RedisConfig) -> (RedisTransport, DuplexStream, DuplexStream) {
+        let (publish_end, publish_server) = tokio::io::duplex(1 << 16);
+        let info = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        let (publish, driver) = MultiplexedConnection::new_with_config(
+            &info,
+            publish_end,
+            AsyncConnectionConfig::new(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(driver);
+        let (subscribe_end, subscribe_server) = tokio::io::duplex(1 << 16);
+        let connection = SubscribeConnection::over(Box::pin(subscribe_end), "redis://fake/".into());
+        let subscriber = Subscriber::Own(Box::new(connection));
+        (
+            RedisTransport::new(publish, subscriber, config),
+            publish_server,
+            subscribe_server,
+        )
+    }
+
+    /// Reads exactly `expected` at the server end.
+    async fn expect(server: &mut DuplexStream, expected: &str) {
+        let mut bytes = vec![0; expected.len()];
+        server.read_exact(&mut bytes).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&bytes), expected);
+    }
+
+    fn message(channel: &str, payload: &str) -> String {
+        format!(
+            "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+            channel.len(),
+            payload.len()
+        )
+    }
+
+    /// A PING whose answer comes behind a second of messages, five times its timeout: the
+    /// bytes arriving show the connection alive, and it is not declared dead.
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_behind_a_backlog_is_waited_for_while_bytes_arrive() {
+        let config = RedisConfig::new()
+            .ping_interval(Duration::from_millis(100))
+            .ping_timeout(Duration::from_millis(200));
+        let (mut transport, _publish, mut server) = over_pipes(config).await;
+        let reader = tokio::spawn(async move {
+            let mut messages = 0;
+            while messages < 20 {
+                match transport.next().await {
+                    Some(Ok(Up::Message { .. })) => messages += 1,
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Err(error),
+                    None => panic!("the stream ended"),
+                }
+            }
+            Ok(transport)
+        });
+        expect(&mut server, "*1\r\n$4\r\nPING\r\n").await;
+        for n in 0..20 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let frame = message("c", &n.to_string());
+            if server.write_all(frame.as_bytes()).await.is_err() {
+                break; // The transport is gone: the reader says why.
+            }
+        }
+        let mut transport = reader.await.unwrap().expect("alive: bytes kept coming");
+        server
+            .write_all(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+            .await
+            .unwrap();
+        // Answered: the next PING comes after the interval, and is timed on its own.
+        let next = tokio::spawn(async move { transport.next().await.map(|up| up.is_ok()) });
+        expect(&mut server, "*1\r\n$4\r\nPING\r\n").await;
+        server.write_all(b"+PONG\r\n").await.unwrap();
+        server
+            .write_all(message("c", "last").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(next.await.unwrap(), Some(true));
+    }
+
+    /// A PING sent while a SUBSCRIBE waits is timed from when the SUBSCRIBE is answered (Redis
+    /// answers in order), not from when the PING was sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_behind_a_slow_subscribe_is_timed_from_the_subscribes_answer() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_millis(1_000))
+            .ping_timeout(Duration::from_millis(1_000))
+            .ping_interval(Duration::from_millis(100));
+        let start = Instant::now();
+        let (transport, _publish, mut server) = over_pipes(config).await;
+        let (mut sink, mut stream) = transport.split();
+        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(up) = stream.next().await {
+                let failed = up.is_err();
+                let _ = got_tx.send(up.map(|up| format!("{up:?}")));
+                if failed {
+                    break;
+                }
+            }
+        });
+        sink.send(Command::Subscribe(Topic::from("c")))
+            .await
+            .unwrap();
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
+        expect(&mut server, "*1\r\n$4\r\nPING\r\n").await;
+        tokio::time::sleep_until(start + Duration::from_millis(900)).await;
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+            .await
+            .unwrap();
+        let confirmed = got.recv().await.unwrap().unwrap();
+        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+        // 1.5 s after the PING was sent, 0.6 s after the SUBSCRIBE's answer.
+        tokio::time::sleep_until(start + Duration::from_millis(1_500)).await;
+        server
+            .write_all(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+            .await
+            .unwrap();
+        server
+            .write_all(message("c", "after").as_bytes())
+            .await
+            .unwrap();
+        let after = got.recv().await.unwrap().expect("not declared dead");
+        assert!(after.contains("after"), "{after}");
+    }
+
+    /// A transport split in two tasks: the reading task reads the SUBSCRIBE's confirmation,
+    /// and the flushing task, whose publish waits behind it, is woken by it (not by the reply
+    /// timer, an hour away).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_confirmation_read_by_the_reading_task_wakes_the_flushing_task() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_secs(3600));
+        let (transport, mut publish_server, mut server) = over_pipes(config).await;
+        let (mut sink, mut stream) = transport.split();
+        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(up) = stream.next().await {
+                if got_tx.send(up.map(|up| format!("{up:?}"))).is_err() {
+                    break;
+                }
+            }
+        });
+        let flusher = tokio::spawn(async move {
+            sink.feed(Command::Subscribe(Topic::from("c")))
+                .await
+                .unwrap();
+            sink.feed(Command::Publish {
+                topic: Topic::from("c"),
+                message: Bytes::from_static(b"hi"),
+            })
+            .await
+            .unwrap();
+            sink.flush().await.unwrap();
+        });
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
+        // A message first: whichever task reads it, the reading task yields it, and is then
+        // the one waiting on the socket.
+        server
+            .write_all(message("c", "first").as_bytes())
+            .await
+            .unwrap();
+        let first = got.recv().await.unwrap().unwrap();
+        assert!(first.contains("first"), "{first}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+            .await
+            .unwrap();
+        let confirmed = got.recv().await.unwrap().unwrap();
+        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+        // The publish held behind the subscribe goes out, and the flush completes.
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            expect(
+                &mut publish_server,
+                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+            ),
+        )
+        .await
+        .expect("the flushing task was woken");
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), flusher)
+            .await
+            .expect("flushed")
+            .unwrap();
+    }
 
     #[test]
     fn a_url_is_printed_without_its_password() {

@@ -21,7 +21,7 @@ const READ_SPACE: usize = 16 * 1024;
 const READ_BUFFER_MAX: usize = 4 * READ_SPACE;
 
 /// A socket the connection runs over: TCP or a Unix socket.
-trait Io: AsyncRead + AsyncWrite + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Send> Io for T {}
 
@@ -77,7 +77,7 @@ impl SubscribeConnection {
         Ok(connection)
     }
 
-    fn over(io: Pin<Box<dyn Io>>, peer: String) -> Self {
+    pub(crate) fn over(io: Pin<Box<dyn Io>>, peer: String) -> Self {
         SubscribeConnection {
             io,
             read: BytesMut::new(),
