@@ -1167,6 +1167,40 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&bytes), expected);
     }
 
+    /// Splits `transport`: its sink for the test, its stream read by a task that forwards what
+    /// comes up (as debug text) until the first error.
+    fn split_with_reader(
+        transport: RedisTransport,
+    ) -> (
+        futures::stream::SplitSink<RedisTransport, Command<Bytes>>,
+        tokio::sync::mpsc::UnboundedReceiver<Result<String>>,
+    ) {
+        let (sink, mut stream) = transport.split();
+        let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(up) = stream.next().await {
+                let failed = up.is_err();
+                if got_tx.send(up.map(|up| format!("{up:?}"))).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        (sink, got)
+    }
+
+    /// The server confirms the SUBSCRIBE of `c`, and the reading side hears of it.
+    async fn confirm(
+        server: &mut DuplexStream,
+        got: &mut tokio::sync::mpsc::UnboundedReceiver<Result<String>>,
+    ) {
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+            .await
+            .unwrap();
+        let confirmed = got.recv().await.unwrap().unwrap();
+        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+    }
+
     fn message(channel: &str, payload: &str) -> String {
         format!(
             "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
@@ -1229,29 +1263,14 @@ mod tests {
             .ping_interval(Duration::from_millis(100));
         let start = Instant::now();
         let (transport, _publish, mut server) = over_pipes(config).await;
-        let (mut sink, mut stream) = transport.split();
-        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(up) = stream.next().await {
-                let failed = up.is_err();
-                let _ = got_tx.send(up.map(|up| format!("{up:?}")));
-                if failed {
-                    break;
-                }
-            }
-        });
+        let (mut sink, mut got) = split_with_reader(transport);
         sink.send(Command::Subscribe(Topic::from("c")))
             .await
             .unwrap();
         expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
         expect(&mut server, "*1\r\n$4\r\nPING\r\n").await;
         tokio::time::sleep_until(start + Duration::from_millis(900)).await;
-        server
-            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
-            .await
-            .unwrap();
-        let confirmed = got.recv().await.unwrap().unwrap();
-        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+        confirm(&mut server, &mut got).await;
         // 1.5 s after the PING was sent, 0.6 s after the SUBSCRIBE's answer.
         tokio::time::sleep_until(start + Duration::from_millis(1_500)).await;
         server
@@ -1275,15 +1294,7 @@ mod tests {
             .response_timeout(Duration::from_secs(3600))
             .ping_interval(Duration::from_secs(3600));
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
-        let (mut sink, mut stream) = transport.split();
-        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(up) = stream.next().await {
-                if got_tx.send(up.map(|up| format!("{up:?}"))).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut sink, mut got) = split_with_reader(transport);
         let flusher = tokio::spawn(async move {
             sink.feed(Command::Subscribe(Topic::from("c")))
                 .await
@@ -1306,12 +1317,7 @@ mod tests {
         let first = got.recv().await.unwrap().unwrap();
         assert!(first.contains("first"), "{first}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        server
-            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
-            .await
-            .unwrap();
-        let confirmed = got.recv().await.unwrap().unwrap();
-        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+        confirm(&mut server, &mut got).await;
         // The publish held behind the subscribe goes out, and the flush completes.
         tokio::time::timeout(
             Duration::from_secs(20),
