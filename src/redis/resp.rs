@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// The longest bulk string accepted: Redis's own default `proto-max-bulk-len` (512 MiB). A
 /// longer length is a protocol error, found before anything is buffered for it.
-pub(crate) const MAX_BULK: usize = 512 * 1024 * 1024;
+const MAX_BULK: usize = 512 * 1024 * 1024;
 
 /// The longest line accepted (a simple string, an error, a length): a peer that sends more
 /// without a line end is not speaking RESP.
@@ -250,12 +250,14 @@ fn classify(frame: &Bytes, top: Top) -> Frame {
         (Some(b"pmessage"), 4) => bulk(&elements[2]).zip(payload(&elements[3])),
         // A null channel (the answer to an `UNSUBSCRIBE` of nothing, never sent here) is
         // unexpected: described below.
-        (Some(b"subscribe"), 3) if bulk(&elements[1]).is_some() => {
-            return Frame::Subscribed(bulk(&elements[1]).expect("a channel"))
-        }
-        (Some(b"unsubscribe"), 3) if bulk(&elements[1]).is_some() => {
-            return Frame::Unsubscribed(bulk(&elements[1]).expect("a channel"))
-        }
+        (Some(b"subscribe"), 3) => match bulk(&elements[1]) {
+            Some(channel) => return Frame::Subscribed(channel),
+            None => None,
+        },
+        (Some(b"unsubscribe"), 3) => match bulk(&elements[1]) {
+            Some(channel) => return Frame::Unsubscribed(channel),
+            None => None,
+        },
         (Some(b"pong"), 2) => return Frame::Pong,
         _ => None,
     };

@@ -90,16 +90,11 @@ impl SubscribeConnection {
 
     /// Authenticates with `settings`' credentials, if it has a password.
     async fn authenticate(&mut self, settings: &RedisConnectionInfo) -> Result<()> {
-        let connection = self;
         if let Some(password) = settings.password() {
             let password = password.as_bytes();
             let mut refused = match settings.username() {
-                Some(user) => {
-                    connection
-                        .auth(&[b"AUTH", user.as_bytes(), password])
-                        .await?
-                }
-                None => connection.auth(&[b"AUTH", password]).await?,
+                Some(user) => self.auth(&[b"AUTH", user.as_bytes(), password]).await?,
+                None => self.auth(&[b"AUTH", password]).await?,
             };
             if settings.username().is_some()
                 && refused
@@ -107,14 +102,14 @@ impl SubscribeConnection {
                     .is_some_and(|reply| reply.contains("wrong number of arguments"))
             {
                 // Redis before 6 has no users: `AUTH password` alone, as redis-rs does.
-                refused = connection.auth(&[b"AUTH", password]).await?;
+                refused = self.auth(&[b"AUTH", password]).await?;
             }
             if let Some(reply) = refused {
                 return Err(Error::new(
                     ErrorKind::Connect,
                     format!(
                         "authenticating the subscribe connection to {}: {reply}",
-                        connection.peer
+                        self.peer
                     ),
                 ));
             }
@@ -130,7 +125,13 @@ impl SubscribeConnection {
         match std::future::poll_fn(|cx| self.poll_frame(cx)).await? {
             Frame::Simple(ok) if ok == "OK" => Ok(None),
             Frame::Error(reply) => Ok(Some(String::from_utf8_lossy(&reply).into_owned())),
-            other => Err(self.unexpected(&other, "AUTH")),
+            other => Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "the subscribe connection to {} answered AUTH with {other:?}",
+                    self.peer
+                ),
+            )),
         }
     }
 
@@ -209,17 +210,6 @@ impl SubscribeConnection {
                 Err(error) => return Poll::Ready(Err(self.lost("reading", Some(error)))),
             }
         }
-    }
-
-    /// A frame this connection is not sent in answer to `what`.
-    pub(crate) fn unexpected(&self, frame: &Frame, what: &str) -> Error {
-        Error::new(
-            ErrorKind::Protocol,
-            format!(
-                "the subscribe connection to {} answered {what} with {frame:?}",
-                self.peer
-            ),
-        )
     }
 
     fn lost(&self, what: &str, error: Option<std::io::Error>) -> Error {
