@@ -1091,6 +1091,52 @@ async fn with_flush_each_publish_a_publisher_flushes_each_publish_it_feeds() {
     }
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn publishes_one_at_a_time_are_flushed_by_their_publisher_without_a_hand_off() {
+    const EACH: usize = 20;
+    let probe = Probe::new(LocalTransport::new());
+    let flushers = Arc::clone(&probe.flushers);
+    let events: EventTarget = EventTarget::builder().build(probe);
+    let mut subscription = events.subscribe("pace:1").await.unwrap();
+    let publisher = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            for n in 0..EACH as u64 {
+                // A request and its reply's worth apart: 20 µs, under the 50 µs after which any
+                // publish counts as lone, and far over a burst's spacing. (A spin: a thread's
+                // sleep lasts 50 µs more than asked, the kernel's default timer slack.)
+                let paused = std::time::Instant::now();
+                while paused.elapsed() < Duration::from_micros(20) {
+                    std::hint::spin_loop();
+                }
+                events
+                    .dispatch_event(numbered("pace", "1", n))
+                    .await
+                    .unwrap();
+                // The driver may run (and would flush what the publisher left).
+                tokio::task::yield_now().await;
+            }
+            tokio::task::id()
+        })
+    };
+    let publisher = publisher.await.unwrap();
+    for n in 0..EACH as u64 {
+        assert_eq!(number_of(&subscription.next().await.unwrap().unwrap()), n);
+    }
+    let flushers = flushers.lock().unwrap();
+    let by_publisher = flushers
+        .iter()
+        .filter(|task| **task == Some(publisher))
+        .count();
+    // The first may be left to the driver (it came less than 50 µs after the target began);
+    // once a flush carried a single publish, each is flushed where it was fed.
+    assert!(
+        by_publisher >= EACH - 1,
+        "the publisher flushed {by_publisher} of {EACH} ({} flushes)",
+        flushers.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_from_outside_the_runtime_are_fed_by_the_driver() {
     let mut probe = Probe::new(LocalTransport::new());

@@ -45,6 +45,11 @@ const KEEPS_UP: u64 = (BUDGET / PULL_BUDGET) as u64;
 /// a lone message, and flushed by the publishing task at once.
 const LONE_PUBLISH: Duration = Duration::from_micros(50);
 
+/// The same, when the last flush carried a single publish (publishes come one at a time, as in
+/// a request and its reply): past this, the driver would flush it alone too, a hand-off later.
+/// A burst's publishes come well under a microsecond apart.
+const LONE_AFTER_LONE: Duration = Duration::from_micros(10);
+
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
     pub(crate) topic: Topic,
@@ -167,6 +172,10 @@ pub(crate) struct Core<T, P> {
     flush_wanted: bool,
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
+    /// Publishes fed since the last flush.
+    fed: u32,
+    /// The last flush carried at most one publish.
+    flushed_one: bool,
     /// A direct publish always flushes (see `Builder::flush_each_publish`).
     flush_each_publish: bool,
     /// A subscription that found the transport drained and its queue empty: woken to read
@@ -217,6 +226,8 @@ where
             waker: None,
             flush_wanted: false,
             last_direct: Instant::now(),
+            fed: 0,
+            flushed_one: false,
             flush_each_publish,
             puller: None,
             hand_to: None,
@@ -376,12 +387,15 @@ where
         match self.transport.as_mut().poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.unflushed = false;
+                self.flushed_one = self.fed <= 1;
+                self.fed = 0;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Ok(()));
                 }
             }
             Poll::Ready(Err(error)) => {
                 self.unflushed = false;
+                self.fed = 0;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Err(error.clone()));
                 }
@@ -410,6 +424,7 @@ where
                     Ok(()) => {
                         counters.published.fetch_add(1, Relaxed);
                         self.unflushed = true;
+                        self.fed = self.fed.saturating_add(1);
                         self.acks.extend(ack);
                     }
                     Err(error) => self.fail_publish(ack, error),
@@ -988,10 +1003,17 @@ where
             // The first publish since the driver last flushed. A lone one is flushed here and
             // now: waiting for the driver task would add a hand-off to its latency. In a burst,
             // the driver flushes once for many (and the clock is read once per flush, not per
-            // publish), unless flushing costs nothing (`Builder::flush_each_publish`).
+            // publish), unless flushing costs nothing (`Builder::flush_each_publish`). Lone is
+            // `LONE_PUBLISH` after the previous such publish, or only `LONE_AFTER_LONE` when the
+            // last flush carried one publish: then the driver would flush this one alone too.
             let lone = self.flush_each_publish || {
                 let now = Instant::now();
-                let lone = now.duration_since(self.last_direct) >= LONE_PUBLISH;
+                let after = if self.flushed_one {
+                    LONE_AFTER_LONE
+                } else {
+                    LONE_PUBLISH
+                };
+                let lone = now.duration_since(self.last_direct) >= after;
                 self.last_direct = now;
                 lone
             };
