@@ -825,6 +825,49 @@ async fn giving_up_ends_the_event_target_with_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_for_good_is_not_retried_and_a_failed_one_is() {
+    use alkdev_pubsub::Error;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for (kind, retried) in [
+        (ErrorKind::Config, false),
+        (ErrorKind::Rejected, false),
+        (ErrorKind::Connect, true),
+    ] {
+        let attempts = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&attempts);
+        let transport =
+            ServiceBuilder::new()
+                .layer(ParseErrorLayer::skip())
+                .layer(CodecLayer::json())
+                .layer(ReconnectLayer::new(fast_backoff().max_attempts(Some(4))))
+                .service(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Err::<BrokerConnection, _>(Error::new(kind, "the factory's own words"))
+                    }
+                });
+        let events: EventTarget = EventTarget::new(transport);
+        let error = events.subscribe("r:1").await.unwrap_err();
+        assert!(
+            error.to_string().contains("the factory's own words"),
+            "{error}"
+        );
+        let expected = if retried { 4 } else { 1 };
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            expected,
+            "{kind:?}: {error}"
+        );
+        let why = if retried {
+            "gave up after 4 connection attempts"
+        } else {
+            "retrying cannot succeed"
+        };
+        assert!(error.to_string().contains(why), "{kind:?}: {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_stack_passes_the_conformance_suite() {
     let broker = MemoryBroker::new();
     testkit::run_all(|| {

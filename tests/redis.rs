@@ -393,6 +393,12 @@ async fn eight_subscriber_targets_fifty_topics_steady_publisher() {
 async fn a_bad_url_and_a_missing_server_fail_with_clear_errors() {
     let error = RedisTransport::connect("http://nope").await.unwrap_err();
     assert!(error.to_string().contains("invalid Redis URL"), "{error}");
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+    let error = RedisTransport::connect("rediss://127.0.0.1:1/")
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+    assert!(error.to_string().contains("rediss://"), "{error}");
     let port = testkit::free_port();
     let error = RedisConfig::new()
         .connect_timeout(Duration::from_millis(500))
@@ -633,12 +639,22 @@ async fn a_unix_socket_and_a_password_reach_both_connections() {
     publish_and_receive(&events, &mut subscription, "unix", "1", 0..3).await;
     events.close().await;
 
-    // A wrong password is refused, and the error does not print it.
-    let error = config()
-        .connect(format!("redis+unix://{}?pass=wrong", socket.display()))
+    // A wrong password is refused for good, and the error does not print it.
+    let wrong = format!("redis+unix://{}?pass=wrong", socket.display());
+    let error = config().connect(&wrong).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(error.is_permanent(), "{error}");
+    assert!(!error.to_string().contains("wrong"), "{error}");
+    // So the reconnect layer gives up at once, with that error, rather than retry for ever.
+    let events = stack(&wrong, "alk:events:", 1024);
+    let error = tokio::time::timeout(WAIT, events.subscribe("unix:2"))
         .await
+        .expect("not retried for ever")
         .unwrap_err();
-    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Connect, "{error}");
+    assert!(
+        error.to_string().contains("retrying cannot succeed"),
+        "{error}"
+    );
     assert!(!error.to_string().contains("wrong"), "{error}");
     let _ = std::fs::remove_file(&socket);
 }

@@ -403,3 +403,71 @@ async fn a_ping_from_the_reading_half_does_not_strand_the_writing_half() {
         .unwrap();
     reader.abort();
 }
+
+/// A server that answers every connection's handshake with `status`, then closes it.
+async fn refusing_server(status: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut request = [0; 1024];
+            let _ = tcp.read(&mut request).await;
+            let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            let _ = tcp.write_all(answer.as_bytes()).await;
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_is_retried() {
+    for url in ["http://127.0.0.1:1/", "ws:///events", "not a url"] {
+        let error = WebSocketTransport::connect(url).await.unwrap_err();
+        assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+        assert!(error.to_string().contains(url), "{error}");
+    }
+    let forbidden = refusing_server("403 Forbidden").await;
+    let error = WebSocketTransport::connect(&forbidden).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(error.to_string().contains("403"), "{error}");
+
+    let stack = |url: String, attempts: Option<u32>| -> EventTarget {
+        EventTarget::new(
+            ServiceBuilder::new()
+                .layer(ParseErrorLayer::skip())
+                .layer(CodecLayer::json())
+                .layer(ReconnectLayer::new(
+                    Backoff::new()
+                        .initial(Duration::from_millis(2))
+                        .max(Duration::from_millis(5))
+                        .max_attempts(attempts),
+                ))
+                .service(move || WebSocketTransport::connect(url.clone())),
+        )
+    };
+    // Refused for good: the first command fails with the server's answer, without retries.
+    let events = stack(forbidden, None);
+    let error = tokio::time::timeout(WAIT, events.dispatch_confirmed(numbered("w", "1", 0)))
+        .await
+        .expect("not retried for ever")
+        .unwrap_err();
+    assert!(error.to_string().contains("403"), "{error}");
+    assert!(
+        error.to_string().contains("retrying cannot succeed"),
+        "{error}"
+    );
+    // 429 may pass: retried until the layer's attempts run out.
+    let busy = refusing_server("429 Too Many Requests").await;
+    let events = stack(busy, Some(3));
+    let error = tokio::time::timeout(WAIT, events.dispatch_confirmed(numbered("w", "1", 0)))
+        .await
+        .expect("gives up after 3 attempts")
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("gave up after 3 connection attempts"),
+        "{error}"
+    );
+}

@@ -84,8 +84,12 @@ pub enum ErrorKind {
     /// The peer refused a command for now (for example Redis `LOADING`, `TRYAGAIN`, `BUSY`);
     /// retrying may succeed.
     Busy,
-    /// The peer refused a command for good (for example a Redis `NOPERM` or `ERR` reply).
+    /// The peer refused a command for good (for example a Redis `NOPERM` or `ERR` reply), or
+    /// refused a connection's credentials.
     Rejected,
+    /// The settings cannot work: an invalid URL or address, or one the transport does not
+    /// support. Retrying with the same settings cannot succeed.
+    Config,
     /// The transport is down and its publish buffer is full, or retries ran out.
     Unavailable,
     /// The event target or transport is closed.
@@ -109,6 +113,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::TooLarge => "over the size limit",
             ErrorKind::Busy => "peer busy",
             ErrorKind::Rejected => "command rejected",
+            ErrorKind::Config => "invalid settings",
             ErrorKind::Unavailable => "transport unavailable",
             ErrorKind::Closed => "closed",
             ErrorKind::ListenerPanicked => "listener panicked",
@@ -256,7 +261,17 @@ impl Error {
         self.kind() == ErrorKind::Closed
     }
 
-    /// Whether a publish was refused because the transport is down and its buffer full.
+    /// Whether trying the same thing again cannot succeed: the settings are invalid
+    /// ([`Config`](ErrorKind::Config)), or the peer refused it for good
+    /// ([`Rejected`](ErrorKind::Rejected): a command, or a connection's credentials). The
+    /// reconnect layer gives up at once on a connection attempt that fails this way.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Config | ErrorKind::Rejected)
+    }
+
+    /// Whether a publish was refused for want of room or of a connection
+    /// ([`Unavailable`](ErrorKind::Unavailable)): the transport is down and its publish buffer is
+    /// full, the event target's publish queue is full, or retries ran out.
     pub fn is_unavailable(&self) -> bool {
         self.kind() == ErrorKind::Unavailable
     }

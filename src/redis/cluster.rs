@@ -143,14 +143,14 @@ impl RedisClusterTransport {
             .build()
             .map_err(|e| {
                 Error::with_source(
-                    ErrorKind::Connect,
+                    ErrorKind::Config,
                     format!("cluster seeds {printed:?}: {e}"),
                     e,
                 )
             })?;
         let connection = client.get_async_connection().await.map_err(|e| {
             Error::with_source(
-                ErrorKind::Connect,
+                super::connect_kind(&e),
                 format!("connecting to the cluster {printed:?}: {e}"),
                 e,
             )

@@ -160,7 +160,7 @@ impl RedisConfig {
         let url = url.as_ref();
         let client = Client::open(url).map_err(|e| {
             Error::with_source(
-                ErrorKind::Connect,
+                ErrorKind::Config,
                 format!("invalid Redis URL {:?}: {e}", redact(url)),
                 e,
             )
@@ -168,7 +168,7 @@ impl RedisConfig {
         let where_ = redact(url);
         if let redis::ConnectionAddr::TcpTls { .. } = client.get_connection_info().addr() {
             return Err(Error::new(
-                ErrorKind::Connect,
+                ErrorKind::Config,
                 format!("{where_:?}: TLS (rediss://) is not supported by RedisTransport"),
             ));
         }
@@ -246,10 +246,20 @@ fn redact(url: &str) -> String {
 
 fn connect_error(url: &str, what: &str, error: RedisError) -> Error {
     Error::with_source(
-        ErrorKind::Connect,
+        connect_kind(&error),
         format!("opening {what} to {url}: {error}"),
         error,
     )
+}
+
+/// The kind of a failure to connect: refused credentials and invalid settings are for good
+/// (the reconnect layer gives up on them), anything else may pass.
+fn connect_kind(error: &RedisError) -> ErrorKind {
+    match error.kind() {
+        redis::ErrorKind::AuthenticationFailed => ErrorKind::Rejected,
+        redis::ErrorKind::InvalidClientConfig => ErrorKind::Config,
+        _ => ErrorKind::Connect,
+    }
 }
 
 /// Maps a redis-rs error to this crate's, with `what` saying what was being done.

@@ -67,7 +67,7 @@ impl SubscribeConnection {
             }
             other => {
                 return Err(Error::new(
-                    ErrorKind::Connect,
+                    ErrorKind::Config,
                     format!("opening the subscribe connection to {peer}: {other} is not supported (TCP and Unix sockets are)"),
                 ))
             }
@@ -106,7 +106,7 @@ impl SubscribeConnection {
             }
             if let Some(reply) = refused {
                 return Err(Error::new(
-                    ErrorKind::Connect,
+                    ErrorKind::Rejected,
                     format!(
                         "authenticating the subscribe connection to {}: {reply}",
                         self.peer
@@ -262,7 +262,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_password_is_a_connect_error_with_the_servers_words_only() {
+    async fn a_refused_password_is_a_rejection_with_the_servers_words_only() {
         let (mut connection, mut server) = pair();
         server
             .write_all(b"-WRONGPASS invalid username-password pair\r\n")
@@ -274,10 +274,10 @@ mod tests {
             .unwrap_err();
         let auth = "*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$6\r\ns3cret\r\n";
         assert_eq!(received(&mut server, auth).await, auth);
-        assert_eq!(error.kind(), ErrorKind::Connect);
+        assert_eq!(error.kind(), ErrorKind::Rejected);
         assert_eq!(
             error.to_string(),
-            "connect failed: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
+            "command rejected: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
         );
     }
 

@@ -158,6 +158,7 @@ impl WebSocketConfig {
     /// Connects to `url` (`ws://host:port/path`) with these settings.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<WebSocketTransport> {
         let url = url.as_ref();
+        check_url(url)?;
         let connecting =
             tokio_tungstenite::connect_async_with_config(url, Some(self.tungstenite()), true);
         self.handshake(url, connecting).await
@@ -172,6 +173,7 @@ impl WebSocketConfig {
         tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<WebSocketTransport> {
         let url = url.as_ref();
+        check_url(url)?;
         let connecting = tokio_tungstenite::connect_async_tls_with_config(
             url,
             Some(self.tungstenite()),
@@ -203,9 +205,7 @@ impl WebSocketConfig {
                     ),
                 )
             })?
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Connect, format!("connecting to {url}: {e}"), e)
-            })?;
+            .map_err(|e| handshake_error(format!("connecting to {url}"), e))?;
         Ok(WebSocketTransport::from_stream(stream, self))
     }
 
@@ -227,11 +227,44 @@ impl WebSocketConfig {
                     ),
                 )
             })?
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Connect, format!("accepting a WebSocket: {e}"), e)
-            })?;
+            .map_err(|e| handshake_error("accepting a WebSocket".to_owned(), e))?;
         Ok(WebSocketTransport::from_stream(stream, self))
     }
+}
+
+/// Refuses, before connecting, a URL that cannot be a WebSocket server's, with an error of kind
+/// [`ErrorKind::Config`].
+fn check_url(url: &str) -> Result<()> {
+    let invalid =
+        |why: String| Error::new(ErrorKind::Config, format!("connecting to {url}: {why}"));
+    let uri: tungstenite::http::Uri = url
+        .parse()
+        .map_err(|e| invalid(format!("not a URL ({e})")))?;
+    if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
+        return Err(invalid("not a ws:// or wss:// URL".to_owned()));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("no host".to_owned()));
+    }
+    Ok(())
+}
+
+/// A failed handshake as this crate's error: an invalid URL is [`ErrorKind::Config`], a server
+/// that answered with a client error (401, 403, 404 …, but 408 and 429, which may pass) is
+/// [`ErrorKind::Rejected`], anything else [`ErrorKind::Connect`]. `what` says what was being
+/// done.
+fn handshake_error(what: String, error: tungstenite::Error) -> Error {
+    let kind = match &error {
+        tungstenite::Error::Url(_) => ErrorKind::Config,
+        tungstenite::Error::Http(response)
+            if response.status().is_client_error()
+                && !matches!(response.status().as_u16(), 408 | 429) =>
+        {
+            ErrorKind::Rejected
+        }
+        _ => ErrorKind::Connect,
+    };
+    Error::with_source(kind, format!("{what}: {error}"), error)
 }
 
 /// The WebSocket transport: see the [module](self).
