@@ -49,7 +49,8 @@ pub struct Stats {
     pub delivered: u64,
     /// Events a full subscription queue dropped (each one reported as [`Gap::Lagged`](crate::Gap)).
     pub lagged: u64,
-    /// Inbound events on a topic with no listener (they arrived after the last one left).
+    /// Events that found no listener on their topic: inbound messages that arrived after the
+    /// last one left, and, in-process, every dispatch to a topic nobody listens to.
     pub unrouted: u64,
     /// Inbound frames that could not be decoded, skipped by the parse-error layer or surfaced
     /// as error items.

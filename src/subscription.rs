@@ -27,8 +27,11 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 /// A [`Subscription`] yields `Err(Gap)` items between events; the stream goes on after them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Gap {
-    /// This many events were dropped because the subscriber's queue was full (policy
-    /// [`Overflow::DropOldest`] or [`Overflow::DropNewest`]).
+    /// This many events were dropped because the subscriber's queue was full: policy
+    /// [`Overflow::DropOldest`] or [`Overflow::DropNewest`], or a full [`Overflow::Block`] queue
+    /// that could not wait (an in-process
+    /// [`try_dispatch_event`](crate::EventTarget::try_dispatch_event), or a dispatch cancelled
+    /// while it waited).
     Lagged(u64),
     /// The transport lost its connection and rebuilt it: events published during the outage
     /// may be missing.

@@ -17,7 +17,7 @@
 //! | [`ParseErrorLayer`] | unchanged | a decode error is skipped and counted, quarantined, or surfaced, by policy; the stream goes on |
 //! | [`CodecLayer`] | envelopes encoded to frames (JSON: exactly `{"type","id","payload"}`) | frames decoded once; failures become decode errors with the channel and the frame |
 //! | [`PrefixLayer`] | the prefix added to every topic | the prefix stripped; messages on foreign channels dropped and counted |
-//! | [`RetryLayer`] | commands and flushes failing with a transient error sent again, bounded | unchanged |
+//! | [`RetryLayer`] | publishes (and the publishes of a flush) failing with a transient error sent again, bounded | unchanged |
 //! | [`ReconnectLayer`] | during an outage, subscriptions remembered and publishes buffered (bounded) | on failure: reconnect with backoff, replay subscriptions, send the buffer, then [`Up::Reconnected`] |
 //!
 //! The typical stack over a raw transport factory:

@@ -25,9 +25,16 @@ use crate::EventTarget;
 /// # async fn main() -> Result<(), alkdev_pubsub::Error> {
 /// let listener = WebSocketListener::bind("127.0.0.1:9000").await?;
 /// loop {
-///     let (events, peer): (EventTarget, _) = listener.accept_event_target().await?;
-///     println!("{peer} connected");
-///     # drop(events);
+///     match listener.accept_event_target().await {
+///         Ok((events, peer)) => {
+///             let events: EventTarget = events;
+///             println!("{peer} connected");
+///             # drop(events);
+///         }
+///         // One connection's failure (a plain HTTP request, a port scanner, a handshake that
+///         // timed out) ends that connection only: the server goes on accepting.
+///         Err(error) => eprintln!("a connection failed: {error}"),
+///     }
 /// }
 /// # }
 /// ```

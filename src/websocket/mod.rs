@@ -43,6 +43,13 @@
 mod listener;
 
 pub use listener::WebSocketListener;
+/// The TLS library of [`WebSocketConfig::connect_with_tls`], re-exported so that its client
+/// configuration can be built at the same version.
+#[cfg(feature = "websocket-rustls")]
+pub use rustls;
+/// The WebSocket implementation this transport is built on, re-exported so that
+/// [`WebSocketTransport::from_stream`]'s stream type can be named at the same version.
+pub use tokio_tungstenite;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -309,9 +316,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         WebSocketConfig::default().accept(stream).await
     }
 
-    /// A transport over a WebSocket that is already open, for example one that axum or
-    /// another server upgraded. Its own limits stay as they were configured; `config` sets
-    /// the ping interval and idle timeout, and the size reported in errors.
+    /// A transport over a WebSocket that is already open: a [`tokio_tungstenite`] stream (this
+    /// module re-exports the crate, so that its types are the same version as this one's),
+    /// for example one a hyper-based server upgraded (`hyper::upgrade::on`, then
+    /// `WebSocketStream::from_raw_socket(io, Role::Server, None)`). axum's own `WebSocket` is
+    /// another type. Its own limits stay as they were configured; `config` sets the ping
+    /// interval and idle timeout, and the size reported in errors.
     pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
         WebSocketTransport {
             stream,
