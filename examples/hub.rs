@@ -39,9 +39,12 @@ const REMEMBERED: usize = 65_536;
 struct Spokes {
     next_id: u64,
     senders: HashMap<u64, mpsc::Sender<Envelope>>,
-    /// The origin of recent events, by content fingerprint (a multiset, oldest first).
-    origins: HashMap<u64, VecDeque<u64>>,
-    order: VecDeque<u64>,
+    /// The origin of recent events, by content fingerprint: for each, a multiset of
+    /// `(remembered as, spoke)`, oldest first.
+    origins: HashMap<u64, VecDeque<(u64, u64)>>,
+    /// What was remembered, oldest first: `(fingerprint, remembered as)`.
+    order: VecDeque<(u64, u64)>,
+    remembered: u64,
 }
 
 fn fingerprint(envelope: &Envelope) -> u64 {
@@ -55,12 +58,18 @@ fn fingerprint(envelope: &Envelope) -> u64 {
 impl Spokes {
     fn remember(&mut self, envelope: &Envelope, spoke: u64) {
         let key = fingerprint(envelope);
-        self.origins.entry(key).or_default().push_back(spoke);
-        self.order.push_back(key);
+        self.remembered += 1;
+        let seq = self.remembered;
+        self.origins.entry(key).or_default().push_back((seq, spoke));
+        self.order.push_back((key, seq));
         if self.order.len() > REMEMBERED {
-            if let Some(old) = self.order.pop_front() {
+            // The oldest is forgotten, unless its echo came back already (each fingerprint's
+            // origins are taken oldest first, so it is at the front if it is still there).
+            if let Some((old, seq)) = self.order.pop_front() {
                 if let Some(origins) = self.origins.get_mut(&old) {
-                    origins.pop_front();
+                    if origins.front().is_some_and(|(s, _)| *s == seq) {
+                        origins.pop_front();
+                    }
                     if origins.is_empty() {
                         self.origins.remove(&old);
                     }
@@ -72,14 +81,11 @@ impl Spokes {
     fn origin_of(&mut self, envelope: &Envelope) -> Option<u64> {
         let key = fingerprint(envelope);
         let origins = self.origins.get_mut(&key)?;
-        let origin = origins.pop_front();
+        let (_, origin) = origins.pop_front()?;
         if origins.is_empty() {
             self.origins.remove(&key);
         }
-        if let Some(position) = self.order.iter().position(|k| *k == key) {
-            self.order.remove(position);
-        }
-        origin
+        Some(origin)
     }
 }
 
@@ -151,17 +157,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         shared.add_event_listener(topic.as_str(), move |event| {
             let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
             let origin = spokes.origin_of(event);
+            let mut sent = 0;
             for (id, sender) in &spokes.senders {
-                if Some(*id) != origin && sender.try_send((**event).clone()).is_err() {
+                if Some(*id) == origin {
+                    continue;
+                }
+                if sender.try_send((**event).clone()).is_ok() {
+                    sent += 1;
+                } else {
                     eprintln!("hub: spoke {id} is too slow or gone; an event to it was dropped");
                 }
             }
-            println!(
-                "{} -> {} spoke(s) (from {:?})",
-                event.topic(),
-                spokes.senders.len() - usize::from(origin.is_some()),
-                origin
-            );
+            println!("{} -> {sent} spoke(s) (from {origin:?})", event.topic());
         })?;
         drop(shared.subscribe(topic.as_str()).await?);
     }
