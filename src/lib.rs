@@ -33,13 +33,19 @@
 //! # Feature flags
 //!
 //! - `redis`: [`redis::RedisTransport`], Redis pub/sub.
+//! - `redis-cluster`: `redis::RedisClusterTransport`, sharded pub/sub on a Redis Cluster
+//!   (`SPUBLISH` / `SSUBSCRIBE`); implies `redis`.
 //! - `websocket`: [`websocket::WebSocketTransport`] (client and server) and
 //!   [`websocket::WebSocketListener`].
+//! - `websocket-rustls`: `wss://` for the WebSocket client (rustls, the webpki roots, or a
+//!   client configuration of your own); implies `websocket`.
 //! - `testkit`: the [conformance suite](testkit) every transport must pass, for people who
 //!   plug in their own.
+//!
+//! The worker transport ([`worker`]) and the in-process target need no feature.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use alkdev_pubsub_layers as layers;
 pub use alkdev_pubsub_layers::{Command, Envelope, Error, ErrorKind, Result, Topic, Transport, Up};
