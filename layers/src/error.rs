@@ -41,7 +41,7 @@ struct Inner {
     channel: Option<Topic>,
     frame: Option<Bytes>,
     #[source]
-    source: Option<Box<dyn StdError + Send + Sync>>,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
 impl fmt::Debug for Inner {
@@ -145,7 +145,7 @@ impl Error {
         let mut error = Error::new(kind, message);
         Arc::get_mut(&mut error.inner)
             .expect("a new error is not shared")
-            .source = Some(source.into());
+            .source = Some(Arc::from(source.into()));
         error
     }
 
@@ -201,7 +201,7 @@ impl Error {
                 message: shared.message.clone(),
                 channel: shared.channel.clone(),
                 frame: shared.frame.clone(),
-                source: None,
+                source: shared.source.clone(),
             },
         };
         if inner.channel.is_none() {
@@ -316,9 +316,33 @@ impl From<std::io::Error> for Error {
         use std::io::ErrorKind as Io;
         let kind = match error.kind() {
             Io::TimedOut => ErrorKind::Timeout,
-            Io::ConnectionRefused | Io::AddrNotAvailable => ErrorKind::Connect,
+            // Reaching the peer failed (a Unix socket's path may be missing, or not ours).
+            Io::ConnectionRefused
+            | Io::AddrNotAvailable
+            | Io::AddrInUse
+            | Io::NotFound
+            | Io::PermissionDenied => ErrorKind::Connect,
             _ => ErrorKind::ConnectionLost,
         };
         Error::with_source(kind, format!("i/o: {error}"), error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recording_the_channel_keeps_the_source_whether_the_error_is_shared_or_not() {
+        let io = std::io::Error::other("the socket's own words");
+        let error = Error::with_source(ErrorKind::ConnectionLost, "reading", io);
+        let shared = error.clone();
+        let topic = Topic::new("t:1");
+        for error in [error.on_channel(&topic), shared.on_channel(&topic)] {
+            assert_eq!(error.channel(), Some(&topic));
+            assert!(error.to_string().contains("t:1"), "{error}");
+            let source = StdError::source(&error).expect("the source is kept");
+            assert_eq!(source.to_string(), "the socket's own words");
+        }
     }
 }
