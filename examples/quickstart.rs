@@ -64,11 +64,12 @@ async fn main() -> Result<(), alkdev_pubsub::Error> {
     }
 
     events.close().await;
-    pubsub.event_target().close().await;
+    let typed = pubsub.stats();
+    pubsub.close().await;
     let stats = events.stats();
     println!(
-        "published {} events, {} deliveries, {} lagged",
-        stats.published, stats.delivered, stats.lagged
+        "published {} events, {} deliveries, {} lagged; typed: {} published, {} delivered",
+        stats.published, stats.delivered, stats.lagged, typed.published, typed.delivered
     );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 
 use crate::layers::{Envelope, Result, Topic};
-use crate::{EventTarget, Subscription};
+use crate::{EventTarget, Stats, Subscription};
 
 /// Publish and subscribe to typed payloads by `type` and `id`.
 ///
@@ -62,6 +62,16 @@ impl<P: Send + Sync + 'static> PubSub<P> {
     /// The event target underneath.
     pub fn event_target(&self) -> &EventTarget<P> {
         &self.events
+    }
+
+    /// Closes the event target underneath: see [`EventTarget::close`].
+    pub async fn close(&self) {
+        self.events.close().await;
+    }
+
+    /// The event target's counters: see [`EventTarget::stats`].
+    pub fn stats(&self) -> Stats {
+        self.events.stats()
     }
 
     /// Publishes `payload` as the envelope `{ type, id, payload }`; see

@@ -734,6 +734,24 @@ async fn typed_pubsub_round_trip() {
         }
     );
     testkit_quiet(&mut other).await;
+    let stats = pubsub.stats();
+    assert_eq!((stats.published, stats.delivered), (1, 1));
+    pubsub.close().await;
+    assert_eq!(
+        statuses.next().await,
+        None,
+        "closing ends the subscriptions"
+    );
+    assert!(pubsub
+        .publish(
+            "s",
+            "1",
+            Status {
+                state: "late".into()
+            }
+        )
+        .await
+        .is_err());
 }
 
 async fn testkit_quiet<S: futures::Stream + Unpin>(stream: &mut S)
