@@ -1,7 +1,10 @@
 //! Small waker helpers shared by the transports and the queue.
 
+#[cfg(feature = "websocket")]
 use std::sync::Arc;
-use std::task::{Context, Wake, Waker};
+#[cfg(feature = "websocket")]
+use std::task::Wake;
+use std::task::{Context, Waker};
 
 /// Stores `cx`'s waker in `slot`, unless the one there already wakes the same task (saving a
 /// clone, an atomic increment, on every poll of a hot stream).
@@ -15,6 +18,7 @@ pub(crate) fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
 /// that uses a resource on the other's behalf (the reading half of a split transport sending
 /// a ping through the writing half's sink), so that the other does not lose the wake-up it
 /// registered there.
+#[cfg(feature = "websocket")]
 pub(crate) fn also_waking(cx: &Context<'_>, other: Option<&Waker>) -> Waker {
     match other {
         Some(other) if !other.will_wake(cx.waker()) => {
@@ -24,8 +28,10 @@ pub(crate) fn also_waking(cx: &Context<'_>, other: Option<&Waker>) -> Waker {
     }
 }
 
+#[cfg(feature = "websocket")]
 struct Both(Waker, Waker);
 
+#[cfg(feature = "websocket")]
 impl Wake for Both {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
