@@ -112,7 +112,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::ForeignChannel => "message outside the prefix",
             ErrorKind::TooLarge => "over the size limit",
             ErrorKind::Busy => "peer busy",
-            ErrorKind::Rejected => "command rejected",
+            ErrorKind::Rejected => "refused by the peer",
             ErrorKind::Config => "invalid settings",
             ErrorKind::Unavailable => "transport unavailable",
             ErrorKind::Closed => "closed",

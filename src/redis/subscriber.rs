@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(error.kind(), ErrorKind::Rejected);
         assert_eq!(
             error.to_string(),
-            "command rejected: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
+            "refused by the peer: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
         );
     }
 
