@@ -167,14 +167,22 @@ fn target(args: &Args, attempts: Option<u32>) -> Result<EventTarget, String> {
 async fn listen(args: &Args) -> Result<(), String> {
     let events = target(args, None)?;
     // Callbacks run in arrival order on the event target's driver, so the output keeps the
-    // order in which events came, across topics. Printing keeps up with any realistic rate;
-    // the channel is unbounded so the driver never waits on stdout.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // order in which events came, across topics. The driver never waits on stdout: what a
+    // reader of the output too slow to keep up would let pile up past `BACKLOG` events is
+    // dropped, and counted.
+    const BACKLOG: usize = 65_536;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(BACKLOG);
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     for topic in &args.topics {
         let tx = tx.clone();
+        let dropped = std::sync::Arc::clone(&dropped);
         events
             .add_event_listener(topic.as_str(), move |event| {
-                let _ = tx.send(event.clone());
+                if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+                    tx.try_send(event.clone())
+                {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             })
             .map_err(|e| format!("listening on {topic}: {e}"))?;
         // A subscription resolves once Redis confirmed the topic: then nothing is missed.
@@ -205,6 +213,10 @@ async fn listen(args: &Args) -> Result<(), String> {
     if stats.decode_errors > 0 {
         eprintln!("tap: skipped {} malformed message(s)", stats.decode_errors);
     }
+    let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
+    if dropped > 0 {
+        eprintln!("tap: dropped {dropped} event(s): the output was read too slowly");
+    }
     events.close().await;
     Ok(())
 }
@@ -232,19 +244,21 @@ async fn publish(args: &Args) -> Result<(), String> {
                 continue;
             }
         };
-        if let Some(previous) = last.replace(envelope) {
+        // Each line is published once the next is read (the last one is confirmed), so an
+        // error names the line of the envelope that failed.
+        if let Some((line, previous)) = last.replace((number, envelope)) {
             events
                 .dispatch_event(previous)
                 .await
-                .map_err(|e| format!("line {number}: {e}"))?;
+                .map_err(|e| format!("line {line}: {e}"))?;
         }
     }
     // Confirming the last one confirms them all: flushes complete in order.
-    if let Some(envelope) = last {
+    if let Some((line, envelope)) = last {
         events
             .dispatch_confirmed(envelope)
             .await
-            .map_err(|e| format!("publishing: {e}"))?;
+            .map_err(|e| format!("line {line}: {e}"))?;
     }
     let stats = events.stats();
     events.close().await;
