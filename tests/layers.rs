@@ -868,6 +868,46 @@ async fn a_connection_refused_for_good_is_not_retried_and_a_failed_one_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_connected_even_a_refusal_is_retried() {
+    use alkdev_pubsub::Error;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let broker = MemoryBroker::new();
+    let attempts = Arc::new(AtomicU64::new(0));
+    let (factory_broker, counted) = (broker.clone(), Arc::clone(&attempts));
+    let transport = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .layer(ReconnectLayer::new(fast_backoff()))
+        .service(move || {
+            // The first connection works; the next two attempts are refused (a rotated
+            // password, say), then the peer takes it again.
+            let attempt = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let broker = factory_broker.clone();
+            async move {
+                match attempt {
+                    2 | 3 => Err(Error::new(ErrorKind::Rejected, "refused for now")),
+                    _ => broker.connect(),
+                }
+            }
+        });
+    let events: EventTarget = EventTarget::new(transport);
+    let mut subscription = events.subscribe("o:1").await.unwrap();
+    broker.kill_connections();
+    loop {
+        events.dispatch_event(numbered("o", "1", 7)).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), subscription.next()).await {
+            Ok(Some(Ok(event))) => {
+                assert_eq!(number_of(&event), 7);
+                break;
+            }
+            Ok(Some(Err(Gap::Reconnected))) | Err(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 4, "two refusals retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_stack_passes_the_conformance_suite() {
     let broker = MemoryBroker::new();
     testkit::run_all(|| {

@@ -411,8 +411,16 @@ async fn refusing_server(status: &'static str) -> String {
     let url = format!("ws://{}/events", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            let mut request = [0; 1024];
-            let _ = tcp.read(&mut request).await;
+            // The whole request is read first: closing with some of it unread would reset
+            // the connection, and the client would see that instead of the answer.
+            let mut request = Vec::new();
+            let mut chunk = [0; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => request.extend_from_slice(&chunk[..read]),
+                }
+            }
             let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
             let _ = tcp.write_all(answer.as_bytes()).await;
         }
@@ -431,6 +439,10 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
     let error = WebSocketTransport::connect(&forbidden).await.unwrap_err();
     assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
     assert!(error.to_string().contains("403"), "{error}");
+    // A 404 may be a proxy whose backend is not up yet: it may pass.
+    let missing = refusing_server("404 Not Found").await;
+    let error = WebSocketTransport::connect(&missing).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Connect, "{error}");
 
     let stack = |url: String, attempts: Option<u32>| -> EventTarget {
         EventTarget::new(

@@ -150,7 +150,7 @@ impl RedisClusterTransport {
             })?;
         let connection = client.get_async_connection().await.map_err(|e| {
             Error::with_source(
-                super::connect_kind(&e),
+                ErrorKind::Connect,
                 format!("connecting to the cluster {printed:?}: {e}"),
                 e,
             )

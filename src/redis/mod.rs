@@ -175,10 +175,9 @@ impl RedisConfig {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout));
-        let publisher = client
-            .get_multiplexed_async_connection_with_config(&connection_config)
-            .await
-            .map_err(|e| connect_error(&where_, "the publish connection", e))?;
+        // The subscribe connection first: it reads the server's answer to `AUTH` itself, and
+        // tells a refused password (for good) from a server that is full (for now), where
+        // redis-rs reports any refusal as an authentication failure.
         let subscriber = tokio::time::timeout(
             self.connect_timeout,
             SubscribeConnection::connect(client.get_connection_info(), where_.clone()),
@@ -193,6 +192,10 @@ impl RedisConfig {
                 ),
             )
         })??;
+        let publisher = client
+            .get_multiplexed_async_connection_with_config(&connection_config)
+            .await
+            .map_err(|e| connect_error(&where_, "the publish connection", e))?;
         Ok(RedisTransport::new(
             publisher,
             Subscriber::Own(Box::new(subscriber)),
@@ -246,20 +249,10 @@ fn redact(url: &str) -> String {
 
 fn connect_error(url: &str, what: &str, error: RedisError) -> Error {
     Error::with_source(
-        connect_kind(&error),
+        ErrorKind::Connect,
         format!("opening {what} to {url}: {error}"),
         error,
     )
-}
-
-/// The kind of a failure to connect: refused credentials and invalid settings are for good
-/// (the reconnect layer gives up on them), anything else may pass.
-fn connect_kind(error: &RedisError) -> ErrorKind {
-    match error.kind() {
-        redis::ErrorKind::AuthenticationFailed => ErrorKind::Rejected,
-        redis::ErrorKind::InvalidClientConfig => ErrorKind::Config,
-        _ => ErrorKind::Connect,
-    }
 }
 
 /// Maps a redis-rs error to this crate's, with `what` saying what was being done.

@@ -105,8 +105,23 @@ impl SubscribeConnection {
                 refused = self.auth(&[b"AUTH", password]).await?;
             }
             if let Some(reply) = refused {
+                // The password itself refused is for good; anything else (a server that is
+                // full, or loading) may pass.
+                let kind = if [
+                    "WRONGPASS",
+                    "ERR invalid password",
+                    "ERR AUTH",
+                    "ERR Client sent AUTH",
+                ]
+                .iter()
+                .any(|refusal| reply.starts_with(refusal))
+                {
+                    ErrorKind::Rejected
+                } else {
+                    ErrorKind::Connect
+                };
                 return Err(Error::new(
-                    ErrorKind::Rejected,
+                    kind,
                     format!(
                         "authenticating the subscribe connection to {}: {reply}",
                         self.peer
@@ -278,6 +293,25 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "refused by the peer: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_server_refusing_auth_is_a_connect_error_that_may_pass() {
+        let (mut connection, mut server) = pair();
+        server
+            .write_all(b"-ERR max number of clients reached\r\n")
+            .await
+            .unwrap();
+        let error = connection
+            .authenticate(&settings("redis://u:s3cret@fake/"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connect, "{error}");
+        assert!(!error.is_permanent(), "{error}");
+        assert!(
+            error.to_string().contains("max number of clients"),
+            "{error}"
         );
     }
 

@@ -256,16 +256,15 @@ fn check_url(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// A failed handshake as this crate's error: an invalid URL is [`ErrorKind::Config`], a server
-/// that answered with a client error (401, 403, 404 …, but 408 and 429, which may pass) is
-/// [`ErrorKind::Rejected`], anything else [`ErrorKind::Connect`]. `what` says what was being
-/// done.
+/// A failed handshake as this crate's error: an invalid URL is [`ErrorKind::Config`]; a server
+/// that refused the request itself (400, 401, 403, 405, 426) is [`ErrorKind::Rejected`];
+/// anything else, a 404 or a 503 from a proxy whose backend is not up yet included, is
+/// [`ErrorKind::Connect`]. `what` says what was being done.
 fn handshake_error(what: String, error: tungstenite::Error) -> Error {
     let kind = match &error {
         tungstenite::Error::Url(_) => ErrorKind::Config,
         tungstenite::Error::Http(response)
-            if response.status().is_client_error()
-                && !matches!(response.status().as_u16(), 408 | 429) =>
+            if matches!(response.status().as_u16(), 400 | 401 | 403 | 405 | 426) =>
         {
             ErrorKind::Rejected
         }

@@ -7,11 +7,13 @@
 //! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); publishes handed to a connection that failed before they were flushed are sent again on the next one |
 //! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else, sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
 //!
-//! A connection attempt that fails in a way no retry can mend ([`Error::is_permanent`]: an
+//! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
 //! not retried: the layer gives up at once, and every command fails with an error that says
-//! why, rather than wait through retries that cannot succeed. Any other failure is retried
-//! with [`Backoff`] (for ever, unless [`Backoff::max_attempts`] says otherwise).
+//! why, rather than wait through retries that cannot succeed. Once it has been connected, the
+//! layer retries whatever the failure (a password may be rotated, a proxy may refuse for a
+//! while). Any other failure is retried with [`Backoff`] (for ever, unless
+//! [`Backoff::max_attempts`] says otherwise).
 //!
 //! Delivery through an outage is at-least-once for publishes (a publish may be sent twice if
 //! the connection died after the peer got it and before it acknowledged it), and
@@ -97,8 +99,8 @@ pub enum ConnectionState {
         /// How long until the next one.
         delay: Duration,
     },
-    /// Gave up: after the configured number of attempts, or at once when an attempt failed in
-    /// a way no retry can mend ([`Error::is_permanent`]: an invalid setting, refused
+    /// Gave up: after the configured number of attempts, or at once when the first connection
+    /// failed in a way no retry can mend ([`Error::is_permanent`]: an invalid setting, refused
     /// credentials).
     GaveUp,
     /// Closed.
@@ -378,8 +380,8 @@ where
         }
     }
 
-    /// A connection attempt failed in a way no retry can mend (see
-    /// [`Error::is_permanent`]): an invalid setting, or credentials the peer refused.
+    /// The first connection failed in a way no retry can mend (see [`Error::is_permanent`]):
+    /// an invalid setting, or credentials the peer refused.
     fn give_up(&mut self, error: Error) {
         tracing::error!(%error, attempts = self.attempt, "giving up reconnecting: retrying cannot succeed");
         self.set_state(ConnectionState::GaveUp);
@@ -462,7 +464,9 @@ where
                 }
                 Conn::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
                     Ok(transport) => self.connected(transport),
-                    Err(error) if error.is_permanent() => self.give_up(error),
+                    Err(error) if error.is_permanent() && !self.ever_connected => {
+                        self.give_up(error)
+                    }
                     Err(error) => {
                         tracing::warn!(%error, attempt = self.attempt, "connecting failed");
                         self.retry_later(error);
