@@ -33,15 +33,19 @@ pub struct Error {
     inner: Arc<Inner>,
 }
 
-#[derive(thiserror::Error)]
-#[error("{kind}: {message}")]
 struct Inner {
     kind: ErrorKind,
     message: String,
     channel: Option<Topic>,
     frame: Option<Bytes>,
-    #[source]
-    source: Option<Arc<dyn StdError + Send + Sync>>,
+    /// What caused it: shared, so that a copy made to record a channel keeps it.
+    cause: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl fmt::Display for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
 }
 
 impl fmt::Debug for Inner {
@@ -54,8 +58,8 @@ impl fmt::Debug for Inner {
         if let Some(frame) = &self.frame {
             d.field("frame_len", &frame.len());
         }
-        if let Some(source) = &self.source {
-            d.field("source", source);
+        if let Some(cause) = &self.cause {
+            d.field("source", cause);
         }
         d.finish()
     }
@@ -131,7 +135,7 @@ impl Error {
                 message: message.into(),
                 channel: None,
                 frame: None,
-                source: None,
+                cause: None,
             }),
         }
     }
@@ -145,7 +149,7 @@ impl Error {
         let mut error = Error::new(kind, message);
         Arc::get_mut(&mut error.inner)
             .expect("a new error is not shared")
-            .source = Some(Arc::from(source.into()));
+            .cause = Some(Arc::from(source.into()));
         error
     }
 
@@ -177,7 +181,7 @@ impl Error {
                 message,
                 channel: channel.cloned(),
                 frame: Some(frame),
-                source: None,
+                cause: None,
             }),
         }
     }
@@ -201,7 +205,7 @@ impl Error {
                 message: shared.message.clone(),
                 channel: shared.channel.clone(),
                 frame: shared.frame.clone(),
-                source: shared.source.clone(),
+                cause: shared.cause.clone(),
             },
         };
         if inner.channel.is_none() {
@@ -264,7 +268,7 @@ impl Error {
     /// Whether trying the same thing again cannot succeed: the settings are invalid
     /// ([`Config`](ErrorKind::Config)), or the peer refused it for good
     /// ([`Rejected`](ErrorKind::Rejected): a command, or a connection's credentials). The
-    /// reconnect layer gives up at once on a connection attempt that fails this way.
+    /// reconnect layer gives up at once when its first connection fails this way.
     pub fn is_permanent(&self) -> bool {
         matches!(self.kind(), ErrorKind::Config | ErrorKind::Rejected)
     }
@@ -307,7 +311,9 @@ impl fmt::Display for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.inner.source()
+        // The cause itself, not its `Arc`, so that callers can downcast it.
+        let cause: &(dyn StdError + 'static) = self.inner.cause.as_deref()?;
+        Some(cause)
     }
 }
 
@@ -316,12 +322,7 @@ impl From<std::io::Error> for Error {
         use std::io::ErrorKind as Io;
         let kind = match error.kind() {
             Io::TimedOut => ErrorKind::Timeout,
-            // Reaching the peer failed (a Unix socket's path may be missing, or not ours).
-            Io::ConnectionRefused
-            | Io::AddrNotAvailable
-            | Io::AddrInUse
-            | Io::NotFound
-            | Io::PermissionDenied => ErrorKind::Connect,
+            Io::ConnectionRefused | Io::AddrNotAvailable => ErrorKind::Connect,
             _ => ErrorKind::ConnectionLost,
         };
         Error::with_source(kind, format!("i/o: {error}"), error)
@@ -343,6 +344,10 @@ mod tests {
             assert!(error.to_string().contains("t:1"), "{error}");
             let source = StdError::source(&error).expect("the source is kept");
             assert_eq!(source.to_string(), "the socket's own words");
+            let io = source
+                .downcast_ref::<std::io::Error>()
+                .expect("the source is the i/o error itself");
+            assert_eq!(io.kind(), std::io::ErrorKind::Other);
         }
     }
 }
