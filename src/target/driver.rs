@@ -47,8 +47,8 @@ const LONE_PUBLISH: Duration = Duration::from_micros(50);
 
 /// The same, when the last flush carried a single publish (publishes come one at a time, as in
 /// a request and its reply): past this, the driver would flush it alone too, a hand-off later.
-/// A burst's publishes come well under a microsecond apart.
-const LONE_AFTER_LONE: Duration = Duration::from_micros(10);
+/// A burst's publishes come a microsecond or so apart (more in a debug build).
+const LONE_AFTER_LONE: Duration = Duration::from_micros(20);
 
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
@@ -174,7 +174,7 @@ pub(crate) struct Core<T, P> {
     last_direct: Instant,
     /// Publishes fed since the last flush.
     fed: u32,
-    /// The last flush carried at most one publish.
+    /// The last flush carried exactly one publish.
     flushed_one: bool,
     /// A direct publish always flushes (see `Builder::flush_each_publish`).
     flush_each_publish: bool,
@@ -387,7 +387,7 @@ where
         match self.transport.as_mut().poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.unflushed = false;
-                self.flushed_one = self.fed <= 1;
+                self.flushed_one = self.fed == 1;
                 self.fed = 0;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Ok(()));
@@ -396,6 +396,7 @@ where
             Poll::Ready(Err(error)) => {
                 self.unflushed = false;
                 self.fed = 0;
+                self.flushed_one = false;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Err(error.clone()));
                 }
