@@ -276,17 +276,22 @@ mod tests {
         String::from_utf8(bytes).unwrap()
     }
 
-    #[tokio::test]
-    async fn a_refused_password_is_a_rejection_with_the_servers_words_only() {
+    /// The error of authenticating as `u:s3cret` to a server that answers `reply`, and the
+    /// server's end, to read what was sent.
+    async fn refused_with(reply: &[u8]) -> (Error, DuplexStream) {
         let (mut connection, mut server) = pair();
-        server
-            .write_all(b"-WRONGPASS invalid username-password pair\r\n")
-            .await
-            .unwrap();
+        server.write_all(reply).await.unwrap();
         let error = connection
             .authenticate(&settings("redis://u:s3cret@fake/"))
             .await
             .unwrap_err();
+        (error, server)
+    }
+
+    #[tokio::test]
+    async fn a_refused_password_is_a_rejection_with_the_servers_words_only() {
+        let (error, mut server) =
+            refused_with(b"-WRONGPASS invalid username-password pair\r\n").await;
         let auth = "*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$6\r\ns3cret\r\n";
         assert_eq!(received(&mut server, auth).await, auth);
         assert_eq!(error.kind(), ErrorKind::Rejected);
@@ -298,15 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_server_refusing_auth_is_a_connect_error_that_may_pass() {
-        let (mut connection, mut server) = pair();
-        server
-            .write_all(b"-ERR max number of clients reached\r\n")
-            .await
-            .unwrap();
-        let error = connection
-            .authenticate(&settings("redis://u:s3cret@fake/"))
-            .await
-            .unwrap_err();
+        let (error, _) = refused_with(b"-ERR max number of clients reached\r\n").await;
         assert_eq!(error.kind(), ErrorKind::Connect, "{error}");
         assert!(!error.is_permanent(), "{error}");
         assert!(
