@@ -893,7 +893,13 @@ async fn once_connected_even_a_refusal_is_retried() {
     let events: EventTarget = EventTarget::new(transport);
     let mut subscription = events.subscribe("o:1").await.unwrap();
     broker.kill_connections();
+    let deadline = std::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reconnected within {WAIT:?} ({} attempts)",
+            attempts.load(Ordering::SeqCst)
+        );
         events.dispatch_event(numbered("o", "1", 7)).await.unwrap();
         match tokio::time::timeout(Duration::from_millis(100), subscription.next()).await {
             Ok(Some(Ok(event))) => {
