@@ -483,3 +483,14 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_listener_that_cannot_bind_names_the_address() {
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = taken.local_addr().unwrap();
+    let error = WebSocketListener::bind(address).await.unwrap_err();
+    assert!(error.to_string().contains(&address.to_string()), "{error}");
+    // No port: refused before any lookup (a test sends nothing off this machine).
+    let error = WebSocketListener::bind("localhost").await.unwrap_err();
+    assert!(error.to_string().contains("did not resolve"), "{error}");
+}

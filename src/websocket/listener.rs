@@ -53,15 +53,23 @@ impl fmt::Debug for WebSocketListener {
 }
 
 impl WebSocketListener {
-    /// Listens on `address` with the default [`WebSocketConfig`].
+    /// Listens on `address` with the default [`WebSocketConfig`]. An error names the
+    /// address (or, for a host name, the addresses it resolved to).
     pub async fn bind(address: impl ToSocketAddrs) -> Result<Self> {
-        let listener = TcpListener::bind(address).await.map_err(|e| {
+        let failed = |on: String, e: std::io::Error| {
             Error::with_source(
                 ErrorKind::Connect,
-                format!("binding a WebSocket listener: {e}"),
+                format!("binding a WebSocket listener on {on}: {e}"),
                 e,
             )
-        })?;
+        };
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| failed("an address that did not resolve".to_owned(), e))?
+            .collect();
+        let listener = TcpListener::bind(&addresses[..])
+            .await
+            .map_err(|e| failed(format!("{addresses:?}"), e))?;
         Ok(Self::from_listener(listener, WebSocketConfig::default()))
     }
 
