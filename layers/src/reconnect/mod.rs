@@ -380,14 +380,13 @@ where
         }
     }
 
-    /// The first connection failed in a way no retry can mend (see [`Error::is_permanent`]):
-    /// an invalid setting, or credentials the peer refused.
-    fn give_up(&mut self, error: Error) {
-        tracing::error!(%error, attempts = self.attempt, "giving up reconnecting: retrying cannot succeed");
+    /// Stops reconnecting: every command fails from now on with `why` and the last failure.
+    fn give_up(&mut self, why: String, error: Error) {
+        tracing::error!(%error, attempts = self.attempt, "giving up reconnecting: {why}");
         self.set_state(ConnectionState::GaveUp);
         self.conn = Conn::GaveUp(Error::with_source(
             ErrorKind::Connect,
-            format!("gave up connecting, as retrying cannot succeed: {error}"),
+            format!("{why}: {error}"),
             error,
         ));
     }
@@ -398,16 +397,8 @@ where
             .get_max_attempts()
             .is_some_and(|max| self.attempt >= max)
         {
-            tracing::error!(%error, attempts = self.attempt, "giving up reconnecting");
-            self.set_state(ConnectionState::GaveUp);
-            self.conn = Conn::GaveUp(Error::with_source(
-                ErrorKind::Connect,
-                format!(
-                    "gave up after {} connection attempts: {error}",
-                    self.attempt
-                ),
-                error,
-            ));
+            let why = format!("gave up after {} connection attempts", self.attempt);
+            self.give_up(why, error);
             return;
         }
         let delay = self.backoff.delay(self.attempt.max(1));
@@ -464,8 +455,11 @@ where
                 }
                 Conn::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
                     Ok(transport) => self.connected(transport),
+                    // The first connection failed in a way no retry can mend (see
+                    // `Error::is_permanent`): an invalid setting, or credentials refused.
                     Err(error) if error.is_permanent() && !self.ever_connected => {
-                        self.give_up(error)
+                        let why = "gave up connecting, as retrying cannot succeed";
+                        self.give_up(why.to_owned(), error)
                     }
                     Err(error) => {
                         tracing::warn!(%error, attempt = self.attempt, "connecting failed");
