@@ -1902,3 +1902,70 @@ async fn events_a_subscription_has_yielded_no_longer_hold_a_block_publisher() {
     }
     publisher.await.unwrap();
 }
+
+/// A transport that takes every command and whose flushes fail (a peer that refused the
+/// publishes, as Redis answers a pipeline with `NOPERM`), not for good.
+struct FlushRefused;
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for FlushRefused {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        _: alkdev_pubsub::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+            alkdev_pubsub::ErrorKind::Rejected,
+            "NOPERM this user has no permissions to access one of the channels",
+        )))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for FlushRefused {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Publishes whose flush failed count in `Stats::publish_failed`, as `dispatch_event` says,
+/// and not only the confirmed ones, which are told.
+#[tokio::test]
+async fn publishes_whose_flush_failed_are_counted() {
+    let events: EventTarget = EventTarget::new(FlushRefused);
+    for n in 0..10 {
+        events
+            .dispatch_event(numbered("refused", "x", n))
+            .await
+            .expect("taken");
+    }
+    let confirmed = events
+        .dispatch_confirmed(numbered("refused", "x", 10))
+        .await
+        .expect_err("the flush failed");
+    assert!(confirmed.to_string().contains("NOPERM"), "{confirmed}");
+    let stats = events.stats();
+    assert_eq!(stats.published, 11, "{stats:?}");
+    assert_eq!(stats.publish_failed, 11, "{stats:?}");
+    events.close().await;
+}

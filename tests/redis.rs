@@ -768,3 +768,64 @@ async fn a_listener_that_stops_reading_is_cut_off_by_redis_and_comes_back() {
         .unwrap();
     assert_eq!(next_gap_or_event(&mut slow).await, Ok(1_000_000));
 }
+
+/// A publisher that never pauses must not keep the transport's flush pending for ever: a
+/// confirmed dispatch among its publishes is answered within a bounded number of later
+/// publishes (the driver's window of 4,096 publishes fed while a flush is pending, and the
+/// event target's queue of 1,024 twice over), and so the publishes the reconnect layer keeps
+/// for a replay, those since the last completed flush, stay as bounded. It took seconds of
+/// the stream before the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Arc;
+
+    let server = RedisServer::start();
+    let events = stack(&server.url(), "steady:", 1024);
+    events
+        .dispatch_confirmed(numbered("warm", "up", 0))
+        .await
+        .expect("connected");
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = tokio::spawn({
+        let (events, stop, published) = (events.clone(), Arc::clone(&stop), Arc::clone(&published));
+        async move {
+            let mut n = 0;
+            while !stop.load(Relaxed) {
+                events
+                    .dispatch_event(numbered("steady", "x", n))
+                    .await
+                    .expect("published");
+                n += 1;
+                published.store(n, Relaxed);
+            }
+        }
+    });
+    for attempt in 0..5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = published.load(Relaxed);
+        let confirmed = tokio::time::timeout(
+            WAIT,
+            events.dispatch_confirmed(numbered("steady", "confirmed", attempt)),
+        )
+        .await;
+        let meanwhile = published.load(Relaxed) - before;
+        assert!(
+            matches!(confirmed, Ok(Ok(()))),
+            "confirmation {attempt} among a steady stream: {confirmed:?}"
+        );
+        assert!(
+            meanwhile <= 4096 + 2 * 1024,
+            "confirmation {attempt} was answered after {meanwhile} later publishes"
+        );
+    }
+    stop.store(true, Relaxed);
+    publisher.await.expect("publisher");
+    assert!(
+        published.load(Relaxed) > 10_000,
+        "the stream ran: {} publishes",
+        published.load(Relaxed)
+    );
+    events.close().await;
+}

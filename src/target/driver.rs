@@ -50,6 +50,14 @@ const LONE_PUBLISH: Duration = Duration::from_micros(50);
 /// A burst's publishes come a microsecond or so apart (more in a debug build).
 const LONE_AFTER_LONE: Duration = Duration::from_micros(20);
 
+/// How many publishes are fed while a flush is pending, at most, before feeding waits for it.
+/// A transport that is acknowledged asynchronously (Redis pipelines) completes a flush once
+/// everything fed is acknowledged: fed without a pause, it would not complete until the
+/// publisher paused. Confirmed dispatches would wait for that pause, and what layers keep until
+/// a flush completes (the reconnect and retry layers keep every unflushed publish, to send it
+/// again) would grow with the stream.
+const FLUSH_WINDOW: u32 = 4096;
+
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
     pub(crate) topic: Topic,
@@ -172,7 +180,7 @@ pub(crate) struct Core<T, P> {
     flush_wanted: bool,
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
-    /// Publishes fed since the last flush.
+    /// Publishes fed since the last completed flush.
     fed: u32,
     /// The last flush carried exactly one publish.
     flushed_one: bool,
@@ -349,6 +357,10 @@ where
             if budget == 0 {
                 return true;
             }
+            if matches!(self.outbox.front(), Some(Queued::Publish(_))) && self.window_full(cx) {
+                // The flush's completion wakes the driver.
+                return false;
+            }
             match self.transport.as_mut().poll_ready(cx) {
                 Poll::Pending => break,
                 Poll::Ready(Err(error)) if error.is_fatal() => {
@@ -379,6 +391,16 @@ where
         false
     }
 
+    /// Whether [`FLUSH_WINDOW`] publishes were fed since the last completed flush, and the
+    /// flush of them is still pending (it is polled here): publishes wait for it.
+    fn window_full(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.fed < FLUSH_WINDOW {
+            return false;
+        }
+        self.poll_flush(cx);
+        self.fed >= FLUSH_WINDOW
+    }
+
     /// Flushes what was fed, if anything, and answers the confirmed publishes it covered.
     fn poll_flush(&mut self, cx: &mut Context<'_>) {
         if !self.unflushed {
@@ -394,6 +416,12 @@ where
                 }
             }
             Poll::Ready(Err(error)) => {
+                // Whether the publishes it covered were delivered is not known: they count as
+                // failed, as a confirmed dispatch among them is told.
+                self.shared
+                    .counters
+                    .publish_failed
+                    .fetch_add(u64::from(self.fed), Relaxed);
                 self.unflushed = false;
                 self.fed = 0;
                 self.flushed_one = false;
@@ -977,6 +1005,10 @@ where
             if !self.running() || self.queued() {
                 return Err(outgoing);
             }
+        }
+        if self.window_full(&mut cx) {
+            // Queued: the flush's completion wakes the driver, which feeds it.
+            return Err(outgoing);
         }
         match self.transport.as_mut().poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}

@@ -459,6 +459,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Publishes `envelope` and waits until the transport has flushed it (for Redis: until the
     /// server acknowledged it), returning the transport's error if it failed.
     ///
+    /// Among publishes that never pause, this is answered all the same: once 4,096 publishes
+    /// were fed since the last completed flush, the next wait for that flush (which a
+    /// transport answered asynchronously, as Redis is, would otherwise complete only once the
+    /// publishers paused).
+    ///
     /// In-process, the same as [`dispatch_event`](Self::dispatch_event).
     pub async fn dispatch_confirmed(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
