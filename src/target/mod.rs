@@ -460,7 +460,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// server acknowledged it), returning the transport's error if it failed.
     ///
     /// Among publishes that never pause, this is answered all the same: once 4,096 publishes
-    /// were fed since the last completed flush, the next wait for that flush (which a
+    /// were fed since the last completed flush, the next ones wait for that flush (which a
     /// transport answered asynchronously, as Redis is, would otherwise complete only once the
     /// publishers paused).
     ///
