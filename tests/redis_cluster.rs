@@ -316,3 +316,49 @@ async fn tap_works_over_the_cluster() {
     .collect();
     assert_eq!(lines, expected);
 }
+
+/// A slot moved to another master (a reshard): the old owner drops its subscribers of the
+/// slot's channels with a `sunsubscribe` push on a connection that stays up. The transport
+/// subscribes such a channel again, on its new owner, and tells its listeners that events may
+/// have been missed; before, the subscription went deaf without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_keeps_its_subscribers() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    let channel = format!("{PREFIX}moving:1");
+    let slot = cluster.keyslot(&channel).to_string();
+    let from = cluster.owner_of_channel(&channel);
+    let to = (from + 1) % 3;
+    let mut subscription = events.subscribe("moving:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("moving", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
+
+    // The slot holds no key: it can be given to `to` directly, new owner first.
+    let to_id = cluster.nodes[to].cli(&["CLUSTER", "MYID"]);
+    for node in [to, from, (to + 1) % 3] {
+        let answer = cluster.nodes[node].cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        assert_eq!(answer, "OK", "CLUSTER SETSLOT on node {node}");
+    }
+    assert_eq!(cluster.owner_of_channel(&channel), to);
+
+    assert_eq!(testkit::next_gap(&mut subscription).await, Gap::Reconnected);
+    let owner = &cluster.nodes[to];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while owner.cli(&["PUBSUB", "SHARDNUMSUB", &channel]) != format!("{channel}\n1") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not subscribed on the new owner"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    events
+        .dispatch_confirmed(numbered("moving", "1", 2))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 2);
+}

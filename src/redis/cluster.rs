@@ -10,10 +10,12 @@
 //! topology refresh) and reconnects nodes. When a node's connection drops (a restart, a
 //! failover), the transport subscribes every active channel again — each on the node that now
 //! owns it — and once all are confirmed sends [`Up::Reconnected`], so subscribers learn that
-//! events may have been missed. A channel refused for good then (an ACL, say) is reported with
-//! [`Up::SubscribeFailed`]; one still not subscribed after about a minute of attempts fails the
-//! transport with a connection error, so that the reconnect layer builds a new one rather than
-//! a notice claiming the channel is back.
+//! events may have been missed. When a slot moves to another master (a reshard), its old owner
+//! unsubscribes the slot's channels on its own: those are subscribed again on the new owner,
+//! followed by [`Up::Reconnected`] the same way. A channel refused for good then (an ACL, say)
+//! is reported with [`Up::SubscribeFailed`]; when a minute of attempts has not brought every
+//! channel back, the transport fails with a connection error, so that the reconnect layer
+//! builds a new one rather than a notice claiming the channel is back.
 //!
 //! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
 //! while its shard is down or failing over is lost; ordering is kept per channel (one channel
@@ -48,9 +50,10 @@ use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 const MAX_BATCH: usize = 4096;
 /// How often a subscribe refused for now (`TRYAGAIN`, `CLUSTERDOWN`) is tried, 100 ms apart.
 const TRANSIENT_ATTEMPTS: u32 = 50;
-/// How often each channel is tried again after a node dropped (backing off to 1 s): about a
-/// minute, long enough for a restart or a failover.
-const RESUBSCRIBE_ATTEMPTS: u32 = 60;
+/// How long subscribing channels again (after a node dropped, or a slot moved) is tried, backing
+/// off to 1 s between attempts, before the transport fails: long enough for a restart or a
+/// failover. An attempt under way when it runs out is waited for (up to the response timeout).
+const RESUBSCRIBE_FOR: Duration = Duration::from_secs(60);
 
 /// The cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of its `{hash tag}` when it
 /// has a non-empty one, modulo 16,384.
@@ -101,7 +104,11 @@ pub struct RedisClusterTransport {
     pending: VecDeque<Command<()>>,
     control: Control,
     active: HashSet<Topic>,
+    /// Every active channel is to be subscribed again (a node's connection dropped).
     resubscribe: bool,
+    /// Active channels a node unsubscribed on its own (their slot moved to another master),
+    /// to be subscribed again on their new owner.
+    dropped: HashSet<Topic>,
     signals: VecDeque<Up<Bytes>>,
     reader: Option<Waker>,
     response_timeout: Duration,
@@ -164,6 +171,7 @@ impl RedisClusterTransport {
             control: Control::Idle,
             active: HashSet::new(),
             resubscribe: false,
+            dropped: HashSet::new(),
             signals: VecDeque::new(),
             reader: None,
             response_timeout: timeout,
@@ -210,7 +218,21 @@ impl RedisClusterTransport {
                     })
                 }
             });
-            futures::future::try_join_all(sends).await.map(|_| ())
+            // Every slot's pipeline runs to its end: one shard failing must not cancel the
+            // others' (those not yet handed to the connection would never be sent).
+            let mut failed = futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .filter_map(Result::err);
+            match (failed.next(), failed.count()) {
+                (None, _) => Ok(()),
+                (Some(first), 0) => Err(first),
+                (Some(first), more) => Err(Error::with_source(
+                    first.kind(),
+                    format!("{first} (and the pipelines of {more} more slots failed)"),
+                    first,
+                )),
+            }
         }));
     }
 
@@ -273,21 +295,24 @@ impl RedisClusterTransport {
         })
     }
 
-    /// Subscribes every active channel again, on its (possibly new) owner. Resolves to the
+    /// Subscribes `channels` again, each on its (possibly new) owner. Resolves to the
     /// channels refused for good (an ACL, say); an error once a channel could not be
     /// subscribed again within the attempts, for the reconnect layer to rebuild the transport
     /// (rather than tell of a reconnect that left a channel deaf).
-    fn resubscribe_future(&self) -> BoxFuture<'static, Result<Vec<(Topic, Error)>>> {
-        let channels: Vec<Topic> = self.active.iter().cloned().collect();
+    fn resubscribe_future(
+        &self,
+        channels: Vec<Topic>,
+    ) -> BoxFuture<'static, Result<Vec<(Topic, Error)>>> {
         let connection = self.connection.clone();
         let timeout = self.response_timeout;
         Box::pin(async move {
             let mut refused = Vec::new();
             // Until every channel is back on its (possibly new) owner: the node may still be
-            // restarting or failing over.
+            // restarting or failing over. One deadline for the whole pass.
+            let deadline = tokio::time::Instant::now() + RESUBSCRIBE_FOR;
             for channel in channels {
                 let mut delay = Duration::from_millis(50);
-                for attempt in 1..=RESUBSCRIBE_ATTEMPTS {
+                for attempt in 1.. {
                     let mut connection = connection.clone();
                     let result =
                         tokio::time::timeout(timeout, connection.ssubscribe(channel.as_str()))
@@ -306,9 +331,9 @@ impl RedisClusterTransport {
                         }
                         Err(_) => tracing::debug!(%channel, attempt, "re-subscribing timed out"),
                     }
-                    if attempt == RESUBSCRIBE_ATTEMPTS {
+                    if tokio::time::Instant::now() + delay >= deadline {
                         return Err(Error::connection_lost(format!(
-                            "gave up subscribing to {channel} again after a node dropped ({RESUBSCRIBE_ATTEMPTS} attempts)"
+                            "gave up subscribing to {channel} again after a node dropped or its slot moved ({attempt} attempts in {RESUBSCRIBE_FOR:?})"
                         )));
                     }
                     tokio::time::sleep(delay).await;
@@ -370,9 +395,20 @@ impl RedisClusterTransport {
                     self.signals.push_back(Up::Reconnected);
                 }
                 Control::Idle => {
-                    if std::mem::take(&mut self.resubscribe) {
+                    // Channels dropped while still active: only they, unless every channel
+                    // is to be subscribed again anyway.
+                    let dropped = std::mem::take(&mut self.dropped);
+                    let channels: Vec<Topic> = if std::mem::take(&mut self.resubscribe) {
+                        self.active.iter().cloned().collect()
+                    } else {
+                        dropped
+                            .into_iter()
+                            .filter(|topic| self.active.contains(topic))
+                            .collect()
+                    };
+                    if !channels.is_empty() {
                         self.control = Control::Resubscribing {
-                            reply: self.resubscribe_future(),
+                            reply: self.resubscribe_future(channels),
                         };
                         continue;
                     }
@@ -384,6 +420,14 @@ impl RedisClusterTransport {
                 }
             }
         }
+    }
+
+    /// Whether an SUNSUBSCRIBE of `topic` waits to be sent or answered.
+    fn leaving(&self, topic: &Topic) -> bool {
+        let unsubscribe =
+            |command: &Command<()>| matches!(command, Command::Unsubscribe(left) if left == topic);
+        matches!(&self.control, Control::InFlight { command, .. } if unsubscribe(command))
+            || self.pending.iter().any(unsubscribe)
     }
 
     fn handle_push(&mut self, push: PushInfo) -> Option<Up<Bytes>> {
@@ -417,6 +461,26 @@ impl RedisClusterTransport {
                 );
                 if !self.active.is_empty() {
                     self.resubscribe = true;
+                    if let Some(reader) = self.reader.take() {
+                        reader.wake();
+                    }
+                }
+                None
+            }
+            PushKind::SUnsubscribe => {
+                // Also the answer to this transport's own SUNSUBSCRIBE (confirmations are
+                // taken from the commands' answers); for an active channel that is not being
+                // left, the node dropped it: its slot moved to another master.
+                let Some(Value::BulkString(name)) = push.data.into_iter().next() else {
+                    return None;
+                };
+                let topic = Topic::from(String::from_utf8_lossy(&name).as_ref());
+                if self.active.contains(&topic) && !self.leaving(&topic) {
+                    tracing::warn!(
+                        %topic,
+                        "a cluster node dropped a subscription (its slot moved); subscribing it again"
+                    );
+                    self.dropped.insert(topic);
                     if let Some(reader) = self.reader.take() {
                         reader.wake();
                     }
