@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use alkdev_pubsub::layers::{CodecLayer, ParseErrorLayer};
-use alkdev_pubsub::websocket::{WebSocketConfig, WebSocketListener};
+use alkdev_pubsub::websocket::WebSocketListener;
 use alkdev_pubsub::{Command, Envelope, EventTarget, Up};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -180,21 +180,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.topics
     );
     loop {
-        let (stream, peer) = match listener.accept_tcp().await {
+        // `accept` runs the handshakes concurrently: a slow client never holds up the next.
+        // An error concerns one connection; the hub goes on.
+        let (transport, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 eprintln!("hub: {error}");
                 continue;
             }
         };
-        // The handshake runs in the spoke's own task: a slow client never holds up the next.
         let (shared, spokes) = (shared.clone(), Arc::clone(&spokes));
-        tokio::spawn(async move {
-            match WebSocketConfig::default().accept(stream).await {
-                Ok(transport) => serve_spoke(transport, peer, shared, spokes).await,
-                Err(error) => eprintln!("hub: {peer}: {error}"),
-            }
-        });
+        tokio::spawn(serve_spoke(transport, peer, shared, spokes));
     }
 }
 

@@ -494,3 +494,44 @@ async fn a_listener_that_cannot_bind_names_the_address() {
     let error = WebSocketListener::bind("localhost").await.unwrap_err();
     assert!(error.to_string().contains("did not resolve"), "{error}");
 }
+
+/// A peer that connects and never says a word holds up no one: `accept` returns the next
+/// peer's connection while the silent one's handshake waits out its (here long) timeout, and
+/// then reports that one's failure, naming the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_does_not_hold_up_the_next_handshake() {
+    let listener = WebSocketListener::from_listener(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        WebSocketConfig::new().handshake_timeout(Duration::from_secs(3)),
+    );
+    let address = listener.local_addr().unwrap();
+    let silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    let silent_address = silent.local_addr().unwrap();
+    // The listener takes the silent connection first, then the real one.
+    let url = format!("ws://{address}/");
+    let client = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        WebSocketTransport::connect(url).await.unwrap()
+    });
+    // The first connection out of `accept` is the second peer's, not the silent one's
+    // failure three seconds on.
+    let (server, peer): (EventTarget, _) =
+        tokio::time::timeout(WAIT, listener.accept_event_target())
+            .await
+            .unwrap()
+            .expect("the second peer, whose handshake was done first");
+    assert_ne!(peer, silent_address);
+    let _client = client.await.unwrap();
+    // The silent peer's handshake fails on its own, and says whose it was.
+    let error = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the silent handshake times out")
+        .map(|(_, peer)| peer)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains(&silent_address.to_string())
+            && error.to_string().contains("no handshake within 3s"),
+        "{error}"
+    );
+    drop((server, silent));
+}

@@ -1,6 +1,9 @@
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -9,13 +12,26 @@ use super::{event_target, WebSocketConfig, WebSocketTransport};
 use crate::layers::{Error, ErrorKind, Result};
 use crate::EventTarget;
 
+/// How many handshakes [`WebSocketListener::accept`] runs at once; past that, it accepts no
+/// more TCP connections (they wait in the kernel's backlog) until one ends.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// How long [`WebSocketListener::accept_tcp`] pauses after an accept failed for lack of
+/// resources (file descriptors, memory), before it returns the error: a loop that accepts
+/// again at once would spin.
+const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// A handshake under way: its peer's transport, or the error that names the peer.
+type Handshake = BoxFuture<'static, Result<(WebSocketTransport<TcpStream>, SocketAddr)>>;
+
 /// Accepts WebSocket connections on a TCP listener: one transport, or one event target, per
 /// connection, with the peer's address.
 ///
-/// `accept` performs the handshake before returning (bounded by
-/// [`handshake_timeout`](WebSocketConfig::handshake_timeout)); to keep slow handshakes from
-/// holding up the next connection, use [`accept_tcp`](Self::accept_tcp) and run
-/// [`WebSocketConfig::accept`] in a task of its own.
+/// [`accept`](Self::accept) returns the next connection whose handshake is done. It runs the
+/// handshakes of the connections it took concurrently (up to [`MAX_PENDING_HANDSHAKES`], each
+/// bounded by [`handshake_timeout`](WebSocketConfig::handshake_timeout)), so a peer that
+/// connects and stays silent holds up no one else. Handshakes started by an `accept` that was
+/// cancelled go on with the next call.
 ///
 /// ```no_run
 /// use alkdev_pubsub::websocket::WebSocketListener;
@@ -41,6 +57,7 @@ use crate::EventTarget;
 pub struct WebSocketListener {
     listener: TcpListener,
     config: WebSocketConfig,
+    handshakes: tokio::sync::Mutex<FuturesUnordered<Handshake>>,
 }
 
 impl fmt::Debug for WebSocketListener {
@@ -48,6 +65,10 @@ impl fmt::Debug for WebSocketListener {
         f.debug_struct("WebSocketListener")
             .field("local_addr", &self.listener.local_addr().ok())
             .field("config", &self.config)
+            .field(
+                "pending_handshakes",
+                &self.handshakes.try_lock().map(|pending| pending.len()).ok(),
+            )
             .finish()
     }
 }
@@ -75,7 +96,11 @@ impl WebSocketListener {
 
     /// Accepts on `listener` with `config`.
     pub fn from_listener(listener: TcpListener, config: WebSocketConfig) -> Self {
-        WebSocketListener { listener, config }
+        WebSocketListener {
+            listener,
+            config,
+            handshakes: tokio::sync::Mutex::new(FuturesUnordered::new()),
+        }
     }
 
     /// The address listened on.
@@ -89,29 +114,62 @@ impl WebSocketListener {
         })
     }
 
-    /// The next TCP connection, not yet upgraded.
+    /// The next TCP connection, not yet upgraded (to run the handshake yourself, with
+    /// [`WebSocketConfig::accept`]).
+    ///
+    /// An accept that failed for lack of resources (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`)
+    /// returns an error of kind [`ErrorKind::Unavailable`] after a pause of 100 ms, so that a
+    /// loop that accepts again does not spin; other failures concern the one connection
+    /// ([`ErrorKind::ConnectionLost`]).
     pub async fn accept_tcp(&self) -> Result<(TcpStream, SocketAddr)> {
-        let (stream, peer) = self.listener.accept().await.map_err(|e| {
-            Error::with_source(
+        match self.listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                Ok((stream, peer))
+            }
+            Err(e) if is_exhaustion(&e) => {
+                tokio::time::sleep(EXHAUSTED_PAUSE).await;
+                Err(Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("accepting a connection: out of resources: {e}"),
+                    e,
+                ))
+            }
+            Err(e) => Err(Error::with_source(
                 ErrorKind::ConnectionLost,
                 format!("accepting a connection: {e}"),
                 e,
-            )
-        })?;
-        let _ = stream.set_nodelay(true);
-        Ok((stream, peer))
+            )),
+        }
     }
 
-    /// The next WebSocket connection, handshake done.
+    /// The next WebSocket connection whose handshake is done (see the [type](Self)'s
+    /// documentation: handshakes run concurrently). An error concerns one connection (a
+    /// handshake that failed or timed out, naming the peer) or one accept: the listener goes
+    /// on.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: a connection it took whose handshake is under way is returned by a later
+    /// call. Calls from several tasks take turns.
     pub async fn accept(&self) -> Result<(WebSocketTransport<TcpStream>, SocketAddr)> {
-        let (stream, peer) = self.accept_tcp().await?;
-        let transport = self
-            .config
-            .clone()
-            .accept(stream)
-            .await
-            .map_err(|e| Error::with_source(e.kind(), format!("from {peer}: {e}"), e))?;
-        Ok((transport, peer))
+        let mut handshakes = self.handshakes.lock().await;
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = handshakes.next(), if !handshakes.is_empty() => return done,
+                accepted = self.accept_tcp(), if handshakes.len() < MAX_PENDING_HANDSHAKES => {
+                    let (stream, peer) = accepted?;
+                    let config = self.config.clone();
+                    handshakes.push(Box::pin(async move {
+                        let transport = config.accept(stream).await.map_err(|e| {
+                            Error::with_source(e.kind(), format!("from {peer}: {e}"), e)
+                        })?;
+                        Ok((transport, peer))
+                    }));
+                }
+            }
+        }
     }
 
     /// The next connection as an event target (see [`event_target`]).
@@ -122,4 +180,17 @@ impl WebSocketListener {
         let (transport, peer) = self.accept().await?;
         Ok((event_target(transport), peer))
     }
+}
+
+/// Whether an accept failed for lack of resources, which a retry at once would meet again.
+fn is_exhaustion(error: &std::io::Error) -> bool {
+    // EMFILE, ENFILE, ENOMEM and ENOBUFS, which `io::ErrorKind` does not tell apart.
+    #[cfg(unix)]
+    const EXHAUSTED: [i32; 4] = [24, 23, 12, if cfg!(target_os = "linux") { 105 } else { 55 }];
+    #[cfg(not(unix))]
+    const EXHAUSTED: [i32; 0] = [];
+    error
+        .raw_os_error()
+        .is_some_and(|code| EXHAUSTED.contains(&code))
+        || error.kind() == std::io::ErrorKind::OutOfMemory
 }
