@@ -434,7 +434,8 @@ fn several_cpus() -> bool {
 /// When `work` returns, its event target is closed (what it published is flushed first), and
 /// the main side's subscriptions end.
 ///
-/// Must be called within a Tokio runtime (the main side's driver is spawned on it).
+/// Must be called within a Tokio runtime (the main side's driver is spawned on it): outside
+/// one, fails with an error of kind [`ErrorKind::Config`], and starts no thread.
 pub fn spawn<P, F, Fut>(work: F) -> Result<(EventTarget<P>, thread::JoinHandle<Fut::Output>)>
 where
     P: Send + Sync + 'static,
@@ -442,14 +443,22 @@ where
     Fut: Future + 'static,
     Fut::Output: Send + 'static,
 {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "worker::spawn was called outside a Tokio runtime (the main side's driver runs on the caller's)",
+        ));
+    }
     let (main_side, worker_side) = channel(DEFAULT_CAPACITY);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::with_source(ErrorKind::Other, "starting a worker's runtime", e))?;
+    let mut runtime = Unstarted(Some(runtime));
     let join = thread::Builder::new()
         .name("alkdev-pubsub-worker".into())
         .spawn(move || {
+            let runtime = runtime.0.take().expect("the runtime is taken once");
             runtime.block_on(async move {
                 let events = worker_side.into_event_target();
                 let output = work(events.clone()).await;
@@ -459,6 +468,19 @@ where
         })
         .map_err(|e| Error::with_source(ErrorKind::Other, "spawning a worker thread", e))?;
     Ok((main_side.into_event_target(), join))
+}
+
+/// A worker's runtime on its way to its thread. Should the thread not start, it is dropped
+/// here, within the caller's runtime, where dropping a runtime must not block: it shuts down
+/// in the background instead (it ran nothing).
+struct Unstarted(Option<tokio::runtime::Runtime>);
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 #[cfg(test)]

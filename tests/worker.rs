@@ -307,3 +307,23 @@ fn close_ends_the_other_sides_stream_after_what_was_sent() {
         Poll::Ready(None)
     ));
 }
+
+/// Outside a Tokio runtime, `spawn` says so, and starts no thread (it used to start the
+/// worker, then panic).
+#[test]
+fn spawn_outside_a_runtime_is_an_error_and_starts_nothing() {
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ran = std::sync::Arc::clone(&started);
+    let error = worker::spawn(move |_events: EventTarget| async move {
+        ran.store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+    assert!(
+        error.to_string().contains("outside a Tokio runtime"),
+        "{error}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+}
