@@ -535,3 +535,47 @@ async fn a_silent_peer_does_not_hold_up_the_next_handshake() {
     );
     drop((server, silent));
 }
+
+/// A peer that pings but never reads: once what the server sends fills the socket, sending
+/// waits for the peer, and after the idle timeout the peer is declared gone (its pings kept
+/// the connection looking alive, and every publish waited for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_pings_but_never_reads_is_declared_gone() {
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(100))
+        .idle_timeout(Duration::from_millis(500));
+    let listener =
+        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let (mut pinging, reading) = raw_client.await.unwrap().split();
+    // The peer's write half pings every 50 ms; its read half is never polled.
+    let pinger = tokio::spawn(async move {
+        while pinging.send(Message::Ping(Vec::new().into())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let payload = json!({ "pad": "x".repeat(32 * 1024) });
+    let failed = tokio::time::timeout(WAIT, async {
+        for n in 0.. {
+            let envelope = Envelope::new("flood", "1", payload.clone());
+            if let Err(error) = server.dispatch_event(envelope).await {
+                return (n, error);
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("publishing fails once the peer is declared gone");
+    assert!(
+        failed.1.to_string().contains("read nothing"),
+        "after {} publishes: {}",
+        failed.0,
+        failed.1
+    );
+    assert!(server.is_closed());
+    pinger.abort();
+    drop(reading);
+}

@@ -131,7 +131,9 @@ impl WebSocketConfig {
         self
     }
 
-    /// How long the peer may stay silent (no frame, no pong) before it is declared gone.
+    /// How long the peer may stay silent (no frame, no pong) before it is declared gone; also
+    /// how long sending may wait for the peer to read (a peer that pings but reads nothing
+    /// would otherwise hold every publish up for good).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
@@ -287,6 +289,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Something arrived since `last_heard` was last set (cheaper than reading the clock per
     /// frame).
     heard: bool,
+    /// Since when sending has waited for the peer to read (the sink was not ready, or not
+    /// flushed), if it waits.
+    stalled_since: Option<Instant>,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -331,6 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             writer: None,
             last_heard: Instant::now(),
             heard: false,
+            stalled_since: None,
             failed: None,
             reported: false,
         }
@@ -392,7 +398,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         }
     }
 
-    /// Pings on schedule; declares the peer gone after the idle timeout.
+    /// Sending waits for the peer to read (`waiting`), or no longer does. The reading side
+    /// checks how long, with the liveness.
+    fn note_stall(&mut self, waiting: bool) {
+        if !waiting {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+        }
+    }
+
+    /// Pings on schedule; declares the peer gone after the idle timeout, of silence or of
+    /// sending that waits for the peer to read.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
         if std::mem::take(&mut self.heard) {
             self.last_heard = Instant::now();
@@ -405,6 +422,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
                     self.config.idle_timeout
                 ),
             );
+            return Err(self.fail(error));
+        }
+        if self
+            .stalled_since
+            .is_some_and(|since| since.elapsed() >= self.config.idle_timeout)
+        {
+            let error = Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the WebSocket peer read nothing for {:?}: sending is stalled",
+                    self.config.idle_timeout
+                ),
+            );
+            // The sending side waits on the socket: it learns of it too.
+            if let Some(writer) = &self.writer {
+                writer.wake_by_ref();
+            }
             return Err(self.fail(error));
         }
         while self.ping.as_mut().poll(cx).is_ready() {
@@ -436,7 +470,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        match Pin::new(&mut this.stream).poll_ready(cx) {
+        let ready = Pin::new(&mut this.stream).poll_ready(cx);
+        this.note_stall(ready.is_pending());
+        match ready {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
             other => other.map(|_| Ok(())),
         }
@@ -494,7 +530,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        match Pin::new(&mut this.stream).poll_flush(cx) {
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        this.note_stall(flushed.is_pending());
+        match flushed {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             other => other.map(|_| Ok(())),
         }
