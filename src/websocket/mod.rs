@@ -42,7 +42,7 @@
 
 mod listener;
 
-pub use listener::WebSocketListener;
+pub use listener::{WebSocketListener, MAX_PENDING_HANDSHAKES};
 /// The TLS library of [`WebSocketConfig::connect_with_tls`], re-exported so that its client
 /// configuration can be built at the same version.
 #[cfg(feature = "websocket-rustls")]
