@@ -362,3 +362,64 @@ async fn a_slot_moved_to_another_master_keeps_its_subscribers() {
         .unwrap();
     assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 2);
 }
+
+/// A reader that falls behind is not cut off by Redis here (redis-rs reads the sockets in a
+/// task of its own): the transport keeps 32 MiB of messages for it, drops what comes past
+/// that, and tells of the gap where it is. Before, it kept everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_by_more_than_32_mib_hears_of_the_gap() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    let publisher = stack(&cluster);
+    // Room for one event: the driver waits for this subscription, and stops reading.
+    let mut subscription = events
+        .subscribe_with(
+            "behind:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(alkdev_pubsub::Overflow::Block),
+        )
+        .await
+        .unwrap();
+    let pad = "x".repeat(1 << 20);
+    for n in 0..48 {
+        let mut envelope = numbered("behind", "1", n);
+        envelope.payload["pad"] = serde_json::Value::from(pad.as_str());
+        publisher.dispatch_confirmed(envelope).await.unwrap();
+    }
+    // 48 MiB were published; what the reader gets is the first ones, then a gap (and maybe
+    // the last few of the flood, which came once the reader had made room).
+    let mut received = Vec::new();
+    let gap = loop {
+        match tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(event)) => received.push(number_of(&event)),
+            Some(Err(gap)) => break gap,
+            None => panic!("the subscription ended"),
+        }
+    };
+    assert_eq!(gap, Gap::Reconnected);
+    assert!(
+        (20..40).contains(&received.len()),
+        "before the gap: {received:?}"
+    );
+    assert_eq!(received, (0..received.len() as u64).collect::<Vec<_>>());
+    // The stream goes on after the gap, in order, without what was dropped.
+    publisher
+        .dispatch_confirmed(numbered("behind", "1", 100))
+        .await
+        .unwrap();
+    let mut after = Vec::new();
+    while after.last() != Some(&100) {
+        after.push(number_of(&testkit::next_event(&mut subscription).await));
+    }
+    assert!(
+        after[0] > received.len() as u64 && after.windows(2).all(|w| w[0] < w[1]),
+        "after the gap: {after:?}"
+    );
+    assert!(received.len() + after.len() - 1 < 48, "nothing was dropped");
+}

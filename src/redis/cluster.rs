@@ -19,7 +19,11 @@
 //!
 //! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
 //! while its shard is down or failing over is lost; ordering is kept per channel (one channel
-//! lives on one shard). Publishing to a shard that is down fails with an error of kind
+//! lives on one shard). redis-rs reads the nodes' connections in a task of its own, so a
+//! reader that falls behind (an event target waiting for room in a full
+//! [`Block`](crate::Overflow::Block) subscription) is not cut off by Redis, as it would be on
+//! one node: the transport keeps up to 32 MiB of messages for it, then drops what comes, and
+//! tells of the gap with [`Up::Reconnected`] where it is. Publishing to a shard that is down fails with an error of kind
 //! [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or a connection error; the
 //! [retry layer](crate::layers::retry) resends transient ones.
 //!
@@ -32,6 +36,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -48,6 +55,12 @@ use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 
 /// Publishes fed beyond this many wait for the batch in flight.
 const MAX_BATCH: usize = 4096;
+/// How many bytes of messages from the cluster may wait for the transport's reader (an event
+/// target whose `Block` subscription is full stops reading). redis-rs reads the sockets in a
+/// task of its own, so Redis never sees the backpressure and never cuts the client off (its
+/// output buffer limit for pub/sub is 32 MiB by default): past this, messages are dropped,
+/// and the reader learns of the gap where it is ([`Up::Reconnected`]).
+const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// How often a subscribe refused for now (`TRYAGAIN`, `CLUSTERDOWN`) is tried, 100 ms apart.
 const TRANSIENT_ATTEMPTS: u32 = 50;
 /// How long subscribing channels again (after a node dropped, or a slot moved) is tried, backing
@@ -98,7 +111,12 @@ enum Control {
 /// The Redis Cluster sharded pub/sub transport: see the [module](self).
 pub struct RedisClusterTransport {
     connection: ClusterConnection,
-    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// What redis-rs hands over: messages (bounded by [`MAX_QUEUED_BYTES`]) and gaps.
+    messages: mpsc::UnboundedReceiver<Pushed>,
+    /// Everything else redis-rs hands over: disconnections, (un)subscribe notices. Few.
+    notices: mpsc::UnboundedReceiver<PushInfo>,
+    /// Bytes in `messages`, and messages dropped not yet reported (shared with the sender).
+    queue: Arc<PushQueue>,
     batch: Vec<(Topic, Bytes)>,
     in_flight: Option<BoxFuture<'static, Result<()>>>,
     pending: VecDeque<Command<()>>,
@@ -141,7 +159,21 @@ impl RedisClusterTransport {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
         // For messages: never a password.
         let printed: Vec<String> = seeds.iter().map(|seed| super::redact(seed)).collect();
-        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let (message_tx, messages) = mpsc::unbounded_channel();
+        let (notice_tx, notices) = mpsc::unbounded_channel();
+        let queue = Arc::new(PushQueue::default());
+        let push_tx = {
+            let queue = Arc::clone(&queue);
+            move |push: PushInfo| -> std::result::Result<(), ()> {
+                if matches!(push.kind, PushKind::SMessage | PushKind::Message) {
+                    queue.offer(push, &message_tx);
+                } else {
+                    let _ = notice_tx.send(push);
+                }
+                // Never an error: redis-rs would stop handing pushes over.
+                Ok(())
+            }
+        };
         let client = ClusterClientBuilder::new(seeds.clone())
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push_tx)
@@ -164,7 +196,9 @@ impl RedisClusterTransport {
         })?;
         Ok(RedisClusterTransport {
             connection,
-            pushes,
+            messages,
+            notices,
+            queue,
             batch: Vec::new(),
             in_flight: None,
             pending: VecDeque::new(),
@@ -493,6 +527,58 @@ impl RedisClusterTransport {
     }
 }
 
+/// What the cluster connection hands the reading side, in order: a message (with its size), or
+/// the news that `count` messages were dropped there.
+enum Pushed {
+    Message(PushInfo, usize),
+    Dropped(u64),
+}
+
+/// The bound on messages waiting for the reader ([`MAX_QUEUED_BYTES`]), kept by the sender
+/// (redis-rs's task) and the reader together.
+#[derive(Default)]
+struct PushQueue {
+    /// Bytes of the messages queued.
+    bytes: AtomicUsize,
+    /// Messages dropped and not yet reported.
+    dropped: AtomicU64,
+}
+
+impl PushQueue {
+    /// Queues `push` if it fits, after a report of what was dropped before it; else drops it.
+    fn offer(&self, push: PushInfo, queue: &mpsc::UnboundedSender<Pushed>) {
+        let size: usize = push
+            .data
+            .iter()
+            .map(|value| match value {
+                Value::BulkString(bytes) => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        if self.bytes.load(Relaxed) + size > MAX_QUEUED_BYTES {
+            self.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let dropped = self.dropped.swap(0, Relaxed);
+        if dropped > 0 {
+            let _ = queue.send(Pushed::Dropped(dropped));
+        }
+        self.bytes.fetch_add(size, Relaxed);
+        let _ = queue.send(Pushed::Message(push, size));
+    }
+}
+
+/// The notice of `count` messages dropped because the reader fell behind: a gap, as after a
+/// reconnect.
+fn dropped(count: u64) -> Up<Bytes> {
+    tracing::warn!(
+        count,
+        "dropped messages from the cluster: the event target did not read them in time ({} MiB waited)",
+        MAX_QUEUED_BYTES >> 20
+    );
+    Up::Reconnected
+}
+
 impl Sink<Command<Bytes>> for RedisClusterTransport {
     type Error = Error;
 
@@ -561,18 +647,41 @@ impl Stream for RedisClusterTransport {
             if !this.signals.is_empty() {
                 continue;
             }
-            match this.pushes.poll_recv(cx) {
+            let closed = || {
+                Poll::Ready(Some(Err(Error::connection_lost(
+                    "the cluster connection's push channel closed",
+                ))))
+            };
+            // Notices first: few, and they may change what the messages mean.
+            match this.notices.poll_recv(cx) {
                 Poll::Ready(Some(push)) => {
                     if let Some(up) = this.handle_push(push) {
                         return Poll::Ready(Some(Ok(up)));
                     }
+                    continue;
                 }
-                Poll::Ready(None) => {
-                    return Poll::Ready(Some(Err(Error::connection_lost(
-                        "the cluster connection's push channel closed",
-                    ))))
+                Poll::Ready(None) => return closed(),
+                Poll::Pending => {}
+            }
+            match this.messages.poll_recv(cx) {
+                Poll::Ready(Some(Pushed::Message(push, size))) => {
+                    this.queue.bytes.fetch_sub(size, Relaxed);
+                    if let Some(up) = this.handle_push(push) {
+                        return Poll::Ready(Some(Ok(up)));
+                    }
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Pushed::Dropped(count))) => {
+                    return Poll::Ready(Some(Ok(dropped(count))));
+                }
+                Poll::Ready(None) => return closed(),
+                Poll::Pending => {
+                    // Dropped after everything that is queued: the gap is here.
+                    let count = this.queue.dropped.swap(0, Relaxed);
+                    if count > 0 {
+                        return Poll::Ready(Some(Ok(dropped(count))));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
