@@ -1969,3 +1969,141 @@ async fn publishes_whose_flush_failed_are_counted() {
     assert_eq!(stats.publish_failed, 11, "{stats:?}");
     events.close().await;
 }
+
+/// A transport acknowledged as Redis is: a flush completes once everything fed was
+/// acknowledged, `rtt` after it was fed (never, with `None`: an outage the flush waits
+/// through). Counts the publishes fed.
+struct AckedAfter {
+    rtt: Option<Duration>,
+    fed: Arc<AtomicU64>,
+    last_fed: Option<tokio::time::Instant>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AckedAfter {
+    fn new(rtt: Option<Duration>, fed: &Arc<AtomicU64>) -> Self {
+        AckedAfter {
+            rtt,
+            fed: Arc::clone(fed),
+            last_fed: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+}
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for AckedAfter {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        command: alkdev_pubsub::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        if let alkdev_pubsub::Command::Publish { .. } = command {
+            self.fed.fetch_add(1, Ordering::SeqCst);
+        }
+        self.last_fed = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        let (Some(last), Some(rtt)) = (self.last_fed, self.rtt) else {
+            // Nothing fed, or an outage: acknowledged at once, or never.
+            return match self.last_fed {
+                None => std::task::Poll::Ready(Ok(())),
+                Some(_) => std::task::Poll::Pending,
+            };
+        };
+        self.timer.as_mut().reset(last + rtt);
+        std::task::ready!(std::future::Future::poll(self.timer.as_mut(), cx));
+        self.last_fed = None;
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for AckedAfter {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Over a transport acknowledged 50 ms after what was fed last (as a Redis pipeline is, one
+/// round trip on), a publisher that never pauses left the flush pending for as long as it
+/// published: a confirmed dispatch among its publishes was never answered, and layers that
+/// keep what is unflushed grew. Publishes now wait for the flush once 4,096 were fed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_dispatch_is_answered_among_publishes_that_never_pause() {
+    let fed = Arc::new(AtomicU64::new(0));
+    let events: EventTarget =
+        EventTarget::new(AckedAfter::new(Some(Duration::from_millis(50)), &fed));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let (events, stop) = (events.clone(), Arc::clone(&stop));
+        async move {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                events
+                    .dispatch_event(numbered("steady", "x", n))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+        }
+    });
+    for attempt in 0..3 {
+        let asked_at = fed.load(Ordering::SeqCst);
+        tokio::time::timeout(
+            WAIT,
+            events.dispatch_confirmed(numbered("steady", "c", attempt)),
+        )
+        .await
+        .expect("answered while the publisher goes on")
+        .unwrap();
+        // Answered by a flush that covered at most a window, and the driver's queue, more.
+        let meanwhile = fed.load(Ordering::SeqCst) - asked_at;
+        assert!(
+            meanwhile <= 4 * (4096 + 1024),
+            "{meanwhile} publishes fed meanwhile"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    publisher.await.unwrap();
+}
+
+/// A flush that does not come (an outage the transport's layers buffer through) holds
+/// publishes up for 100 ms per window, not for the outage: they go on being fed, and the
+/// layers' own bounds apply (the reconnect layer refuses publishes at once past its buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_go_on_while_a_flush_does_not_come() {
+    let fed = Arc::new(AtomicU64::new(0));
+    let events: EventTarget = EventTarget::new(AckedAfter::new(None, &fed));
+    let count = 3 * 4096 + 100;
+    tokio::time::timeout(WAIT, async {
+        for n in 0..count {
+            events
+                .dispatch_event(numbered("outage", "x", n))
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("every publish is taken");
+    settle("every publish fed", || fed.load(Ordering::SeqCst) == count).await;
+    assert_eq!(events.stats().published, count);
+}

@@ -771,10 +771,10 @@ async fn a_listener_that_stops_reading_is_cut_off_by_redis_and_comes_back() {
 
 /// A publisher that never pauses must not keep the transport's flush pending for ever: a
 /// confirmed dispatch among its publishes is answered within a bounded number of later
-/// publishes (the driver's window of 4,096 publishes fed while a flush is pending, and the
-/// event target's queue of 1,024 twice over), and so the publishes the reconnect layer keeps
-/// for a replay, those since the last completed flush, stay as bounded. It took seconds of
-/// the stream before the window.
+/// publishes, so the publishes the reconnect layer keeps for a replay (those since the last
+/// completed flush) stay as bounded. The bound here is loose (sixteen of the driver's windows
+/// of 4,096; `tests/event_target.rs` checks the window itself): before the window, a debug
+/// build answered after seconds of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -803,7 +803,9 @@ async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
         }
     });
     for attempt in 0..5 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Well into the stream.
+        let from = published.load(Relaxed);
+        wait_until(|| published.load(Relaxed) >= from + 1_000).await;
         let before = published.load(Relaxed);
         let confirmed = tokio::time::timeout(
             WAIT,
@@ -816,16 +818,11 @@ async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
             "confirmation {attempt} among a steady stream: {confirmed:?}"
         );
         assert!(
-            meanwhile <= 4096 + 2 * 1024,
+            meanwhile <= 16 * 4096,
             "confirmation {attempt} was answered after {meanwhile} later publishes"
         );
     }
     stop.store(true, Relaxed);
     publisher.await.expect("publisher");
-    assert!(
-        published.load(Relaxed) > 10_000,
-        "the stream ran: {} publishes",
-        published.load(Relaxed)
-    );
     events.close().await;
 }

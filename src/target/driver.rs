@@ -50,13 +50,18 @@ const LONE_PUBLISH: Duration = Duration::from_micros(50);
 /// A burst's publishes come a microsecond or so apart (more in a debug build).
 const LONE_AFTER_LONE: Duration = Duration::from_micros(20);
 
-/// How many publishes are fed while a flush is pending, at most, before feeding waits for it.
-/// A transport that is acknowledged asynchronously (Redis pipelines) completes a flush once
-/// everything fed is acknowledged: fed without a pause, it would not complete until the
-/// publisher paused. Confirmed dispatches would wait for that pause, and what layers keep until
-/// a flush completes (the reconnect and retry layers keep every unflushed publish, to send it
-/// again) would grow with the stream.
+/// How many publishes are fed while a flush is pending, at most, before feeding waits for it
+/// (up to [`WINDOW_WAIT`]). A transport that is acknowledged asynchronously (Redis pipelines)
+/// completes a flush once everything fed is acknowledged: fed without a pause, it would not
+/// complete until the publisher paused. Confirmed dispatches would wait for that pause, and
+/// what layers keep until a flush completes (the reconnect and retry layers keep every
+/// unflushed publish, to send it again) would grow with the stream.
 const FLUSH_WINDOW: u32 = 4096;
+
+/// How long feeding waits for a flush when the window is full. A flush that takes longer is
+/// not held up by the stream (an outage the reconnect layer buffers through, whose bounded
+/// buffer then refuses publishes at once, or a peer that slow): another window's worth is fed.
+const WINDOW_WAIT: Duration = Duration::from_millis(100);
 
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
@@ -182,6 +187,10 @@ pub(crate) struct Core<T, P> {
     last_direct: Instant,
     /// Publishes fed since the last completed flush.
     fed: u32,
+    /// `fed` when the flush window last stood aside (see [`Core::window_full`]), else 0.
+    window_from: u32,
+    /// Armed while the flush window is full: how long feeding still waits for the flush.
+    window_wait: Option<Pin<Box<Sleep>>>,
     /// The last flush carried exactly one publish.
     flushed_one: bool,
     /// A direct publish always flushes (see `Builder::flush_each_publish`).
@@ -235,6 +244,8 @@ where
             flush_wanted: false,
             last_direct: Instant::now(),
             fed: 0,
+            window_from: 0,
+            window_wait: None,
             flushed_one: false,
             flush_each_publish,
             puller: None,
@@ -358,7 +369,8 @@ where
                 return true;
             }
             if matches!(self.outbox.front(), Some(Queued::Publish(_))) && self.window_full(cx) {
-                // The flush's completion wakes the driver.
+                // The flush's completion (or the window's wait running out) wakes the driver;
+                // or the flush ended the target.
                 return false;
             }
             match self.transport.as_mut().poll_ready(cx) {
@@ -391,14 +403,31 @@ where
         false
     }
 
-    /// Whether [`FLUSH_WINDOW`] publishes were fed since the last completed flush, and the
-    /// flush of them is still pending (it is polled here): publishes wait for it.
+    /// Whether publishes must not be fed now: [`FLUSH_WINDOW`] were fed since the last
+    /// completed flush (or since the window last stood aside), and the flush of them is still
+    /// pending (it is polled here), for less than [`WINDOW_WAIT`]; or that flush ended the
+    /// target.
     fn window_full(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.fed < FLUSH_WINDOW {
+        if self.fed < self.window_from.saturating_add(FLUSH_WINDOW) {
             return false;
         }
         self.poll_flush(cx);
-        self.fed >= FLUSH_WINDOW
+        if !self.running() {
+            return true;
+        }
+        if self.fed < self.window_from.saturating_add(FLUSH_WINDOW) {
+            return false;
+        }
+        let waited = self
+            .window_wait
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WINDOW_WAIT)));
+        if waited.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        // The flush does not come soon: feed another window's worth.
+        self.window_wait = None;
+        self.window_from = self.fed;
+        false
     }
 
     /// Flushes what was fed, if anything, and answers the confirmed publishes it covered.
@@ -411,6 +440,8 @@ where
                 self.unflushed = false;
                 self.flushed_one = self.fed == 1;
                 self.fed = 0;
+                self.window_from = 0;
+                self.window_wait = None;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Ok(()));
                 }
@@ -424,6 +455,8 @@ where
                     .fetch_add(u64::from(self.fed), Relaxed);
                 self.unflushed = false;
                 self.fed = 0;
+                self.window_from = 0;
+                self.window_wait = None;
                 self.flushed_one = false;
                 for ack in self.acks.drain(..) {
                     let _ = ack.send(Err(error.clone()));
@@ -1007,7 +1040,8 @@ where
             }
         }
         if self.window_full(&mut cx) {
-            // Queued: the flush's completion wakes the driver, which feeds it.
+            // Queued: the flush's completion, or the window's wait running out, wakes the
+            // driver, which feeds it (or fails it, if the flush ended the target).
             return Err(outgoing);
         }
         match self.transport.as_mut().poll_ready(&mut cx) {

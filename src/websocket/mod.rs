@@ -16,7 +16,8 @@
 //! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval) (at least
 //!   twice per idle timeout); a peer silent for [`idle_timeout`](WebSocketConfig::idle_timeout)
 //!   (no frame, no pong) is gone, reported as an [unrecoverable](crate::Error::is_unrecoverable)
-//!   timeout.
+//!   timeout; so is a peer that has read nothing for as long while there was something to send
+//!   (its pings alone would keep it looking alive while every publish waited).
 //! - **Close**: closing the transport performs the close handshake.
 //! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
 //!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
@@ -24,7 +25,8 @@
 //!   stream (for example from tokio-rustls) or terminate TLS in a proxy.
 //!
 //! [`WebSocketListener`] accepts connections on a TCP listener and yields one transport (or one
-//! event target) per connection, with the peer's address. Reconnection belongs to the client:
+//! event target) per connection, with the peer's address; it runs their handshakes
+//! concurrently. Reconnection belongs to the client:
 //! stack the [reconnect layer](crate::layers::reconnect) over a [`WebSocketTransport::connect`]
 //! factory; after a reconnect, a new connection is a new peer.
 //!
