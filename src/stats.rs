@@ -44,6 +44,8 @@ pub struct Stats {
     /// Events handed to the transport (in-process: dispatched to the listener map).
     pub published: u64,
     /// Events whose publish failed (the error went to a confirmed dispatch, or was traced).
+    /// When a flush fails, every publish it covered counts: which of them were delivered is
+    /// not known.
     pub publish_failed: u64,
     /// Deliveries to listeners: one event delivered to three listeners counts three.
     pub delivered: u64,
@@ -57,7 +59,8 @@ pub struct Stats {
     pub decode_errors: u64,
     /// Other inbound frames a layer dropped (for example on a channel outside the prefix).
     pub skipped: u64,
-    /// Times the transport reconnected.
+    /// Times the transport reported a gap ([`Up::Reconnected`](crate::Up::Reconnected)): it
+    /// reconnected, or otherwise lost events.
     pub reconnects: u64,
     /// Listener callbacks that panicked.
     pub callback_panics: u64,

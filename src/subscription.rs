@@ -33,8 +33,9 @@ pub enum Gap {
     /// [`try_dispatch_event`](crate::EventTarget::try_dispatch_event), or a dispatch cancelled
     /// while it waited).
     Lagged(u64),
-    /// The transport lost its connection and rebuilt it: events published during the outage
-    /// may be missing.
+    /// The transport lost its connection and rebuilt it, or otherwise lost events (see
+    /// [`Up::Reconnected`](crate::Up::Reconnected)): events published during the gap may be
+    /// missing.
     Reconnected,
 }
 

@@ -63,8 +63,10 @@ pub enum Up<M> {
     /// A [`Command::Subscribe`] was refused for good (for example by an ACL): it answers that
     /// subscribe in place of [`Up::Subscribed`]. The connection goes on.
     SubscribeFailed(Topic, Error),
-    /// The connection was rebuilt after a failure and every subscription replayed. Messages
-    /// published during the gap may have been missed.
+    /// The connection was rebuilt after a failure and every subscription replayed, or the
+    /// transport otherwise knows it lost messages (the Redis Cluster transport, for a slot that
+    /// moved, or messages a reader that fell behind could not be kept): messages published
+    /// during the gap may have been missed.
     Reconnected,
     /// A layer dropped an inbound frame and reports why (a decode error, a channel outside the
     /// prefix), so counters above it stay exact. The stream goes on.

@@ -33,7 +33,7 @@
 //! carries all the traffic. Usually one wants a plain prefix (`alk:events:`) so that channels
 //! spread over the shards.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -111,12 +111,15 @@ enum Control {
 /// The Redis Cluster sharded pub/sub transport: see the [module](self).
 pub struct RedisClusterTransport {
     connection: ClusterConnection,
-    /// What redis-rs hands over: messages (bounded by [`MAX_QUEUED_BYTES`]) and gaps.
-    messages: mpsc::UnboundedReceiver<Pushed>,
-    /// Everything else redis-rs hands over: disconnections, (un)subscribe notices. Few.
-    notices: mpsc::UnboundedReceiver<PushInfo>,
-    /// Bytes in `messages`, and messages dropped not yet reported (shared with the sender).
+    /// What redis-rs hands over, in order: messages (bounded by [`MAX_QUEUED_BYTES`]), gaps,
+    /// and notices (disconnections, unsubscribes: few, never dropped).
+    pushes: mpsc::UnboundedReceiver<Pushed>,
+    /// Bytes of the messages in `pushes`, and messages dropped not yet reported (shared with
+    /// the sender).
     queue: Arc<PushQueue>,
+    /// SUNSUBSCRIBE answers still to come, per channel: this transport's own. One that comes
+    /// unasked is a node dropping the channel.
+    leaving: HashMap<Topic, u32>,
     batch: Vec<(Topic, Bytes)>,
     in_flight: Option<BoxFuture<'static, Result<()>>>,
     pending: VecDeque<Command<()>>,
@@ -159,17 +162,12 @@ impl RedisClusterTransport {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
         // For messages: never a password.
         let printed: Vec<String> = seeds.iter().map(|seed| super::redact(seed)).collect();
-        let (message_tx, messages) = mpsc::unbounded_channel();
-        let (notice_tx, notices) = mpsc::unbounded_channel();
+        let (pushed, pushes) = mpsc::unbounded_channel();
         let queue = Arc::new(PushQueue::default());
         let push_tx = {
             let queue = Arc::clone(&queue);
             move |push: PushInfo| -> std::result::Result<(), ()> {
-                if matches!(push.kind, PushKind::SMessage | PushKind::Message) {
-                    queue.offer(push, &message_tx);
-                } else {
-                    let _ = notice_tx.send(push);
-                }
+                queue.offer(push, &pushed);
                 // Never an error: redis-rs would stop handing pushes over.
                 Ok(())
             }
@@ -196,9 +194,9 @@ impl RedisClusterTransport {
         })?;
         Ok(RedisClusterTransport {
             connection,
-            messages,
-            notices,
+            pushes,
             queue,
+            leaving: HashMap::new(),
             batch: Vec::new(),
             in_flight: None,
             pending: VecDeque::new(),
@@ -258,15 +256,26 @@ impl RedisClusterTransport {
                 .await
                 .into_iter()
                 .filter_map(Result::err);
-            match (failed.next(), failed.count()) {
-                (None, _) => Ok(()),
-                (Some(first), 0) => Err(first),
-                (Some(first), more) => Err(Error::with_source(
-                    first.kind(),
-                    format!("{first} (and the pipelines of {more} more slots failed)"),
-                    first,
-                )),
+            let Some(mut worst) = failed.next() else {
+                return Ok(());
+            };
+            // The one that says most of the connection: unrecoverable, then transient.
+            let rank = |e: &Error| (e.is_unrecoverable(), e.is_transient());
+            let mut more = 0;
+            for error in failed {
+                more += 1;
+                if rank(&error) > rank(&worst) {
+                    worst = error;
+                }
             }
+            Err(match more {
+                0 => worst,
+                more => Error::with_source(
+                    worst.kind(),
+                    format!("{worst} (and the pipelines of {more} more slots failed)"),
+                    worst,
+                ),
+            })
         }));
     }
 
@@ -398,6 +407,8 @@ impl RedisClusterTransport {
                             self.signals.push_back(match command {
                                 Command::Unsubscribe(topic) => {
                                     tracing::warn!(%error, %topic, "SUNSUBSCRIBE was refused");
+                                    // No answer will come as a push.
+                                    answered(&mut self.leaving, &topic);
                                     Up::Unsubscribed(topic)
                                 }
                                 other => {
@@ -449,6 +460,10 @@ impl RedisClusterTransport {
                     let Some(command) = self.pending.pop_front() else {
                         return Ok(());
                     };
+                    if let Command::Unsubscribe(topic) = &command {
+                        // Its answer comes as a push too (see `own_unsubscribe`).
+                        *self.leaving.entry(topic.clone()).or_default() += 1;
+                    }
                     let reply = self.subscribe_future(&command);
                     self.control = Control::InFlight { command, reply };
                 }
@@ -456,12 +471,17 @@ impl RedisClusterTransport {
         }
     }
 
-    /// Whether an SUNSUBSCRIBE of `topic` waits to be sent or answered.
-    fn leaving(&self, topic: &Topic) -> bool {
-        let unsubscribe =
-            |command: &Command<()>| matches!(command, Command::Unsubscribe(left) if left == topic);
-        matches!(&self.control, Control::InFlight { command, .. } if unsubscribe(command))
-            || self.pending.iter().any(unsubscribe)
+    /// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own (one it sent, or is
+    /// about to send): taken off the count of those expected.
+    fn own_unsubscribe(&mut self, topic: &Topic) -> bool {
+        if self
+            .pending
+            .iter()
+            .any(|command| matches!(command, Command::Unsubscribe(left) if left == topic))
+        {
+            return true;
+        }
+        answered(&mut self.leaving, topic)
     }
 
     fn handle_push(&mut self, push: PushInfo) -> Option<Up<Bytes>> {
@@ -490,6 +510,8 @@ impl RedisClusterTransport {
                 })
             }
             PushKind::Disconnection => {
+                // The answers that node owed will not come.
+                self.leaving.clear();
                 tracing::warn!(
                     "a cluster node's connection dropped; subscribing every channel again"
                 );
@@ -509,7 +531,7 @@ impl RedisClusterTransport {
                     return None;
                 };
                 let topic = Topic::from(String::from_utf8_lossy(&name).as_ref());
-                if self.active.contains(&topic) && !self.leaving(&topic) {
+                if !self.own_unsubscribe(&topic) && self.active.contains(&topic) {
                     tracing::warn!(
                         %topic,
                         "a cluster node dropped a subscription (its slot moved); subscribing it again"
@@ -527,12 +549,31 @@ impl RedisClusterTransport {
     }
 }
 
-/// What the cluster connection hands the reading side, in order: a message (with its size), or
-/// the news that `count` messages were dropped there.
+/// One SUNSUBSCRIBE answer for `topic` fewer to expect; whether one was expected.
+fn answered(leaving: &mut HashMap<Topic, u32>, topic: &Topic) -> bool {
+    match leaving.get_mut(topic) {
+        Some(expected) => {
+            *expected -= 1;
+            if *expected == 0 {
+                leaving.remove(topic);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// What the cluster connection hands the reading side, in order: a message (with the bytes it
+/// counts for), the news that `count` messages were dropped there, or another push (a notice).
 enum Pushed {
     Message(PushInfo, usize),
     Dropped(u64),
+    Notice(PushInfo),
 }
+
+/// What a queued message counts for beyond its bytes (the push, its values, the queue's
+/// node), so that a flood of small messages is bounded too.
+const QUEUED_OVERHEAD: usize = 128;
 
 /// The bound on messages waiting for the reader ([`MAX_QUEUED_BYTES`]), kept by the sender
 /// (redis-rs's task) and the reader together.
@@ -545,17 +586,25 @@ struct PushQueue {
 }
 
 impl PushQueue {
-    /// Queues `push` if it fits, after a report of what was dropped before it; else drops it.
+    /// Queues `push`: a notice always; a message if it fits (or nothing waits: a message
+    /// larger than the bound alone is kept), after a report of what was dropped before it;
+    /// else drops it.
     fn offer(&self, push: PushInfo, queue: &mpsc::UnboundedSender<Pushed>) {
-        let size: usize = push
-            .data
-            .iter()
-            .map(|value| match value {
-                Value::BulkString(bytes) => bytes.len(),
-                _ => 0,
-            })
-            .sum();
-        if self.bytes.load(Relaxed) + size > MAX_QUEUED_BYTES {
+        if !matches!(push.kind, PushKind::SMessage | PushKind::Message) {
+            let _ = queue.send(Pushed::Notice(push));
+            return;
+        }
+        let size: usize = QUEUED_OVERHEAD
+            + push
+                .data
+                .iter()
+                .map(|value| match value {
+                    Value::BulkString(bytes) => bytes.len(),
+                    _ => 0,
+                })
+                .sum::<usize>();
+        let queued = self.bytes.load(Relaxed);
+        if queued > 0 && queued + size > MAX_QUEUED_BYTES {
             self.dropped.fetch_add(1, Relaxed);
             return;
         }
@@ -647,25 +696,14 @@ impl Stream for RedisClusterTransport {
             if !this.signals.is_empty() {
                 continue;
             }
-            let closed = || {
-                Poll::Ready(Some(Err(Error::connection_lost(
-                    "the cluster connection's push channel closed",
-                ))))
-            };
-            // Notices first: few, and they may change what the messages mean.
-            match this.notices.poll_recv(cx) {
-                Poll::Ready(Some(push)) => {
+            match this.pushes.poll_recv(cx) {
+                Poll::Ready(Some(Pushed::Message(push, size))) => {
+                    this.queue.bytes.fetch_sub(size, Relaxed);
                     if let Some(up) = this.handle_push(push) {
                         return Poll::Ready(Some(Ok(up)));
                     }
-                    continue;
                 }
-                Poll::Ready(None) => return closed(),
-                Poll::Pending => {}
-            }
-            match this.messages.poll_recv(cx) {
-                Poll::Ready(Some(Pushed::Message(push, size))) => {
-                    this.queue.bytes.fetch_sub(size, Relaxed);
+                Poll::Ready(Some(Pushed::Notice(push))) => {
                     if let Some(up) = this.handle_push(push) {
                         return Poll::Ready(Some(Ok(up)));
                     }
@@ -673,7 +711,11 @@ impl Stream for RedisClusterTransport {
                 Poll::Ready(Some(Pushed::Dropped(count))) => {
                     return Poll::Ready(Some(Ok(dropped(count))));
                 }
-                Poll::Ready(None) => return closed(),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(Err(Error::connection_lost(
+                        "the cluster connection's push channel closed",
+                    ))))
+                }
                 Poll::Pending => {
                     // Dropped after everything that is queued: the gap is here.
                     let count = this.queue.dropped.swap(0, Relaxed);
@@ -684,5 +726,81 @@ impl Stream for RedisClusterTransport {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(bytes: usize) -> PushInfo {
+        PushInfo {
+            kind: PushKind::SMessage,
+            data: vec![
+                Value::BulkString(b"t:1".to_vec()),
+                Value::BulkString(vec![b'x'; bytes]),
+            ],
+        }
+    }
+
+    fn take(pushes: &mut mpsc::UnboundedReceiver<Pushed>, queue: &PushQueue) -> Vec<String> {
+        let mut taken = Vec::new();
+        while let Ok(pushed) = pushes.try_recv() {
+            taken.push(match pushed {
+                Pushed::Message(push, size) => {
+                    queue.bytes.fetch_sub(size, Relaxed);
+                    let len = match &push.data[1] {
+                        Value::BulkString(bytes) => bytes.len(),
+                        _ => 0,
+                    };
+                    format!("message {len}")
+                }
+                Pushed::Dropped(count) => format!("dropped {count}"),
+                Pushed::Notice(push) => format!("notice {:?}", push.kind),
+            });
+        }
+        taken
+    }
+
+    /// The queue keeps messages up to the bound, drops and counts past it (never a notice),
+    /// reports the drop before the next message it keeps, and keeps a message larger than
+    /// the bound when nothing waits.
+    #[test]
+    fn the_push_queue_is_bounded_in_bytes_and_tells_where_it_dropped() {
+        let queue = PushQueue::default();
+        let (sender, mut pushes) = mpsc::unbounded_channel();
+        queue.offer(message(MAX_QUEUED_BYTES + 1), &sender);
+        assert_eq!(
+            take(&mut pushes, &queue),
+            [format!("message {}", MAX_QUEUED_BYTES + 1)]
+        );
+        let half = MAX_QUEUED_BYTES / 2;
+        queue.offer(message(half), &sender);
+        queue.offer(message(half), &sender);
+        assert_eq!(queue.dropped.load(Relaxed), 1, "the second half");
+        queue.offer(message(1), &sender);
+        queue.offer(
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: Vec::new(),
+            },
+            &sender,
+        );
+        assert_eq!(
+            take(&mut pushes, &queue),
+            [
+                format!("message {half}"),
+                "dropped 1".to_owned(),
+                "message 1".to_owned(),
+                "notice Disconnection".to_owned()
+            ]
+        );
+        // Dropped with nothing after it: left for the reader to report once it has taken
+        // what waits (see `poll_next`).
+        queue.offer(message(half), &sender);
+        queue.offer(message(half), &sender);
+        assert_eq!(take(&mut pushes, &queue), [format!("message {half}")]);
+        assert_eq!(queue.dropped.load(Relaxed), 1);
+        assert_eq!(queue.bytes.load(Relaxed), 0);
     }
 }
