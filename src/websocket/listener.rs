@@ -30,8 +30,10 @@ type Handshake = BoxFuture<'static, Result<(WebSocketTransport<TcpStream>, Socke
 /// [`accept`](Self::accept) returns the next connection whose handshake is done. It runs the
 /// handshakes of the connections it took concurrently (up to [`MAX_PENDING_HANDSHAKES`], each
 /// bounded by [`handshake_timeout`](WebSocketConfig::handshake_timeout)), so a peer that
-/// connects and stays silent holds up no one else. Handshakes started by an `accept` that was
-/// cancelled go on with the next call.
+/// connects and stays silent holds up no one else. Handshakes make progress while an `accept`
+/// is awaited (their timeouts run on in between): loop on it, handing each connection to a task
+/// of its own, as below. Handshakes started by an `accept` that was cancelled go on with the
+/// next call.
 ///
 /// ```no_run
 /// use alkdev_pubsub::websocket::WebSocketListener;
@@ -45,7 +47,11 @@ type Handshake = BoxFuture<'static, Result<(WebSocketTransport<TcpStream>, Socke
 ///         Ok((events, peer)) => {
 ///             let events: EventTarget = events;
 ///             println!("{peer} connected");
-///             # drop(events);
+///             // Serve it in a task of its own, and accept the next at once.
+///             tokio::spawn(async move {
+///                 let _subscription = events.subscribe("chat:general").await;
+///                 // ...
+///             });
 ///         }
 ///         // One connection's failure (a plain HTTP request, a port scanner, a handshake that
 ///         // timed out) ends that connection only: the server goes on accepting.
@@ -117,10 +123,10 @@ impl WebSocketListener {
     /// The next TCP connection, not yet upgraded (to run the handshake yourself, with
     /// [`WebSocketConfig::accept`]).
     ///
-    /// An accept that failed for lack of resources (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`)
-    /// returns an error of kind [`ErrorKind::Unavailable`] after a pause of 100 ms, so that a
-    /// loop that accepts again does not spin; other failures concern the one connection
-    /// ([`ErrorKind::ConnectionLost`]).
+    /// An accept that failed for lack of resources (on Unix `EMFILE`, `ENFILE`, `ENOBUFS`,
+    /// `ENOMEM`) returns an error of kind [`ErrorKind::Unavailable`] after a pause of 100 ms,
+    /// so that a loop that accepts again does not spin; other failures concern the one
+    /// connection ([`ErrorKind::ConnectionLost`]).
     pub async fn accept_tcp(&self) -> Result<(TcpStream, SocketAddr)> {
         match self.listener.accept().await {
             Ok((stream, peer)) => {

@@ -400,14 +400,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         }
     }
 
-    /// Sending waits for the peer to read (`waiting`), or no longer does. The reading side
-    /// checks how long, with the liveness.
-    fn note_stall(&mut self, waiting: bool) {
-        if !waiting {
-            self.stalled_since = None;
-        } else if self.stalled_since.is_none() {
+    /// Sending waits for the peer to read, since now if it did not already; a completed flush
+    /// ends the wait. The reading side checks how long, with the liveness.
+    fn stalled(&mut self) {
+        if self.stalled_since.is_none() {
             self.stalled_since = Some(Instant::now());
         }
+    }
+
+    /// Whether what waits to be sent goes out now: the peer read after all (the task that sent
+    /// may have stopped polling the sink).
+    fn flushes_now(&mut self, cx: &mut Context<'_>) -> bool {
+        let waker = crate::waker::also_waking(cx, self.writer.as_ref());
+        let mut cx = Context::from_waker(&waker);
+        if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_flush(&mut cx) {
+            self.stalled_since = None;
+            return true;
+        }
+        false
     }
 
     /// Pings on schedule; declares the peer gone after the idle timeout, of silence or of
@@ -429,6 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         if self
             .stalled_since
             .is_some_and(|since| since.elapsed() >= self.config.idle_timeout)
+            && !self.flushes_now(cx)
         {
             let error = Error::new(
                 ErrorKind::Timeout,
@@ -473,7 +484,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         }
         crate::waker::remember(&mut this.writer, cx);
         let ready = Pin::new(&mut this.stream).poll_ready(cx);
-        this.note_stall(ready.is_pending());
+        if ready.is_pending() {
+            this.stalled();
+        }
         match ready {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
             other => other.map(|_| Ok(())),
@@ -533,7 +546,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         }
         crate::waker::remember(&mut this.writer, cx);
         let flushed = Pin::new(&mut this.stream).poll_flush(cx);
-        this.note_stall(flushed.is_pending());
+        match flushed {
+            Poll::Pending => this.stalled(),
+            Poll::Ready(Ok(())) => this.stalled_since = None,
+            Poll::Ready(Err(_)) => {}
+        }
         match flushed {
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             other => other.map(|_| Ok(())),
