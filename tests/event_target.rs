@@ -587,6 +587,23 @@ async fn a_full_publish_queue_says_so() {
     assert!(error.to_string().contains("queue is full"), "{error}");
 }
 
+/// The `Stream` of test transports whose stream never yields.
+macro_rules! stream_never_yields {
+    ($($transport:ty),*) => {$(
+        impl futures::Stream for $transport {
+            type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+            fn poll_next(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Self::Item>> {
+                std::task::Poll::Pending
+            }
+        }
+    )*};
+}
+
+stream_never_yields!(Stalled, FlushRefused, AckedAfter);
+
 /// A transport whose sink accepts one command and then never has room, and whose stream
 /// never yields.
 struct Stalled {
@@ -622,16 +639,6 @@ impl futures::Sink<alkdev_pubsub::Command<Envelope>> for Stalled {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl futures::Stream for Stalled {
-    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
     }
 }
 
@@ -1938,16 +1945,6 @@ impl futures::Sink<alkdev_pubsub::Command<Envelope>> for FlushRefused {
     }
 }
 
-impl futures::Stream for FlushRefused {
-    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
-    }
-}
-
 /// Publishes whose flush failed count in `Stats::publish_failed`, as `dispatch_event` says,
 /// and not only the confirmed ones, which are told.
 #[tokio::test]
@@ -2030,16 +2027,6 @@ impl futures::Sink<alkdev_pubsub::Command<Envelope>> for AckedAfter {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl futures::Stream for AckedAfter {
-    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
     }
 }
 

@@ -225,19 +225,29 @@ async fn an_oversized_message_is_refused_with_1009() {
     );
 }
 
+/// A raw tungstenite peer, connected to an event target served with `config`.
+async fn server_and_raw_peer(
+    config: WebSocketConfig,
+) -> (
+    EventTarget,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) {
+    let listener =
+        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let raw_client =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    (server, raw_client.await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_peer_is_detected_by_keepalive() {
     let config = WebSocketConfig::new()
         .ping_interval(Duration::from_millis(100))
         .idle_timeout(Duration::from_millis(500));
-    let listener =
-        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
     // The peer completes the handshake, then goes silent: it never reads, so never pongs.
-    let raw_client =
-        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
-    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
-    let silent_peer = raw_client.await.unwrap();
+    let (server, silent_peer) = server_and_raw_peer(config).await;
     let mut subscription = server.subscribe("gone:1").await.unwrap();
     let started = tokio::time::Instant::now();
     let end = tokio::time::timeout(WAIT, subscription.next())
@@ -545,13 +555,8 @@ async fn a_peer_that_pings_but_never_reads_is_declared_gone() {
     let config = WebSocketConfig::new()
         .ping_interval(Duration::from_millis(500))
         .idle_timeout(Duration::from_secs(3));
-    let listener =
-        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
-    let raw_client =
-        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap().0 });
-    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
-    let (mut pinging, reading) = raw_client.await.unwrap().split();
+    let (server, peer) = server_and_raw_peer(config).await;
+    let (mut pinging, reading) = peer.split();
     // The peer's write half pings every 100 ms; its read half is never polled.
     let pinger = tokio::spawn(async move {
         while pinging.send(Message::Ping(Vec::new().into())).await.is_ok() {
