@@ -23,9 +23,9 @@
 //! reader that falls behind (an event target waiting for room in a full
 //! [`Block`](crate::Overflow::Block) subscription) is not cut off by Redis, as it would be on
 //! one node: the transport keeps up to 32 MiB of messages for it, then drops what comes, and
-//! tells of the gap with [`Up::Reconnected`] where it is. Publishing to a shard that is down fails with an error of kind
-//! [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or a connection error; the
-//! [retry layer](crate::layers::retry) resends transient ones.
+//! tells of the gap with [`Up::Reconnected`] where it is. Publishing to a shard that is down
+//! fails with an error of kind [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or
+//! a connection error; the [retry layer](crate::layers::retry) resends transient ones.
 //!
 //! **Prefixes and hash tags.** The prefix layer works unchanged. A prefix holding a hash tag,
 //! such as `{alk}:events:`, pins every channel of the application to one slot, hence one

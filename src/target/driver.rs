@@ -408,14 +408,15 @@ where
     /// pending (it is polled here), for less than [`WINDOW_WAIT`]; or that flush ended the
     /// target.
     fn window_full(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.fed < self.window_from.saturating_add(FLUSH_WINDOW) {
+        let open = |core: &Self| core.fed < core.window_from.saturating_add(FLUSH_WINDOW);
+        if open(self) {
             return false;
         }
         self.poll_flush(cx);
         if !self.running() {
             return true;
         }
-        if self.fed < self.window_from.saturating_add(FLUSH_WINDOW) {
+        if open(self) {
             return false;
         }
         let waited = self
@@ -435,39 +436,31 @@ where
         if !self.unflushed {
             return;
         }
-        match self.transport.as_mut().poll_flush(cx) {
-            Poll::Ready(Ok(())) => {
-                self.unflushed = false;
-                self.flushed_one = self.fed == 1;
-                self.fed = 0;
-                self.window_from = 0;
-                self.window_wait = None;
-                for ack in self.acks.drain(..) {
-                    let _ = ack.send(Ok(()));
-                }
+        let Poll::Ready(flushed) = self.transport.as_mut().poll_flush(cx) else {
+            return;
+        };
+        if flushed.is_err() {
+            // Whether the publishes it covered were delivered is not known: they count as
+            // failed, as a confirmed dispatch among them is told.
+            self.shared
+                .counters
+                .publish_failed
+                .fetch_add(u64::from(self.fed), Relaxed);
+        }
+        self.unflushed = false;
+        self.flushed_one = flushed.is_ok() && self.fed == 1;
+        self.fed = 0;
+        self.window_from = 0;
+        self.window_wait = None;
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(flushed.clone());
+        }
+        if let Err(error) = flushed {
+            if error.is_fatal() {
+                self.terminate(error);
+            } else {
+                tracing::warn!(%error, "flushing the transport failed");
             }
-            Poll::Ready(Err(error)) => {
-                // Whether the publishes it covered were delivered is not known: they count as
-                // failed, as a confirmed dispatch among them is told.
-                self.shared
-                    .counters
-                    .publish_failed
-                    .fetch_add(u64::from(self.fed), Relaxed);
-                self.unflushed = false;
-                self.fed = 0;
-                self.window_from = 0;
-                self.window_wait = None;
-                self.flushed_one = false;
-                for ack in self.acks.drain(..) {
-                    let _ = ack.send(Err(error.clone()));
-                }
-                if error.is_fatal() {
-                    self.terminate(error);
-                } else {
-                    tracing::warn!(%error, "flushing the transport failed");
-                }
-            }
-            Poll::Pending => {}
         }
     }
 

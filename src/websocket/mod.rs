@@ -483,13 +483,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        let ready = Pin::new(&mut this.stream).poll_ready(cx);
-        if ready.is_pending() {
-            this.stalled();
-        }
-        match ready {
+        match Pin::new(&mut this.stream).poll_ready(cx) {
+            Poll::Pending => {
+                this.stalled();
+                Poll::Pending
+            }
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
-            other => other.map(|_| Ok(())),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
         }
     }
 
@@ -545,15 +545,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
-        match flushed {
-            Poll::Pending => this.stalled(),
-            Poll::Ready(Ok(())) => this.stalled_since = None,
-            Poll::Ready(Err(_)) => {}
-        }
-        match flushed {
+        match Pin::new(&mut this.stream).poll_flush(cx) {
+            Poll::Pending => {
+                this.stalled();
+                Poll::Pending
+            }
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
-            other => other.map(|_| Ok(())),
+            Poll::Ready(Ok(())) => {
+                this.stalled_since = None;
+                Poll::Ready(Ok(()))
+            }
         }
     }
 
