@@ -701,6 +701,44 @@ async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted()
     assert_eq!(delivered, expected);
 }
 
+/// Publishing starts before the first connection is up: a burst larger than the buffer waits
+/// for that connection instead of being refused (nothing has failed yet: there is no outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_before_the_first_connection_waits_for_it_and_loses_nothing() {
+    let broker = MemoryBroker::new();
+    let reconnect = ReconnectLayer::new(fast_backoff()).buffer(100);
+    let refused = reconnect.unavailable();
+    let slow = broker.clone();
+    let events = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new("alk:events:"))
+            .layer(reconnect)
+            .service(move || {
+                let broker = slow.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    broker.connect()
+                }
+            }),
+    );
+    for n in 0..1_000 {
+        events.dispatch_event(numbered("b", "1", n)).await.unwrap();
+    }
+    events
+        .dispatch_confirmed(numbered("b", "1", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(refused.get(), 0);
+    assert_eq!(events.stats().publish_failed, 0);
+    let delivered: Vec<u64> = broker
+        .published()
+        .iter()
+        .map(|(_, frame)| number_of(&serde_json::from_slice::<Envelope>(frame).unwrap()))
+        .collect();
+    assert_eq!(delivered, (0..=1_000).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
     let broker = MemoryBroker::new();

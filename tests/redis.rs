@@ -371,6 +371,8 @@ async fn eight_subscriber_targets_fifty_topics_steady_publisher() {
         }
         targets.push(events);
     }
+    // Built just before the burst: the first 1,024 publishes fill the reconnect layer's buffer
+    // while its first connection is being made, and the rest wait for that connection.
     let publisher = stack(&server.url(), "alk:events:", 1024);
     for n in 0..MESSAGES {
         for t in 0..TOPICS {
@@ -380,6 +382,12 @@ async fn eight_subscriber_targets_fifty_topics_steady_publisher() {
                 .unwrap();
         }
     }
+    // The last publish was flushed after every other: none of them failed.
+    publisher
+        .dispatch_confirmed(numbered("steady", "done", 0))
+        .await
+        .unwrap();
+    assert_eq!(publisher.stats().publish_failed, 0);
     for reader in readers {
         reader.await.unwrap();
     }

@@ -4,7 +4,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); publishes handed to a connection that failed before they were flushed are sent again on the next one |
+//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one |
 //! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else, sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
@@ -170,7 +170,9 @@ impl<M> ReconnectLayer<M> {
         }
     }
 
-    /// How many publishes may wait during an outage.
+    /// How many publishes may wait during an outage. While the first connection is being
+    /// made, more wait for it (the publisher is held back, nothing is refused) until that
+    /// attempt fails.
     pub fn buffer(mut self, publishes: usize) -> Self {
         self.buffer = publishes;
         self
@@ -433,6 +435,12 @@ where
         self.maybe_announce();
     }
 
+    /// The first connection attempt has not ended yet (no connection was ever up, and none
+    /// failed).
+    fn first_attempt_in_flight(&self) -> bool {
+        !self.ever_connected && self.attempt <= 1 && matches!(self.conn, Conn::Connecting(_))
+    }
+
     fn maybe_announce(&mut self) {
         if self.announce && self.replaying.is_empty() {
             self.announce = false;
@@ -603,6 +611,12 @@ where
         let this = self.get_mut();
         loop {
             match this.poll_drained(cx) {
+                // The first connection is still being made and the buffer is full: wait for
+                // it (woken by the attempt). No outage has begun, so refusing would only lose
+                // the start of a burst published right after the transport was built.
+                Poll::Pending if this.first_attempt_in_flight() && this.buffered >= this.buffer => {
+                    return Poll::Pending
+                }
                 // Down: accept into the buffer (or refuse in `start_send`).
                 Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
@@ -660,7 +674,8 @@ where
                         return Err(Error::new(
                             ErrorKind::Unavailable,
                             format!(
-                                "publishing to {topic}: the transport is reconnecting (attempt {}) and its buffer of {} publishes is full ({refused} refused so far)",
+                                "publishing to {topic}: the transport is {} (attempt {}) and its buffer of {} publishes is full ({refused} refused so far)",
+                                if this.ever_connected { "reconnecting" } else { "connecting" },
                                 this.attempt, this.buffer
                             ),
                         ));
