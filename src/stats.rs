@@ -43,7 +43,8 @@ impl Counters {
 pub struct Stats {
     /// Events handed to the transport (in-process: dispatched to the listener map).
     pub published: u64,
-    /// Events whose publish failed (the error went to a confirmed dispatch, or was traced).
+    /// Events whose publish failed (the error went to the dispatching call, or was traced),
+    /// or that the target dropped unsent when it stopped.
     /// When a flush fails, every publish it covered counts: which of them were delivered is
     /// not known.
     pub publish_failed: u64,

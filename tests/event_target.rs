@@ -831,7 +831,8 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
 }
 
 /// The same, with the driver already waiting for the transport with publishes in hand when
-/// the close comes: it must still hear of the close, and give up after its timeout.
+/// the close comes: it must still hear of the close, and give up after its timeout. The
+/// publishes it never sent count as failed.
 #[tokio::test]
 async fn close_gives_up_on_a_transport_stuck_with_publishes_in_hand() {
     let (sink, _rx) = futures::channel::mpsc::channel::<alkdev_pubsub::Command<Envelope>>(0);
@@ -848,6 +849,8 @@ async fn close_gives_up_on_a_transport_stuck_with_publishes_in_hand() {
     tokio::time::timeout(WAIT, events.close())
         .await
         .expect("close finishes after its timeout");
+    assert_eq!(events.stats().published, 1);
+    assert_eq!(events.stats().publish_failed, 4);
 }
 
 #[tokio::test]
@@ -2071,6 +2074,38 @@ async fn a_confirmed_dispatch_is_answered_among_publishes_that_never_pause() {
     }
     stop.store(true, Ordering::SeqCst);
     publisher.await.unwrap();
+}
+
+/// A close that finds more queued than a flush window sends all of it and does not wait for
+/// its deadline: the completed flush lets the next window go while the target drains, as it
+/// does while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_drains_more_than_a_flush_window_without_waiting_for_its_deadline() {
+    let fed = Arc::new(AtomicU64::new(0));
+    let events: EventTarget = EventTarget::builder()
+        .publish_capacity(16_384)
+        .close_timeout(Duration::from_secs(5))
+        .build(AckedAfter::new(Some(Duration::from_millis(50)), &fed));
+    // Queued from a thread outside the runtime, so that nothing is fed directly: the driver
+    // feeds a window, then waits for its flush while the rest waits in the queue.
+    let count = 3 * 4096;
+    std::thread::spawn({
+        let events = events.clone();
+        move || {
+            for n in 0..count {
+                events
+                    .try_dispatch_event(numbered("drain", "x", n))
+                    .unwrap();
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    events.close().await;
+    let took = started.elapsed();
+    assert_eq!(fed.load(Ordering::SeqCst), count);
+    assert!(took < Duration::from_secs(2), "the close took {took:?}");
 }
 
 /// A flush that does not come (an outage the transport's layers buffer through) holds

@@ -701,6 +701,163 @@ async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted()
     assert_eq!(delivered, expected);
 }
 
+/// Connections whose flush can be made to fail with a retryable error, and which can be cut:
+/// what a flush delivers goes to `delivered`.
+#[derive(Clone, Default)]
+struct Faults {
+    delivered: Arc<Mutex<Vec<Bytes>>>,
+    busy_flush: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FaultyConnection {
+    faults: Faults,
+    pending: Vec<Bytes>,
+}
+
+impl FaultyConnection {
+    fn alive(&self) -> alkdev_pubsub::Result<()> {
+        use std::sync::atomic::Ordering;
+        match self.faults.cut.swap(false, Ordering::SeqCst) {
+            true => Err(alkdev_pubsub::Error::connection_lost("cut by the test")),
+            false => Ok(()),
+        }
+    }
+}
+
+impl futures::Sink<Command<Bytes>> for FaultyConnection {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(self.alive())
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        command: Command<Bytes>,
+    ) -> alkdev_pubsub::Result<()> {
+        if let Command::Publish { message, .. } = command {
+            self.pending.push(message);
+        }
+        Ok(())
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        use std::sync::atomic::Ordering;
+        if self.faults.busy_flush.swap(false, Ordering::SeqCst) {
+            self.pending.clear();
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+                ErrorKind::Busy,
+                "LOADING: the server is loading its dataset",
+            )));
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.faults.delivered.lock().unwrap().extend(pending);
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for FaultyConnection {
+    type Item = alkdev_pubsub::Result<Up<Bytes>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A publish whose flush failed with an error the layer reported (a retryable one: the caller
+/// learnt of the failure, and may publish it again, or a retry layer does) is not sent again
+/// on its own by the next connection: it was answered, and sending it again would deliver what
+/// was reported failed, once more per retry.
+#[tokio::test]
+async fn a_publish_whose_flush_failure_was_reported_is_not_sent_again_after_a_reconnect() {
+    use std::sync::atomic::Ordering;
+    use tower::Layer;
+    let faults = Faults::default();
+    let make = faults.clone();
+    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(move || {
+        let faults = make.clone();
+        async move {
+            Ok::<_, alkdev_pubsub::Error>(FaultyConnection {
+                faults,
+                pending: Vec::new(),
+            })
+        }
+    });
+    let publish = |text: &'static str| Command::Publish {
+        topic: Topic::from("t"),
+        message: Bytes::from(text),
+    };
+    reconnect.send(publish("a")).await.unwrap();
+    faults.busy_flush.store(true, Ordering::SeqCst);
+    let error = reconnect.send(publish("b")).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Busy, "{error}");
+    faults.cut.store(true, Ordering::SeqCst);
+    reconnect.send(publish("c")).await.unwrap();
+    assert_eq!(
+        *faults.delivered.lock().unwrap(),
+        vec![Bytes::from("a"), Bytes::from("c")]
+    );
+}
+
+/// During an outage, a plain `dispatch_event` past the reconnect layer's buffer gets the
+/// refusal itself, not `Ok` and a count: it fed the transport from its own task, so the error
+/// is known when the call returns. (On one thread the driver never holds the transport when
+/// the test publishes; where it does, the publish is queued and a refusal only counted.)
+#[tokio::test]
+async fn a_plain_dispatch_past_a_full_buffer_returns_the_refusal() {
+    let broker = MemoryBroker::new();
+    let backoff = Backoff::new()
+        .initial(Duration::from_secs(30))
+        .max(Duration::from_secs(30))
+        .jitter(0.0);
+    let reconnect = ReconnectLayer::new(backoff).buffer(10);
+    let refused = reconnect.unavailable();
+    let state = reconnect.state();
+    let events = full_stack(&broker, reconnect);
+    events
+        .dispatch_confirmed(numbered("b", "1", 0))
+        .await
+        .unwrap();
+    broker.set_accepting(false);
+    broker.kill_connections();
+    let mut watch = state.clone();
+    tokio::time::timeout(
+        WAIT,
+        watch.wait_for(|s| matches!(s, ConnectionState::Waiting { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for n in 1..=10 {
+        events.dispatch_event(numbered("b", "1", n)).await.unwrap();
+    }
+    for n in 11..=15 {
+        let error = events
+            .dispatch_event(numbered("b", "1", n))
+            .await
+            .unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+        assert!(
+            error.to_string().contains("buffer of 10 publishes is full"),
+            "{error}"
+        );
+    }
+    assert_eq!(refused.get(), 5);
+    assert_eq!(events.stats().publish_failed, 5);
+}
+
 /// Publishing starts before the first connection is up: a burst larger than the buffer waits
 /// for that connection instead of being refused (nothing has failed yet: there is no outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,21 +279,36 @@ where
         tracing::warn!(%error, "event target stopped: its transport failed");
         self.shared.mark_closed(Some(error.clone()));
         self.publishes.close();
-        for queued in self.outbox.drain(..) {
-            if let Queued::Publish(Outgoing { ack: Some(ack), .. }) = queued {
-                let _ = ack.send(Err(error.clone()));
-            }
-        }
-        while let Ok(outgoing) = self.publishes.try_recv() {
-            if let Some(ack) = outgoing.ack {
-                let _ = ack.send(Err(error.clone()));
-            }
-        }
+        self.drop_unsent(&error);
         for ack in self.acks.drain(..) {
             let _ = ack.send(Err(error.clone()));
         }
         self.shared.end_all(Some(error));
         self.finish();
+    }
+
+    /// Drops the publishes not fed yet (the outbox's and the queue's, which must be closed),
+    /// answering each confirmed one with `error` and counting each as failed.
+    fn drop_unsent(&mut self, error: &Error) {
+        let mut dropped = 0;
+        let queued = self.outbox.drain(..).filter_map(|queued| match queued {
+            Queued::Publish(outgoing) => Some(outgoing),
+            _ => None,
+        });
+        let waiting = std::iter::from_fn(|| self.publishes.try_recv().ok());
+        for outgoing in queued.chain(waiting) {
+            dropped += 1;
+            if let Some(ack) = outgoing.ack {
+                let _ = ack.send(Err(error.clone()));
+            }
+        }
+        if dropped > 0 {
+            self.shared
+                .counters
+                .publish_failed
+                .fetch_add(dropped, Relaxed);
+            tracing::warn!(%error, dropped, "publishes not sent");
+        }
     }
 
     fn finish(&mut self) {
@@ -413,7 +428,7 @@ where
             return false;
         }
         self.poll_flush(cx);
-        if !self.running() {
+        if matches!(self.phase, Phase::Finished) {
             return true;
         }
         if open(self) {
@@ -467,22 +482,9 @@ where
     fn send(&mut self, queued: Queued<P>) {
         let counters = &self.shared.counters;
         match queued {
-            Queued::Publish(Outgoing {
-                topic,
-                envelope,
-                ack,
-            }) => {
-                match self.transport.as_mut().start_send(Command::Publish {
-                    topic,
-                    message: envelope,
-                }) {
-                    Ok(()) => {
-                        counters.published.fetch_add(1, Relaxed);
-                        self.unflushed = true;
-                        self.fed = self.fed.saturating_add(1);
-                        self.acks.extend(ack);
-                    }
-                    Err(error) => self.fail_publish(ack, error),
+            Queued::Publish(outgoing) => {
+                if let Err((ack, error)) = self.feed(outgoing) {
+                    self.fail_publish(ack, error);
                 }
             }
             Queued::Subscribe { topic, generation } => {
@@ -515,6 +517,33 @@ where
                     Err(error) => self.fail(Queued::Unsubscribe(topic), error),
                 }
             }
+        }
+    }
+
+    /// Hands a publish to the transport (`poll_ready` said it may), or returns what the
+    /// transport refused, with its acknowledgement.
+    #[allow(clippy::type_complexity)]
+    fn feed(
+        &mut self,
+        outgoing: Outgoing<P>,
+    ) -> std::result::Result<(), (Option<oneshot::Sender<Result<()>>>, Error)> {
+        let Outgoing {
+            topic,
+            envelope,
+            ack,
+        } = outgoing;
+        match self.transport.as_mut().start_send(Command::Publish {
+            topic,
+            message: envelope,
+        }) {
+            Ok(()) => {
+                self.shared.counters.published.fetch_add(1, Relaxed);
+                self.unflushed = true;
+                self.fed = self.fed.saturating_add(1);
+                self.acks.extend(ack);
+                Ok(())
+            }
+            Err(error) => Err((ack, error)),
         }
     }
 
@@ -759,11 +788,7 @@ where
                     );
                     let error =
                         Error::closed("the event target closed before this publish was sent");
-                    for queued in self.outbox.drain(..) {
-                        if let Queued::Publish(Outgoing { ack: Some(ack), .. }) = queued {
-                            let _ = ack.send(Err(error.clone()));
-                        }
-                    }
+                    self.drop_unsent(&error);
                     self.shared.end_all(None);
                     self.stalled = None;
                     self.phase = Phase::Closing;
@@ -977,8 +1002,7 @@ where
             return Fed::No(outgoing);
         };
         match self.act_as_driver(waker, |core, waker| core.publish_with(outgoing, waker)) {
-            Ok(Ok(())) => Fed::Yes,
-            Ok(Err(outgoing)) => Fed::No(outgoing),
+            Ok(fed) => fed,
             Err(panic) => Fed::Panicked(self.panicked("the transport", panic.as_ref())),
         }
     }
@@ -1016,11 +1040,7 @@ where
         }
     }
 
-    fn publish_with(
-        &mut self,
-        outgoing: Outgoing<P>,
-        waker: &Waker,
-    ) -> std::result::Result<(), Outgoing<P>> {
+    fn publish_with(&mut self, outgoing: Outgoing<P>, waker: &Waker) -> Fed<P> {
         let mut cx = Context::from_waker(waker);
         if self.queued() {
             // What is queued came first: feed it now, as the driver would (this saves waiting
@@ -1029,21 +1049,21 @@ where
                 waker.wake_by_ref();
             }
             if !self.running() || self.queued() {
-                return Err(outgoing);
+                return Fed::No(outgoing);
             }
         }
         if self.window_full(&mut cx) {
             // Queued: the flush's completion, or the window's wait running out, wakes the
             // driver, which feeds it (or fails it, if the flush ended the target).
-            return Err(outgoing);
+            return Fed::No(outgoing);
         }
         match self.transport.as_mut().poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
             // The driver is woken when there is room, and feeds the queue in order.
-            Poll::Pending => return Err(outgoing),
+            Poll::Pending => return Fed::No(outgoing),
             Poll::Ready(Err(error)) if error.is_fatal() => {
                 self.terminate(error);
-                return Err(outgoing);
+                return Fed::No(outgoing);
             }
             Poll::Ready(Err(error)) => {
                 // About an earlier pipeline, as in `poll_outgoing`: report it; the driver sends
@@ -1051,13 +1071,14 @@ where
                 self.shared.counters.publish_failed.fetch_add(1, Relaxed);
                 tracing::warn!(%error, "the transport reported a failure");
                 waker.wake_by_ref();
-                return Err(outgoing);
+                return Fed::No(outgoing);
             }
         }
-        self.send(Queued::Publish(outgoing));
-        if !self.running() {
-            // Taken, and failed for good: nothing to flush.
-            return Ok(());
+        if let Err((ack, error)) = self.feed(outgoing) {
+            // Refused while this task fed it (a reconnect layer's buffer full during an
+            // outage, or a fatal failure): counted, and the caller learns it at once.
+            self.fail_publish(ack, error.clone());
+            return Fed::Refused(error);
         }
         if self.unflushed && !self.flush_wanted {
             // The first publish since the driver last flushed. A lone one is flushed here and
@@ -1085,7 +1106,7 @@ where
                 waker.wake_by_ref();
             }
         }
-        Ok(())
+        Fed::Yes
     }
 
     /// Routes what the transport has ready (at most [`PULL_BUDGET`] items) from the calling
@@ -1187,6 +1208,8 @@ pub(crate) enum Fed<P> {
     Yes,
     /// It must be queued for the driver, as before.
     No(Outgoing<P>),
+    /// The transport refused it (counted in `publish_failed`): the caller gets this error.
+    Refused(Error),
     /// The transport panicked taking it: the target is stopped.
     Panicked(Error),
 }

@@ -358,9 +358,12 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// built on and the driver is not using the transport at that moment (what was queued
     /// before is fed first, so the order holds); otherwise the driver takes it from the queue.
     /// Either way a loop of awaited dispatches is pipelined: what was fed is flushed once per
-    /// batch, not once per envelope (a lone envelope is flushed at once). A later failure of
-    /// the transport is counted in [`Stats::publish_failed`] and traced; behind the reconnect
-    /// layer, the publish waits in its buffer through an outage. To learn the outcome, use
+    /// batch, not once per envelope (a lone envelope is flushed at once). A transport that
+    /// refuses the envelope as this task feeds it (the reconnect layer past its buffer during
+    /// an outage, with [`ErrorKind::Unavailable`]) makes this return that error; a failure
+    /// after that, or of an envelope the driver fed from its queue, is counted in
+    /// [`Stats::publish_failed`] and traced. Behind the reconnect layer, the publish waits in
+    /// its buffer through an outage. To learn the outcome, use
     /// [`dispatch_confirmed`](Self::dispatch_confirmed).
     ///
     /// In-process, the envelope is delivered to the topic's listeners before this resolves.
@@ -401,7 +404,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                 let outgoing = match direct.await {
                     Fed::Yes => return Ok(()),
                     Fed::No(outgoing) => outgoing,
-                    Fed::Panicked(error) => return Err(error),
+                    Fed::Refused(error) | Fed::Panicked(error) => return Err(error),
                 };
                 publish
                     .send(outgoing)
@@ -437,7 +440,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                 let outgoing = match self.try_direct(outgoing) {
                     Fed::Yes => return Ok(()),
                     Fed::No(outgoing) => outgoing,
-                    Fed::Panicked(error) => return Err(error),
+                    Fed::Refused(error) | Fed::Panicked(error) => return Err(error),
                 };
                 publish.try_send(outgoing).map_err(|error| match error {
                     mpsc::error::TrySendError::Full(rejected) => Error::new(
@@ -594,7 +597,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Closes the target and drains it: publishes already queued are sent and flushed, every
     /// topic is unsubscribed, and every subscription ends once it has yielded what it had
     /// queued. Later calls fail with an error of kind [`ErrorKind::Closed`]. Closing twice is
-    /// harmless.
+    /// harmless. A transport that has not taken every queued publish by the close timeout
+    /// ([`Builder::close_timeout`]) is given up on: the publishes left count in
+    /// [`Stats::publish_failed`].
     pub async fn close(&self) {
         match self.shared().control() {
             None => {

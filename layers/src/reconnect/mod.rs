@@ -4,7 +4,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one |
+//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them) |
 //! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else, sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
@@ -750,7 +750,13 @@ where
                     return Poll::Ready(Ok(()));
                 }
                 Err(error) if error.is_unrecoverable() => this.lost(error),
-                Err(error) => return Poll::Ready(Err(error)),
+                Err(error) => {
+                    // Reported above, which owns the outcome now (a retry layer sends them
+                    // again, a confirmed dispatch learns of it): not to be sent again by the
+                    // next connection too.
+                    this.unacked.clear();
+                    return Poll::Ready(Err(error));
+                }
             }
         }
     }
@@ -814,6 +820,8 @@ where
                         continue;
                     }
                     Poll::Ready(Err(error)) => {
+                        // Reported by the next flush from above (see `poll_flush`).
+                        this.unacked.clear();
                         this.flush_backlog = false;
                         tracing::warn!(%error, "flushing the replayed backlog failed");
                         this.failed_on_its_own.get_or_insert(error);
