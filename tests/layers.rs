@@ -1263,6 +1263,45 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
     assert!(error.to_string().contains("after 2 retries"), "{error}");
 }
 
+/// Retries that run out while the next publish is being fed (in `poll_ready`) are reported by
+/// the next flush, which answers the publish given up on; `poll_ready` is about the publish
+/// waiting to be fed, which goes out. (An event target took a `poll_ready` error for an
+/// earlier pipeline's, counted one failure, and answered the given up publish's confirmed
+/// dispatch with the next successful flush: `Ok`.)
+#[tokio::test]
+async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
+    use alkdev_pubsub::layers::RetryLayer;
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let mut retry = RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
+        inner: broker.connect().unwrap(),
+        failures: 0,
+        refuse_sends: 3,
+    });
+    let publish = |text: &'static str| Command::Publish {
+        topic: Topic::from("q:1"),
+        message: Bytes::from(text),
+    };
+    // Refused, and kept to be sent again.
+    retry.feed(publish("first")).await.unwrap();
+    // Its two retries are refused as this one is fed: the layer gives up on the first.
+    retry.feed(publish("second")).await.unwrap();
+    let error = retry.flush().await.unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("gave up on 1 commands after 2 retries"),
+        "{error}"
+    );
+    assert_eq!(
+        broker.published(),
+        vec![(Topic::from("q:1"), Bytes::from("second"))]
+    );
+    // Reported once: the next flush succeeds.
+    retry.send(publish("third")).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_inbound_envelope_with_a_topic_over_the_limit_is_a_decode_error() {
     let broker = MemoryBroker::new();

@@ -3,7 +3,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then the error comes back as [`Unavailable`](crate::ErrorKind::Unavailable). Other errors pass unchanged |
+//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged |
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
@@ -118,6 +118,9 @@ struct RetryState<M> {
     /// Retries of the current failure so far.
     attempt: u32,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Why publishes this layer had taken were given up on (retries ran out, or a resend was
+    /// refused for good): the next flush fails with it, as it answers them.
+    failed: Option<Error>,
 }
 
 impl<M> Default for RetryState<M> {
@@ -127,6 +130,7 @@ impl<M> Default for RetryState<M> {
             unflushed: Vec::new(),
             attempt: 0,
             sleep: None,
+            failed: None,
         }
     }
 }
@@ -210,7 +214,8 @@ where
     M: Clone,
     T: Sink<Command<M>, Error = Error>,
 {
-    /// Sends the retry queue; `Ready(Ok)` once it is empty.
+    /// Sends the retry queue; `Ready(Ok)` once it is empty. What fails is kept for the next
+    /// flush; only the inner transport's `poll_ready` errors come back here.
     fn poll_retries(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let mut this = self.project();
         loop {
@@ -232,12 +237,16 @@ where
                     this.state.unflushed.extend(kept);
                 }
                 Err(error) if error.is_transient() => {
-                    this.state
-                        .schedule(error, *this.attempts, *this.delay, this.retried)?
+                    if let Err(gave_up) =
+                        this.state
+                            .schedule(error, *this.attempts, *this.delay, this.retried)
+                    {
+                        this.state.failed.get_or_insert(gave_up);
+                    }
                 }
                 Err(error) => {
                     this.state.queue.pop_front();
-                    return Poll::Ready(Err(error));
+                    this.state.failed.get_or_insert(error);
                 }
             }
         }
@@ -267,10 +276,16 @@ where
                 Ok(())
             }
             // Only publishes are retried: a refused subscribe is its caller's to handle.
+            // Taken: sent again later, or given up on and reported by the next flush.
             Err(error) if error.is_transient() && matches!(kept, Command::Publish { .. }) => {
                 this.state.queue.push_back(kept);
-                this.state
-                    .schedule(error, *this.attempts, *this.delay, this.retried)
+                if let Err(gave_up) =
+                    this.state
+                        .schedule(error, *this.attempts, *this.delay, this.retried)
+                {
+                    this.state.failed.get_or_insert(gave_up);
+                }
+                Ok(())
             }
             Err(error) => Err(error),
         }
@@ -285,7 +300,10 @@ where
                     // Only a flush proves the retried commands went through.
                     this.state.unflushed.clear();
                     this.state.attempt = 0;
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(match this.state.failed.take() {
+                        Some(error) => Err(error),
+                        None => Ok(()),
+                    });
                 }
                 Err(error) if error.is_transient() && !this.state.unflushed.is_empty() => {
                     let unflushed = std::mem::take(&mut this.state.unflushed);
@@ -294,10 +312,19 @@ where
                             .into_iter()
                             .map(|(topic, message)| Command::Publish { topic, message }),
                     );
-                    this.state
-                        .schedule(error, *this.attempts, *this.delay, this.retried)?;
+                    if let Err(gave_up) =
+                        this.state
+                            .schedule(error, *this.attempts, *this.delay, this.retried)
+                    {
+                        this.state.failed = None;
+                        return Poll::Ready(Err(gave_up));
+                    }
                 }
-                Err(error) => return Poll::Ready(Err(error)),
+                Err(error) => {
+                    // This flush's failure answers what it covered, the given up ones too.
+                    this.state.failed = None;
+                    return Poll::Ready(Err(error));
+                }
             }
         }
     }
