@@ -121,8 +121,13 @@ struct Reader {
     next: u64,
     /// The sequence number of the next slot this reader takes (`next..taken` is its batch).
     taken: u64,
-    /// Events dropped before this reader took them, since it last heard of it.
+    /// Events dropped before this reader took them, since it last heard of it (its oldest
+    /// ones, [`Overflow::DropOldest`]: the notice comes before what it still holds).
     lagged: u64,
+    /// New events dropped when the queue was full ([`Overflow::DropNewest`], or a `Block`
+    /// queue that could not wait): where they would have been (a sequence number) and how
+    /// many, oldest first. The reader hears of each once it has taken what came before it.
+    gaps: VecDeque<(u64, u64)>,
     /// A reconnect notice was dropped before this reader took it.
     missed_reconnect: bool,
     waker: Option<Waker>,
@@ -230,6 +235,7 @@ impl<P> Queue<P> {
                     next: 0,
                     taken: 0,
                     lagged: 0,
+                    gaps: VecDeque::new(),
                     missed_reconnect: false,
                     waker: None,
                 }],
@@ -298,6 +304,7 @@ impl<P> Queue<P> {
             next,
             taken: next,
             lagged: 0,
+            gaps: VecDeque::new(),
             missed_reconnect: false,
             waker: None,
         });
@@ -347,7 +354,11 @@ impl<P> Queue<P> {
         let mut state = self.lock();
         let tail = state.tail();
         state.reader(reader).is_some_and(|r| {
-            r.next == tail && r.taken == tail && r.lagged == 0 && !r.missed_reconnect
+            r.next == tail
+                && r.taken == tail
+                && r.lagged == 0
+                && r.gaps.is_empty()
+                && !r.missed_reconnect
         })
     }
 
@@ -359,6 +370,7 @@ impl<P> Queue<P> {
         state.reader(reader).map_or(0, |r| {
             tail.saturating_sub(r.taken) as usize
                 + usize::from(r.lagged > 0)
+                + r.gaps.len()
                 + usize::from(r.missed_reconnect)
         })
     }
@@ -430,8 +442,12 @@ impl<P> Queue<P> {
                     return Err(event.take().expect("not pushed yet"));
                 }
                 (Overflow::DropNewest | Overflow::Block, _) => {
+                    let at = state.tail();
                     for reader in &mut state.readers {
-                        reader.lagged += 1;
+                        match reader.gaps.back_mut() {
+                            Some((last, dropped)) if *last == at => *dropped += 1,
+                            _ => reader.gaps.push_back((at, 1)),
+                        }
                     }
                     counters.lagged.fetch_add(readers, Relaxed);
                 }
@@ -487,7 +503,12 @@ impl<P> Queue<P> {
         let [me] = &mut state.readers[..] else {
             return false;
         };
-        if me.id != reader || me.taken != state.head || me.lagged > 0 || me.missed_reconnect {
+        if me.id != reader
+            || me.taken != state.head
+            || me.lagged > 0
+            || !me.gaps.is_empty()
+            || me.missed_reconnect
+        {
             return false;
         }
         state.head += 1;
@@ -536,13 +557,20 @@ impl<P> Queue<P> {
         // A lone reader on the publisher's thread moves its slots out (see the module doc).
         let alone = state.readers.len() == 1 && state.publisher == this_thread();
         let me = &mut state.readers[index];
+        // Dropped new events are told where they would have been: what came before is taken
+        // first.
+        let gap_at = me.gaps.front().map(|&(at, _)| at);
         let item = if me.lagged > 0 {
             Some(Err(Gap::Lagged(std::mem::take(&mut me.lagged))))
+        } else if gap_at.is_some_and(|at| at <= me.taken) {
+            let (_, dropped) = me.gaps.pop_front().expect("a gap is there");
+            Some(Err(Gap::Lagged(dropped)))
         } else if std::mem::take(&mut me.missed_reconnect) {
             Some(Err(Gap::Reconnected))
         } else if me.taken < tail {
             let from = me.taken;
-            let count = ((tail - from) as usize).min(READ_BATCH);
+            let until = gap_at.map_or(tail, |at| at.min(tail));
+            let count = ((until - from) as usize).min(READ_BATCH);
             me.taken = from + count as u64;
             let first = if alone && from == head {
                 // The only reader, on the publisher's thread: take the slots out rather than
@@ -569,7 +597,7 @@ impl<P> Queue<P> {
         let held_from = state.readers[index].taken - batch.len() as u64;
         let (released, producers) = state.hold_from(index, held_from, self.capacity);
         let me = &mut state.readers[index];
-        if me.taken < tail || me.lagged > 0 || me.missed_reconnect {
+        if me.taken < tail || me.lagged > 0 || !me.gaps.is_empty() || me.missed_reconnect {
             // More to take: `seen` must not say otherwise.
             *seen = u64::MAX;
         }

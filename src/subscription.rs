@@ -31,7 +31,8 @@ pub enum Gap {
     /// [`Overflow::DropOldest`] or [`Overflow::DropNewest`], or a full [`Overflow::Block`] queue
     /// that could not wait (an in-process
     /// [`try_dispatch_event`](crate::EventTarget::try_dispatch_event), or a dispatch cancelled
-    /// while it waited).
+    /// while it waited). It comes where the events went missing: before the events a
+    /// drop-oldest queue kept, after those a drop-newest queue kept.
     Lagged(u64),
     /// The transport lost its connection and rebuilt it, or otherwise lost events (see
     /// [`Up::Reconnected`](crate::Up::Reconnected)): events published during the gap may be
@@ -59,7 +60,8 @@ pub enum Overflow {
     /// default.
     #[default]
     DropOldest,
-    /// Drop the new event and tell the subscriber with [`Gap::Lagged`].
+    /// Drop the new event and tell the subscriber with [`Gap::Lagged`], once it has read the
+    /// events queued before.
     DropNewest,
     /// Wait for room: lossless, but a slow subscriber slows delivery (to every subscription
     /// sharing its queue, too). On the in-process target it slows the publisher of that topic;

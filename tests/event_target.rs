@@ -183,16 +183,66 @@ async fn slow_subscriber_lags_while_fast_one_gets_everything(events: EventTarget
     for n in 90..100 {
         assert_eq!(number_of(&slow_oldest.next().await.unwrap().unwrap()), n);
     }
-    // Drop-newest keeps the first ten.
+    // Drop-newest keeps the first ten, and says how many went after them.
+    for n in 0..10 {
+        assert_eq!(number_of(&slow_newest.next().await.unwrap().unwrap()), n);
+    }
     assert_eq!(
         slow_newest.next().await.unwrap().unwrap_err(),
         Gap::Lagged(90)
     );
-    for n in 0..10 {
-        assert_eq!(number_of(&slow_newest.next().await.unwrap().unwrap()), n);
-    }
     assert_eq!(events.stats().lagged, 180);
     assert!(slow_oldest.is_empty() && slow_newest.is_empty());
+}
+
+/// A drop-newest subscription hears of each run of dropped events where it was: after the
+/// events that came before it, before those that came after.
+#[tokio::test]
+async fn a_drop_newest_gap_is_told_where_the_events_went_missing() {
+    let events = EventTarget::local();
+    let mut newest = events
+        .subscribe_with(
+            "gap:1",
+            SubscribeOptions::new()
+                .capacity(2)
+                .overflow(Overflow::DropNewest),
+        )
+        .await
+        .unwrap();
+    let read =
+        |subscription: &mut alkdev_pubsub::Subscription| match futures::FutureExt::now_or_never(
+            subscription.next(),
+        ) {
+            Some(Some(Ok(event))) => Ok(number_of(&event)),
+            Some(Some(Err(gap))) => Err(gap),
+            other => panic!("expected an item at once, got {other:?}"),
+        };
+    for n in 1..=4 {
+        events
+            .dispatch_event(numbered("gap", "1", n))
+            .await
+            .unwrap();
+    }
+    assert_eq!(read(&mut newest), Ok(1));
+    events
+        .dispatch_event(numbered("gap", "1", 5))
+        .await
+        .unwrap();
+    // 1 is yielded, 2 waits: room for 5 (released once 2 is read).
+    assert_eq!(read(&mut newest), Ok(2));
+    assert_eq!(read(&mut newest), Err(Gap::Lagged(2)));
+    assert_eq!(read(&mut newest), Ok(5));
+    for n in 6..=9 {
+        events
+            .dispatch_event(numbered("gap", "1", n))
+            .await
+            .unwrap();
+    }
+    assert_eq!(read(&mut newest), Ok(6));
+    assert_eq!(read(&mut newest), Ok(7));
+    assert_eq!(read(&mut newest), Err(Gap::Lagged(2)));
+    assert!(futures::FutureExt::now_or_never(newest.next()).is_none());
+    assert_eq!(events.stats().lagged, 4);
 }
 
 #[tokio::test]
