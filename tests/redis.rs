@@ -532,6 +532,91 @@ async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
     assert_eq!(events.stats().reconnects, 0);
 }
 
+/// Redis answers PING with an error to a user not allowed it (`NOPERM`), and to everyone while
+/// it loads its dataset (`LOADING`) or runs a long script (`BUSY`): an answer all the same.
+/// The connection stays up through many pings, rather than reconnect (and lose what is
+/// published meanwhile) at each one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_answered_with_an_error_keeps_the_connection() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.cli(&["ACL", "SETUSER", "noping", "on", ">secret", "~*", "&*", "+@all", "-ping"]),
+        "OK"
+    );
+    let url = format!("redis://noping:secret@127.0.0.1:{}/", server.port());
+    let events = stack(&url, "alk:events:", 1024);
+    let mut subscription = events.subscribe("noping:1").await.unwrap();
+    // Five pings (every 200 ms), each refused.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    events
+        .dispatch_confirmed(numbered("noping", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    assert_eq!(events.stats().reconnects, 0);
+    // The pings went out, and were refused.
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let rejected: u64 = stats
+        .lines()
+        .find(|line| line.starts_with("cmdstat_ping:"))
+        .and_then(|line| {
+            line.split(',')
+                .find_map(|f| f.strip_prefix("rejected_calls="))
+        })
+        .unwrap_or_else(|| panic!("no refused PING in {stats}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rejected >= 3, "{rejected} pings refused");
+}
+
+/// A server busy with a long script answers `BUSY` to the subscribes that the reconnect layer
+/// replays: not a refusal for good. The layer connects again later and replays them then; the
+/// subscription lives on, and hears of the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_answered_busy_is_tried_again_not_given_up() {
+    let server = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
+    let url = server.url();
+    // Not stable yet when the connection is cut: the next attempt waits for the backoff.
+    let backoff = Backoff::new()
+        .initial(Duration::from_millis(300))
+        .max(Duration::from_millis(300))
+        .jitter(0.0)
+        .stable_after(Duration::from_secs(60));
+    let events = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new("alk:events:"))
+            .layer(ReconnectLayer::new(backoff))
+            .service(move || config().connect(url.clone())),
+    );
+    let mut subscription = events.subscribe("busy:1").await.unwrap();
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // A script that runs until it is killed: past 50 ms, Redis answers BUSY to most commands.
+    let port = server.port().to_string();
+    let script = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(["EVAL", "while true do end", "0"])
+            .output()
+            .unwrap()
+    });
+    // The reconnect comes 300 ms after the cut, into the busy server; it keeps trying.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.cli(&["SCRIPT", "KILL"]);
+    script.join().unwrap();
+    assert_eq!(
+        next_gap_or_event(&mut subscription).await,
+        Err(Gap::Reconnected)
+    );
+    events
+        .dispatch_confirmed(numbered("busy", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+}
+
 /// An access rule that takes a channel away mid-stream: the server drops the connection, the
 /// reconnect layer subscribes every topic again, and the server refuses that one (`NOPERM`).
 /// Its subscription ends rather than wait for good; the other comes back.

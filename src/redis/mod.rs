@@ -374,6 +374,8 @@ pub struct RedisTransport {
     reader: Option<Waker>,
     writer: Option<Waker>,
     ping: Pin<Box<Sleep>>,
+    /// Redis refused a ping to this user (`NOPERM`): told once.
+    ping_refused: bool,
     /// A ping over a redis-rs `PubSub`.
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
@@ -442,6 +444,7 @@ impl RedisTransport {
             reader: None,
             writer: None,
             ping: Box::pin(tokio::time::sleep(config.ping_interval)),
+            ping_refused: false,
             ping_reply: None,
             config,
             failed: None,
@@ -866,19 +869,26 @@ impl RedisTransport {
                     self.control_answered(subscribe, topics, Err(error))?;
                 }
                 Some(Request::Ping) => {
+                    // An answer all the same: the connection and the server are alive. Redis
+                    // refuses PING while it loads its dataset (`LOADING`, which SUBSCRIBE and
+                    // PUBLISH are allowed through), while a script runs too long (`BUSY`),
+                    // and to a user not allowed it (`NOPERM`): none is a dead connection, and
+                    // reconnecting would only lose what is published meanwhile, once per
+                    // ping, for as long as it lasts.
                     let reply = String::from_utf8_lossy(reply);
-                    let hint = if reply.starts_with("NOPERM") {
-                        " (the liveness check needs the user to be allowed PING: +ping)"
+                    if reply.starts_with("NOPERM") && !self.ping_refused {
+                        self.ping_refused = true;
+                        tracing::warn!(
+                            %reply,
+                            peer = %self.peer(),
+                            "Redis refuses PING to this user: its error answer still shows the subscribe connection alive (allow +ping to silence this)"
+                        );
                     } else {
-                        ""
-                    };
-                    return Err(Error::new(
-                        ErrorKind::Protocol,
-                        format!(
-                            "pinging the subscribe connection to {}: {reply}{hint}",
-                            self.peer()
-                        ),
-                    ));
+                        tracing::debug!(%reply, peer = %self.peer(), "Redis answered a ping with an error");
+                    }
+                    self.answered();
+                    let next = Instant::now() + self.config.ping_interval;
+                    self.ping.as_mut().reset(next);
                 }
                 None => return Err(unexpected(self, &frame)),
             },
@@ -967,6 +977,11 @@ impl RedisTransport {
             let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
                 match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => Ok(()),
+                    // An error answer is an answer: alive (see `handle_frame`).
+                    Ok(Err(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+                        tracing::debug!(error = %e, "Redis answered a ping with an error");
+                        Ok(())
+                    }
                     Ok(Err(e)) => Err(redis_error("pinging the subscribe connection", e)),
                     Err(_) => Err(Error::new(
                         ErrorKind::Timeout,
