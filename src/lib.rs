@@ -71,5 +71,6 @@ pub use pubsub::{PubSub, TypedSubscription};
 pub use stats::Stats;
 pub use subscription::{Gap, Overflow, SubscribeOptions, Subscription, DEFAULT_CAPACITY};
 pub use target::{
-    Builder, EventTarget, ListenerId, DEFAULT_CLOSE_TIMEOUT, DEFAULT_PUBLISH_CAPACITY,
+    Builder, EventTarget, ListenerId, WeakEventTarget, DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_PUBLISH_CAPACITY,
 };

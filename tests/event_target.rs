@@ -195,6 +195,34 @@ async fn slow_subscriber_lags_while_fast_one_gets_everything(events: EventTarget
     assert!(slow_oldest.is_empty() && slow_newest.is_empty());
 }
 
+/// A callback that publishes on its own target through a weak handle: it answers, and does
+/// not keep the target open once the application dropped its handles (a strong one would:
+/// the target holds the callback).
+#[tokio::test]
+async fn a_callback_holding_a_weak_handle_answers_and_lets_the_target_close() {
+    let events = EventTarget::local();
+    let weak = events.downgrade();
+    events
+        .add_event_listener("ping:1", move |event| {
+            if let Some(events) = weak.upgrade() {
+                events
+                    .try_dispatch_event(numbered("pong", "1", number_of(event)))
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    let mut pongs = events.subscribe("pong:1").await.unwrap();
+    events
+        .dispatch_event(numbered("ping", "1", 7))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut pongs).await), 7);
+    let weak = events.downgrade();
+    drop(events);
+    assert!(weak.upgrade().is_none());
+    testkit::next_end(&mut pongs).await;
+}
+
 /// A drop-newest subscription hears of each run of dropped events where it was: after the
 /// events that came before it, before those that came after.
 #[tokio::test]

@@ -416,7 +416,10 @@ impl RedisTransport {
         Self::from_clients_with(publish, subscribe, RedisConfig::default())
     }
 
-    /// Like [`from_clients`](Self::from_clients), with `config`'s timeouts and ping interval.
+    /// Like [`from_clients`](Self::from_clients), with `config`'s ping interval and ping
+    /// timeout. Publishes and subscribes wait as long as the connections they go through were
+    /// opened to wait (redis-rs's `AsyncConnectionConfig::set_response_timeout`): `config`'s
+    /// connect and response timeouts apply only to connections this transport opens.
     pub fn from_clients_with(
         publish: MultiplexedConnection,
         subscribe: PubSub,

@@ -107,6 +107,35 @@ impl<P> Clone for EventTarget<P> {
     }
 }
 
+/// A handle to an [`EventTarget`] that does not keep it open; made by
+/// [`EventTarget::downgrade`].
+pub struct WeakEventTarget<P = serde_json::Value> {
+    handle: Weak<Handle<P>>,
+}
+
+impl<P> WeakEventTarget<P> {
+    /// The target, while some [`EventTarget`] handle of it is still held.
+    pub fn upgrade(&self) -> Option<EventTarget<P>> {
+        self.handle.upgrade().map(|handle| EventTarget { handle })
+    }
+}
+
+impl<P> Clone for WeakEventTarget<P> {
+    fn clone(&self) -> Self {
+        WeakEventTarget {
+            handle: Weak::clone(&self.handle),
+        }
+    }
+}
+
+impl<P> fmt::Debug for WeakEventTarget<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakEventTarget")
+            .field("alive", &(self.handle.strong_count() > 0))
+            .finish()
+    }
+}
+
 impl<P: Send + Sync + 'static> Default for EventTarget<P> {
     fn default() -> Self {
         Self::local()
@@ -261,6 +290,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// again after a reconnect), the error is logged, the topic's [`Subscription`]s end, and a
     /// callback stays registered but hears nothing until a listener is added to the topic
     /// again, which subscribes it again.
+    ///
+    /// The target holds its callbacks: a callback that holds an [`EventTarget`] of its own
+    /// target keeps it open after every other handle is dropped (until
+    /// [`close`](Self::close)). To publish from a callback, give it a
+    /// [`WeakEventTarget`] ([`downgrade`](Self::downgrade)).
     pub fn add_event_listener<F>(&self, topic: impl Into<Topic>, callback: F) -> Result<ListenerId>
     where
         F: Fn(&Arc<Envelope<P>>) + Send + Sync + 'static,
@@ -591,6 +625,29 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                 let rest: Arc<[Listener<P>]> = listeners[from..].iter().cloned().collect();
                 Some((rest, event))
             }
+        }
+    }
+
+    /// A handle that does not keep the target open, for what the target itself holds (a
+    /// callback that answers events by publishing, for one).
+    ///
+    /// ```
+    /// use alkdev_pubsub::{Envelope, EventTarget};
+    /// use serde_json::json;
+    ///
+    /// let events = EventTarget::local();
+    /// let weak = events.downgrade();
+    /// events.add_event_listener("ping:1", move |_| {
+    ///     if let Some(events) = weak.upgrade() {
+    ///         let _ = events.try_dispatch_event(Envelope::new("pong", "1", json!({})));
+    ///     }
+    /// })?;
+    /// // Dropping `events` closes the target: the callback does not keep it open.
+    /// # Ok::<(), alkdev_pubsub::Error>(())
+    /// ```
+    pub fn downgrade(&self) -> WeakEventTarget<P> {
+        WeakEventTarget {
+            handle: Arc::downgrade(&self.handle),
         }
     }
 
