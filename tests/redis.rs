@@ -532,6 +532,19 @@ async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
     assert_eq!(events.stats().reconnects, 0);
 }
 
+/// How many calls of `command` the server refused before running them (`INFO commandstats`).
+fn rejected_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find(|line| line.starts_with(&format!("cmdstat_{command}:")))
+        .and_then(|line| {
+            line.split(',')
+                .find_map(|f| f.strip_prefix("rejected_calls="))
+        })
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
 /// Redis answers PING with an error to a user not allowed it (`NOPERM`), and to everyone while
 /// it loads its dataset (`LOADING`) or runs a long script (`BUSY`): an answer all the same.
 /// The connection stays up through many pings, rather than reconnect (and lose what is
@@ -544,30 +557,36 @@ async fn a_ping_answered_with_an_error_keeps_the_connection() {
         "OK"
     );
     let url = format!("redis://noping:secret@127.0.0.1:{}/", server.port());
-    let events = stack(&url, "alk:events:", 1024);
-    let mut subscription = events.subscribe("noping:1").await.unwrap();
-    // Five pings (every 200 ms), each refused.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    events
-        .dispatch_confirmed(numbered("noping", "1", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
-    assert_eq!(events.stats().reconnects, 0);
-    // The pings went out, and were refused.
-    let stats = server.cli(&["INFO", "commandstats"]);
-    let rejected: u64 = stats
-        .lines()
-        .find(|line| line.starts_with("cmdstat_ping:"))
-        .and_then(|line| {
-            line.split(',')
-                .find_map(|f| f.strip_prefix("rejected_calls="))
-        })
-        .unwrap_or_else(|| panic!("no refused PING in {stats}"))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(rejected >= 3, "{rejected} pings refused");
+    // The transport's own subscribe connection, and one over a redis-rs `PubSub` (no reconnect
+    // layer there: a failed connection would end the target).
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let publish = client.get_multiplexed_async_connection().await.unwrap();
+    let subscribe = client.get_async_pubsub().await.unwrap();
+    let over_redis_rs: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new("alk:events:"))
+            .service(RedisTransport::from_clients_with(
+                publish,
+                subscribe,
+                config(),
+            )),
+    );
+    for events in [stack(&url, "alk:events:", 1024), over_redis_rs] {
+        let refused_before = rejected_calls(&server, "ping");
+        let mut subscription = events.subscribe("noping:1").await.unwrap();
+        // Five pings (every 200 ms), each refused.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        events
+            .dispatch_confirmed(numbered("noping", "1", 1))
+            .await
+            .unwrap();
+        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+        assert_eq!(events.stats().reconnects, 0);
+        // The pings went out, and were refused.
+        let refused = rejected_calls(&server, "ping") - refused_before;
+        assert!(refused >= 3, "{refused} pings refused");
+    }
 }
 
 /// A server busy with a long script answers `BUSY` to the subscribes that the reconnect layer
@@ -575,23 +594,35 @@ async fn a_ping_answered_with_an_error_keeps_the_connection() {
 /// subscription lives on, and hears of the gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_answered_busy_is_tried_again_not_given_up() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     let server = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
     let url = server.url();
-    // Not stable yet when the connection is cut: the next attempt waits for the backoff.
+    // Connecting waits while `hold` is set: the reconnect comes once the server is busy.
+    let hold = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&hold);
     let backoff = Backoff::new()
-        .initial(Duration::from_millis(300))
-        .max(Duration::from_millis(300))
-        .jitter(0.0)
-        .stable_after(Duration::from_secs(60));
+        .initial(Duration::from_millis(100))
+        .max(Duration::from_millis(100))
+        .jitter(0.0);
     let events = EventTarget::new(
         ServiceBuilder::new()
             .layer(ParseErrorLayer::skip())
             .layer(CodecLayer::json())
             .layer(PrefixLayer::new("alk:events:"))
             .layer(ReconnectLayer::new(backoff))
-            .service(move || config().connect(url.clone())),
+            .service(move || {
+                let (url, held) = (url.clone(), Arc::clone(&held));
+                async move {
+                    while held.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    config().connect(url).await
+                }
+            }),
     );
     let mut subscription = events.subscribe("busy:1").await.unwrap();
+    hold.store(true, Ordering::SeqCst);
     server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     // A script that runs until it is killed: past 50 ms, Redis answers BUSY to most commands.
     let port = server.port().to_string();
@@ -602,9 +633,15 @@ async fn a_replay_answered_busy_is_tried_again_not_given_up() {
             .output()
             .unwrap()
     });
-    // The reconnect comes 300 ms after the cut, into the busy server; it keeps trying.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.cli(&["SCRIPT", "KILL"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !server.cli(&["PING"]).starts_with("BUSY") {
+        assert!(std::time::Instant::now() < deadline, "the script never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Into the busy server: each replay is refused, and the layer tries again.
+    hold.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(server.cli(&["SCRIPT", "KILL"]).starts_with("OK"));
     script.join().unwrap();
     assert_eq!(
         next_gap_or_event(&mut subscription).await,
@@ -615,6 +652,9 @@ async fn a_replay_answered_busy_is_tried_again_not_given_up() {
         .await
         .unwrap();
     assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    // The replays were refused, more than once.
+    let rejected = rejected_calls(&server, "subscribe");
+    assert!(rejected >= 2, "{rejected} replays refused");
 }
 
 /// An access rule that takes a channel away mid-stream: the server drops the connection, the

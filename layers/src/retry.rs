@@ -293,7 +293,11 @@ where
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
-            ready!(self.as_mut().poll_retries(cx))?;
+            if let Err(error) = ready!(self.as_mut().poll_retries(cx)) {
+                // This flush's failure answers what it covered, the given up ones too.
+                self.as_mut().project().state.failed = None;
+                return Poll::Ready(Err(error));
+            }
             let this = self.as_mut().project();
             match ready!(this.inner.poll_flush(cx)) {
                 Ok(()) => {

@@ -979,12 +979,9 @@ impl RedisTransport {
             let timeout = self.config.ping_timeout;
             let reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
                 match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
+                    // An error answer (`NOPERM`, `BUSY`, ...) comes as a `Value` too: an
+                    // answer, so alive (see `handle_frame`).
                     Ok(Ok(_)) => Ok(()),
-                    // An error answer is an answer: alive (see `handle_frame`).
-                    Ok(Err(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
-                        tracing::debug!(error = %e, "Redis answered a ping with an error");
-                        Ok(())
-                    }
                     Ok(Err(e)) => Err(redis_error("pinging the subscribe connection", e)),
                     Err(_) => Err(Error::new(
                         ErrorKind::Timeout,

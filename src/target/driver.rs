@@ -548,6 +548,7 @@ where
     }
 
     fn fail_publish(&mut self, ack: Option<oneshot::Sender<Result<()>>>, error: Error) {
+        self.shared.counters.publish_failed.fetch_add(1, Relaxed);
         if error.is_fatal() {
             if let Some(ack) = ack {
                 let _ = ack.send(Err(error.clone()));
@@ -555,7 +556,6 @@ where
             self.terminate(error);
             return;
         }
-        self.shared.counters.publish_failed.fetch_add(1, Relaxed);
         match ack {
             Some(ack) => {
                 let _ = ack.send(Err(error));

@@ -5,7 +5,7 @@
 //! | way | what it does |
 //! |---|---|
 //! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them) |
-//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again later; one refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
+//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
@@ -831,12 +831,15 @@ where
             }
             match ready!(transport.as_mut().poll_next(cx)) {
                 Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
-                // A replay refused for now (a server busy with a script, loading, or a
-                // cluster between masters): not for good. Connect again later and replay
-                // then, rather than drop a subscription its listeners still hold.
+                // A replay refused for now (a server busy with a script, a cluster between
+                // masters): not for good. Connect again after the backoff (never at once: the
+                // connection is not stable, whatever `stable_after` says) and replay then,
+                // rather than drop a subscription its listeners still hold. It counts as a
+                // failed attempt.
                 Some(Ok(Up::SubscribeFailed(topic, error)))
                     if error.is_transient() && this.replaying.contains_key(&topic) =>
                 {
+                    this.up_since = None;
                     this.lost(Error::with_source(
                         ErrorKind::ConnectionLost,
                         format!("subscribing to {topic} again was refused for now ({error}): connecting again later"),
