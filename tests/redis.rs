@@ -746,6 +746,64 @@ async fn a_sink_alone_sends_publishes_held_behind_a_subscribe() {
     assert_eq!(message.get_payload_bytes(), b"after the subscribe");
 }
 
+/// Messages that come while a subscribe waits for its answer are read and kept for the reading
+/// side, up to 32 MiB: past that the transport stops reading, and a reading side that never
+/// takes them (here, nobody reads the stream) fails the connection when the answer is due,
+/// as Redis does past its own limit, rather than move the whole backlog into this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing() {
+    use futures::SinkExt;
+    let server = RedisServer::start();
+    // Redis keeps whatever this client does not read.
+    assert_eq!(
+        server.cli(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 0 0 0"
+        ]),
+        "OK"
+    );
+    let mut transport = config().connect(server.url()).await.unwrap();
+    transport
+        .send(alkdev_pubsub::Command::Subscribe(Topic::from("big:1")))
+        .await
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let megabyte = vec![b'x'; 1 << 20];
+    for _ in 0..40 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("big:1")
+            .arg(&megabyte)
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+    }
+    // A publish held behind a second subscribe: the flush waits for its answer, which comes
+    // after the 40 MiB.
+    transport
+        .feed(alkdev_pubsub::Command::Subscribe(Topic::from("big:2")))
+        .await
+        .unwrap();
+    transport
+        .feed(alkdev_pubsub::Command::Publish {
+            topic: Topic::from("big:3"),
+            message: bytes::Bytes::from_static(b"held"),
+        })
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(WAIT, transport.flush())
+        .await
+        .expect("the flush ends")
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Timeout, "{error}");
+    assert!(
+        error.to_string().contains("wait for the reading side"),
+        "{error}"
+    );
+}
+
 /// A Unix socket and a password without a user name (`AUTH password`): the subscribe
 /// connection, which the transport opens itself, uses both as the publish connection does.
 #[cfg(unix)]

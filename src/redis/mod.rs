@@ -85,10 +85,17 @@ const MAX_PIPELINE: usize = 4096;
 
 /// While a `SUBSCRIBE` or `UNSUBSCRIBE` waits for its confirmation, the messages that come
 /// before it are read and kept for the reading side, at most this many frames per call (then
-/// the task yields and goes on). What is kept so is what Redis sent before the confirmation:
-/// no more than Redis holds for a pub/sub connection before it closes it
-/// (`client-output-buffer-limit pubsub`, 32 MB by default), and the socket's buffers.
+/// the task yields and goes on), and at most [`MAX_HELD_BYTES`] in all.
 const REPLY_READ_BUDGET: usize = 256;
+
+/// The most message bytes kept for the reading side while a `SUBSCRIBE` or `UNSUBSCRIBE` waits
+/// for its confirmation. Past it the transport stops reading: a reading side that does not
+/// take them (an event target paused by a full `Block` subscription) leaves them to Redis,
+/// which bounds what it holds for the connection, and the confirmation's response timeout
+/// then fails the connection (the reconnect layer reconnects and reports the gap), as Redis
+/// does past its own limit. Without it, a subscribe now and then while the reading side is
+/// paused moved the whole backlog into this process.
+const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// Settings of a [`RedisTransport`].
 ///
@@ -368,6 +375,8 @@ pub struct RedisTransport {
     /// armed again rather than fail the connection.
     read_when_armed: u64,
     signals: VecDeque<Up<Bytes>>,
+    /// The bytes of the messages in `signals` ([`MAX_HELD_BYTES`]).
+    held_bytes: usize,
     /// The task reading the stream, and the one feeding the sink (the same in an event
     /// target's driver; two when the transport is split): an answer read by one may concern
     /// the other.
@@ -444,6 +453,7 @@ impl RedisTransport {
             reply_timer: Box::pin(tokio::time::sleep(config.response_timeout)),
             read_when_armed: 0,
             signals: VecDeque::new(),
+            held_bytes: 0,
             reader: None,
             writer: None,
             ping: Box::pin(tokio::time::sleep(config.ping_interval)),
@@ -726,13 +736,24 @@ impl RedisTransport {
     fn poll_replies(&mut self, cx: &mut Context<'_>) -> Result<()> {
         let mut budget = REPLY_READ_BUDGET;
         while matches!(self.control, Control::Sent { .. }) {
+            if self.held_bytes >= MAX_HELD_BYTES {
+                // The reading side has enough waiting: read on once it took them (it reads
+                // the connection itself then), or fail when the answer is due.
+                self.poll_reply_timeout(cx)?;
+                break;
+            }
             if budget == 0 {
                 cx.waker().wake_by_ref();
                 break;
             }
             budget -= 1;
             match self.poll_message(cx) {
-                Poll::Ready(Ok(Some(message))) => self.signals.push_back(message),
+                Poll::Ready(Ok(Some(message))) => {
+                    if let Up::Message { message, .. } = &message {
+                        self.held_bytes += message.len();
+                    }
+                    self.signals.push_back(message);
+                }
                 Poll::Ready(Ok(None)) => {}
                 Poll::Ready(Err(error)) => return Err(self.fail(error)),
                 Poll::Pending => {
@@ -748,6 +769,15 @@ impl RedisTransport {
             }
         }
         Ok(())
+    }
+
+    /// The next signal kept for the reading side.
+    fn take_signal(&mut self) -> Option<Up<Bytes>> {
+        let signal = self.signals.pop_front()?;
+        if let Up::Message { message, .. } = &signal {
+            self.held_bytes -= message.len();
+        }
+        Some(signal)
     }
 
     /// The next message of the subscribe connection, `Ok(None)` if what it read was an answer
@@ -924,10 +954,18 @@ impl RedisTransport {
             ) => Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{} on {}: no answer within {:?}",
+                    "{} on {}: no answer within {:?}{}",
                     describe_control(*subscribe, topics),
                     self.peer(),
-                    self.config.response_timeout
+                    self.config.response_timeout,
+                    if self.held_bytes >= MAX_HELD_BYTES {
+                        format!(
+                            " (not read: {} bytes of messages read before it wait for the reading side)",
+                            self.held_bytes
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             ),
             _ => Error::new(
@@ -1115,7 +1153,7 @@ impl Stream for RedisTransport {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(signal) = this.signals.pop_front() {
+            if let Some(signal) = this.take_signal() {
                 return Poll::Ready(Some(Ok(signal)));
             }
             if this.failed.is_some() {
@@ -1126,7 +1164,7 @@ impl Stream for RedisTransport {
             if let Err(error) = this.poll_control(cx) {
                 return Poll::Ready(Some(Err(error)));
             }
-            if let Some(signal) = this.signals.pop_front() {
+            if let Some(signal) = this.take_signal() {
                 return Poll::Ready(Some(Ok(signal)));
             }
             match this.poll_message(cx) {
