@@ -636,27 +636,37 @@ async fn ten_thousand_publishes_across_three_outages_arrive_in_order() {
     assert_eq!(subscriber.stats().delivered, 10_000);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted() {
-    let broker = MemoryBroker::new();
-    let reconnect = ReconnectLayer::new(fast_backoff()).buffer(100);
-    let refused = reconnect.unavailable();
-    let state = reconnect.state();
-    let events = full_stack(&broker, reconnect);
+/// The full stack over `broker` through `reconnect`, connected (a confirmed publish of `b:1`
+/// number 0 went out), then down: the broker refuses connections, and the layer waits to try
+/// again. Also returns the layer's state.
+async fn connected_then_down(
+    broker: &MemoryBroker,
+    reconnect: ReconnectLayer,
+) -> (EventTarget, tokio::sync::watch::Receiver<ConnectionState>) {
+    let mut state = reconnect.state();
+    let events = full_stack(broker, reconnect);
     events
         .dispatch_confirmed(numbered("b", "1", 0))
         .await
         .unwrap();
     broker.set_accepting(false);
     broker.kill_connections();
-    let mut watch = state.clone();
     tokio::time::timeout(
         WAIT,
-        watch.wait_for(|s| matches!(s, ConnectionState::Waiting { .. })),
+        state.wait_for(|s| matches!(s, ConnectionState::Waiting { .. })),
     )
     .await
     .unwrap()
     .unwrap();
+    (events, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted() {
+    let broker = MemoryBroker::new();
+    let reconnect = ReconnectLayer::new(fast_backoff()).buffer(100);
+    let refused = reconnect.unavailable();
+    let (events, mut watch) = connected_then_down(&broker, reconnect).await;
     for n in 0..100 {
         events.dispatch_event(numbered("b", "1", n)).await.unwrap();
     }
@@ -824,22 +834,7 @@ async fn a_plain_dispatch_past_a_full_buffer_returns_the_refusal() {
         .jitter(0.0);
     let reconnect = ReconnectLayer::new(backoff).buffer(10);
     let refused = reconnect.unavailable();
-    let state = reconnect.state();
-    let events = full_stack(&broker, reconnect);
-    events
-        .dispatch_confirmed(numbered("b", "1", 0))
-        .await
-        .unwrap();
-    broker.set_accepting(false);
-    broker.kill_connections();
-    let mut watch = state.clone();
-    tokio::time::timeout(
-        WAIT,
-        watch.wait_for(|s| matches!(s, ConnectionState::Waiting { .. })),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (events, _) = connected_then_down(&broker, reconnect).await;
     for n in 1..=10 {
         events.dispatch_event(numbered("b", "1", n)).await.unwrap();
     }

@@ -54,6 +54,22 @@ async fn raw_subscriber(url: &str, channel: &str) -> redis::aio::PubSub {
     pubsub
 }
 
+/// `subscription` hears of a reconnect, then gets a confirmed publish of number `n`.
+async fn gap_then_delivered(
+    events: &EventTarget,
+    subscription: &mut alkdev_pubsub::Subscription,
+    r#type: &str,
+    id: &str,
+    n: u64,
+) {
+    assert_eq!(next_gap_or_event(subscription).await, Err(Gap::Reconnected));
+    events
+        .dispatch_confirmed(numbered(r#type, id, n))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(subscription).await, Ok(n));
+}
+
 async fn next_gap_or_event(subscription: &mut alkdev_pubsub::Subscription) -> Result<u64, Gap> {
     match tokio::time::timeout(WAIT, subscription.next()).await {
         Ok(Some(Ok(event))) => Ok(number_of(&event)),
@@ -304,15 +320,7 @@ async fn client_kill_of_the_pubsub_connection_is_survived() {
         .parse()
         .unwrap();
     assert!(killed >= 1);
-    assert_eq!(
-        next_gap_or_event(&mut subscription).await,
-        Err(Gap::Reconnected)
-    );
-    events
-        .dispatch_confirmed(numbered("ck", "1", 2))
-        .await
-        .unwrap();
-    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(2));
+    gap_then_delivered(&events, &mut subscription, "ck", "1", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,15 +338,7 @@ async fn a_paused_server_is_detected_and_survived() {
     // while the server sleeps.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     server.resume();
-    assert_eq!(
-        next_gap_or_event(&mut subscription).await,
-        Err(Gap::Reconnected)
-    );
-    events
-        .dispatch_confirmed(numbered("pause", "1", 2))
-        .await
-        .unwrap();
-    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(2));
+    gap_then_delivered(&events, &mut subscription, "pause", "1", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,15 +643,7 @@ async fn a_replay_answered_busy_is_tried_again_not_given_up() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(server.cli(&["SCRIPT", "KILL"]).starts_with("OK"));
     script.join().unwrap();
-    assert_eq!(
-        next_gap_or_event(&mut subscription).await,
-        Err(Gap::Reconnected)
-    );
-    events
-        .dispatch_confirmed(numbered("busy", "1", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    gap_then_delivered(&events, &mut subscription, "busy", "1", 1).await;
     // The replays were refused, more than once.
     let rejected = rejected_calls(&server, "subscribe");
     assert!(rejected >= 2, "{rejected} replays refused");
@@ -715,6 +707,28 @@ async fn small_and_large_payloads_arrive_intact() {
     }
 }
 
+/// Feeds a subscribe of `subscribe`, then a publish of `message` on `topic`, which the
+/// transport holds until Redis confirms the subscribe.
+async fn feed_behind_a_subscribe(
+    transport: &mut RedisTransport,
+    subscribe: &str,
+    topic: &str,
+    message: &'static [u8],
+) {
+    use futures::SinkExt;
+    transport
+        .feed(alkdev_pubsub::Command::Subscribe(Topic::from(subscribe)))
+        .await
+        .unwrap();
+    transport
+        .feed(alkdev_pubsub::Command::Publish {
+            topic: Topic::from(topic),
+            message: bytes::Bytes::from_static(message),
+        })
+        .await
+        .unwrap();
+}
+
 /// The transport used as a plain sink, nobody reading its stream: publishes fed behind a
 /// subscribe go out once the subscribe is answered, and closing waits for them, without a
 /// reader to drive the subscribe.
@@ -724,17 +738,7 @@ async fn a_sink_alone_sends_publishes_held_behind_a_subscribe() {
     let server = RedisServer::start();
     let mut raw = raw_subscriber(&server.url(), "held:1").await;
     let mut transport = config().connect(server.url()).await.unwrap();
-    transport
-        .feed(alkdev_pubsub::Command::Subscribe(Topic::from("held:2")))
-        .await
-        .unwrap();
-    transport
-        .feed(alkdev_pubsub::Command::Publish {
-            topic: Topic::from("held:1"),
-            message: bytes::Bytes::from_static(b"after the subscribe"),
-        })
-        .await
-        .unwrap();
+    feed_behind_a_subscribe(&mut transport, "held:2", "held:1", b"after the subscribe").await;
     tokio::time::timeout(WAIT, transport.close())
         .await
         .expect("the close finishes")
@@ -782,17 +786,7 @@ async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing(
     }
     // A publish held behind a second subscribe: the flush waits for its answer, which comes
     // after the 40 MiB.
-    transport
-        .feed(alkdev_pubsub::Command::Subscribe(Topic::from("big:2")))
-        .await
-        .unwrap();
-    transport
-        .feed(alkdev_pubsub::Command::Publish {
-            topic: Topic::from("big:3"),
-            message: bytes::Bytes::from_static(b"held"),
-        })
-        .await
-        .unwrap();
+    feed_behind_a_subscribe(&mut transport, "big:2", "big:3", b"held").await;
     let error = tokio::time::timeout(WAIT, transport.flush())
         .await
         .expect("the flush ends")
