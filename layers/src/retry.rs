@@ -180,6 +180,13 @@ impl<T: fmt::Debug, M> fmt::Debug for Retry<T, M> {
 }
 
 impl<M: Clone> RetryState<M> {
+    /// Plans another try of what is queued, or gives up and keeps why for the next flush.
+    fn retry_later(&mut self, error: Error, attempts: u32, delay: Duration, retried: &Counter) {
+        if let Err(gave_up) = self.schedule(error, attempts, delay, retried) {
+            self.failed.get_or_insert(gave_up);
+        }
+    }
+
     /// Plans another try of what is queued, or gives up with `error`.
     fn schedule(
         &mut self,
@@ -237,12 +244,8 @@ where
                     this.state.unflushed.extend(kept);
                 }
                 Err(error) if error.is_transient() => {
-                    if let Err(gave_up) =
-                        this.state
-                            .schedule(error, *this.attempts, *this.delay, this.retried)
-                    {
-                        this.state.failed.get_or_insert(gave_up);
-                    }
+                    this.state
+                        .retry_later(error, *this.attempts, *this.delay, this.retried)
                 }
                 Err(error) => {
                     this.state.queue.pop_front();
@@ -279,12 +282,8 @@ where
             // Taken: sent again later, or given up on and reported by the next flush.
             Err(error) if error.is_transient() && matches!(kept, Command::Publish { .. }) => {
                 this.state.queue.push_back(kept);
-                if let Err(gave_up) =
-                    this.state
-                        .schedule(error, *this.attempts, *this.delay, this.retried)
-                {
-                    this.state.failed.get_or_insert(gave_up);
-                }
+                this.state
+                    .retry_later(error, *this.attempts, *this.delay, this.retried);
                 Ok(())
             }
             Err(error) => Err(error),

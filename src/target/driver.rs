@@ -483,9 +483,8 @@ where
         let counters = &self.shared.counters;
         match queued {
             Queued::Publish(outgoing) => {
-                if let Err((ack, error)) = self.feed(outgoing) {
-                    self.fail_publish(ack, error);
-                }
+                // A refusal is answered and counted there.
+                let _ = self.feed(outgoing);
             }
             Queued::Subscribe { topic, generation } => {
                 match self
@@ -520,13 +519,9 @@ where
         }
     }
 
-    /// Hands a publish to the transport (`poll_ready` said it may), or returns what the
-    /// transport refused, with its acknowledgement.
-    #[allow(clippy::type_complexity)]
-    fn feed(
-        &mut self,
-        outgoing: Outgoing<P>,
-    ) -> std::result::Result<(), (Option<oneshot::Sender<Result<()>>>, Error)> {
+    /// Hands a publish to the transport (`poll_ready` said it may). A refusal is failed as
+    /// [`fail_publish`](Self::fail_publish) does, and returned.
+    fn feed(&mut self, outgoing: Outgoing<P>) -> Result<()> {
         let Outgoing {
             topic,
             envelope,
@@ -543,7 +538,10 @@ where
                 self.acks.extend(ack);
                 Ok(())
             }
-            Err(error) => Err((ack, error)),
+            Err(error) => {
+                self.fail_publish(ack, error.clone());
+                Err(error)
+            }
         }
     }
 
@@ -1074,10 +1072,9 @@ where
                 return Fed::No(outgoing);
             }
         }
-        if let Err((ack, error)) = self.feed(outgoing) {
+        if let Err(error) = self.feed(outgoing) {
             // Refused while this task fed it (a reconnect layer's buffer full during an
             // outage, or a fatal failure): counted, and the caller learns it at once.
-            self.fail_publish(ack, error.clone());
             return Fed::Refused(error);
         }
         if self.unflushed && !self.flush_wanted {
