@@ -707,6 +707,77 @@ async fn small_and_large_payloads_arrive_intact() {
     }
 }
 
+/// With a `max_message_size` of 1,000 bytes: a message over it, published by someone else, is
+/// skipped and counted, and the next one arrives; a publish over it is refused with an error
+/// that names the limit, and nothing is sent. Over our own subscribe connection and over a
+/// redis-rs `PubSub`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_skipped_and_a_publish_over_it_refused() {
+    let server = RedisServer::start();
+    let limited = || config().max_message_size(1_000);
+    let url = server.url();
+    let own = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .layer(ReconnectLayer::new(backoff()))
+        .service(move || limited().connect(url.clone()));
+    let client = redis::Client::open(server.url()).unwrap();
+    let over_redis_rs = RedisTransport::from_clients_with(
+        client.get_multiplexed_async_connection().await.unwrap(),
+        client.get_async_pubsub().await.unwrap(),
+        limited(),
+    );
+    let over_redis_rs = ServiceBuilder::new()
+        .layer(ParseErrorLayer::skip())
+        .layer(CodecLayer::json())
+        .service(over_redis_rs);
+    let targets: [(&str, EventTarget); 2] = [
+        ("own", EventTarget::new(own)),
+        ("redis-rs", EventTarget::new(over_redis_rs)),
+    ];
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    for (id, events) in targets {
+        let mut subscription = events.subscribe(format!("big:{id}")).await.unwrap();
+        let big = Envelope::new("big", id, json!({ "n": 0, "pad": "x".repeat(5_000) }));
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(format!("big:{id}"))
+            .arg(serde_json::to_vec(&big).unwrap())
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+        assert_eq!(receivers, 1, "{id}");
+        events
+            .dispatch_confirmed(numbered("big", id, 1))
+            .await
+            .unwrap();
+        assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1), "{id}");
+        assert_eq!(events.stats().skipped, 1, "{id}");
+
+        let error = events.dispatch_confirmed(big).await.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            alkdev_pubsub::ErrorKind::TooLarge,
+            "{id}: {error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("over the limit of 1000 (RedisConfig::max_message_size)"),
+            "{id}: {error}"
+        );
+        events
+            .dispatch_confirmed(numbered("big", id, 2))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_gap_or_event(&mut subscription).await,
+            Ok(2),
+            "{id}: only the small one went out"
+        );
+        assert_eq!(events.stats().reconnects, 0, "{id}: the connection went on");
+    }
+}
+
 /// Feeds a subscribe of `subscribe`, then a publish of `message` on `topic`, which the
 /// transport holds until Redis confirms the subscribe.
 async fn feed_behind_a_subscribe(

@@ -26,8 +26,13 @@
 //!   [`from_clients`](RedisTransport::from_clients), a frame of up to 1 KiB is copied into an
 //!   8 KiB chunk that the next frames share (an allocation per message costs more than the
 //!   copy); a larger one shares redis-rs's buffer, uncopied.
-//! - A frame the subscribe connection cannot parse, one over Redis's own limit of 512 MiB for a
-//!   bulk string, or a reply to no command fails the transport with a
+//! - **Limits**: a message over [`max_message_size`](RedisConfig::max_message_size) (64 MiB by
+//!   default) is skipped as it arrives, without buffering it: the stream reports an error of
+//!   kind [`TooLarge`](crate::ErrorKind::TooLarge) (an event target counts it as skipped) and
+//!   goes on with the next message. A publish over the limit is refused before it is sent,
+//!   with the same kind of error; the connection goes on.
+//! - A frame the subscribe connection cannot parse, any other bulk string over the limit (a
+//!   channel name), or a reply to no command fails the transport with a
 //!   [protocol](crate::ErrorKind::Protocol) error (the reconnect layer then opens a new one).
 //! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval)
 //!   (while messages keep coming, at their next pause: they show it alive); a ping unanswered
@@ -114,16 +119,19 @@ pub struct RedisConfig {
     response_timeout: Duration,
     ping_interval: Duration,
     ping_timeout: Duration,
+    max_message_size: usize,
 }
 
 impl Default for RedisConfig {
-    /// Connect within 5 s, answers within 5 s, a ping every 5 s answered within 3 s.
+    /// Connect within 5 s, answers within 5 s, a ping every 5 s answered within 3 s, messages
+    /// of at most 64 MiB.
     fn default() -> Self {
         RedisConfig {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(3),
+            max_message_size: 64 << 20,
         }
     }
 }
@@ -162,6 +170,18 @@ impl RedisConfig {
         self
     }
 
+    /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
+    /// own limit; 64 MiB by default). A bigger publish fails alone with an error of kind
+    /// [`ErrorKind::TooLarge`] and is not sent. A bigger message received is skipped as it
+    /// arrives, never buffered: the stream reports an error of that kind (an event target
+    /// counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on with the next
+    /// message. Over a redis-rs `PubSub` ([`RedisTransport::from_clients_with`]) the message
+    /// has been read whole by redis-rs before it is skipped.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes.min(resp::MAX_BULK);
+        self
+    }
+
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with these settings.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<RedisTransport> {
         let url = url.as_ref();
@@ -187,7 +207,11 @@ impl RedisConfig {
         // redis-rs reports any refusal as an authentication failure.
         let subscriber = tokio::time::timeout(
             self.connect_timeout,
-            SubscribeConnection::connect(client.get_connection_info(), where_.clone()),
+            SubscribeConnection::connect(
+                client.get_connection_info(),
+                where_.clone(),
+                self.max_message_size,
+            ),
         )
         .await
         .map_err(|_| {
@@ -212,12 +236,12 @@ impl RedisConfig {
 }
 
 /// Not part of the API: the subscribe connection's parser, for the fuzz target
-/// `redis_frames`. Parses `wire` delivered in pieces that end at `cuts` (ascending offsets);
-/// returns what was read, as debug text, up to the end or the first protocol error (then that
-/// error, last).
+/// `redis_frames`. Parses `wire` delivered in pieces that end at `cuts` (ascending offsets),
+/// with a `max_message_size` of `limit`; returns what was read, as debug text, up to the end
+/// or the first protocol error (then that error, last).
 #[doc(hidden)]
-pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize]) -> Vec<String> {
-    resp::parse_in_pieces(wire, cuts)
+pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
+    resp::parse_in_pieces(wire, cuts, limit)
 }
 
 /// A URL without its password (`user:password@`, or a `pass=` query parameter as in
@@ -374,7 +398,9 @@ pub struct RedisTransport {
     /// since, it is alive (the answer is behind a long message or a backlog), and the timer is
     /// armed again rather than fail the connection.
     read_when_armed: u64,
-    signals: VecDeque<Up<Bytes>>,
+    /// What the reading side is yet to be given: answers to subscribes, messages read while one
+    /// waited for its answer, and messages skipped over the size limit (error items).
+    signals: VecDeque<Result<Up<Bytes>>>,
     /// The bytes of the messages in `signals` ([`MAX_HELD_BYTES`]).
     held_bytes: usize,
     /// The task reading the stream, and the one feeding the sink (the same in an event
@@ -558,11 +584,11 @@ impl RedisTransport {
         match result {
             Ok(()) => {
                 self.signals.extend(topics.into_iter().map(|topic| {
-                    if subscribe {
+                    Ok(if subscribe {
                         Up::Subscribed(topic)
                     } else {
                         Up::Unsubscribed(topic)
-                    }
+                    })
                 }));
             }
             Err(error) if error.is_unrecoverable() => return Err(self.fail(error)),
@@ -581,12 +607,12 @@ impl RedisTransport {
             Err(error) => {
                 // Refused for this channel alone: the connection goes on.
                 let topic = topics.into_iter().next().expect("one topic");
-                self.signals.push_back(if subscribe {
+                self.signals.push_back(Ok(if subscribe {
                     Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
                 } else {
                     tracing::warn!(%error, %topic, "UNSUBSCRIBE was refused");
                     Up::Unsubscribed(topic)
-                });
+                }));
             }
         }
         Ok(())
@@ -748,11 +774,11 @@ impl RedisTransport {
             }
             budget -= 1;
             match self.poll_message(cx) {
-                Poll::Ready(Ok(Some(message))) => {
-                    if let Up::Message { message, .. } = &message {
+                Poll::Ready(Ok(Some(item))) => {
+                    if let Ok(Up::Message { message, .. }) = &item {
                         self.held_bytes += message.len();
                     }
-                    self.signals.push_back(message);
+                    self.signals.push_back(item);
                 }
                 Poll::Ready(Ok(None)) => {}
                 Poll::Ready(Err(error)) => return Err(self.fail(error)),
@@ -772,17 +798,18 @@ impl RedisTransport {
     }
 
     /// The next signal kept for the reading side.
-    fn take_signal(&mut self) -> Option<Up<Bytes>> {
+    fn take_signal(&mut self) -> Option<Result<Up<Bytes>>> {
         let signal = self.signals.pop_front()?;
-        if let Up::Message { message, .. } = &signal {
+        if let Ok(Up::Message { message, .. }) = &signal {
             self.held_bytes -= message.len();
         }
         Some(signal)
     }
 
-    /// The next message of the subscribe connection, `Ok(None)` if what it read was an answer
-    /// to a command (handled).
-    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Up<Bytes>>>> {
+    /// The next item of the subscribe connection (a message, or an error for one skipped over
+    /// the size limit), `Ok(None)` if what it read was an answer to a command (handled); an
+    /// error if the connection failed.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Result<Up<Bytes>>>>> {
         match &mut self.subscriber {
             Subscriber::Own(connection) => {
                 if let Poll::Ready(Err(error)) = connection.poll_write(cx) {
@@ -794,12 +821,17 @@ impl RedisTransport {
             Subscriber::RedisRs { messages, .. } => {
                 match std::task::ready!(Pin::new(messages).poll_next(cx)) {
                     Some(message) => {
+                        let len = message.get_payload_bytes().len();
+                        if len > self.config.max_message_size {
+                            let channel = message.get_channel_name().as_bytes();
+                            return Poll::Ready(Ok(Some(Err(self.oversized(channel, len)))));
+                        }
                         let channel = self.channel(message.get_channel_name().as_bytes());
                         let frame = self.frames.frame(message);
-                        Poll::Ready(Ok(Some(Up::Message {
+                        Poll::Ready(Ok(Some(Ok(Up::Message {
                             channel: Some(channel),
                             message: frame,
-                        })))
+                        }))))
                     }
                     None => Poll::Ready(Err(Error::connection_lost(
                         "the Redis subscribe connection closed",
@@ -829,8 +861,22 @@ impl RedisTransport {
         }
     }
 
-    /// A frame of our own connection: a message, or an answer to a command.
-    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Up<Bytes>>> {
+    /// The error item for a message of `len` bytes on `channel`, skipped over the size limit.
+    fn oversized(&self, channel: &[u8], len: usize) -> Error {
+        Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "a message of {len} bytes on the channel {:?} from {} is over the limit of {} bytes (RedisConfig::max_message_size): skipped",
+                String::from_utf8_lossy(channel),
+                self.peer(),
+                self.config.max_message_size
+            ),
+        )
+    }
+
+    /// A frame of our own connection: a message (or an error for one skipped over the size
+    /// limit), or an answer to a command.
+    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Result<Up<Bytes>>>> {
         // Built on the error paths only: a message is the hot path.
         let unexpected = |this: &Self, frame: &Frame| {
             Error::new(
@@ -843,10 +889,13 @@ impl RedisTransport {
         };
         match frame {
             Frame::Message { channel, payload } => {
-                return Ok(Some(Up::Message {
+                return Ok(Some(Ok(Up::Message {
                     channel: Some(self.channel(&channel)),
                     message: payload,
-                }))
+                })))
+            }
+            Frame::Oversized { channel, len } => {
+                return Ok(Some(Err(self.oversized(&channel, len))));
             }
             Frame::Subscribed(ref channel) | Frame::Unsubscribed(ref channel) => {
                 let subscribing = matches!(frame, Frame::Subscribed(_));
@@ -1105,6 +1154,16 @@ impl Sink<Command<Bytes>> for RedisTransport {
         this.check()?;
         match command {
             Command::Publish { topic, message } => {
+                if message.len() > this.config.max_message_size {
+                    return Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "publishing to {topic}: a message of {} bytes is over the limit of {} (RedisConfig::max_message_size)",
+                            message.len(),
+                            this.config.max_message_size
+                        ),
+                    ));
+                }
                 // Sized up front (`pipeline.cmd(..).arg(..)` grows two vectors from empty,
                 // several reallocations per publish). Not `.ignore()`d: the replies are
                 // discarded anyway (`exec_async`), and error replies are found either way;
@@ -1154,7 +1213,7 @@ impl Stream for RedisTransport {
         let this = self.get_mut();
         loop {
             if let Some(signal) = this.take_signal() {
-                return Poll::Ready(Some(Ok(signal)));
+                return Poll::Ready(Some(signal));
             }
             if this.failed.is_some() {
                 // Reported once; then the stream ends.
@@ -1165,10 +1224,10 @@ impl Stream for RedisTransport {
                 return Poll::Ready(Some(Err(error)));
             }
             if let Some(signal) = this.take_signal() {
-                return Poll::Ready(Some(Ok(signal)));
+                return Poll::Ready(Some(signal));
             }
             match this.poll_message(cx) {
-                Poll::Ready(Ok(Some(message))) => return Poll::Ready(Some(Ok(message))),
+                Poll::Ready(Ok(Some(item))) => return Poll::Ready(Some(item)),
                 // An answer to a command: look again.
                 Poll::Ready(Ok(None)) => {}
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(this.fail(error)))),
@@ -1207,7 +1266,11 @@ mod tests {
         .unwrap();
         tokio::spawn(driver);
         let (subscribe_end, subscribe_server) = tokio::io::duplex(1 << 16);
-        let connection = SubscribeConnection::over(Box::pin(subscribe_end), "redis://fake/".into());
+        let connection = SubscribeConnection::over(
+            Box::pin(subscribe_end),
+            "redis://fake/".into(),
+            config.max_message_size,
+        );
         let subscriber = Subscriber::Own(Box::new(connection));
         (
             RedisTransport::new(publish, subscriber, config),

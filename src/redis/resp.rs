@@ -9,9 +9,10 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The longest bulk string accepted: Redis's own default `proto-max-bulk-len` (512 MiB). A
-/// longer length is a protocol error, found before anything is buffered for it.
-const MAX_BULK: usize = 512 * 1024 * 1024;
+/// The longest bulk string Redis sends: its own default `proto-max-bulk-len` (512 MiB). A
+/// longer length is a protocol error, found before anything is buffered for it; the reader's
+/// limit ([`Reader::new`]) is at most this.
+pub(crate) const MAX_BULK: usize = 512 * 1024 * 1024;
 
 /// The longest line accepted (a simple string, an error, a length): a peer that sends more
 /// without a line end is not speaking RESP.
@@ -38,6 +39,9 @@ pub(crate) enum Frame {
     Simple(Bytes),
     /// An error reply: `-CODE message`, without the `-`.
     Error(Bytes),
+    /// A message whose payload, `len` bytes, is over the reader's limit: it is skipped as it
+    /// arrives (never buffered), and the frames after it are read as usual.
+    Oversized { channel: Bytes, len: usize },
     /// Something well-formed that a subscribe connection is not sent; described for a message.
     Unexpected(String),
 }
@@ -58,26 +62,84 @@ enum Element {
     Integer(i64),
     Simple(Range<usize>),
     Error(Range<usize>),
+    /// A bulk string of this many bytes, over the limit; what follows its header is its data.
+    Over(usize),
 }
 
 /// The element kinds a frame may have at its top.
 enum Top {
     Element(Element),
     Array(usize, [Element; MAX_ELEMENTS]),
+    /// A message whose payload (its last element, of this many bytes) is over the limit: the
+    /// frame's length is up to the payload's data.
+    Oversized(usize, [Element; MAX_ELEMENTS], usize),
 }
 
-/// Parses the frame at the start of `buffer` and removes it: `Ok(None)` while it is incomplete
-/// (nothing is removed; call again once more has been read).
-pub(crate) fn parse(buffer: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-    let Some((len, top)) = scan(buffer)? else {
-        return Ok(None);
-    };
-    let frame = buffer.split_to(len).freeze();
-    Ok(Some(classify(&frame, top)))
+/// Reads the frames a subscribe connection is sent, out of its read buffer, with a limit on
+/// what it buffers: a message's payload over the limit is skipped as it arrives (and reported,
+/// [`Frame::Oversized`]); any other bulk string over it, or a nested array that grows past it,
+/// is a protocol error. A frame thus buffers at most about twice the limit (its channel and
+/// its payload).
+pub(crate) struct Reader {
+    limit: usize,
+    /// Bytes of an oversized payload still to discard, its CRLF included.
+    skipping: usize,
 }
 
-/// Finds the frame at the start of `bytes`: its length and its elements.
-fn scan(bytes: &[u8]) -> Result<Option<(usize, Top)>, ProtocolError> {
+impl Reader {
+    /// A reader that buffers no bulk string over `limit` bytes (at most [`MAX_BULK`]).
+    pub(crate) fn new(limit: usize) -> Self {
+        Reader {
+            limit: limit.min(MAX_BULK),
+            skipping: 0,
+        }
+    }
+
+    /// Parses the frame at the start of `buffer` and removes it: `Ok(None)` while it is
+    /// incomplete (call again once more has been read). What an oversized payload sends is
+    /// removed as it comes.
+    pub(crate) fn parse(&mut self, buffer: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        if self.skipping > 0 {
+            self.skip(buffer)?;
+            if self.skipping > 0 {
+                return Ok(None);
+            }
+        }
+        let Some((len, top)) = scan(buffer, self.limit)? else {
+            return Ok(None);
+        };
+        if let Top::Oversized(_, _, payload) = top {
+            self.skipping = payload + 2;
+        }
+        let frame = buffer.split_to(len).freeze();
+        Ok(Some(classify(&frame, top)))
+    }
+
+    /// Discards what `buffer` holds of the oversized payload being skipped; its last two
+    /// bytes must be CRLF.
+    fn skip(&mut self, buffer: &mut BytesMut) -> Result<(), ProtocolError> {
+        let n = self.skipping.min(buffer.len());
+        for (i, &byte) in buffer[..n]
+            .iter()
+            .enumerate()
+            .skip(self.skipping.saturating_sub(2))
+        {
+            // `skipping - i` is 2 at the CR, 1 at the LF.
+            if byte != b"\r\n"[2 - (self.skipping - i)] {
+                return Err(ProtocolError(
+                    "a skipped bulk string not followed by CRLF".into(),
+                ));
+            }
+        }
+        let _ = buffer.split_to(n);
+        self.skipping -= n;
+        Ok(())
+    }
+}
+
+/// Finds the frame at the start of `bytes`: its length and its elements. No bulk string over
+/// `limit` is waited for.
+fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolError> {
     let mut at = 0;
     let Some(&kind) = bytes.first() else {
         return Ok(None);
@@ -95,20 +157,48 @@ fn scan(bytes: &[u8]) -> Result<Option<(usize, Top)>, ProtocolError> {
             ProtocolError("a null array, where a subscribe connection reads a frame".into())
         })?;
         let mut elements: [Element; MAX_ELEMENTS] = Default::default();
-        for slot in elements.iter_mut().take(count) {
-            match element(bytes, &mut at, true)? {
-                Some(element) => *slot = element,
+        for i in 0..count {
+            match element(bytes, &mut at, true, limit)? {
+                Some(Element::Over(len)) => {
+                    // Skippable if it is a message's payload: the last element of a `message`
+                    // or `pmessage` (whose first element is already read).
+                    let kind = match &elements[0] {
+                        Element::Bulk(range) => &bytes[range.clone()],
+                        _ => &[],
+                    };
+                    let payload = matches!((kind, count), (b"message", 3) | (b"pmessage", 4));
+                    if !payload || i + 1 != count {
+                        return Err(over_the_limit(len, limit));
+                    }
+                    return Ok(Some((at, Top::Oversized(count, elements, len))));
+                }
+                Some(element) => elements[i] = element,
                 None => return Ok(None),
             }
         }
         return Ok(Some((at, Top::Array(count, elements))));
     }
-    Ok(element(bytes, &mut at, false)?.map(|element| (at, Top::Element(element))))
+    match element(bytes, &mut at, false, limit)? {
+        Some(Element::Over(len)) => Err(over_the_limit(len, limit)),
+        element => Ok(element.map(|element| (at, Top::Element(element)))),
+    }
+}
+
+fn over_the_limit(len: usize, limit: usize) -> ProtocolError {
+    ProtocolError(format!(
+        "a bulk string of {len} bytes, over the limit of {limit} (max_message_size), and not a message's payload"
+    ))
 }
 
 /// The element at `*at`, which moves past it; `None` if it is incomplete. An array is an
-/// element only when `nested` (one level deep).
-fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>, ProtocolError> {
+/// element only when `nested` (one level deep). A bulk string over `limit` is
+/// [`Element::Over`], and `*at` is where its data starts.
+fn element(
+    bytes: &[u8],
+    at: &mut usize,
+    nested: bool,
+    limit: usize,
+) -> Result<Option<Element>, ProtocolError> {
     let Some(&kind) = bytes.get(*at) else {
         return Ok(None);
     };
@@ -126,6 +216,9 @@ fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>
             else {
                 return Ok(Some(Element::Null));
             };
+            if len > limit {
+                return Ok(Some(Element::Over(len)));
+            }
             let data = *at..*at + len;
             if bytes.len() < data.end + 2 {
                 *at = start;
@@ -149,9 +242,18 @@ fn element(bytes: &[u8], at: &mut usize, nested: bool) -> Result<Option<Element>
                 return Ok(Some(Element::Null));
             };
             for _ in 0..count {
-                if element(bytes, at, false)?.is_none() {
-                    *at = start;
-                    return Ok(None);
+                match element(bytes, at, false, limit)? {
+                    None => {
+                        *at = start;
+                        return Ok(None);
+                    }
+                    Some(Element::Over(len)) => return Err(over_the_limit(len, limit)),
+                    Some(_) if *at - start > limit => {
+                        return Err(ProtocolError(format!(
+                            "a nested array of more than {limit} bytes (max_message_size)"
+                        )))
+                    }
+                    Some(_) => {}
                 }
             }
             Element::Array(start..*at)
@@ -229,6 +331,18 @@ fn classify(frame: &Bytes, top: Top) -> Frame {
             return Frame::Unexpected(format!("a lone {}", describe(frame, &other)));
         }
         Top::Array(count, elements) => (count, elements),
+        Top::Oversized(count, elements, len) => {
+            let channel = match &elements[count - 2] {
+                Element::Bulk(range) => frame.slice(range.clone()),
+                other => {
+                    return Frame::Unexpected(format!(
+                        "a message of {len} bytes on the channel {}",
+                        describe(frame, other)
+                    ))
+                }
+            };
+            return Frame::Oversized { channel, len };
+        }
     };
     let bulk = |element: &Element| match element {
         Element::Bulk(range) => Some(frame.slice(range.clone())),
@@ -291,6 +405,7 @@ fn describe(frame: &Bytes, element: &Element) -> String {
         Element::Integer(n) => n.to_string(),
         Element::Simple(range) => format!("+{}", text(range)),
         Element::Error(range) => format!("-{}", text(range)),
+        Element::Over(len) => format!("a bulk string of {len} bytes"),
     }
 }
 
@@ -308,11 +423,12 @@ pub(crate) fn command(out: &mut BytesMut, args: &[&[u8]]) {
     }
 }
 
-/// Parses `wire` as a connection reads it, delivered in pieces that end at `cuts` (ascending
-/// offsets; the rest comes last): what it reads, in order, as debug text, up to the end or the
-/// first protocol error (then that error, last). For the tests and the fuzz target: the frames
-/// must not depend on where the reads end.
-pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
+/// Parses `wire` as a connection with a `limit` ([`Reader::new`]) reads it, delivered in pieces
+/// that end at `cuts` (ascending offsets; the rest comes last): what it reads, in order, as
+/// debug text, up to the end or the first protocol error (then that error, last). For the
+/// tests and the fuzz target: the frames must not depend on where the reads end.
+pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
+    let mut reader = Reader::new(limit);
     let mut read = Vec::new();
     let mut buffer = BytesMut::new();
     let mut from = 0;
@@ -321,7 +437,7 @@ pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
         buffer.extend_from_slice(&wire[from..end]);
         from = end;
         loop {
-            match parse(&mut buffer) {
+            match reader.parse(&mut buffer) {
                 Ok(Some(frame)) => read.push(format!("{frame:?}")),
                 Ok(None) => break,
                 Err(error) => {
@@ -337,6 +453,11 @@ pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One frame, read with Redis's own limit.
+    fn parse(buffer: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        Reader::new(MAX_BULK).parse(buffer)
+    }
 
     fn parse_all(input: &[u8]) -> Result<Vec<Frame>, ProtocolError> {
         let mut buffer = BytesMut::from(input);
@@ -460,6 +581,81 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_over_the_limit_is_skipped_as_it_arrives() {
+        let mut wire = BytesMut::new();
+        command(&mut wire, &[b"message", b"ch:1", &[b'x'; 1000]]);
+        command(&mut wire, &[b"pmessage", b"ch:*", b"ch:2", &[b'y'; 101]]);
+        command(&mut wire, &[b"message", b"ch:1", &[b'z'; 100]]);
+        let mut reader = Reader::new(100);
+        let mut buffer = BytesMut::new();
+        let mut frames = Vec::new();
+        for piece in wire.chunks(7) {
+            buffer.extend_from_slice(piece);
+            while let Some(frame) = reader.parse(&mut buffer).unwrap() {
+                frames.push(frame);
+            }
+            // Nothing of a skipped payload is kept; a frame within the limit (the third, 134
+            // bytes) is buffered whole.
+            assert!(buffer.len() < 150, "{} bytes buffered", buffer.len());
+        }
+        assert!(buffer.is_empty());
+        assert_eq!(
+            frames,
+            [
+                Frame::Oversized {
+                    channel: Bytes::from_static(b"ch:1"),
+                    len: 1000
+                },
+                Frame::Oversized {
+                    channel: Bytes::from_static(b"ch:2"),
+                    len: 101
+                },
+                Frame::Message {
+                    channel: Bytes::from_static(b"ch:1"),
+                    payload: Bytes::from(vec![b'z'; 100])
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn over_the_limit_elsewhere_than_a_payload_is_a_protocol_error() {
+        let long = [b'c'; 11];
+        let mut cases = Vec::new();
+        for args in [
+            &[&b"message"[..], &long, b"p"][..],
+            &[b"pmessage", &long, b"ch", b"p"],
+            &[b"subscribe", &long],
+            &[&long[..]],
+        ] {
+            let mut wire = BytesMut::new();
+            command(&mut wire, args);
+            cases.push((wire, "not a message's payload"));
+        }
+        cases.push((BytesMut::from(&b"$11\r\n"[..]), "not a message's payload"));
+        cases.push((
+            BytesMut::from(&b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n*3\r\n$4\r\nabcd\r\n$4\r\nefgh\r\n$4\r\nijkl\r\n"[..]),
+            "a nested array of more than 10 bytes",
+        ));
+        let mut unterminated = BytesMut::new();
+        command(&mut unterminated, &[b"message", b"ch", &[b'x'; 11]]);
+        unterminated[41] = b'!';
+        cases.push((unterminated, "not followed by CRLF"));
+        for (wire, expected) in cases {
+            let mut reader = Reader::new(10);
+            let mut buffer = wire.clone();
+            let error = loop {
+                match reader.parse(&mut buffer) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{wire:?}: no error"),
+                    Err(error) => break error,
+                }
+            };
+            assert!(error.0.contains(expected), "{wire:?}: {}", error.0);
+        }
+    }
+
+    #[test]
     fn commands_are_arrays_of_bulk_strings() {
         let mut out = BytesMut::new();
         command(&mut out, &[b"SUBSCRIBE", b"alk:events:a:1", b""]);
@@ -512,7 +708,30 @@ mod tests {
                 cuts.sort_unstable();
                 let expected: Vec<String> =
                     frames.iter().map(|(_, frame)| format!("{frame:?}")).collect();
-                prop_assert_eq!(parse_in_pieces(&wire, &cuts), expected);
+                prop_assert_eq!(parse_in_pieces(&wire, &cuts, MAX_BULK), expected);
+            }
+
+            #[test]
+            fn payloads_over_the_limit_are_skipped_in_any_pieces(
+                messages in proptest::collection::vec(
+                    (proptest::collection::vec(any::<u8>(), 0..20), 0usize..300),
+                    0..8,
+                ),
+                mut cuts in proptest::collection::vec(0usize..3000, 0..12),
+            ) {
+                let mut wire = BytesMut::new();
+                let mut expected = Vec::new();
+                for (channel, len) in &messages {
+                    let payload = vec![b'p'; *len];
+                    command(&mut wire, &[b"message", channel, &payload]);
+                    expected.push(format!("{:?}", if *len > 100 {
+                        Frame::Oversized { channel: channel.clone().into(), len: *len }
+                    } else {
+                        Frame::Message { channel: channel.clone().into(), payload: payload.into() }
+                    }));
+                }
+                cuts.sort_unstable();
+                prop_assert_eq!(parse_in_pieces(&wire, &cuts, 100), expected);
             }
 
             #[test]
@@ -524,7 +743,11 @@ mod tests {
                 mut cuts in proptest::collection::vec(0usize..200, 0..12),
             ) {
                 cuts.sort_unstable();
-                prop_assert_eq!(parse_in_pieces(&wire, &cuts), parse_in_pieces(&wire, &[]));
+                prop_assert_eq!(
+                    parse_in_pieces(&wire, &cuts, MAX_BULK),
+                    parse_in_pieces(&wire, &[], MAX_BULK)
+                );
+                prop_assert_eq!(parse_in_pieces(&wire, &cuts, 2), parse_in_pieces(&wire, &[], 2));
             }
         }
     }

@@ -28,6 +28,8 @@ impl<T: AsyncRead + AsyncWrite + Send> Io for T {}
 /// A Redis connection in subscribe mode: see the [module](self).
 pub(crate) struct SubscribeConnection {
     io: Pin<Box<dyn Io>>,
+    /// Parses what was read, skipping payloads over the limit.
+    reader: resp::Reader,
     /// What was read and not parsed yet. A message's payload is split off it (see
     /// [`resp`]), so this is a new allocation once the readers of the old one are done.
     read: BytesMut,
@@ -44,8 +46,8 @@ pub(crate) struct SubscribeConnection {
 
 impl SubscribeConnection {
     /// Connects to `info`'s address and authenticates with its credentials. `peer` names the
-    /// server in errors.
-    pub(crate) async fn connect(info: &ConnectionInfo, peer: String) -> Result<Self> {
+    /// server in errors; a message's payload over `limit` bytes is skipped.
+    pub(crate) async fn connect(info: &ConnectionInfo, peer: String, limit: usize) -> Result<Self> {
         let failed = |error: std::io::Error| {
             Error::with_source(
                 ErrorKind::Connect,
@@ -72,14 +74,15 @@ impl SubscribeConnection {
                 ))
             }
         };
-        let mut connection = Self::over(io, peer);
+        let mut connection = Self::over(io, peer, limit);
         connection.authenticate(info.redis_settings()).await?;
         Ok(connection)
     }
 
-    pub(crate) fn over(io: Pin<Box<dyn Io>>, peer: String) -> Self {
+    pub(crate) fn over(io: Pin<Box<dyn Io>>, peer: String, limit: usize) -> Self {
         SubscribeConnection {
             io,
+            reader: resp::Reader::new(limit),
             read: BytesMut::new(),
             write: BytesMut::new(),
             peer,
@@ -188,7 +191,7 @@ impl SubscribeConnection {
     /// The next frame: from what was read, or once more is read.
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
         loop {
-            match resp::parse(&mut self.read) {
+            match self.reader.parse(&mut self.read) {
                 Ok(Some(frame)) => {
                     if self.grown && self.read.len() < READ_SPACE {
                         // What follows a large message goes to a buffer of the usual size
@@ -255,7 +258,8 @@ mod tests {
     /// A connection over an in-memory pipe, and the server's end of it.
     fn pair() -> (SubscribeConnection, DuplexStream) {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let connection = SubscribeConnection::over(Box::pin(client), "redis://fake/".into());
+        let connection =
+            SubscribeConnection::over(Box::pin(client), "redis://fake/".into(), resp::MAX_BULK);
         (connection, server)
     }
 
