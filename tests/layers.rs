@@ -1147,11 +1147,15 @@ use alkdev_pubsub::testkit::Pair;
 // ---------------------------------------------------------------- retry
 
 /// Wraps a broker connection: its first `refuse_sends` sends and `failures` flushes fail with
-/// a transient error, as a server answering `LOADING` or `BUSY` would.
+/// a transient error, as a server answering `LOADING` or `BUSY` would; its next
+/// `refuse_ready` `poll_ready`s fail as a reconnect layer's does during an outage, and its
+/// next `reject_flushes` flushes fail for good (before `failures` are counted).
 struct Flaky {
     inner: alkdev_pubsub::testkit::BrokerConnection,
     failures: u32,
     refuse_sends: u32,
+    refuse_ready: u32,
+    reject_flushes: u32,
 }
 
 impl futures::Sink<Command<Bytes>> for Flaky {
@@ -1160,6 +1164,13 @@ impl futures::Sink<Command<Bytes>> for Flaky {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.refuse_ready > 0 {
+            self.refuse_ready -= 1;
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+                ErrorKind::Unavailable,
+                "the connection is down and the buffer is full",
+            )));
+        }
         std::pin::Pin::new(&mut self.inner).poll_ready(cx)
     }
     fn start_send(
@@ -1179,6 +1190,13 @@ impl futures::Sink<Command<Bytes>> for Flaky {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.reject_flushes > 0 {
+            self.reject_flushes -= 1;
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+                ErrorKind::Rejected,
+                "NOPERM",
+            )));
+        }
         if self.failures > 0 {
             self.failures -= 1;
             return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(ErrorKind::Busy, "BUSY")));
@@ -1213,6 +1231,8 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
         inner: broker.connect().unwrap(),
         failures: 2,
         refuse_sends: 1,
+        refuse_ready: 0,
+        reject_flushes: 0,
     };
     let events = EventTarget::new(
         ServiceBuilder::new()
@@ -1243,6 +1263,8 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
         inner: broker.connect().unwrap(),
         failures: 10,
         refuse_sends: 0,
+        refuse_ready: 0,
+        reject_flushes: 0,
     };
     let events = EventTarget::new(
         ServiceBuilder::new()
@@ -1272,6 +1294,8 @@ async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
         inner: broker.connect().unwrap(),
         failures: 0,
         refuse_sends: 3,
+        refuse_ready: 0,
+        reject_flushes: 0,
     });
     let publish = |text: &'static str| Command::Publish {
         topic: Topic::from("q:1"),
@@ -1295,6 +1319,50 @@ async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
     );
     // Reported once: the next flush succeeds.
     retry.send(publish("third")).await.unwrap();
+}
+
+/// A failed flush answers what it covered: none of it is sent again by a later call, as though
+/// never reported. Publishes waiting to be retried that the flush could not send (the
+/// transport below refuses them room), and publishes sent before a flush that failed for good
+/// (a later transient failure resends what was sent since the last flush).
+#[tokio::test]
+async fn a_failed_flush_answers_what_it_covered_and_none_of_it_is_sent_again() {
+    use alkdev_pubsub::layers::RetryLayer;
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let mut retry = RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
+        inner: broker.connect().unwrap(),
+        failures: 0,
+        refuse_sends: 1,
+        refuse_ready: 0,
+        reject_flushes: 0,
+    });
+    let publish = |text: &'static str| Command::Publish {
+        topic: Topic::from("q:1"),
+        message: Bytes::from(text),
+    };
+    // Refused for now, and kept to be sent again; then no room below when it would be.
+    retry.feed(publish("first")).await.unwrap();
+    retry.get_mut().refuse_ready = 1;
+    let error = retry.flush().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("the buffer is full"), "{error}");
+    // Recovered: what comes next goes out, and nothing that the failed flush answered.
+    retry.send(publish("second")).await.unwrap();
+    assert_eq!(
+        broker.published(),
+        vec![(Topic::from("q:1"), Bytes::from("second"))]
+    );
+
+    retry.feed(publish("third")).await.unwrap();
+    retry.get_mut().reject_flushes = 1;
+    let error = retry.flush().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    // The next flush fails for now once: it sends again what it covered, the fourth alone.
+    retry.get_mut().failures = 1;
+    retry.send(publish("fourth")).await.unwrap();
+    let sent: Vec<Bytes> = broker.published().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(sent, ["second", "third", "fourth", "fourth"]);
 }
 
 #[tokio::test]

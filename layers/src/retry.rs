@@ -3,7 +3,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged |
+//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged. A flush that fails for good (or cannot send the retries: the transport below has no room) answers everything it covered, which is then neither retried nor sent again |
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
@@ -179,6 +179,18 @@ impl<T: fmt::Debug, M> fmt::Debug for Retry<T, M> {
     }
 }
 
+impl<M> RetryState<M> {
+    /// Drops what waits to be sent again, what was sent since the last flush, and why the layer
+    /// gave up: a failed flush answered all of it.
+    fn forget(&mut self) {
+        self.queue.clear();
+        self.unflushed.clear();
+        self.sleep = None;
+        self.attempt = 0;
+        self.failed = None;
+    }
+}
+
 impl<M: Clone> RetryState<M> {
     /// Plans another try of what is queued, or gives up and keeps why for the next flush.
     fn retry_later(&mut self, error: Error, attempts: u32, delay: Duration, retried: &Counter) {
@@ -293,8 +305,10 @@ where
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
             if let Err(error) = ready!(self.as_mut().poll_retries(cx)) {
-                // This flush's failure answers what it covered, the given up ones too.
-                self.as_mut().project().state.failed = None;
+                // This flush's failure answers what it covered: the given up ones, and those
+                // it could not send again (not to be sent by a later call, as though never
+                // reported).
+                self.as_mut().project().state.forget();
                 return Poll::Ready(Err(error));
             }
             let this = self.as_mut().project();
@@ -325,7 +339,7 @@ where
                 }
                 Err(error) => {
                     // This flush's failure answers what it covered, the given up ones too.
-                    this.state.failed = None;
+                    this.state.forget();
                     return Poll::Ready(Err(error));
                 }
             }
