@@ -585,3 +585,119 @@ async fn a_peer_that_pings_but_never_reads_is_declared_gone() {
     pinger.abort();
     drop(reading);
 }
+
+/// A peer that reads slowly but steadily is alive: sending waits for it again and again, each
+/// wait shorter than the idle timeout, and the pings that find the sink busy go out with the
+/// next frame rather than never. (The wait was timed from the first one, and the connection
+/// declared stalled one idle timeout into a steady stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_slowly_but_steadily_is_kept() {
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(200))
+        .idle_timeout(Duration::from_secs(1));
+    // Socket buffers of 32 KiB on both ends, as over a slow link: what is sent waits for the
+    // peer within milliseconds.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(32 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = WebSocketListener::from_listener(socket.listen(16).unwrap(), config);
+    let address = listener.local_addr().unwrap();
+    let raw_client = tokio::spawn(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(32 * 1024).unwrap();
+        let stream = socket.connect(address).await.unwrap();
+        let url = format!("ws://{address}/");
+        tokio_tungstenite::client_async(url, stream)
+            .await
+            .unwrap()
+            .0
+    });
+    let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
+    let mut peer = raw_client.await.unwrap();
+    let publishing = tokio::time::Duration::from_secs(4);
+    let started = tokio::time::Instant::now();
+    // The peer reads a frame per millisecond at most (about 1 MiB/s of 1 KiB frames), and
+    // sends nothing but the pongs its reads answer.
+    let reader = tokio::spawn(async move {
+        let mut frames = 0u64;
+        let mut last = started;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, peer.next()).await {
+            if message.is_text() {
+                frames += 1;
+                last = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if last.duration_since(started) > publishing + Duration::from_secs(1) {
+                break;
+            }
+        }
+        (frames, last.duration_since(started))
+    });
+    let payload = json!({ "pad": "x".repeat(1024) });
+    let mut n = 0u64;
+    while started.elapsed() < publishing {
+        server
+            .dispatch_event(Envelope::new("slow", "1", payload.clone()))
+            .await
+            .unwrap_or_else(|error| panic!("publish {n} after {:?}: {error}", started.elapsed()));
+        n += 1;
+    }
+    assert!(!server.is_closed(), "the peer was declared gone");
+    server.close().await;
+    let (frames, last) = reader.await.unwrap();
+    assert!(
+        last > publishing,
+        "the peer got {frames} frames, the last {last:?} in"
+    );
+}
+
+/// A peer that floods the connection and never reads: the reading side never finds the socket
+/// empty, and the liveness checks still run, so the peer is declared gone after the idle
+/// timeout rather than every publish waiting for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_floods_and_never_reads_is_declared_gone() {
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(200))
+        .idle_timeout(Duration::from_secs(1));
+    let (server, peer) = server_and_raw_peer(config).await;
+    // A listener slower than the flood: the socket always has more to read.
+    server
+        .add_event_listener("flood:in", |_| {
+            std::thread::sleep(Duration::from_micros(20))
+        })
+        .unwrap();
+    let (mut flooding, reading) = peer.split();
+    let frame = serde_json::to_string(&numbered("flood", "in", 0)).unwrap();
+    let flooder = tokio::spawn(async move {
+        loop {
+            for _ in 0..64 {
+                if flooding.feed(Message::text(frame.clone())).await.is_err() {
+                    return;
+                }
+            }
+            if flooding.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let payload = json!({ "pad": "x".repeat(32 * 1024) });
+    let failed = tokio::time::timeout(WAIT, async {
+        for n in 0.. {
+            let envelope = Envelope::new("flood", "out", payload.clone());
+            if let Err(error) = server.dispatch_event(envelope).await {
+                return (n, error);
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("publishing fails once the peer is declared gone");
+    assert!(
+        failed.1.to_string().contains("read nothing"),
+        "after {} publishes: {}",
+        failed.0,
+        failed.1
+    );
+    flooder.abort();
+    drop(reading);
+}

@@ -14,10 +14,18 @@
 //!   [`TooLarge`](crate::ErrorKind::TooLarge). A publish over the limit is refused before it is
 //!   sent, with the same kind of error; the connection goes on.
 //! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval) (at least
-//!   twice per idle timeout); a peer silent for [`idle_timeout`](WebSocketConfig::idle_timeout)
-//!   (no frame, no pong) is gone, reported as an [unrecoverable](crate::Error::is_unrecoverable)
-//!   timeout; so is a peer that has read nothing for as long while there was something to send
-//!   (its pings alone would keep it looking alive while every publish waited).
+//!   twice per idle timeout; one that falls due while sending waits for the peer goes out as
+//!   soon as the socket takes more); a peer silent for
+//!   [`idle_timeout`](WebSocketConfig::idle_timeout) (no frame, no pong) is gone, reported as an
+//!   [unrecoverable](crate::Error::is_unrecoverable) timeout, unless it is reading a backlog
+//!   (sending waited for it and went on within the idle timeout: its pong comes behind what
+//!   was sent before the ping); so is a peer that has read nothing for as long while there was
+//!   something to send (its pings alone would keep it looking alive while every publish
+//!   waited). The checks run whenever the socket has nothing more to read, and at least every
+//!   1,024 frames read, so a peer that floods the connection is checked too. (A peer that
+//!   needs longer than the idle timeout to read what the socket buffers hold ahead of a ping,
+//!   while sending never has to wait for it, is taken for gone: keep the idle timeout above
+//!   that.)
 //! - **Close**: closing the transport performs the close handshake.
 //! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
 //!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
@@ -277,6 +285,10 @@ fn handshake_error(what: String, error: tungstenite::Error) -> Error {
     Error::with_source(kind, format!("{what}: {error}"), error)
 }
 
+/// The liveness is checked when the socket has nothing more to read, and at least once per
+/// this many items read.
+const LIVENESS_EVERY: u32 = 1024;
+
 /// The WebSocket transport: see the [module](self).
 pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     stream: WebSocketStream<S>,
@@ -292,8 +304,17 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// frame).
     heard: bool,
     /// Since when sending has waited for the peer to read (the sink was not ready, or not
-    /// flushed), if it waits.
+    /// flushed), if it waits: cleared each time what waited went out.
     stalled_since: Option<Instant>,
+    /// When sending last stopped waiting for the peer to read: it read. A peer reading a
+    /// backlog answers a ping once it reaches it, behind what was sent before: its silence
+    /// does not count while it reads.
+    drained_at: Option<Instant>,
+    /// A ping fell due while the sink was busy: it goes out as soon as the sink has room.
+    ping_owed: bool,
+    /// Items read since the liveness was last checked: a peer that floods the connection
+    /// keeps the socket from ever being found empty, where the check otherwise runs.
+    read_since_check: u32,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -339,6 +360,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             last_heard: Instant::now(),
             heard: false,
             stalled_since: None,
+            drained_at: None,
+            ping_owed: false,
+            read_since_check: 0,
             failed: None,
             reported: false,
         }
@@ -408,13 +432,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         }
     }
 
+    /// What waited to be sent went out: the peer read.
+    fn drained(&mut self) {
+        if self.stalled_since.take().is_some() {
+            self.drained_at = Some(Instant::now());
+        }
+    }
+
     /// Whether what waits to be sent goes out now: the peer read after all (the task that sent
     /// may have stopped polling the sink).
     fn flushes_now(&mut self, cx: &mut Context<'_>) -> bool {
         let waker = crate::waker::also_waking(cx, self.writer.as_ref());
         let mut cx = Context::from_waker(&waker);
         if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_flush(&mut cx) {
-            self.stalled_since = None;
+            self.drained();
             return true;
         }
         false
@@ -423,10 +454,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// Pings on schedule; declares the peer gone after the idle timeout, of silence or of
     /// sending that waits for the peer to read.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        self.read_since_check = 0;
         if std::mem::take(&mut self.heard) {
             self.last_heard = Instant::now();
         }
-        if self.last_heard.elapsed() >= self.config.idle_timeout {
+        let reading = self
+            .drained_at
+            .is_some_and(|at| at.elapsed() < self.config.idle_timeout);
+        if self.last_heard.elapsed() >= self.config.idle_timeout && !reading {
             let error = Error::new(
                 ErrorKind::Timeout,
                 format!(
@@ -457,11 +492,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         while self.ping.as_mut().poll(cx).is_ready() {
             let next = Instant::now() + self.config.ping_every();
             self.ping.as_mut().reset(next);
+            self.ping_owed = true;
+        }
+        if self.ping_owed {
             // Through the sink, which may be another task's (a split transport): whatever
-            // this leaves pending wakes that task too.
+            // this leaves pending wakes that task too. Busy, the sink sends it once it has
+            // room (`poll_ready`), ahead of the next publish.
             let waker = crate::waker::also_waking(cx, self.writer.as_ref());
             let mut cx = Context::from_waker(&waker);
             if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_ready(&mut cx) {
+                self.ping_owed = false;
                 if Pin::new(&mut self.stream)
                     .start_send(Message::Ping(Bytes::new()))
                     .is_ok()
@@ -483,13 +523,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        match Pin::new(&mut this.stream).poll_ready(cx) {
-            Poll::Pending => {
-                this.stalled();
-                Poll::Pending
+        loop {
+            match Pin::new(&mut this.stream).poll_ready(cx) {
+                Poll::Pending => {
+                    this.stalled();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(Err(this.ws_error("sending", error)))
+                }
+                Poll::Ready(Ok(())) => {
+                    // What waited went out (the socket took it): the peer reads.
+                    this.drained();
+                    if !std::mem::take(&mut this.ping_owed) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    Pin::new(&mut this.stream)
+                        .start_send(Message::Ping(Bytes::new()))
+                        .map_err(|error| this.ws_error("sending a ping", error))?;
+                }
             }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("sending", error))),
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
         }
     }
 
@@ -552,7 +605,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             Poll::Ready(Ok(())) => {
-                this.stalled_since = None;
+                this.drained();
                 Poll::Ready(Ok(()))
             }
         }
@@ -591,6 +644,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
         }
         crate::waker::remember(&mut this.reader, cx);
         loop {
+            this.read_since_check += 1;
+            if this.read_since_check >= LIVENESS_EVERY {
+                if let Err(error) = this.poll_liveness(cx) {
+                    this.reported = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+            }
             match Pin::new(&mut this.stream).poll_next(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     this.heard = true;
