@@ -413,7 +413,9 @@ impl RedisClusterTransport {
                                 }
                                 other => {
                                     let topic = other.topic().clone();
-                                    self.active.remove(&topic);
+                                    if !subscribed_again(&self.pending, &topic) {
+                                        self.active.remove(&topic);
+                                    }
                                     Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
                                 }
                             });
@@ -433,7 +435,9 @@ impl RedisClusterTransport {
                     // Given up on a channel: the transport fails, and the reconnect layer
                     // builds a new one (which subscribes everything again).
                     for (topic, error) in result? {
-                        self.active.remove(&topic);
+                        if !subscribed_again(&self.pending, &topic) {
+                            self.active.remove(&topic);
+                        }
                         let error = error.on_channel(&topic);
                         self.signals.push_back(Up::SubscribeFailed(topic, error));
                     }
@@ -471,17 +475,10 @@ impl RedisClusterTransport {
         }
     }
 
-    /// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own (one it sent, or is
-    /// about to send): taken off the count of those expected.
+    /// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own: see
+    /// [`own_unsubscribe`].
     fn own_unsubscribe(&mut self, topic: &Topic) -> bool {
-        if self
-            .pending
-            .iter()
-            .any(|command| matches!(command, Command::Unsubscribe(left) if left == topic))
-        {
-            return true;
-        }
-        answered(&mut self.leaving, topic)
+        own_unsubscribe(&mut self.leaving, &self.pending, topic)
     }
 
     fn handle_push(&mut self, push: PushInfo) -> Option<Up<Bytes>> {
@@ -547,6 +544,31 @@ impl RedisClusterTransport {
             _ => None,
         }
     }
+}
+
+/// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own: the answer to one it
+/// sent (taken off the count of those expected, `leaving`), or one it is about to send anyway
+/// (queued in `pending`: the node dropped the channel first, and leaving it is what comes
+/// next). The count comes first: an answer to a sent one taken for a queued one would leave
+/// the count one too high, and the next drop of the channel by a node (its slot moved) would
+/// be taken for an answer, leaving the channel deaf.
+fn own_unsubscribe(
+    leaving: &mut HashMap<Topic, u32>,
+    pending: &VecDeque<Command<()>>,
+    topic: &Topic,
+) -> bool {
+    answered(leaving, topic)
+        || pending
+            .iter()
+            .any(|command| matches!(command, Command::Unsubscribe(left) if left == topic))
+}
+
+/// Whether a subscribe of `topic` is queued in `pending`: a subscribe of it that failed (or a
+/// replay refused) leaves the topic active for that one, which the user asked for since.
+fn subscribed_again(pending: &VecDeque<Command<()>>, topic: &Topic) -> bool {
+    pending
+        .iter()
+        .any(|command| matches!(command, Command::Subscribe(joined) if joined == topic))
 }
 
 /// One SUNSUBSCRIBE answer for `topic` fewer to expect; whether one was expected.
@@ -760,6 +782,40 @@ mod tests {
             });
         }
         taken
+    }
+
+    /// The answer to a sent SUNSUBSCRIBE that comes while another of the channel is queued
+    /// counts for the sent one: a node that drops the channel later (its slot moved) is not
+    /// taken for an answer, and the channel is subscribed again rather than left deaf.
+    #[test]
+    fn an_unsubscribe_answer_counts_for_the_one_sent_before_one_queued() {
+        let t = Topic::from("t:1");
+        let mut leaving = HashMap::from([(t.clone(), 1)]);
+        let mut pending = VecDeque::from([Command::Unsubscribe(t.clone())]);
+        // The first one's answer, the second queued.
+        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+        // The second is sent, and answered.
+        pending.clear();
+        *leaving.entry(t.clone()).or_default() += 1;
+        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+        assert!(leaving.is_empty());
+        // Subscribed again; a node drops the channel: not an answer.
+        assert!(!own_unsubscribe(&mut leaving, &pending, &t));
+        // Dropped while leaving it is queued: taken as the answer (leaving comes next).
+        pending.push_back(Command::Unsubscribe(t.clone()));
+        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+    }
+
+    /// A failed subscribe leaves its topic active when the user subscribed again since.
+    #[test]
+    fn a_subscribe_queued_again_keeps_its_topic() {
+        let t = Topic::from("t:1");
+        let mut pending = VecDeque::from([Command::Unsubscribe(t.clone())]);
+        assert!(!subscribed_again(&pending, &t));
+        pending.push_back(Command::Subscribe(Topic::from("t:2")));
+        assert!(!subscribed_again(&pending, &t));
+        pending.push_back(Command::Subscribe(t.clone()));
+        assert!(subscribed_again(&pending, &t));
     }
 
     /// The queue keeps messages up to the bound, drops and counts past it (never a notice),

@@ -298,9 +298,17 @@ fn redis_error(what: &str, error: RedisError) -> Error {
         ErrorKind::ConnectionLost
     } else {
         match error.kind() {
-            K::Server(S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown) => {
-                ErrorKind::Busy
-            }
+            // A cluster between masters (a failover, a slot moving) answers with these for a
+            // while, also once redis-rs has run out of redirects to follow.
+            K::Server(
+                S::BusyLoading
+                | S::TryAgain
+                | S::MasterDown
+                | S::ClusterDown
+                | S::Moved
+                | S::Ask
+                | S::ReadOnly,
+            ) => ErrorKind::Busy,
             _ if error.code() == Some("BUSY") => ErrorKind::Busy,
             _ => ErrorKind::Rejected,
         }
@@ -366,7 +374,8 @@ fn server_error(what: &str, reply: &[u8]) -> Error {
     let reply = String::from_utf8_lossy(reply);
     let code = reply.split(' ').next().unwrap_or_default();
     let kind = match code {
-        "BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" => ErrorKind::Busy,
+        "BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "MOVED" | "ASK"
+        | "READONLY" => ErrorKind::Busy,
         _ => ErrorKind::Rejected,
     };
     Error::new(kind, format!("{what}: {reply}"))
@@ -1277,6 +1286,46 @@ mod tests {
             publish_server,
             subscribe_server,
         )
+    }
+
+    /// A server busy for now, or a cluster between masters, is a transient refusal; the rest
+    /// is for good.
+    #[test]
+    fn refusals_for_now_are_transient() {
+        use redis::{ErrorKind as K, ServerErrorKind as S};
+        for kind in [
+            S::BusyLoading,
+            S::TryAgain,
+            S::Moved,
+            S::Ask,
+            S::ReadOnly,
+            S::ClusterDown,
+        ] {
+            let error = redis_error(
+                "SSUBSCRIBE t",
+                RedisError::from((K::Server(kind), "refused")),
+            );
+            assert!(error.is_transient(), "{kind:?}: {error}");
+        }
+        for code in [
+            "MOVED 3999 127.0.0.1:6381",
+            "READONLY You can't write",
+            "LOADING",
+        ] {
+            assert!(
+                server_error("SUBSCRIBE t", code.as_bytes()).is_transient(),
+                "{code}"
+            );
+        }
+        let error = redis_error(
+            "SSUBSCRIBE t",
+            RedisError::from((K::Server(S::NoPerm), "no")),
+        );
+        assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+        assert_eq!(
+            server_error("SUBSCRIBE t", b"NOPERM no").kind(),
+            ErrorKind::Rejected
+        );
     }
 
     /// Reads exactly `expected` at the server end.
