@@ -75,6 +75,8 @@ pub trait Codec<P> {
 
 /// JSON, the wire format of `@alkdev/pubsub`: strict decoding (see [`Envelope`]), nesting up
 /// to serde_json's recursion limit of 128, and encoding of exactly `{"type","id","payload"}`.
+/// A lone surrogate escape (half an emoji, as JavaScript's `JSON.stringify` writes a string cut
+/// inside one) reads as U+FFFD, the replacement character.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Json;
 
@@ -103,11 +105,74 @@ impl<P: Serialize + DeserializeOwned> Codec<P> for Json {
         // JSON text is UTF-8 (RFC 8259). Checking the whole frame once is cheaper than the
         // parser checking each string it reads; a frame that is not UTF-8 goes to the parser
         // as bytes, which refuses it with the position of the bad byte.
-        match std::str::from_utf8(frame) {
+        let decoded = match std::str::from_utf8(frame) {
             Ok(text) => serde_json::from_str(text),
             Err(_) => serde_json::from_slice(frame),
+        };
+        match decoded {
+            // JavaScript's `JSON.stringify` writes half a surrogate pair (a string cut inside
+            // an emoji) as a lone `\uD8xx` escape: valid JSON that a Rust string cannot hold.
+            // Read it as U+FFFD, as a JavaScript `TextEncoder` would, rather than lose the
+            // message.
+            Err(error) if error.is_syntax() && is_surrogate_error(&error) => {
+                match without_lone_surrogates(frame) {
+                    Some(mended) => serde_json::from_slice(&mended),
+                    None => Err(error),
+                }
+            }
+            decoded => decoded,
         }
     }
+}
+
+fn is_surrogate_error(error: &serde_json::Error) -> bool {
+    let message = error.to_string();
+    message.contains("surrogate") || message.contains("end of hex escape")
+}
+
+/// `frame` with every lone surrogate escape (`\uD800` to `\uDFFF` not in a pair) replaced
+/// by `\uFFFD`; `None` if it has none. Backslashes appear only in strings in valid JSON, so
+/// every escape is found by walking them.
+fn without_lone_surrogates(frame: &[u8]) -> Option<Vec<u8>> {
+    let unit = |at: usize| -> Option<u16> {
+        let digits = frame.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let escaped_unit = |at: usize| match frame.get(at..at + 2) {
+        Some(b"\\u") => unit(at + 2),
+        _ => None,
+    };
+    let mut mended = Vec::with_capacity(frame.len());
+    let mut changed = false;
+    let mut at = 0;
+    while at < frame.len() {
+        if frame[at] != b'\\' {
+            mended.push(frame[at]);
+            at += 1;
+            continue;
+        }
+        let Some(first) = escaped_unit(at) else {
+            // Another escape (or a broken one, left for the parser to refuse): kept whole.
+            let end = (at + 2).min(frame.len());
+            mended.extend_from_slice(&frame[at..end]);
+            at = end;
+            continue;
+        };
+        let pair = (0xD800..=0xDBFF).contains(&first)
+            && escaped_unit(at + 6).is_some_and(|second| (0xDC00..=0xDFFF).contains(&second));
+        if pair {
+            mended.extend_from_slice(&frame[at..at + 12]);
+            at += 12;
+        } else if (0xD800..=0xDFFF).contains(&first) {
+            mended.extend_from_slice(b"\\uFFFD");
+            changed = true;
+            at += 6;
+        } else {
+            mended.extend_from_slice(&frame[at..at + 6]);
+            at += 6;
+        }
+    }
+    changed.then_some(mended)
 }
 
 /// A [`tower::Layer`] that puts a [`Codec`] over a raw transport: see the [module](self).

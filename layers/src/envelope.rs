@@ -1,7 +1,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 
 use crate::Topic;
@@ -13,7 +13,9 @@ use crate::Topic;
 ///
 /// Deserializing is strict: the input must be an object whose `type` and `id` are strings;
 /// `payload` is any value (a missing payload is `null`, read as `P`); other fields are ignored;
-/// a repeated field is an error.
+/// a repeated field is an error. A binary format (one that is not
+/// [human-readable](serde::Deserializer::is_human_readable), such as MessagePack) may also
+/// write the fields in order, as it writes a struct.
 ///
 /// ```
 /// use alkdev_pubsub_layers::Envelope;
@@ -74,9 +76,20 @@ impl<P> Envelope<P> {
 
 impl<'de, P: Deserialize<'de>> Deserialize<'de> for Envelope<P> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(EnvelopeVisitor(PhantomData))
+        if deserializer.is_human_readable() {
+            // JSON and its kind: an object, never an array (`deserialize_struct` would take
+            // one).
+            deserializer.deserialize_map(EnvelopeVisitor(PhantomData))
+        } else {
+            // A binary format writes the derived `Serialize` its own way: the fields in order
+            // (MessagePack's default, bincode, postcard), or a map keyed by name or index.
+            deserializer.deserialize_struct("Envelope", FIELDS, EnvelopeVisitor(PhantomData))
+        }
     }
 }
+
+/// The envelope's fields, in the order they are written.
+const FIELDS: &[&str] = &["type", "id", "payload"];
 
 enum Field {
     Type,
@@ -101,6 +114,14 @@ impl<'de> Deserialize<'de> for Field {
                     _ => Field::Other,
                 })
             }
+            fn visit_u64<E: de::Error>(self, index: u64) -> Result<Field, E> {
+                Ok(match index {
+                    0 => Field::Type,
+                    1 => Field::Id,
+                    2 => Field::Payload,
+                    _ => Field::Other,
+                })
+            }
             fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Field, E> {
                 Ok(match name {
                     b"type" => Field::Type,
@@ -121,6 +142,26 @@ impl<'de, P: Deserialize<'de>> Visitor<'de> for EnvelopeVisitor<P> {
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(r#"an envelope object {"type": string, "id": string, "payload": any}"#)
+    }
+
+    /// The fields in order, as a binary format writes a struct: `type`, `id`, and `payload`
+    /// (which may be left out, as `null`).
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let event_type: String = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+        let id: String = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+        let payload = match seq.next_element()? {
+            Some(payload) => payload,
+            None => P::deserialize(de::value::UnitDeserializer::<A::Error>::new())?,
+        };
+        Ok(Envelope {
+            r#type: event_type,
+            id,
+            payload,
+        })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {

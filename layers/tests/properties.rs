@@ -159,6 +159,16 @@ proptest! {
         prop_assert!(back == f && (back.to_bits() == f.to_bits() || f == 0.0), "{} came back as {}", f, back);
     }
 
+    /// A binary format writes the derived `Serialize` its own way: MessagePack writes the
+    /// fields in order (an array) by default, or a map keyed by name; both read back.
+    #[test]
+    fn envelope_round_trips_through_messagepack(envelope in envelope_with(payload())) {
+        let in_order = rmp_serde::to_vec(&envelope).expect("encodes");
+        prop_assert_eq!(rmp_serde::from_slice::<Envelope>(&in_order).expect("decodes"), envelope.clone());
+        let named = rmp_serde::to_vec_named(&envelope).expect("encodes");
+        prop_assert_eq!(rmp_serde::from_slice::<Envelope>(&named).expect("decodes"), envelope);
+    }
+
     #[test]
     fn codec_decode_never_panics_on_arbitrary_bytes(frame in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = decode(&frame);
@@ -258,7 +268,7 @@ fn an_ignored_field_a_million_deep_is_skipped_without_overflowing_the_stack() {
 }
 
 #[test]
-fn out_of_range_numbers_invalid_utf8_and_lone_surrogates_are_refused() {
+fn out_of_range_numbers_and_invalid_utf8_are_refused() {
     for (frame, why) in [
         (
             &br#"{"type":"a","id":"b","payload":1e400}"#[..],
@@ -268,9 +278,9 @@ fn out_of_range_numbers_invalid_utf8_and_lone_surrogates_are_refused() {
             &br#"{"type":"a","id":"b","payload":-1e400}"#[..],
             "out of range",
         ),
-        (&br#"{"type":"\ud800","id":"b"}"#[..], "escape"),
-        (&br#"{"type":"a","id":"\udc00"}"#[..], "escape"),
         (&b"{\"type\":\"\xff\xfe\",\"id\":\"b\"}"[..], "unicode"),
+        (&br#"{"type":"\ud800\u12","id":"b"}"#[..], "escape"),
+        (&br#"{"type":"\ud800\x","id":"b"}"#[..], "escape"),
     ] {
         let error = decode(frame).expect_err("refused");
         assert!(
@@ -283,4 +293,46 @@ fn out_of_range_numbers_invalid_utf8_and_lone_surrogates_are_refused() {
     let envelope = decode(br#"{"type":"a","id":"b","payload":18446744073709551616}"#)
         .expect("a large integer is a float");
     assert_eq!(envelope.payload.as_f64(), Some(18446744073709551616.0));
+}
+
+/// In a binary format the payload may be left out, as in JSON; JSON itself still takes only an
+/// object.
+#[test]
+fn a_binary_envelope_without_payload_reads_null_and_json_takes_no_array() {
+    let in_order = rmp_serde::to_vec(&("t", "1")).unwrap();
+    let envelope: Envelope = rmp_serde::from_slice(&in_order).unwrap();
+    assert_eq!(envelope, Envelope::new("t", "1", Value::Null));
+    let too_short = rmp_serde::to_vec(&("t",)).unwrap();
+    assert!(rmp_serde::from_slice::<Envelope>(&too_short).is_err());
+    let error = decode(br#"["t","1",null]"#).expect_err("an array is not an envelope");
+    assert!(error.to_string().contains("envelope object"), "{error}");
+}
+
+/// JavaScript's `JSON.stringify` writes half a surrogate pair (a string cut inside an emoji) as
+/// a lone escape: valid JSON, read by every JavaScript peer. It reads as U+FFFD here, rather
+/// than the message being lost; pairs and other escapes are kept.
+#[test]
+fn lone_surrogates_from_javascript_read_as_the_replacement_character() {
+    for (payload, expected) in [
+        (r#""x\ud83d""#, "x\u{FFFD}"),
+        (r#""\udc00y""#, "\u{FFFD}y"),
+        (r#""\ud800\n""#, "\u{FFFD}\n"),
+        (r#""\ud800\ud83d\ude00""#, "\u{FFFD}\u{1F600}"),
+        (r#""\\ud800 \"\ude00""#, "\\ud800 \"\u{FFFD}"),
+        (r#"{"k\udfff":"\u00e9"}"#, ""),
+    ] {
+        let frame = format!(r#"{{"type":"chat.msg","id":"1","payload":{payload}}}"#);
+        let envelope = decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{frame}: {e}"));
+        if expected.is_empty() {
+            assert_eq!(
+                envelope.payload,
+                serde_json::json!({ "k\u{FFFD}": "é" }),
+                "{frame}"
+            );
+        } else {
+            assert_eq!(envelope.payload, Value::String(expected.into()), "{frame}");
+        }
+    }
+    let envelope = decode(br#"{"type":"a\ud800","id":"b"}"#).unwrap();
+    assert_eq!(envelope.topic(), "a\u{FFFD}:b");
 }
