@@ -80,11 +80,13 @@ async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
         let (tcp, _) = listener.accept().await.unwrap();
         let _ = acceptor.accept(tcp).await;
     });
-    // The webpki roots do not include a self-signed certificate.
+    // The webpki roots do not include a self-signed certificate: refused for good, as no retry
+    // can mend it (a reconnect layer gives up at once on a first connection that fails so).
     let error = WebSocketTransport::connect(format!("wss://localhost:{port}/"))
         .await
         .unwrap_err();
-    assert!(error.is_unrecoverable(), "{error}");
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(error.is_permanent(), "{error}");
     assert!(
         error.to_string().to_lowercase().contains("certificate"),
         "{error}"

@@ -269,8 +269,9 @@ fn check_url(url: &str) -> Result<()> {
 }
 
 /// A failed handshake as this crate's error: an invalid URL is [`ErrorKind::Config`]; a server
-/// that refused the request itself (400, 401, 403, 405, 426) is [`ErrorKind::Rejected`];
-/// anything else, a 404 or a 503 from a proxy whose backend is not up yet included, is
+/// that refused the request itself (400, 401, 403, 405, 426), or a TLS handshake that failed
+/// on a certificate or on what the two sides support, is [`ErrorKind::Rejected`]; anything
+/// else, a 404 or a 503 from a proxy whose backend is not up yet included, is
 /// [`ErrorKind::Connect`]. `what` says what was being done.
 fn handshake_error(what: String, error: tungstenite::Error) -> Error {
     let kind = match &error {
@@ -280,9 +281,33 @@ fn handshake_error(what: String, error: tungstenite::Error) -> Error {
         {
             ErrorKind::Rejected
         }
+        #[cfg(feature = "websocket-rustls")]
+        tungstenite::Error::Tls(_) => ErrorKind::Config,
+        #[cfg(feature = "websocket-rustls")]
+        tungstenite::Error::Io(io) if tls_refused(io) => ErrorKind::Rejected,
         _ => ErrorKind::Connect,
     };
     Error::with_source(kind, format!("{what}: {error}"), error)
+}
+
+/// Whether a TLS handshake failed for good: the certificate (untrusted, expired, for another
+/// name), none presented, nothing in common between the two sides, or the peer's alert. A
+/// retry with the same settings meets the same; the reconnect layer gives up at once on a
+/// first connection that fails so.
+#[cfg(feature = "websocket-rustls")]
+fn tls_refused(io: &std::io::Error) -> bool {
+    io.get_ref()
+        .and_then(|cause| cause.downcast_ref::<rustls::Error>())
+        .is_some_and(|cause| {
+            matches!(
+                cause,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::PeerIncompatible(_)
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::AlertReceived(_)
+            )
+        })
 }
 
 /// The liveness is checked when the socket has nothing more to read, and at least once per
