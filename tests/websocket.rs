@@ -701,3 +701,56 @@ async fn a_peer_that_floods_and_never_reads_is_declared_gone() {
     flooder.abort();
     drop(reading);
 }
+
+/// Closing waits for the peer's close frame (the close handshake), reading what the peer still
+/// sends meanwhile: the socket is then dropped with nothing unread, so the kernel ends it with
+/// a FIN, not a reset that would throw away what was still on its way to the peer, the close
+/// frame included. The peer here sends steadily and reads slowly; it gets every frame
+/// published before the close, then the close frame, and no reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_waits_for_the_peers_close_frame_and_resets_nothing() {
+    for round in 0..3 {
+        let config = WebSocketConfig::new().max_message_size(4 << 20);
+        let (server, peer) = server_and_raw_peer(config).await;
+        let (mut sending, mut reading) = peer.split();
+        let chatter = serde_json::to_string(&numbered("chatter", "1", 0)).unwrap();
+        let sender = tokio::spawn(async move {
+            while sending.send(Message::text(chatter.clone())).await.is_ok() {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        });
+        // The peer reads a frame a millisecond at most.
+        let reader = tokio::spawn(async move {
+            let mut texts = 0;
+            let end = loop {
+                match tokio::time::timeout(WAIT, reading.next())
+                    .await
+                    .expect("the peer hears the end")
+                {
+                    Some(Ok(Message::Text(_))) => {
+                        texts += 1;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Some(Ok(Message::Close(frame))) => break Ok(frame),
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => break Err(error.to_string()),
+                    None => break Err("the stream ended without a close frame".to_owned()),
+                }
+            };
+            (texts, end)
+        });
+        // Enough to be still on its way when the close starts.
+        let pad = json!({ "pad": "x".repeat(32 << 10) });
+        for _ in 0..200 {
+            server
+                .dispatch_event(Envelope::new("big", "1", pad.clone()))
+                .await
+                .unwrap();
+        }
+        server.close().await;
+        let (texts, end) = reader.await.unwrap();
+        assert!(end.is_ok(), "round {round}: after {texts} frames: {end:?}");
+        assert_eq!(texts, 200, "round {round}");
+        sender.abort();
+    }
+}

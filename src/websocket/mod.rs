@@ -26,7 +26,10 @@
 //!   needs longer than the idle timeout to read what the socket buffers hold ahead of a ping,
 //!   while sending never has to wait for it, is taken for gone: keep the idle timeout above
 //!   that.)
-//! - **Close**: closing the transport performs the close handshake.
+//! - **Close**: closing the transport performs the close handshake: it sends its close frame,
+//!   then reads (and drops) what the peer still sends until the peer's close frame comes (for
+//!   at most 5 s), so that the socket ends cleanly rather than with a reset that would throw
+//!   away what was still on its way to the peer.
 //! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
 //!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
 //!   configuration of your own; on the server side, hand [`WebSocketTransport::accept`] a TLS
@@ -314,6 +317,13 @@ fn tls_refused(io: &std::io::Error) -> bool {
 /// this many items read.
 const LIVENESS_EVERY: u32 = 1024;
 
+/// How long closing waits for the peer's close frame once ours is sent.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The most frames closing reads (and drops) per poll while it waits for the peer's close
+/// frame.
+const CLOSE_READ_BUDGET: usize = 256;
+
 /// The WebSocket transport: see the [module](self).
 pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     stream: WebSocketStream<S>,
@@ -340,6 +350,8 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Items read since the liveness was last checked: a peer that floods the connection
     /// keeps the socket from ever being found empty, where the check otherwise runs.
     read_since_check: u32,
+    /// Our close frame is sent: how long the peer's may still take.
+    closing: Option<Pin<Box<Sleep>>>,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -388,6 +400,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             drained_at: None,
             ping_owed: false,
             read_since_check: 0,
+            closing: None,
             failed: None,
             reported: false,
         }
@@ -642,13 +655,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Ok(()));
         }
         crate::waker::remember(&mut this.writer, cx);
-        match Pin::new(&mut this.stream).poll_close(cx) {
-            Poll::Ready(Err(
-                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
-            )) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("closing", error))),
-            other => other.map(|_| Ok(())),
+        if this.closing.is_none() {
+            match std::task::ready!(Pin::new(&mut this.stream).poll_close(cx)) {
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Poll::Ready(Ok(()))
+                }
+                Err(error) => return Poll::Ready(Err(this.ws_error("closing", error))),
+                Ok(()) => this.closing = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT))),
+            }
         }
+        // Our close frame is sent. The peer answers with its own, after what it sent before:
+        // read that (and drop it: nobody listens any more) until the answer comes or the
+        // connection ends. The socket is then dropped with nothing unread, which ends it with
+        // a FIN: dropped with unread bytes, it would be reset, and what was still on its way
+        // to the peer (the end of the last publishes, the close frame) thrown away.
+        for _ in 0..CLOSE_READ_BUDGET {
+            match Pin::new(&mut this.stream).poll_next(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    let waited = this.closing.as_mut().expect("set above");
+                    return match waited.as_mut().poll(cx) {
+                        // A peer that does not answer: closed all the same.
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
