@@ -1365,6 +1365,38 @@ async fn a_failed_flush_answers_what_it_covered_and_none_of_it_is_sent_again() {
     assert_eq!(sent, ["second", "third", "fourth", "fourth"]);
 }
 
+/// The codec layer reads what a JavaScript peer's `JSON.stringify` writes for a string cut
+/// inside an emoji (a lone surrogate escape) as U+FFFD, rather than skip the message; a frame
+/// that is not JSON is still a decode error.
+#[tokio::test]
+async fn the_codec_layer_reads_a_lone_surrogate_from_javascript() {
+    let broker = MemoryBroker::new();
+    let mut transport: WithCodec<_, Json, Value> = WithCodec::new(broker.connect().unwrap(), Json);
+    transport
+        .send(Command::Subscribe("chat.msg:1".into()))
+        .await
+        .unwrap();
+    let _ = next_up(&mut transport).await;
+    broker.inject(
+        "chat.msg:1",
+        r#"{"type":"chat.msg","id":"1","payload":"cut \ud83d"}"#,
+    );
+    broker.inject(
+        "chat.msg:1",
+        r#"{"type":"chat.msg","id":"1","payload":"\ud83d"#,
+    );
+    match next_up(&mut transport).await {
+        Ok(Up::Message { message, .. }) => {
+            assert_eq!(message.payload, Value::String("cut \u{FFFD}".into()))
+        }
+        other => panic!("expected the message, got {other:?}"),
+    }
+    match next_up(&mut transport).await {
+        Err(error) => assert!(error.is_decode(), "{error}"),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn an_inbound_envelope_with_a_topic_over_the_limit_is_a_decode_error() {
     let broker = MemoryBroker::new();

@@ -1,8 +1,9 @@
 //! Arbitrary bytes into the default (JSON) codec.
 //!
-//! Never panics; whatever decodes re-encodes to exactly the contract's shape
-//! (`{"type":...,"id":...,"payload":...}`, those three keys in that order), and the
-//! re-encoding decodes to the same envelope and encodes to the same bytes again.
+//! Never panics; whatever decodes (or is recovered, as a lone surrogate escape is) re-encodes
+//! to exactly the contract's shape (`{"type":...,"id":...,"payload":...}`, those three keys in
+//! that order), and the re-encoding decodes to the same envelope and encodes to the same bytes
+//! again.
 #![no_main]
 
 use alkdev_pubsub_layers::codec::{Codec, Json};
@@ -14,7 +15,10 @@ use serde_json::{Map, Value};
 fuzz_target!(|data: &[u8]| {
     let frame = Bytes::copy_from_slice(data);
     let channel = Topic::from("fuzz:channel");
-    let decoded: Result<Envelope<Value>, _> = Json.decode(Some(&channel), &frame);
+    // As the codec layer reads it: `decode`, then `recover` what it refused.
+    let decoded: Result<Envelope<Value>, _> = Json
+        .decode(Some(&channel), &frame)
+        .or_else(|error| Json.recover(Some(&channel), &frame, error));
     let Ok(envelope) = decoded else {
         return;
     };

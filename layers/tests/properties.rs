@@ -73,8 +73,11 @@ fn encode(envelope: &Envelope) -> Bytes {
     Codec::<Value>::encode(&Json, envelope).expect("a JSON value always encodes")
 }
 
+/// As the codec layer reads a frame: `decode`, then `recover` what it refused.
 fn decode(frame: &[u8]) -> Result<Envelope, serde_json::Error> {
-    Json.decode(None, &Bytes::copy_from_slice(frame))
+    let frame = Bytes::copy_from_slice(frame);
+    Json.decode(None, &frame)
+        .or_else(|error| Json.recover(None, &frame, error))
 }
 
 /// The encoding is exactly `{"type":...,"id":...,"payload":...}` with these values.
