@@ -1280,6 +1280,30 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
     assert!(error.to_string().contains("after 2 retries"), "{error}");
 }
 
+/// A retry layer (two retries, 1 ms apart) over a broker connection whose first `refuse_sends`
+/// sends are refused for now.
+fn retry_over_flaky(
+    broker: &MemoryBroker,
+    refuse_sends: u32,
+) -> alkdev_pubsub::layers::retry::Retry<Flaky, Bytes> {
+    use tower::Layer;
+    alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
+        inner: broker.connect().unwrap(),
+        failures: 0,
+        refuse_sends,
+        refuse_ready: 0,
+        reject_flushes: 0,
+    })
+}
+
+/// A publish of `text` on `q:1`.
+fn publish(text: &'static str) -> Command<Bytes> {
+    Command::Publish {
+        topic: Topic::from("q:1"),
+        message: Bytes::from(text),
+    }
+}
+
 /// Retries that run out while the next publish is being fed (in `poll_ready`) are reported by
 /// the next flush, which answers the publish given up on; `poll_ready` is about the publish
 /// waiting to be fed, which goes out. (An event target took a `poll_ready` error for an
@@ -1287,20 +1311,8 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
 /// dispatch with the next successful flush: `Ok`.)
 #[tokio::test]
 async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
-    use alkdev_pubsub::layers::RetryLayer;
-    use tower::Layer;
     let broker = MemoryBroker::new();
-    let mut retry = RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
-        inner: broker.connect().unwrap(),
-        failures: 0,
-        refuse_sends: 3,
-        refuse_ready: 0,
-        reject_flushes: 0,
-    });
-    let publish = |text: &'static str| Command::Publish {
-        topic: Topic::from("q:1"),
-        message: Bytes::from(text),
-    };
+    let mut retry = retry_over_flaky(&broker, 3);
     // Refused, and kept to be sent again.
     retry.feed(publish("first")).await.unwrap();
     // Its two retries are refused as this one is fed: the layer gives up on the first.
@@ -1327,20 +1339,8 @@ async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
 /// (a later transient failure resends what was sent since the last flush).
 #[tokio::test]
 async fn a_failed_flush_answers_what_it_covered_and_none_of_it_is_sent_again() {
-    use alkdev_pubsub::layers::RetryLayer;
-    use tower::Layer;
     let broker = MemoryBroker::new();
-    let mut retry = RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
-        inner: broker.connect().unwrap(),
-        failures: 0,
-        refuse_sends: 1,
-        refuse_ready: 0,
-        reject_flushes: 0,
-    });
-    let publish = |text: &'static str| Command::Publish {
-        topic: Topic::from("q:1"),
-        message: Bytes::from(text),
-    };
+    let mut retry = retry_over_flaky(&broker, 1);
     // Refused for now, and kept to be sent again; then no room below when it would be.
     retry.feed(publish("first")).await.unwrap();
     retry.get_mut().refuse_ready = 1;

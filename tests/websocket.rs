@@ -546,6 +546,27 @@ async fn a_silent_peer_does_not_hold_up_the_next_handshake() {
     drop((server, silent));
 }
 
+/// Publishes 32 KiB events on `flood:{id}` until one fails, which must say the peer read
+/// nothing (sending stalled) within the test's wait.
+async fn publish_until_declared_stalled(server: &EventTarget, id: &str) {
+    let payload = json!({ "pad": "x".repeat(32 * 1024) });
+    let (n, error) = tokio::time::timeout(WAIT, async {
+        for n in 0.. {
+            let envelope = Envelope::new("flood", id, payload.clone());
+            if let Err(error) = server.dispatch_event(envelope).await {
+                return (n, error);
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("publishing fails once the peer is declared gone");
+    assert!(
+        error.to_string().contains("read nothing"),
+        "after {n} publishes: {error}"
+    );
+}
+
 /// A peer that pings but never reads: once what the server sends fills the socket, sending
 /// waits for the peer, and after the idle timeout the peer is declared gone (its pings kept
 /// the connection looking alive, and every publish waited for good).
@@ -563,24 +584,7 @@ async fn a_peer_that_pings_but_never_reads_is_declared_gone() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let payload = json!({ "pad": "x".repeat(32 * 1024) });
-    let failed = tokio::time::timeout(WAIT, async {
-        for n in 0.. {
-            let envelope = Envelope::new("flood", "1", payload.clone());
-            if let Err(error) = server.dispatch_event(envelope).await {
-                return (n, error);
-            }
-        }
-        unreachable!()
-    })
-    .await
-    .expect("publishing fails once the peer is declared gone");
-    assert!(
-        failed.1.to_string().contains("read nothing"),
-        "after {} publishes: {}",
-        failed.0,
-        failed.1
-    );
+    publish_until_declared_stalled(&server, "1").await;
     assert!(server.is_closed());
     pinger.abort();
     drop(reading);
@@ -680,24 +684,7 @@ async fn a_peer_that_floods_and_never_reads_is_declared_gone() {
             }
         }
     });
-    let payload = json!({ "pad": "x".repeat(32 * 1024) });
-    let failed = tokio::time::timeout(WAIT, async {
-        for n in 0.. {
-            let envelope = Envelope::new("flood", "out", payload.clone());
-            if let Err(error) = server.dispatch_event(envelope).await {
-                return (n, error);
-            }
-        }
-        unreachable!()
-    })
-    .await
-    .expect("publishing fails once the peer is declared gone");
-    assert!(
-        failed.1.to_string().contains("read nothing"),
-        "after {} publishes: {}",
-        failed.0,
-        failed.1
-    );
+    publish_until_declared_stalled(&server, "out").await;
     flooder.abort();
     drop(reading);
 }

@@ -153,15 +153,8 @@ impl<'de, P: Deserialize<'de>> Visitor<'de> for EnvelopeVisitor<P> {
         let id: String = seq
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(1, &self))?;
-        let payload = match seq.next_element()? {
-            Some(payload) => payload,
-            None => P::deserialize(de::value::UnitDeserializer::<A::Error>::new())?,
-        };
-        Ok(Envelope {
-            r#type: event_type,
-            id,
-            payload,
-        })
+        let payload = seq.next_element()?.map_or_else(missing_payload, Ok)?;
+        Ok(Envelope::new(event_type, id, payload))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -195,15 +188,12 @@ impl<'de, P: Deserialize<'de>> Visitor<'de> for EnvelopeVisitor<P> {
         }
         let event_type = event_type.ok_or_else(|| de::Error::missing_field("type"))?;
         let id = id.ok_or_else(|| de::Error::missing_field("id"))?;
-        let payload = match payload {
-            Some(payload) => payload,
-            // A missing payload reads as `null`, whatever `P` makes of that.
-            None => P::deserialize(de::value::UnitDeserializer::<A::Error>::new())?,
-        };
-        Ok(Envelope {
-            r#type: event_type,
-            id,
-            payload,
-        })
+        let payload = payload.map_or_else(missing_payload, Ok)?;
+        Ok(Envelope::new(event_type, id, payload))
     }
+}
+
+/// A missing payload reads as `null`, whatever `P` makes of that.
+fn missing_payload<'de, P: Deserialize<'de>, E: de::Error>() -> Result<P, E> {
+    P::deserialize(de::value::UnitDeserializer::<E>::new())
 }
