@@ -597,8 +597,8 @@ async fn a_peer_that_pings_but_never_reads_is_declared_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_reads_slowly_but_steadily_is_kept() {
     let config = WebSocketConfig::new()
-        .ping_interval(Duration::from_millis(200))
-        .idle_timeout(Duration::from_secs(1));
+        .ping_interval(Duration::from_millis(400))
+        .idle_timeout(Duration::from_secs(2));
     // Socket buffers of 32 KiB on both ends, as over a slow link: what is sent waits for the
     // peer within milliseconds.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -618,7 +618,7 @@ async fn a_peer_that_reads_slowly_but_steadily_is_kept() {
     });
     let (server, _): (EventTarget, _) = listener.accept_event_target().await.unwrap();
     let mut peer = raw_client.await.unwrap();
-    let publishing = tokio::time::Duration::from_secs(4);
+    let publishing = tokio::time::Duration::from_secs(5);
     let started = tokio::time::Instant::now();
     // The peer reads a frame per millisecond at most (about 1 MiB/s of 1 KiB frames), and
     // sends nothing but the pongs its reads answer.
@@ -740,4 +740,88 @@ async fn closing_waits_for_the_peers_close_frame_and_resets_nothing() {
         assert_eq!(texts, 200, "round {round}");
         sender.abort();
     }
+}
+
+/// A transport split into a writing and a reading half, each in its own task: the writing half
+/// closes while the reading half waits for the next frame. The close reads the peer's answer
+/// on the socket both halves share; the reading half must not lose its wake-up to it, and its
+/// stream ends cleanly once the close is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_writing_half_ends_the_reading_half_cleanly() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    // No ping before the test's wait is over: only the close can wake the reading half.
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(60));
+    let transport = WebSocketTransport::from_raw_socket(ours, Role::Client, config).await;
+    let peer =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+    // The peer reads (and so answers the close frame), and sends nothing.
+    let peer = tokio::spawn(async move {
+        let mut peer = peer;
+        while let Some(Ok(_)) = peer.next().await {}
+    });
+    let (mut sink, mut stream) = transport.split();
+    let reader = tokio::spawn(async move {
+        let mut items = Vec::new();
+        while let Some(item) = stream.next().await {
+            items.push(format!("{item:?}"));
+        }
+        items
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(3), sink.close())
+        .await
+        .expect("the close is answered")
+        .unwrap();
+    let items = tokio::time::timeout(Duration::from_secs(3), reader)
+        .await
+        .expect("the reading half ends with the close")
+        .unwrap();
+    assert!(items.is_empty(), "a clean end, not {items:?}");
+    tokio::time::timeout(WAIT, peer).await.unwrap().unwrap();
+}
+
+/// A peer that keeps sending and never answers the close frame: closing gives up waiting for
+/// its answer after 5 s, though the socket never runs dry meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_gives_up_on_a_peer_that_floods_and_never_answers() {
+    let (server, peer) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            tokio_tungstenite::connect_async(format!("ws://{address}/"))
+                .await
+                .unwrap()
+                .0
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let server = WebSocketTransport::accept(stream).await.unwrap();
+        (server, peer.await.unwrap())
+    };
+    let (mut flooding, reading) = peer.split();
+    let frame = serde_json::to_string(&numbered("flood", "in", 0)).unwrap();
+    let flooder = tokio::spawn(async move {
+        loop {
+            for _ in 0..64 {
+                if flooding.feed(Message::text(frame.clone())).await.is_err() {
+                    return;
+                }
+            }
+            if flooding.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut server = server;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), server.close())
+        .await
+        .expect("closing gives up on the peer")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(4), "closed after {took:?}");
+    flooder.abort();
+    drop(reading);
 }

@@ -31,8 +31,8 @@
 //!   kind [`TooLarge`](crate::ErrorKind::TooLarge) (an event target counts it as skipped) and
 //!   goes on with the next message. A publish over the limit is refused before it is sent,
 //!   with the same kind of error; the connection goes on.
-//! - A frame the subscribe connection cannot parse, any other bulk string over the limit (a
-//!   channel name), or a reply to no command fails the transport with a
+//! - A frame the subscribe connection cannot parse, a channel name over the limit and over
+//!   64 KiB, or a reply to no command fails the transport with a
 //!   [protocol](crate::ErrorKind::Protocol) error (the reconnect layer then opens a new one).
 //! - The subscribe connection is pinged every [`ping_interval`](RedisConfig::ping_interval)
 //!   (while messages keep coming, at their next pause: they show it alive); a ping unanswered
@@ -176,7 +176,8 @@ impl RedisConfig {
     /// arrives, never buffered: the stream reports an error of that kind (an event target
     /// counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on with the next
     /// message. Over a redis-rs `PubSub` ([`RedisTransport::from_clients_with`]) the message
-    /// has been read whole by redis-rs before it is skipped.
+    /// has been read whole by redis-rs before it is skipped. Channel names are read up to
+    /// 64 KiB, or this limit if it is higher.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes.min(resp::MAX_BULK);
         self

@@ -14,6 +14,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// limit ([`Reader::new`]) is at most this.
 pub(crate) const MAX_BULK: usize = 512 * 1024 * 1024;
 
+/// The longest bulk string other than a message's payload (a channel, a pattern, the kind of
+/// a frame) always accepted, whatever the reader's limit: a channel of up to this many bytes
+/// is never refused for a small `max_message_size`.
+pub(crate) const MIN_OTHER_LIMIT: usize = 64 * 1024;
+
 /// The longest line accepted (a simple string, an error, a length): a peer that sends more
 /// without a line end is not speaking RESP.
 const MAX_LINE: usize = 64 * 1024;
@@ -77,9 +82,9 @@ enum Top {
 
 /// Reads the frames a subscribe connection is sent, out of its read buffer, with a limit on
 /// what it buffers: a message's payload over the limit is skipped as it arrives (and reported,
-/// [`Frame::Oversized`]); any other bulk string over it, or a nested array that grows past it,
-/// is a protocol error. A frame thus buffers at most about twice the limit (its channel and
-/// its payload).
+/// [`Frame::Oversized`]), and a nested array that grows past it is a protocol error; any other
+/// bulk string (a channel) over the limit and over [`MIN_OTHER_LIMIT`] is a protocol error. A
+/// frame thus buffers at most the limit and a few channels' worth.
 pub(crate) struct Reader {
     limit: usize,
     /// Bytes of an oversized payload still to discard, its CRLF included.
@@ -156,37 +161,39 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
         .ok_or_else(|| {
             ProtocolError("a null array, where a subscribe connection reads a frame".into())
         })?;
+        let other = limit.max(MIN_OTHER_LIMIT);
         let mut elements: [Element; MAX_ELEMENTS] = Default::default();
         for i in 0..count {
-            match element(bytes, &mut at, true, limit)? {
-                Some(Element::Over(len)) => {
-                    // Skippable if it is a message's payload: the last element of a `message`
-                    // or `pmessage` (whose first element is already read).
-                    let kind = match &elements[0] {
-                        Element::Bulk(range) => &bytes[range.clone()],
-                        _ => &[],
-                    };
-                    let payload = matches!((kind, count), (b"message", 3) | (b"pmessage", 4));
-                    if !payload || i + 1 != count {
-                        return Err(over_the_limit(len, limit));
-                    }
+            // The payload is the last element of a `message` or `pmessage` (whose first
+            // element, its kind, is read by then).
+            let kind = match &elements[0] {
+                Element::Bulk(range) => &bytes[range.clone()],
+                _ => &[],
+            };
+            let payload =
+                i + 1 == count && matches!((kind, count), (b"message", 3) | (b"pmessage", 4));
+            match element(bytes, &mut at, true, if payload { limit } else { other })? {
+                // Skipped as it arrives.
+                Some(Element::Over(len)) if payload => {
                     return Ok(Some((at, Top::Oversized(count, elements, len))));
                 }
+                Some(Element::Over(len)) => return Err(over_the_limit(len, other)),
                 Some(element) => elements[i] = element,
                 None => return Ok(None),
             }
         }
         return Ok(Some((at, Top::Array(count, elements))));
     }
-    match element(bytes, &mut at, false, limit)? {
-        Some(Element::Over(len)) => Err(over_the_limit(len, limit)),
+    let other = limit.max(MIN_OTHER_LIMIT);
+    match element(bytes, &mut at, false, other)? {
+        Some(Element::Over(len)) => Err(over_the_limit(len, other)),
         element => Ok(element.map(|element| (at, Top::Element(element)))),
     }
 }
 
 fn over_the_limit(len: usize, limit: usize) -> ProtocolError {
     ProtocolError(format!(
-        "a bulk string of {len} bytes, over the limit of {limit} (max_message_size), and not a message's payload"
+        "a bulk string of {len} bytes, over the limit of {limit}, and not a message's payload"
     ))
 }
 
@@ -620,7 +627,7 @@ mod tests {
 
     #[test]
     fn over_the_limit_elsewhere_than_a_payload_is_a_protocol_error() {
-        let long = [b'c'; 11];
+        let long = vec![b'c'; MIN_OTHER_LIMIT + 1];
         let mut cases = Vec::new();
         for args in [
             &[&b"message"[..], &long, b"p"][..],
@@ -632,7 +639,10 @@ mod tests {
             command(&mut wire, args);
             cases.push((wire, "not a message's payload"));
         }
-        cases.push((BytesMut::from(&b"$11\r\n"[..]), "not a message's payload"));
+        cases.push((
+            BytesMut::from(format!("${}\r\n", MIN_OTHER_LIMIT + 1).as_bytes()),
+            "not a message's payload",
+        ));
         cases.push((
             BytesMut::from(&b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n*3\r\n$4\r\nabcd\r\n$4\r\nefgh\r\n$4\r\nijkl\r\n"[..]),
             "a nested array of more than 10 bytes",
@@ -643,16 +653,48 @@ mod tests {
         cases.push((unterminated, "not followed by CRLF"));
         for (wire, expected) in cases {
             let mut reader = Reader::new(10);
+            let wire_text = String::from_utf8_lossy(&wire[..wire.len().min(40)]).into_owned();
             let mut buffer = wire.clone();
             let error = loop {
                 match reader.parse(&mut buffer) {
                     Ok(Some(_)) => {}
-                    Ok(None) => panic!("{wire:?}: no error"),
+                    Ok(None) => panic!("{wire_text:?}: no error"),
                     Err(error) => break error,
                 }
             };
-            assert!(error.0.contains(expected), "{wire:?}: {}", error.0);
+            assert!(error.0.contains(expected), "{wire_text:?}: {}", error.0);
         }
+    }
+
+    /// However small the limit, the frames that are not a message's payload (confirmations,
+    /// channels) are read; an empty payload is within any limit.
+    #[test]
+    fn a_small_limit_still_reads_confirmations_and_channels() {
+        let channel = vec![b'c'; 4096];
+        let mut wire =
+            BytesMut::from(format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", channel.len()).as_bytes());
+        wire.extend_from_slice(&channel);
+        wire.extend_from_slice(b"\r\n:1\r\n");
+        command(&mut wire, &[b"message", &channel, b""]);
+        command(&mut wire, &[b"message", &channel, b"x"]);
+        let mut reader = Reader::new(0);
+        let mut buffer = wire;
+        let mut frames = Vec::new();
+        while let Some(frame) = reader.parse(&mut buffer).unwrap() {
+            frames.push(frame);
+        }
+        let channel = Bytes::from(channel);
+        assert_eq!(
+            frames,
+            [
+                Frame::Subscribed(channel.clone()),
+                Frame::Message {
+                    channel: channel.clone(),
+                    payload: Bytes::new()
+                },
+                Frame::Oversized { channel, len: 1 },
+            ]
+        );
     }
 
     #[test]

@@ -293,23 +293,42 @@ fn handshake_error(what: String, error: tungstenite::Error) -> Error {
     Error::with_source(kind, format!("{what}: {error}"), error)
 }
 
-/// Whether a TLS handshake failed for good: the certificate (untrusted, expired, for another
-/// name), none presented, nothing in common between the two sides, or the peer's alert. A
-/// retry with the same settings meets the same; the reconnect layer gives up at once on a
-/// first connection that fails so.
+/// Whether a TLS handshake failed for good: the certificate (untrusted, for another name,
+/// revoked), none presented, nothing in common between the two sides, or the peer's alert
+/// saying one of these. A retry with the same settings meets the same; the reconnect layer
+/// gives up at once on a first connection that fails so. A certificate out of its validity
+/// period is not among them (the clock may be wrong, say at boot, and set right later), nor is
+/// an alert that may be passing (`internal_error`, `handshake_failure` from a proxy that is
+/// starting).
 #[cfg(feature = "websocket-rustls")]
 fn tls_refused(io: &std::io::Error) -> bool {
+    use rustls::{AlertDescription as A, CertificateError as C};
     io.get_ref()
         .and_then(|cause| cause.downcast_ref::<rustls::Error>())
-        .is_some_and(|cause| {
-            matches!(
-                cause,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::PeerIncompatible(_)
-                    | rustls::Error::UnsupportedNameType
-                    | rustls::Error::AlertReceived(_)
-            )
+        .is_some_and(|cause| match cause {
+            rustls::Error::InvalidCertificate(
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. },
+            ) => false,
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::PeerIncompatible(_)
+            | rustls::Error::UnsupportedNameType => true,
+            rustls::Error::AlertReceived(alert) => matches!(
+                alert,
+                A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::ProtocolVersion
+                    | A::InsufficientSecurity
+                    | A::CertificateRequired
+            ),
+            _ => false,
         })
 }
 
@@ -425,7 +444,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     }
 
     fn fail(&mut self, error: Error) -> Error {
+        if self.failed.is_none() {
+            // Either side of a split transport may be waiting on something the other polled
+            // last (the socket's one read or write waker, a close).
+            for task in self.reader.iter().chain(&self.writer) {
+                task.wake_by_ref();
+            }
+        }
         self.failed.get_or_insert(error).clone()
+    }
+
+    /// The close is over: the sink is closed, and the stream ends (cleanly: the reading side,
+    /// if another task, is told).
+    fn closed(&mut self) {
+        self.fail(Error::closed("the WebSocket is closed"));
+        self.reported = true;
     }
 
     fn ws_error(&mut self, what: &str, error: tungstenite::Error) -> Error {
@@ -658,7 +691,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         if this.closing.is_none() {
             match std::task::ready!(Pin::new(&mut this.stream).poll_close(cx)) {
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return Poll::Ready(Ok(()))
+                    this.closed();
+                    return Poll::Ready(Ok(()));
                 }
                 Err(error) => return Poll::Ready(Err(this.ws_error("closing", error))),
                 Ok(()) => this.closing = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT))),
@@ -668,19 +702,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         // read that (and drop it: nobody listens any more) until the answer comes or the
         // connection ends. The socket is then dropped with nothing unread, which ends it with
         // a FIN: dropped with unread bytes, it would be reset, and what was still on its way
-        // to the peer (the end of the last publishes, the close frame) thrown away.
+        // to the peer (the end of the last publishes, the close frame) thrown away. A peer
+        // that does not answer in time, or keeps sending, is closed all the same.
+        let waited = this.closing.as_mut().expect("set above");
+        if waited.as_mut().poll(cx).is_ready() {
+            this.closed();
+            return Poll::Ready(Ok(()));
+        }
+        // What this reads concerns the reading side too, if another task: it must not lose
+        // the socket's wake-up to this one.
+        let waker = crate::waker::also_waking(cx, this.reader.as_ref());
+        let mut read_cx = Context::from_waker(&waker);
         for _ in 0..CLOSE_READ_BUDGET {
-            match Pin::new(&mut this.stream).poll_next(cx) {
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Ok(())),
-                Poll::Pending => {
-                    let waited = this.closing.as_mut().expect("set above");
-                    return match waited.as_mut().poll(cx) {
-                        // A peer that does not answer: closed all the same.
-                        Poll::Ready(()) => Poll::Ready(Ok(())),
-                        Poll::Pending => Poll::Pending,
-                    };
+            match Pin::new(&mut this.stream).poll_next(&mut read_cx) {
+                Poll::Ready(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => {
+                    this.closed();
+                    return Poll::Ready(Ok(()));
                 }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Pending => return Poll::Pending,
             }
         }
         cx.waker().wake_by_ref();
