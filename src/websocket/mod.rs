@@ -709,13 +709,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             this.closed();
             return Poll::Ready(Ok(()));
         }
-        // What this reads concerns the reading side too, if another task: it must not lose
-        // the socket's wake-up to this one.
+        // Read as the reading side reads (the socket has one read wake-up: what this reads
+        // concerns the reading side too, if another task, which must not lose it to this
+        // one), and the socket is read in one place only (a second one measurably slowed the
+        // reading side's own).
         let waker = crate::waker::also_waking(cx, this.reader.as_ref());
         let mut read_cx = Context::from_waker(&waker);
         for _ in 0..CLOSE_READ_BUDGET {
-            match Pin::new(&mut this.stream).poll_next(&mut read_cx) {
-                Poll::Ready(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => {
+            match Pin::new(&mut *this).poll_next(&mut read_cx) {
+                // The peer's close frame ends the stream; so does a failure.
+                Poll::Ready(Some(Err(_)) | None) => {
                     this.closed();
                     return Poll::Ready(Ok(()));
                 }
