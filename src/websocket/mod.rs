@@ -302,6 +302,7 @@ fn handshake_error(what: String, error: tungstenite::Error) -> Error {
 /// starting).
 #[cfg(feature = "websocket-rustls")]
 fn tls_refused(io: &std::io::Error) -> bool {
+    // The `*Context` variants are rustls 0.23.24's (the minimum this crate asks for).
     use rustls::{AlertDescription as A, CertificateError as C};
     io.get_ref()
         .and_then(|cause| cause.downcast_ref::<rustls::Error>())
