@@ -2,7 +2,7 @@
 //! `ParseError(skip) + Codec(Json) + Prefix("app:")` over an in-memory raw loopback.
 //!
 //! Never panics; every frame is either delivered (decoded exactly as the codec alone decodes
-//! it, its channel stripped of the prefix), skipped as a decode error (carrying the stripped
+//! or recovers it, its channel stripped of the prefix), skipped as a decode error (carrying the stripped
 //! channel and the whole frame), or dropped as foreign; the layers' counters agree with what
 //! came up, and `delivered + skipped + foreign == frames fed`.
 //!
@@ -269,7 +269,8 @@ enum Expected {
     Subscribed(Topic),
 }
 
-/// What the codec alone makes of `frame` on `channel`, once past the prefix layer.
+/// What the codec alone makes of `frame` on `channel`, once past the prefix layer: `decode`,
+/// then `recover` what it refused (as the codec layer does).
 fn expect_frame(channel: Option<Topic>, frame: Bytes) -> Expected {
     let channel = match channel {
         Some(channel) => match channel.strip_prefix(PREFIX) {
@@ -278,7 +279,9 @@ fn expect_frame(channel: Option<Topic>, frame: Bytes) -> Expected {
         },
         None => None,
     };
-    match Codec::<Value>::decode(&Json, channel.as_ref(), &frame) {
+    let decoded = Codec::<Value>::decode(&Json, channel.as_ref(), &frame)
+        .or_else(|error| Codec::<Value>::recover(&Json, channel.as_ref(), &frame, error));
+    match decoded {
         Ok(envelope) => Expected::Delivered { channel, envelope },
         Err(_) => Expected::Skipped { channel, frame },
     }
