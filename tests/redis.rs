@@ -198,6 +198,15 @@ async fn leaving_unsubscribes_on_the_server_and_a_thousand_topics_leave_nothing(
     assert_eq!(events.topic_count(), 0);
 }
 
+/// Sets Redis's `client-output-buffer-limit` for pub/sub clients (`"pubsub <hard> <soft>
+/// <seconds>"`): what Redis keeps for a client that does not read, before it drops it.
+fn set_pubsub_output_limit(server: &RedisServer, limit: &str) {
+    assert_eq!(
+        server.cli(&["CONFIG", "SET", "client-output-buffer-limit", limit]),
+        "OK"
+    );
+}
+
 async fn wait_until(mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !done() {
@@ -830,15 +839,7 @@ async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing(
     use futures::SinkExt;
     let server = RedisServer::start();
     // Redis keeps whatever this client does not read.
-    assert_eq!(
-        server.cli(&[
-            "CONFIG",
-            "SET",
-            "client-output-buffer-limit",
-            "pubsub 0 0 0"
-        ]),
-        "OK"
-    );
+    set_pubsub_output_limit(&server, "pubsub 0 0 0");
     let mut transport = config().connect(server.url()).await.unwrap();
     transport
         .send(alkdev_pubsub::Command::Subscribe(Topic::from("big:1")))
@@ -962,15 +963,7 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_that_stops_reading_is_cut_off_by_redis_and_comes_back() {
     let server = RedisServer::start();
-    assert_eq!(
-        server.cli(&[
-            "CONFIG",
-            "SET",
-            "client-output-buffer-limit",
-            "pubsub 256kb 128kb 1"
-        ]),
-        "OK"
-    );
+    set_pubsub_output_limit(&server, "pubsub 256kb 128kb 1");
     let events = stack(&server.url(), "alk:events:", 1024);
     let options = SubscribeOptions::new()
         .capacity(4)

@@ -655,6 +655,25 @@ async fn a_peer_that_reads_slowly_but_steadily_is_kept() {
     );
 }
 
+/// Sends envelopes on `flood:in` as fast as the socket takes them, 64 to a flush, until the
+/// connection fails.
+async fn flood<S>(mut flooding: S)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = serde_json::to_string(&numbered("flood", "in", 0)).unwrap();
+    loop {
+        for _ in 0..64 {
+            if flooding.feed(Message::text(frame.clone())).await.is_err() {
+                return;
+            }
+        }
+        if flooding.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A peer that floods the connection and never reads: the reading side never finds the socket
 /// empty, and the liveness checks still run, so the peer is declared gone after the idle
 /// timeout rather than every publish waiting for good.
@@ -670,20 +689,8 @@ async fn a_peer_that_floods_and_never_reads_is_declared_gone() {
             std::thread::sleep(Duration::from_micros(20))
         })
         .unwrap();
-    let (mut flooding, reading) = peer.split();
-    let frame = serde_json::to_string(&numbered("flood", "in", 0)).unwrap();
-    let flooder = tokio::spawn(async move {
-        loop {
-            for _ in 0..64 {
-                if flooding.feed(Message::text(frame.clone())).await.is_err() {
-                    return;
-                }
-            }
-            if flooding.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (flooding, reading) = peer.split();
+    let flooder = tokio::spawn(flood(flooding));
     publish_until_declared_stalled(&server, "out").await;
     flooder.abort();
     drop(reading);
@@ -800,20 +807,8 @@ async fn closing_gives_up_on_a_peer_that_floods_and_never_answers() {
         let server = WebSocketTransport::accept(stream).await.unwrap();
         (server, peer.await.unwrap())
     };
-    let (mut flooding, reading) = peer.split();
-    let frame = serde_json::to_string(&numbered("flood", "in", 0)).unwrap();
-    let flooder = tokio::spawn(async move {
-        loop {
-            for _ in 0..64 {
-                if flooding.feed(Message::text(frame.clone())).await.is_err() {
-                    return;
-                }
-            }
-            if flooding.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (flooding, reading) = peer.split();
+    let flooder = tokio::spawn(flood(flooding));
     let mut server = server;
     let started = tokio::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(15), server.close())
