@@ -710,10 +710,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             this.closed();
             return Poll::Ready(Ok(()));
         }
-        // Read as the reading side reads (the socket has one read wake-up: what this reads
-        // concerns the reading side too, if another task, which must not lose it to this
-        // one), and the socket is read in one place only (a second one measurably slowed the
-        // reading side's own).
+        // Read as the reading side reads, through its own `poll_next` (the peer's close frame
+        // ends the stream there as usual). The socket has one read wake-up: what this reads
+        // concerns the reading side too, if another task, which must not lose it to this one.
         let waker = crate::waker::also_waking(cx, this.reader.as_ref());
         let mut read_cx = Context::from_waker(&waker);
         for _ in 0..CLOSE_READ_BUDGET {
