@@ -567,6 +567,69 @@ async fn publish_until_declared_stalled(server: &EventTarget, id: &str) {
     );
 }
 
+/// As many silent connections as the listener runs handshakes at once do not keep the next
+/// peer out for a handshake timeout: its connection drops the oldest silent handshake, which
+/// `accept` reports as that connection's error, and its own handshake goes through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_filling_the_handshakes_do_not_keep_the_next_peer_out() {
+    const PENDING: usize = 8;
+    let listener = WebSocketListener::from_listener(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        WebSocketConfig::new().handshake_timeout(Duration::from_secs(30)),
+    )
+    .max_pending_handshakes(PENDING);
+    let address = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let outcome = listener.accept().await.map(|(_, peer)| peer);
+            if accepted_tx.send(outcome).is_err() {
+                return;
+            }
+        }
+    });
+    let mut silent = Vec::new();
+    for _ in 0..PENDING {
+        silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    // Give the acceptor time to take them all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        WebSocketTransport::connect(format!("ws://{address}/")),
+    )
+    .await
+    .expect("the peer is let in before the silent ones time out")
+    .unwrap();
+    let client_address = client.get_ref().get_ref();
+    let client_address = match client_address {
+        tokio_tungstenite::MaybeTlsStream::Plain(stream) => stream.local_addr().unwrap(),
+        _ => unreachable!("ws://"),
+    };
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut outcomes = Vec::new();
+    while !outcomes
+        .iter()
+        .any(|outcome| outcome == &Ok(client_address))
+    {
+        let outcome = tokio::time::timeout(WAIT, accepted.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .map_err(|error| error.to_string());
+        outcomes.push(outcome);
+    }
+    let dropped: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert_eq!(dropped.len(), 1, "{outcomes:?}");
+    assert!(
+        dropped[0].contains("dropped for a newer connection (8 handshakes were under way)"),
+        "{dropped:?}"
+    );
+    acceptor.abort();
+    drop((client, silent));
+}
+
 /// A peer that pings but never reads: once what the server sends fills the socket, sending
 /// waits for the peer, and after the idle timeout the peer is declared gone (its pings kept
 /// the connection looking alive, and every publish waited for good).

@@ -2,7 +2,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use futures::future::{abortable, AbortHandle, Aborted, BoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -12,8 +17,9 @@ use super::{event_target, WebSocketConfig, WebSocketTransport};
 use crate::layers::{Error, ErrorKind, Result};
 use crate::EventTarget;
 
-/// How many handshakes [`WebSocketListener::accept`] runs at once; past that, it accepts no
-/// more TCP connections (they wait in the kernel's backlog) until one ends.
+/// How many handshakes [`WebSocketListener::accept`] runs at once by default
+/// ([`WebSocketListener::max_pending_handshakes`]); past that, each connection it accepts drops
+/// the oldest handshake still under way.
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// How long [`WebSocketListener::accept_tcp`] pauses after an accept failed for lack of
@@ -24,13 +30,24 @@ const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 /// A handshake under way: its peer's transport, or the error that names the peer.
 type Handshake = BoxFuture<'static, Result<(WebSocketTransport<TcpStream>, SocketAddr)>>;
 
+/// The handshakes under way, and how to drop the oldest (in the order they started; those
+/// that ended are skipped, and pruned).
+#[derive(Default)]
+struct Pending {
+    running: FuturesUnordered<Handshake>,
+    started: VecDeque<(AbortHandle, Arc<AtomicBool>)>,
+}
+
 /// Accepts WebSocket connections on a TCP listener: one transport, or one event target, per
 /// connection, with the peer's address.
 ///
 /// [`accept`](Self::accept) returns the next connection whose handshake is done. It runs the
-/// handshakes of the connections it took concurrently (up to [`MAX_PENDING_HANDSHAKES`], each
-/// bounded by [`handshake_timeout`](WebSocketConfig::handshake_timeout)), so a peer that
-/// connects and stays silent holds up no one else. Handshakes make progress while an `accept`
+/// handshakes of the connections it took concurrently (up to
+/// [`max_pending_handshakes`](Self::max_pending_handshakes), each bounded by
+/// [`handshake_timeout`](WebSocketConfig::handshake_timeout)), so a peer that connects and stays
+/// silent holds up no one else; past that many, a new connection drops the oldest handshake
+/// still under way (reported as that connection's error), so that silent connections cannot
+/// keep the next ones out for a handshake timeout. Handshakes make progress while an `accept`
 /// is awaited (their timeouts run on in between): loop on it, handing each connection to a task
 /// of its own, as below. Handshakes started by an `accept` that was cancelled go on with the
 /// next call.
@@ -63,7 +80,8 @@ type Handshake = BoxFuture<'static, Result<(WebSocketTransport<TcpStream>, Socke
 pub struct WebSocketListener {
     listener: TcpListener,
     config: WebSocketConfig,
-    handshakes: tokio::sync::Mutex<FuturesUnordered<Handshake>>,
+    handshakes: tokio::sync::Mutex<Pending>,
+    max_pending: usize,
 }
 
 impl fmt::Debug for WebSocketListener {
@@ -73,7 +91,11 @@ impl fmt::Debug for WebSocketListener {
             .field("config", &self.config)
             .field(
                 "pending_handshakes",
-                &self.handshakes.try_lock().map(|pending| pending.len()).ok(),
+                &self
+                    .handshakes
+                    .try_lock()
+                    .map(|pending| pending.running.len())
+                    .ok(),
             )
             .finish()
     }
@@ -105,8 +127,16 @@ impl WebSocketListener {
         WebSocketListener {
             listener,
             config,
-            handshakes: tokio::sync::Mutex::new(FuturesUnordered::new()),
+            handshakes: tokio::sync::Mutex::new(Pending::default()),
+            max_pending: MAX_PENDING_HANDSHAKES,
         }
+    }
+
+    /// How many handshakes run at once ([`MAX_PENDING_HANDSHAKES`] by default, at least 1);
+    /// past that, each connection accepted drops the oldest handshake still under way.
+    pub fn max_pending_handshakes(mut self, handshakes: usize) -> Self {
+        self.max_pending = handshakes.max(1);
+        self
     }
 
     /// The address listened on.
@@ -159,20 +189,17 @@ impl WebSocketListener {
     /// Cancel-safe: a connection it took whose handshake is under way is returned by a later
     /// call. Calls from several tasks take turns.
     pub async fn accept(&self) -> Result<(WebSocketTransport<TcpStream>, SocketAddr)> {
-        let mut handshakes = self.handshakes.lock().await;
+        let mut pending = self.handshakes.lock().await;
         loop {
             tokio::select! {
                 biased;
-                Some(done) = handshakes.next(), if !handshakes.is_empty() => return done,
-                accepted = self.accept_tcp(), if handshakes.len() < MAX_PENDING_HANDSHAKES => {
+                Some(done) = pending.running.next(), if !pending.running.is_empty() => return done,
+                accepted = self.accept_tcp() => {
                     let (stream, peer) = accepted?;
-                    let config = self.config.clone();
-                    handshakes.push(Box::pin(async move {
-                        let transport = config.accept(stream).await.map_err(|e| {
-                            Error::with_source(e.kind(), format!("from {peer}: {e}"), e)
-                        })?;
-                        Ok((transport, peer))
-                    }));
+                    if pending.running.len() >= self.max_pending {
+                        pending.drop_oldest();
+                    }
+                    pending.start(self.config.clone(), stream, peer, self.max_pending);
                 }
             }
         }
@@ -185,6 +212,45 @@ impl WebSocketListener {
     {
         let (transport, peer) = self.accept().await?;
         Ok((event_target(transport), peer))
+    }
+}
+
+impl Pending {
+    /// Starts the handshake of `stream`, from `peer`.
+    fn start(&mut self, config: WebSocketConfig, stream: TcpStream, peer: SocketAddr, max: usize) {
+        let finished = Arc::new(AtomicBool::new(false));
+        let (handshake, abort) = abortable(async move {
+            let transport = config
+                .accept(stream)
+                .await
+                .map_err(|e| Error::with_source(e.kind(), format!("from {peer}: {e}"), e))?;
+            Ok((transport, peer))
+        });
+        let done = Arc::clone(&finished);
+        self.running.push(Box::pin(async move {
+            let outcome = handshake.await;
+            done.store(true, Relaxed);
+            outcome.unwrap_or_else(|Aborted| {
+                Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("from {peer}: the handshake was dropped for a newer connection ({max} handshakes were under way)"),
+                ))
+            })
+        }));
+        self.started.push_back((abort, finished));
+        if self.started.len() > 2 * max {
+            self.started.retain(|(_, finished)| !finished.load(Relaxed));
+        }
+    }
+
+    /// Drops the oldest handshake still under way: it ends with an error.
+    fn drop_oldest(&mut self) {
+        while let Some((abort, finished)) = self.started.pop_front() {
+            if !finished.load(Relaxed) {
+                abort.abort();
+                return;
+            }
+        }
     }
 }
 
