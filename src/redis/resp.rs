@@ -149,6 +149,8 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
     let Some(&kind) = bytes.first() else {
         return Ok(None);
     };
+    // Anything but a message's payload may be longer than a small limit (a channel).
+    let other = limit.max(MIN_OTHER_LIMIT);
     if kind == b'*' || kind == b'>' {
         let Some(line) = line(bytes, &mut at)? else {
             return Ok(None);
@@ -161,17 +163,11 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
         .ok_or_else(|| {
             ProtocolError("a null array, where a subscribe connection reads a frame".into())
         })?;
-        let other = limit.max(MIN_OTHER_LIMIT);
         let mut elements: [Element; MAX_ELEMENTS] = Default::default();
         for i in 0..count {
             // The payload is the last element of a `message` or `pmessage` (whose first
             // element, its kind, is read by then).
-            let kind = match &elements[0] {
-                Element::Bulk(range) => &bytes[range.clone()],
-                _ => &[],
-            };
-            let payload =
-                i + 1 == count && matches!((kind, count), (b"message", 3) | (b"pmessage", 4));
+            let payload = i + 1 == count && is_message(bytes, &elements[0], count);
             match element(bytes, &mut at, true, if payload { limit } else { other })? {
                 // Skipped as it arrives.
                 Some(Element::Over(len)) if payload => {
@@ -184,11 +180,22 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
         }
         return Ok(Some((at, Top::Array(count, elements))));
     }
-    let other = limit.max(MIN_OTHER_LIMIT);
     match element(bytes, &mut at, false, other)? {
         Some(Element::Over(len)) => Err(over_the_limit(len, other)),
         element => Ok(element.map(|element| (at, Top::Element(element)))),
     }
+}
+
+/// Whether a frame of `count` elements whose first is `first` is a message (`message`, or
+/// `pmessage` for a pattern), whose last element is its payload.
+fn is_message(bytes: &[u8], first: &Element, count: usize) -> bool {
+    let Element::Bulk(kind) = first else {
+        return false;
+    };
+    matches!(
+        (&bytes[kind.clone()], count),
+        (b"message", 3) | (b"pmessage", 4)
+    )
 }
 
 fn over_the_limit(len: usize, limit: usize) -> ProtocolError {
