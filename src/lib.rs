@@ -33,7 +33,7 @@
 //! # Feature flags
 //!
 //! - `redis`: [`redis::RedisTransport`], Redis pub/sub.
-//! - `redis-cluster`: `redis::RedisClusterTransport`, sharded pub/sub on a Redis Cluster
+//! - `redis-cluster`: `redis::cluster::RedisClusterTransport`, sharded pub/sub on a Redis Cluster
 //!   (`SPUBLISH` / `SSUBSCRIBE`); implies `redis`.
 //! - `websocket`: [`websocket::WebSocketTransport`] (client and server) and
 //!   [`websocket::WebSocketListener`].

@@ -69,9 +69,10 @@ pub enum Overflow {
     /// target. Over Redis (`RedisTransport::connect`), the backlog then waits in the socket
     /// and in Redis, which bounds it per client (`client-output-buffer-limit pubsub`) by
     /// closing the connection: the reconnect layer reconnects, and the subscriber hears of
-    /// the gap. (Over Redis Cluster, or a redis-rs `PubSub` given to
-    /// `RedisTransport::from_clients`, redis-rs reads messages into an unbounded buffer of its
-    /// own instead.) Prefer the dropping policies there.
+    /// the gap. (Over a redis-rs `PubSub` given to `RedisTransport::from_clients`, redis-rs
+    /// reads messages into an unbounded buffer of its own instead; over Redis Cluster,
+    /// redis-rs reads them into the transport's buffer of 32 MiB, past which messages are
+    /// dropped and the gap reported as `Reconnected`.) Prefer the dropping policies there.
     Block,
 }
 

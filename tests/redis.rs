@@ -913,6 +913,15 @@ async fn a_unix_socket_and_a_password_reach_both_connections() {
         "{error}"
     );
     assert!(!error.to_string().contains("wrong"), "{error}");
+    // The target stopped (`Closed`); the refusal is in the error's source chain.
+    assert!(error.is_closed(), "{error}");
+    let chain = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source());
+    let kinds: Vec<_> = chain
+        .filter_map(|e| e.downcast_ref::<alkdev_pubsub::Error>())
+        .map(|e| e.kind())
+        .collect();
+    use alkdev_pubsub::ErrorKind::{Closed, Connect, Rejected};
+    assert_eq!(kinds, [Closed, Connect, Rejected], "{error:?}");
     let _ = std::fs::remove_file(&socket);
 }
 

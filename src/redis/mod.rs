@@ -461,10 +461,14 @@ impl RedisTransport {
         Self::from_clients_with(publish, subscribe, RedisConfig::default())
     }
 
-    /// Like [`from_clients`](Self::from_clients), with `config`'s ping interval and ping
-    /// timeout. Publishes and subscribes wait as long as the connections they go through were
-    /// opened to wait (redis-rs's `AsyncConnectionConfig::set_response_timeout`): `config`'s
-    /// connect and response timeouts apply only to connections this transport opens.
+    /// Like [`from_clients`](Self::from_clients), with `config`'s settings where they apply:
+    /// the ping interval and ping timeout; the response timeout, for each subscribe and
+    /// unsubscribe sent through `subscribe` (no answer in time fails the transport, as on a
+    /// connection this transport opens); and the message size limit (a publish over it is
+    /// refused; a message over it is skipped, once redis-rs has read it). Publishes wait as
+    /// long as `publish` was opened to wait (redis-rs's
+    /// `AsyncConnectionConfig::set_response_timeout`); the connect timeout applies only to
+    /// connections this transport opens.
     pub fn from_clients_with(
         publish: MultiplexedConnection,
         subscribe: PubSub,

@@ -9,7 +9,7 @@ use std::task::Context;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::layers::{Envelope, Error, Result, Topic};
+use crate::layers::{Envelope, Error, ErrorKind, Result, Topic};
 use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::subscription::Gap;
@@ -163,11 +163,17 @@ impl<P> Shared<P> {
         self.closed.load(Relaxed)
     }
 
-    /// The error for a call (named by `what`) made after the target closed.
+    /// The error for a call (named by `what`) made after the target closed: of kind
+    /// `Closed`, with the transport's failure that stopped the target, if one did, as its
+    /// `source()` (a caller can tell a refused password from a close by walking the chain).
     pub(crate) fn closed_error(&self, what: &str) -> Error {
         let reason = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
         match &*reason {
-            Some(reason) => Error::closed(format!("{what}: the event target stopped: {reason}")),
+            Some(reason) => Error::with_source(
+                ErrorKind::Closed,
+                format!("{what}: the event target stopped: {reason}"),
+                reason.clone(),
+            ),
             None => Error::closed(format!("{what}: the event target is closed")),
         }
     }

@@ -404,8 +404,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// module re-exports the crate, so that its types are the same version as this one's),
     /// for example one a hyper-based server upgraded (`hyper::upgrade::on`, then
     /// `WebSocketStream::from_raw_socket(io, Role::Server, None)`). axum's own `WebSocket` is
-    /// another type. Its own limits stay as they were configured; `config` sets the ping
-    /// interval and idle timeout, and the size reported in errors.
+    /// another type. Its own limits stay as they were configured, and bound what it reads;
+    /// `config` sets the ping interval and idle timeout, and the largest message this transport
+    /// sends ([`max_message_size`](WebSocketConfig::max_message_size): a publish over it is
+    /// refused, so give the stream's limit there too).
     pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
         WebSocketTransport {
             stream,

@@ -5,7 +5,9 @@ use std::time::Duration;
 /// The delay before attempt `n` (counting from 1 after a failure) is
 /// `initial * multiplier^(n-1)`, capped at `max`, then spread by ±`jitter` so that many
 /// clients of one restarted server do not come back in lockstep. A connection that stayed up
-/// for `stable_after` resets the count.
+/// for `stable_after` resets the count, and its loss is answered by an attempt at once (a
+/// dropped connection to a live server is mended without a wait); if that attempt fails too,
+/// attempt 1 waits `initial`, spread by the jitter, and so on.
 ///
 /// ```
 /// use alkdev_pubsub_layers::reconnect::Backoff;

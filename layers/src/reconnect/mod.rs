@@ -10,7 +10,8 @@
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
 //! not retried: the layer gives up at once, and every command fails with an error that says
-//! why, rather than wait through retries that cannot succeed. Once it has been connected, the
+//! why (of kind [`Connect`](crate::ErrorKind::Connect), with the permanent error as its
+//! `source()`), rather than wait through retries that cannot succeed. Once it has been connected, the
 //! layer retries whatever the failure (a password may be rotated, a proxy may refuse for a
 //! while). Any other failure is retried with [`Backoff`] (for ever, unless
 //! [`Backoff::max_attempts`] says otherwise).
