@@ -193,7 +193,9 @@ impl<'de, P: Deserialize<'de>> Visitor<'de> for EnvelopeVisitor<P> {
     }
 }
 
-/// A missing payload reads as `null`, whatever `P` makes of that.
+/// A missing payload reads as `null`, whatever `P` makes of that: through serde_json's own
+/// `null`, which also gives a `Box<serde_json::value::RawValue>` (feature `raw_value`) the
+/// text `null`, where a unit value has no text to give it.
 fn missing_payload<'de, P: Deserialize<'de>, E: de::Error>() -> Result<P, E> {
-    P::deserialize(de::value::UnitDeserializer::<E>::new())
+    P::deserialize(serde_json::Value::Null).map_err(E::custom)
 }

@@ -311,6 +311,28 @@ fn a_binary_envelope_without_payload_reads_null_and_json_takes_no_array() {
     assert!(error.to_string().contains("envelope object"), "{error}");
 }
 
+/// A payload kept as raw JSON text (`Box<RawValue>`, to route without parsing it) reads a
+/// missing payload as the text `null`, as other payload types read it as `null`.
+#[test]
+fn a_raw_payload_reads_a_missing_payload_as_null() {
+    use serde_json::value::RawValue;
+    let json = Json;
+    let read = |frame: &str| -> Envelope<Box<RawValue>> {
+        Codec::<Box<RawValue>>::decode(&json, None, &Bytes::copy_from_slice(frame.as_bytes()))
+            .unwrap_or_else(|e| panic!("{frame}: {e}"))
+    };
+    assert_eq!(read(r#"{"type":"t","id":"1"}"#).payload.get(), "null");
+    assert_eq!(
+        read(r#"{"type":"t","id":"1","payload": {"a" : [1, 2]} }"#)
+            .payload
+            .get(),
+        r#"{"a" : [1, 2]}"#
+    );
+    let in_order = rmp_serde::to_vec(&("t", "1")).unwrap();
+    let envelope: Envelope<Option<u8>> = rmp_serde::from_slice(&in_order).unwrap();
+    assert_eq!(envelope.payload, None);
+}
+
 /// JavaScript's `JSON.stringify` writes half a surrogate pair (a string cut inside an emoji) as
 /// a lone escape: valid JSON, read by every JavaScript peer. It reads as U+FFFD here, rather
 /// than the message being lost; pairs and other escapes are kept.
