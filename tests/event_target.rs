@@ -2207,3 +2207,37 @@ async fn publishes_go_on_while_a_flush_does_not_come() {
     settle("every publish fed", || fed.load(Ordering::SeqCst) == count).await;
     assert_eq!(events.stats().published, count);
 }
+
+/// A callback removed while a dispatch waits for room in a `Block` queue ahead of it is not
+/// called by that dispatch, as a DOM `EventTarget` skips a listener removed during a dispatch.
+#[tokio::test]
+async fn a_callback_removed_while_a_dispatch_waits_ahead_of_it_is_not_called() {
+    let events: EventTarget = EventTarget::local();
+    let mut subscription = events
+        .subscribe_with(
+            "t:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let callback = events
+        .add_event_listener("t:1", move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // The queue is full: the next dispatch waits there, before the callback.
+    let mut waiting = Box::pin(events.dispatch_event(numbered("t", "1", 1)));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    assert!(events.remove_event_listener("t:1", callback));
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 0);
+    waiting.await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "called after its removal");
+}

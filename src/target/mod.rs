@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use self::driver::{Direct, Driver, Fed, Outgoing};
-use self::shared::{Added, Control, Listener, Shared};
+use self::shared::{Added, Control, Listener, Registered, Shared};
 use crate::layers::{Envelope, Error, ErrorKind, Result, Topic, Transport};
 use crate::queue::Queue;
 use crate::stats::Stats;
@@ -302,7 +302,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         let id = self.shared().next_id();
         let listener = Listener::Callback {
             id,
-            callback: Arc::new(callback),
+            callback: Arc::new(Registered::new(callback)),
         };
         self.shared()
             .add_listener(topic.into(), listener, None, false)?;
@@ -329,6 +329,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Removes a listener added by [`add_event_listener`](Self::add_event_listener) (or, given
     /// a [`Subscription::id`], that subscription, whose stream then ends). The last listener of
     /// a topic to leave unsubscribes on the transport. Returns whether it was there.
+    ///
+    /// Once this returned `true`, the callback is not called again, not even by a dispatch
+    /// already under way (one waiting for room in a full [`Overflow::Block`](crate::Overflow::Block) subscription of
+    /// the topic, say), as a DOM `EventTarget` skips a listener removed during a dispatch. A
+    /// call running on another thread at that moment runs to its end.
     pub fn remove_event_listener(&self, topic: &str, id: ListenerId) -> bool {
         self.shared().remove_listener(topic, id)
     }

@@ -18,13 +18,31 @@ use crate::ListenerId;
 /// A callback listener.
 pub(crate) type Callback<P> = dyn Fn(&Arc<Envelope<P>>) + Send + Sync;
 
+/// A registered callback (`F` is [`Callback`] once registered), and whether it was removed: a
+/// delivery that began before its removal, from a copy of the topic's listeners (one waiting
+/// for room in a `Block` queue ahead of the callback, say), skips it, as a DOM `EventTarget`
+/// skips a listener removed during a dispatch.
+pub(crate) struct Registered<F: ?Sized> {
+    removed: AtomicBool,
+    call: F,
+}
+
+impl<F> Registered<F> {
+    pub(crate) fn new(call: F) -> Self {
+        Registered {
+            removed: AtomicBool::new(false),
+            call,
+        }
+    }
+}
+
 /// A listener of gap notices.
 pub(crate) type GapCallback = dyn Fn(Gap) + Send + Sync;
 
 pub(crate) enum Listener<P> {
     Callback {
         id: ListenerId,
-        callback: Arc<Callback<P>>,
+        callback: Arc<Registered<Callback<P>>>,
     },
     /// The queue of one or more subscriptions (its readers).
     Queue { queue: Arc<Queue<P>> },
@@ -323,6 +341,9 @@ impl<P> Shared<P> {
         let Some(position) = found else {
             return false;
         };
+        if let Listener::Callback { callback, .. } = &entry.listeners[position] {
+            callback.removed.store(true, Release);
+        }
         if entry.listeners.len() > 1 {
             let mut listeners = Vec::with_capacity(entry.listeners.len() - 1);
             listeners.extend(entry.listeners[..position].iter().cloned());
@@ -512,7 +533,10 @@ impl<P> Shared<P> {
             let current = event.as_ref().expect("held until the last listener");
             match listener {
                 Listener::Callback { callback, .. } => {
-                    if catch_unwind(AssertUnwindSafe(|| callback(current))).is_ok() {
+                    if callback.removed.load(Acquire) {
+                        continue;
+                    }
+                    if catch_unwind(AssertUnwindSafe(|| (callback.call)(current))).is_ok() {
                         delivered += 1;
                     } else {
                         self.counters.callback_panics.fetch_add(1, Relaxed);
