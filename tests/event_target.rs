@@ -2241,3 +2241,16 @@ async fn a_callback_removed_while_a_dispatch_waits_ahead_of_it_is_not_called() {
     assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "called after its removal");
 }
+
+/// A publish capacity past Tokio's channel limit (`usize::MAX` for "unbounded", say) is taken
+/// as that limit, rather than panic when the target is built.
+#[tokio::test]
+async fn a_publish_capacity_past_the_channel_limit_is_taken_as_that_limit() {
+    let events: EventTarget = EventTarget::builder()
+        .publish_capacity(usize::MAX)
+        .build(LocalTransport::new());
+    let mut subscription = events.subscribe("t:1").await.unwrap();
+    events.dispatch_event(numbered("t", "1", 7)).await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 7);
+    events.close().await;
+}

@@ -735,9 +735,11 @@ impl Builder {
     }
 
     /// How many envelopes may wait for the driver ([`DEFAULT_PUBLISH_CAPACITY`]); a dispatch
-    /// waits for room beyond that.
+    /// waits for room beyond that. At least 1, and at most `usize::MAX >> 3` (Tokio's
+    /// channel limit, [`tokio::sync::Semaphore::MAX_PERMITS`]): a larger value is taken as
+    /// that, rather than panic.
     pub fn publish_capacity(mut self, capacity: usize) -> Self {
-        self.publish_capacity = capacity.max(1);
+        self.publish_capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
