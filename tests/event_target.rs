@@ -2254,3 +2254,32 @@ async fn a_publish_capacity_past_the_channel_limit_is_taken_as_that_limit() {
     assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 7);
     events.close().await;
 }
+
+/// A target whose driver task is gone with its runtime (a target built on a runtime that shut
+/// down: a test's, a temporary one) is stopped, not left looking open: its subscriptions end,
+/// its calls fail at once, and `close()` returns.
+#[test]
+fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let (events, mut subscription) = first.block_on(async {
+        let events: EventTarget = EventTarget::new(LocalTransport::new());
+        let subscription = events.subscribe("a:1").await.unwrap();
+        (events, subscription)
+    });
+    drop(first);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        assert!(events.is_closed());
+        let ended = tokio::time::timeout(WAIT, subscription.next()).await;
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        let error = events
+            .dispatch_event(numbered("a", "1", 0))
+            .await
+            .unwrap_err();
+        assert!(error.is_closed(), "{error}");
+        assert!(error.to_string().contains("driver task"), "{error}");
+        let error = events.subscribe("b:1").await.unwrap_err();
+        assert!(error.is_closed(), "{error}");
+        tokio::time::timeout(WAIT, events.close()).await.unwrap();
+    });
+}

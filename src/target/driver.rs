@@ -287,30 +287,6 @@ where
         self.finish();
     }
 
-    /// Drops the publishes not fed yet (the outbox's and the queue's, which must be closed),
-    /// answering each confirmed one with `error` and counting each as failed.
-    fn drop_unsent(&mut self, error: &Error) {
-        let mut dropped = 0;
-        let queued = self.outbox.drain(..).filter_map(|queued| match queued {
-            Queued::Publish(outgoing) => Some(outgoing),
-            _ => None,
-        });
-        let waiting = std::iter::from_fn(|| self.publishes.try_recv().ok());
-        for outgoing in queued.chain(waiting) {
-            dropped += 1;
-            if let Some(ack) = outgoing.ack {
-                let _ = ack.send(Err(error.clone()));
-            }
-        }
-        if dropped > 0 {
-            self.shared
-                .counters
-                .publish_failed
-                .fetch_add(dropped, Relaxed);
-            tracing::warn!(%error, dropped, "publishes not sent");
-        }
-    }
-
     fn finish(&mut self) {
         self.phase = Phase::Finished;
         for done in self.close_waiters.drain(..) {
@@ -1163,6 +1139,59 @@ where
             }
         }
         Pulled::Done
+    }
+}
+
+impl<T, P> Core<T, P> {
+    /// Drops the publishes not fed yet (the outbox's and the queue's, which must be closed),
+    /// answering each confirmed one with `error` and counting each as failed.
+    fn drop_unsent(&mut self, error: &Error) {
+        let mut dropped = 0;
+        let queued = self.outbox.drain(..).filter_map(|queued| match queued {
+            Queued::Publish(outgoing) => Some(outgoing),
+            _ => None,
+        });
+        let waiting = std::iter::from_fn(|| self.publishes.try_recv().ok());
+        for outgoing in queued.chain(waiting) {
+            dropped += 1;
+            if let Some(ack) = outgoing.ack {
+                let _ = ack.send(Err(error.clone()));
+            }
+        }
+        if dropped > 0 {
+            self.shared
+                .counters
+                .publish_failed
+                .fetch_add(dropped, Relaxed);
+            tracing::warn!(%error, dropped, "publishes not sent");
+        }
+    }
+}
+
+/// The driver task dropped before it finished (its runtime shut down, or the task was
+/// aborted): the target is stopped as if its transport had failed, so that its subscriptions
+/// end, its calls fail at once and `close()` returns, rather than wait for a driver that is
+/// gone.
+impl<T, P> Drop for Core<T, P> {
+    fn drop(&mut self) {
+        if matches!(self.phase, Phase::Finished) {
+            return;
+        }
+        let error = Error::closed(
+            "the event target's driver task was dropped before the target closed (its runtime shut down?)",
+        );
+        tracing::warn!("event target stopped: its driver task was dropped");
+        self.shared.mark_closed(Some(error.clone()));
+        self.publishes.close();
+        self.drop_unsent(&error);
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(Err(error.clone()));
+        }
+        self.shared.end_all(Some(error));
+        self.phase = Phase::Finished;
+        for done in self.close_waiters.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
