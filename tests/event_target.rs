@@ -2283,3 +2283,134 @@ fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
         tokio::time::timeout(WAIT, events.close()).await.unwrap();
     });
 }
+
+/// A transport the test answers by hand: it records the commands it is sent, and yields what
+/// the test pushes.
+struct Scripted {
+    sent: Arc<Mutex<Vec<String>>>,
+    up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
+}
+
+impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
+    type Error = alkdev_pubsub::Error;
+
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        command: alkdev_pubsub::layers::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        use alkdev_pubsub::layers::Command;
+        let line = match command {
+            Command::Publish { topic, .. } => format!("publish {topic}"),
+            Command::Subscribe(topic) => format!("subscribe {topic}"),
+            Command::Unsubscribe(topic) => format!("unsubscribe {topic}"),
+        };
+        self.sent.lock().unwrap().push(line);
+        Ok(())
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for Scripted {
+    type Item = Result<alkdev_pubsub::layers::Up<Envelope>, alkdev_pubsub::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.up.poll_next_unpin(cx).map(|up| up.map(Ok))
+    }
+}
+
+/// A close waits for the answer to its own unsubscribe of a topic, not for the answer to an
+/// earlier one still on its way: events the topic's listeners get in between are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
+    use alkdev_pubsub::layers::Up;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let events: EventTarget = EventTarget::new(Scripted {
+        sent: Arc::clone(&sent),
+        up,
+    });
+    let sent_count = |what: &'static str| {
+        let sent = Arc::clone(&sent);
+        move || {
+            sent.lock()
+                .unwrap()
+                .iter()
+                .filter(|line| *line == what)
+                .count()
+        }
+    };
+    let first = events.add_event_listener("t:1", |_| {}).unwrap();
+    settle("the subscribe", || sent_count("subscribe t:1")() == 1).await;
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    // The last listener leaves (an unsubscribe goes out), then the topic gets one again.
+    assert!(events.remove_event_listener("t:1", first));
+    settle("the unsubscribe", || sent_count("unsubscribe t:1")() == 1).await;
+    let got = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&got);
+    events
+        .add_event_listener("t:1", move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    settle("the second subscribe", || {
+        sent_count("subscribe t:1")() == 2
+    })
+    .await;
+    let closing = tokio::spawn({
+        let events = events.clone();
+        async move { events.close().await }
+    });
+    settle("the close's unsubscribe", || {
+        sent_count("unsubscribe t:1")() == 2
+    })
+    .await;
+
+    // The answer to the first unsubscribe does not end the close.
+    answer
+        .unbounded_send(Up::Unsubscribed("t:1".into()))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !closing.is_finished(),
+        "closed on an earlier unsubscribe's answer"
+    );
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    answer
+        .unbounded_send(Up::Message {
+            channel: Some("t:1".into()),
+            message: numbered("t", "1", 0),
+        })
+        .unwrap();
+    answer
+        .unbounded_send(Up::Unsubscribed("t:1".into()))
+        .unwrap();
+    tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        1,
+        "the event in flight was lost"
+    );
+}

@@ -166,6 +166,9 @@ pub(crate) struct Core<T, P> {
     /// For each topic, the generations of the subscribe commands sent and not yet confirmed,
     /// oldest first: transports confirm in order.
     confirms: HashMap<Topic, VecDeque<u64>>,
+    /// For each topic, how many unsubscribe commands were sent and not yet answered: a close
+    /// waits for the answer to its own, not for an earlier one's.
+    unanswered: HashMap<Topic, u32>,
     stalled: Option<Stalled<P>>,
     phase: Phase,
     close_waiters: Vec<oneshot::Sender<()>>,
@@ -232,6 +235,7 @@ where
             unflushed: false,
             acks: Vec::new(),
             confirms: HashMap::new(),
+            unanswered: HashMap::new(),
             stalled: None,
             phase: Phase::Running,
             close_waiters: Vec::new(),
@@ -488,6 +492,7 @@ where
                     Ok(()) => {
                         counters.unsubscribes.fetch_add(1, Relaxed);
                         self.unflushed = true;
+                        *self.unanswered.entry(topic).or_default() += 1;
                     }
                     Err(error) => self.fail(Queued::Unsubscribe(topic), error),
                 }
@@ -548,8 +553,11 @@ where
             }
             Queued::Unsubscribe(topic) => {
                 tracing::warn!(%error, %topic, "unsubscribing failed");
-                if let Phase::Unsubscribing(awaiting) = &mut self.phase {
-                    awaiting.remove(&topic);
+                // Not sent: only an earlier unsubscribe's answer is still awaited, if any.
+                if !self.unanswered.contains_key(&topic) {
+                    if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+                        awaiting.remove(&topic);
+                    }
                 }
             }
         }
@@ -736,8 +744,17 @@ where
                 }
             }
             Up::Unsubscribed(topic) => {
-                if let Phase::Unsubscribing(awaiting) = &mut self.phase {
-                    awaiting.remove(&topic);
+                // The answer to the oldest unsubscribe of `topic` sent: the close's own is the
+                // last one, so its topic is done once none is left.
+                let left = self.unanswered.get_mut(&topic).map_or(0, |count| {
+                    *count -= 1;
+                    *count
+                });
+                if left == 0 {
+                    self.unanswered.remove(&topic);
+                    if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+                        awaiting.remove(&topic);
+                    }
                 }
             }
             Up::Reconnected => self.shared.reconnected(),
