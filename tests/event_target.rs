@@ -2285,10 +2285,12 @@ fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
 }
 
 /// A transport the test answers by hand: it records the commands it is sent, and yields what
-/// the test pushes.
+/// the test pushes. With `slow_flush`, a flush never completes (a close still does: it
+/// flushes and closes in one go).
 struct Scripted {
     sent: Arc<Mutex<Vec<String>>>,
     up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
+    slow_flush: bool,
 }
 
 impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
@@ -2319,6 +2321,9 @@ impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.slow_flush {
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -2351,6 +2356,7 @@ async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
     let events: EventTarget = EventTarget::new(Scripted {
         sent: Arc::clone(&sent),
         up,
+        slow_flush: false,
     });
     let sent_count = |what: &'static str| {
         let sent = Arc::clone(&sent);
@@ -2413,4 +2419,68 @@ async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
         1,
         "the event in flight was lost"
     );
+}
+
+/// A close that times out while an event waits for room in a full `Block` subscription does
+/// not lose it silently: the subscription yields what it holds, then hears of the drop
+/// (`Gap::Lagged`, counted), then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_times_out_on_a_full_block_subscription_reports_the_drop() {
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(100))
+        .build(LocalTransport::new());
+    let mut subscription = events
+        .subscribe_with(
+            "t:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    for n in 0..2 {
+        events.dispatch_event(numbered("t", "1", n)).await.unwrap();
+    }
+    // The first fills the queue; the second waits for room.
+    settle("the second event to wait", || {
+        events.stats().delivered == 1 && events.stats().published == 2
+    })
+    .await;
+    // (The driver reads the second one back from the transport and finds the queue full.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(WAIT, events.close()).await.unwrap();
+    let first = subscription.next().await.unwrap().unwrap();
+    assert_eq!(number_of(&first), 0);
+    match subscription.next().await {
+        Some(Err(Gap::Lagged(1))) => {}
+        other => panic!("expected the drop to be told, got {other:?}"),
+    }
+    assert!(subscription.next().await.is_none());
+    assert_eq!(events.stats().lagged, 1);
+}
+
+/// A confirmed dispatch still waiting for its flush when the close gives up waiting is
+/// answered by the transport's close, which flushes: `Ok` when it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
+    let (_answer, up) = futures::channel::mpsc::unbounded();
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(100))
+        .build(Scripted {
+            sent: Arc::default(),
+            up,
+            slow_flush: true,
+        });
+    let confirmed = tokio::spawn({
+        let events = events.clone();
+        async move { events.dispatch_confirmed(numbered("t", "1", 0)).await }
+    });
+    settle("the publish", || events.stats().published == 1).await;
+    tokio::time::timeout(WAIT, events.close()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, confirmed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(events.stats().publish_failed, 0);
 }

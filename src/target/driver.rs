@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
 use super::shared::{Control, Listener, Shared};
-use crate::layers::{Command, Envelope, Error, Result, Topic, Transport, Up};
+use crate::layers::{Command, Envelope, Error, ErrorKind, Result, Topic, Transport, Up};
 use crate::queue::{Queue, Slot};
 use crate::ListenerId;
 
@@ -762,6 +762,18 @@ where
         }
     }
 
+    /// The close is ending with an event waiting for room in a full `Block` queue: that queue
+    /// drops it (its readers hear of it as [`Gap::Lagged`](crate::Gap::Lagged) after what they
+    /// hold, and it counts as lagged), and the listeners after it get it, before every
+    /// subscription ends. What the transport had not yielded yet is not read.
+    fn give_up_stalled(&mut self) {
+        if let Some(stalled) = self.stalled.take() {
+            let _ = self
+                .shared
+                .deliver_from(&stalled.listeners, stalled.event, stalled.from, None);
+        }
+    }
+
     /// Moves a close along. Returns `Ready` once the driver is done.
     fn poll_close_steps(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let timed_out = self
@@ -780,8 +792,8 @@ where
                     let error =
                         Error::closed("the event target closed before this publish was sent");
                     self.drop_unsent(&error);
+                    self.give_up_stalled();
                     self.shared.end_all(None);
-                    self.stalled = None;
                     self.phase = Phase::Closing;
                 }
                 Phase::Unsubscribing(awaiting) => {
@@ -795,22 +807,36 @@ where
                             "closing: the transport did not confirm every unsubscribe in time"
                         );
                     }
+                    self.give_up_stalled();
                     self.shared.end_all(None);
-                    self.stalled = None;
                     self.phase = Phase::Closing;
                 }
                 Phase::Closing => {
-                    match self.transport.as_mut().poll_close(cx) {
+                    // Closing flushes first: publishes still waiting for a flush's answer are
+                    // sent once it succeeds, and count as failed otherwise.
+                    let closed = match self.transport.as_mut().poll_close(cx) {
                         Poll::Pending if !timed_out => return Poll::Pending,
+                        Poll::Ready(Ok(())) => Ok(()),
                         Poll::Ready(Err(error)) => {
-                            tracing::debug!(%error, "closing the transport failed")
+                            tracing::debug!(%error, "closing the transport failed");
+                            Err(Error::with_source(
+                                ErrorKind::Closed,
+                                format!("the event target closed, and closing the transport (which flushes it) failed: {error}"),
+                                error,
+                            ))
                         }
-                        _ => {}
+                        Poll::Pending => Err(Error::closed(
+                            "the event target closed before the transport flushed",
+                        )),
+                    };
+                    if closed.is_err() && !self.acks.is_empty() {
+                        self.shared
+                            .counters
+                            .publish_failed
+                            .fetch_add(self.acks.len() as u64, Relaxed);
                     }
                     for ack in self.acks.drain(..) {
-                        let _ = ack.send(Err(Error::closed(
-                            "the event target closed before the transport flushed",
-                        )));
+                        let _ = ack.send(closed.clone());
                     }
                     self.finish();
                 }
