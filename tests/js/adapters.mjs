@@ -13,6 +13,13 @@ export function fail(message) {
   process.exit(1);
 }
 
+// `new CustomEvent(type, { detail })`, which Node 18 has only behind a flag.
+function customEvent(type, detail) {
+  return typeof CustomEvent === 'function'
+    ? new CustomEvent(type, { detail })
+    : Object.assign(new Event(type), { detail });
+}
+
 // ------------------------------------------------------------------ the event targets
 
 // WebSocket: `dispatchEvent` sends the envelope as JSON; a message is parsed, and dispatched to
@@ -22,7 +29,7 @@ export function createWebSocketEventTarget(ws) {
   ws.addEventListener('message', (message) => {
     const envelope = JSON.parse(message.data);
     const topic = envelope.type + ':' + envelope.id;
-    target.dispatchEvent(new CustomEvent(topic, { detail: envelope }));
+    target.dispatchEvent(customEvent(topic, envelope));
   });
   return {
     addEventListener: (topic, callback) => target.addEventListener(topic, callback),
@@ -40,7 +47,7 @@ export function createRedisEventTarget({ publishClient, subscribeClient }) {
   const target = new EventTarget();
   const callbacks = new Map();
   subscribeClient.onMessage = (channel, message) => {
-    target.dispatchEvent(new CustomEvent(channel, { detail: JSON.parse(message) }));
+    target.dispatchEvent(customEvent(channel, JSON.parse(message)));
   };
   return {
     async addEventListener(topic, callback) {
@@ -210,6 +217,10 @@ class MiniWebSocket extends EventTarget {
       }
       this.open = true;
       this.emit('open', {});
+      // Frames that came with the handshake are dispatched in a later task, as a browser's
+      // are, once the code awaiting `open` has run.
+      setImmediate(() => this.receive(Buffer.alloc(0)));
+      return;
     }
     for (;;) {
       if (this.buffer.length < 2) return;
@@ -299,22 +310,25 @@ export const FROM_JAVASCRIPT = {
   empty: '',
 };
 
-// The exchange, the same over both transports: the peer listens to `rust.event:1`; on the
-// first one, it answers on `js.reply:1` with what it read (and the topic it read it on), says
-// hello on `js.hello:1`, and calls `done`.
+// The exchange, the same over both transports: the peer listens to `rust.event:1`, then says
+// it is ready on `js.ready:1` every 50 ms until the first `rust.event:1` comes (the Rust side
+// may not listen yet when it first says so); on that event, it answers on `js.reply:1` with
+// what it read (and the topic it read it on), says hello on `js.hello:1`, and calls `done`.
 export async function exchange(target, done) {
+  const send = (type, payload) =>
+    target.dispatchEvent(customEvent(`${type}:1`, { type, id: '1', payload }));
   let answered = false;
+  let ready;
   const answer = (event) => {
     if (answered) return;
     answered = true;
+    clearInterval(ready);
     const envelope = event.detail;
-    const send = (type, payload) =>
-      target.dispatchEvent(
-        new CustomEvent(`${type}:1`, { detail: { type, id: '1', payload } }),
-      );
     send('js.reply', { topic: event.type, type: envelope.type, id: envelope.id, got: envelope.payload });
     send('js.hello', FROM_JAVASCRIPT);
     done();
   };
   await target.addEventListener('rust.event:1', answer);
+  send('js.ready', null);
+  ready = setInterval(() => send('js.ready', null), 50);
 }
