@@ -2286,11 +2286,33 @@ fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
 
 /// A transport the test answers by hand: it records the commands it is sent, and yields what
 /// the test pushes. With `slow_flush`, a flush never completes (a close still does: it
-/// flushes and closes in one go).
+/// flushes and closes in one go). While `gate` is shut, it takes no command.
 struct Scripted {
     sent: Arc<Mutex<Vec<String>>>,
     up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
     slow_flush: bool,
+    gate: Arc<Gate>,
+}
+
+/// Shuts a [`Scripted`] transport's `poll_ready` until opened.
+#[derive(Default)]
+struct Gate {
+    /// Shut, and the task waiting for it to open.
+    state: Mutex<(bool, Option<std::task::Waker>)>,
+}
+
+impl Gate {
+    fn shut(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+
+    fn open(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.0 = false;
+        if let Some(waker) = state.1.take() {
+            waker.wake();
+        }
+    }
 }
 
 impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
@@ -2298,8 +2320,13 @@ impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
 
     fn poll_ready(
         self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        let mut gate = self.gate.state.lock().unwrap();
+        if gate.0 {
+            gate.1 = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -2348,15 +2375,18 @@ impl futures::Stream for Scripted {
 
 /// A close waits for the answer to its own unsubscribe of a topic, not for the answer to an
 /// earlier one still on its way: events the topic's listeners get in between are delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
+/// With `shut`, the transport takes no command when the earlier answer comes (the close's
+/// unsubscribe still waits to be sent).
+async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     use alkdev_pubsub::layers::Up;
     let sent = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(Gate::default());
     let (answer, up) = futures::channel::mpsc::unbounded();
     let events: EventTarget = EventTarget::new(Scripted {
         sent: Arc::clone(&sent),
         up,
         slow_flush: false,
+        gate: Arc::clone(&gate),
     });
     let sent_count = |what: &'static str| {
         let sent = Arc::clone(&sent);
@@ -2385,20 +2415,33 @@ async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
         sent_count("subscribe t:1")() == 2
     })
     .await;
+    if shut {
+        gate.shut();
+    }
     let closing = tokio::spawn({
         let events = events.clone();
         async move { events.close().await }
     });
-    settle("the close's unsubscribe", || {
-        sent_count("unsubscribe t:1")() == 2
-    })
-    .await;
+    if !shut {
+        settle("the close's unsubscribe", || {
+            sent_count("unsubscribe t:1")() == 2
+        })
+        .await;
+    }
 
     // The answer to the first unsubscribe does not end the close.
     answer
         .unbounded_send(Up::Unsubscribed("t:1".into()))
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    if shut {
+        gate.open();
+        settle("the close's unsubscribe", || {
+            sent_count("unsubscribe t:1")() == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !closing.is_finished(),
         "closed on an earlier unsubscribe's answer"
@@ -2419,6 +2462,16 @@ async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
         1,
         "the event in flight was lost"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_waits_for_its_own_unsubscribe_not_an_earlier_ones_answer() {
+    close_waits_for_its_own_unsubscribe(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_waits_for_its_own_unsubscribe_even_before_it_is_sent() {
+    close_waits_for_its_own_unsubscribe(true).await;
 }
 
 /// A close that times out while an event waits for room in a full `Block` subscription does
@@ -2470,6 +2523,7 @@ async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
             sent: Arc::default(),
             up,
             slow_flush: true,
+            gate: Arc::default(),
         });
     let confirmed = tokio::spawn({
         let events = events.clone();

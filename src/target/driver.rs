@@ -166,8 +166,9 @@ pub(crate) struct Core<T, P> {
     /// For each topic, the generations of the subscribe commands sent and not yet confirmed,
     /// oldest first: transports confirm in order.
     confirms: HashMap<Topic, VecDeque<u64>>,
-    /// For each topic, how many unsubscribe commands were sent and not yet answered: a close
-    /// waits for the answer to its own, not for an earlier one's.
+    /// For each topic, how many unsubscribe commands were queued (or sent) and not yet
+    /// answered: a close waits for the answer to its own, not for an earlier one's (counted
+    /// from when it is queued: its topic stays awaited while it waits in the outbox).
     unanswered: HashMap<Topic, u32>,
     stalled: Option<Stalled<P>>,
     phase: Phase,
@@ -291,6 +292,26 @@ where
         self.finish();
     }
 
+    fn queue_unsubscribe(&mut self, topic: Topic) {
+        *self.unanswered.entry(topic.clone()).or_default() += 1;
+        self.outbox.push_back(Queued::Unsubscribe(topic));
+    }
+
+    /// One unsubscribe of `topic` will not be answered again (its answer came, or it failed
+    /// unsent). The close's own is the last one queued, so its topic is done once none is left.
+    fn answered_unsubscribe(&mut self, topic: Topic) {
+        let left = self.unanswered.get_mut(&topic).map_or(0, |count| {
+            *count = count.saturating_sub(1);
+            *count
+        });
+        if left == 0 {
+            self.unanswered.remove(&topic);
+            if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+                awaiting.remove(&topic);
+            }
+        }
+    }
+
     fn finish(&mut self) {
         self.phase = Phase::Finished;
         for done in self.close_waiters.drain(..) {
@@ -303,9 +324,7 @@ where
             Control::Subscribe { topic, generation } if self.running() => self
                 .outbox
                 .push_back(Queued::Subscribe { topic, generation }),
-            Control::Unsubscribe { topic } if self.running() => {
-                self.outbox.push_back(Queued::Unsubscribe(topic))
-            }
+            Control::Unsubscribe { topic } if self.running() => self.queue_unsubscribe(topic),
             // A close is under way: it unsubscribes every topic itself.
             Control::Subscribe { .. } | Control::Unsubscribe { .. } => {}
             Control::Close { done } => self.begin_close(Some(done)),
@@ -334,8 +353,9 @@ where
                         // Closed and empty: only after a close (the handles hold a sender).
                         if matches!(self.phase, Phase::DrainingPublishes) {
                             let topics = self.shared.topics();
-                            self.outbox
-                                .extend(topics.iter().cloned().map(Queued::Unsubscribe));
+                            for topic in &topics {
+                                self.queue_unsubscribe(topic.clone());
+                            }
                             self.phase = Phase::Unsubscribing(topics.into_iter().collect());
                         }
                     }
@@ -492,7 +512,6 @@ where
                     Ok(()) => {
                         counters.unsubscribes.fetch_add(1, Relaxed);
                         self.unflushed = true;
-                        *self.unanswered.entry(topic).or_default() += 1;
                     }
                     Err(error) => self.fail(Queued::Unsubscribe(topic), error),
                 }
@@ -553,12 +572,8 @@ where
             }
             Queued::Unsubscribe(topic) => {
                 tracing::warn!(%error, %topic, "unsubscribing failed");
-                // Not sent: only an earlier unsubscribe's answer is still awaited, if any.
-                if !self.unanswered.contains_key(&topic) {
-                    if let Phase::Unsubscribing(awaiting) = &mut self.phase {
-                        awaiting.remove(&topic);
-                    }
-                }
+                // Not sent, so never answered.
+                self.answered_unsubscribe(topic);
             }
         }
     }
@@ -743,20 +758,8 @@ where
                     self.shared.fail_subscribe(&topic, generation, &error);
                 }
             }
-            Up::Unsubscribed(topic) => {
-                // The answer to the oldest unsubscribe of `topic` sent: the close's own is the
-                // last one, so its topic is done once none is left.
-                let left = self.unanswered.get_mut(&topic).map_or(0, |count| {
-                    *count -= 1;
-                    *count
-                });
-                if left == 0 {
-                    self.unanswered.remove(&topic);
-                    if let Phase::Unsubscribing(awaiting) = &mut self.phase {
-                        awaiting.remove(&topic);
-                    }
-                }
-            }
+            // The answer to the oldest unsubscribe of `topic` sent.
+            Up::Unsubscribed(topic) => self.answered_unsubscribe(topic),
             Up::Reconnected => self.shared.reconnected(),
             Up::Skipped(error) => self.count_skipped(&error, false),
         }
@@ -829,11 +832,12 @@ where
                             "the event target closed before the transport flushed",
                         )),
                     };
-                    if closed.is_err() && !self.acks.is_empty() {
+                    if closed.is_err() && self.fed > 0 {
+                        // As a failed flush counts what it covered.
                         self.shared
                             .counters
                             .publish_failed
-                            .fetch_add(self.acks.len() as u64, Relaxed);
+                            .fetch_add(u64::from(self.fed), Relaxed);
                     }
                     for ack in self.acks.drain(..) {
                         let _ = ack.send(closed.clone());

@@ -330,10 +330,10 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// a [`Subscription::id`], that subscription, whose stream then ends). The last listener of
     /// a topic to leave unsubscribes on the transport. Returns whether it was there.
     ///
-    /// Once this returned `true`, the callback is not called again, not even by a dispatch
-    /// already under way (one waiting for room in a full [`Overflow::Block`](crate::Overflow::Block) subscription of
-    /// the topic, say), as a DOM `EventTarget` skips a listener removed during a dispatch. A
-    /// call running on another thread at that moment runs to its end.
+    /// A dispatch already under way when this returned `true` (one waiting for room in a full
+    /// [`Overflow::Block`](crate::Overflow::Block) subscription of the topic, say) skips the
+    /// callback, as a DOM `EventTarget` skips a listener removed during a dispatch. A call
+    /// another thread is making, or starting, at that very moment may still run.
     pub fn remove_event_listener(&self, topic: &str, id: ListenerId) -> bool {
         self.shared().remove_listener(topic, id)
     }
