@@ -282,14 +282,7 @@ where
             return;
         }
         tracing::warn!(%error, "event target stopped: its transport failed");
-        self.shared.mark_closed(Some(error.clone()));
-        self.publishes.close();
-        self.drop_unsent(&error);
-        for ack in self.acks.drain(..) {
-            let _ = ack.send(Err(error.clone()));
-        }
-        self.shared.end_all(Some(error));
-        self.finish();
+        self.stop(error);
     }
 
     fn queue_unsubscribe(&mut self, topic: Topic) {
@@ -309,13 +302,6 @@ where
             if let Phase::Unsubscribing(awaiting) = &mut self.phase {
                 awaiting.remove(&topic);
             }
-        }
-    }
-
-    fn finish(&mut self) {
-        self.phase = Phase::Finished;
-        for done in self.close_waiters.drain(..) {
-            let _ = done.send(());
         }
     }
 
@@ -1190,6 +1176,26 @@ where
 }
 
 impl<T, P> Core<T, P> {
+    /// Ends everything with `error`: calls fail with it, publishes not sent yet are dropped
+    /// (and counted), and every subscription ends.
+    fn stop(&mut self, error: Error) {
+        self.shared.mark_closed(Some(error.clone()));
+        self.publishes.close();
+        self.drop_unsent(&error);
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(Err(error.clone()));
+        }
+        self.shared.end_all(Some(error));
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Finished;
+        for done in self.close_waiters.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
     /// Drops the publishes not fed yet (the outbox's and the queue's, which must be closed),
     /// answering each confirmed one with `error` and counting each as failed.
     fn drop_unsent(&mut self, error: &Error) {
@@ -1228,17 +1234,7 @@ impl<T, P> Drop for Core<T, P> {
             "the event target's driver task was dropped before the target closed (its runtime shut down?)",
         );
         tracing::warn!("event target stopped: its driver task was dropped");
-        self.shared.mark_closed(Some(error.clone()));
-        self.publishes.close();
-        self.drop_unsent(&error);
-        for ack in self.acks.drain(..) {
-            let _ = ack.send(Err(error.clone()));
-        }
-        self.shared.end_all(Some(error));
-        self.phase = Phase::Finished;
-        for done in self.close_waiters.drain(..) {
-            let _ = done.send(());
-        }
+        self.stop(error);
     }
 }
 
