@@ -11,9 +11,9 @@
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
 //! not retried: the layer gives up at once, and every command fails with an error that says
 //! why (of kind [`Connect`](crate::ErrorKind::Connect), with the permanent error as its
-//! `source()`), rather than wait through retries that cannot succeed. Once it has been connected, the
-//! layer retries whatever the failure (a password may be rotated, a proxy may refuse for a
-//! while). Any other failure is retried with [`Backoff`] (for ever, unless
+//! `source()`), rather than wait through retries that cannot succeed. Once it has been
+//! connected, the layer retries whatever the failure (a password may be rotated, a proxy may
+//! refuse for a while). Any other failure is retried with [`Backoff`] (for ever, unless
 //! [`Backoff::max_attempts`] says otherwise).
 //!
 //! Delivery through an outage is at-least-once for publishes (a publish may be sent twice if
