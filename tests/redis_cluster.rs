@@ -456,3 +456,53 @@ async fn leaving_and_joining_again_at_once_is_not_a_gap() {
     assert_eq!(number_of(&testkit::next_event(&mut bystander).await), 7);
     assert_eq!(events.stats().reconnects, 0, "{:?}", events.stats());
 }
+
+/// Over the message size limit: a publish is refused alone, and a message received (published
+/// by another client) is skipped and counted, and the next one arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_or_skipped_and_the_next_arrives() {
+    const LIMIT: usize = 1024;
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let seeds = cluster.urls();
+    let events: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new(PREFIX))
+            .layer(ReconnectLayer::new(
+                Backoff::new().initial(Duration::from_millis(50)),
+            ))
+            .service(move || {
+                let seeds = seeds.clone();
+                async move {
+                    RedisClusterTransport::connect_with(seeds, Duration::from_secs(2))
+                        .await
+                        .map(|transport| transport.max_message_size(LIMIT))
+                }
+            }),
+    );
+    let mut subscription = events.subscribe("big:1").await.unwrap();
+
+    // Ours: refused, alone.
+    let big = alkdev_pubsub::Envelope::new("big", "1", serde_json::json!("x".repeat(LIMIT)));
+    let error = events.dispatch_confirmed(big).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+
+    // Another client's: skipped and counted; the next one arrives.
+    let channel = format!("{PREFIX}big:1");
+    let owner = &cluster.nodes[cluster.owner_of_channel(&channel)];
+    let oversized = format!(
+        r#"{{"type":"big","id":"1","payload":"{}"}}"#,
+        "y".repeat(LIMIT)
+    );
+    assert_eq!(owner.cli(&["SPUBLISH", &channel, &oversized]), "1");
+    events
+        .dispatch_confirmed(numbered("big", "1", 2))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 2);
+    let stats = events.stats();
+    assert_eq!((stats.skipped, stats.publish_failed), (1, 1), "{stats:?}");
+}

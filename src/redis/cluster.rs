@@ -133,6 +133,8 @@ pub struct RedisClusterTransport {
     signals: VecDeque<Up<Bytes>>,
     reader: Option<Waker>,
     response_timeout: Duration,
+    /// The largest message payload published or received ([`Self::max_message_size`]).
+    max_message_size: usize,
     last_channel: Option<Topic>,
     /// A batch's failure, reported by the next flush.
     deferred: Option<Error>,
@@ -207,9 +209,33 @@ impl RedisClusterTransport {
             signals: VecDeque::new(),
             reader: None,
             response_timeout: timeout,
+            max_message_size: super::DEFAULT_MAX_MESSAGE_SIZE,
             last_channel: None,
             deferred: None,
         })
+    }
+
+    /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
+    /// own limit; 64 MiB by default, as for [`RedisConfig::max_message_size`](super::RedisConfig::max_message_size)).
+    /// A bigger publish fails alone with an error of kind [`ErrorKind::TooLarge`] and is not
+    /// sent. A bigger message received is skipped: the stream reports an error of that kind
+    /// (an event target counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on
+    /// with the next message. redis-rs has read it whole by then (it reads the nodes'
+    /// connections itself): the limit keeps it from the layers above, not from memory.
+    ///
+    /// ```no_run
+    /// # async fn run() -> alkdev_pubsub::Result<()> {
+    /// use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+    ///
+    /// let transport = RedisClusterTransport::connect(["redis://127.0.0.1:7000"])
+    ///     .await?
+    ///     .max_message_size(1 << 20);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes.min(super::resp::MAX_BULK);
+        self
     }
 
     fn send_batch(&mut self) {
@@ -639,6 +665,24 @@ impl PushQueue {
     }
 }
 
+/// The error item for a message whose payload is over `limit`, skipped; `None` for any other
+/// push.
+fn oversized(push: &PushInfo, limit: usize) -> Option<Error> {
+    let [Value::BulkString(channel), Value::BulkString(payload)] = &push.data[..] else {
+        return None;
+    };
+    (payload.len() > limit).then(|| {
+        Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "a message of {} bytes on the channel {:?} is over the limit of {limit} bytes (RedisClusterTransport::max_message_size): skipped",
+                payload.len(),
+                String::from_utf8_lossy(channel),
+            ),
+        )
+    })
+}
+
 /// The notice of `count` messages dropped because the reader fell behind: a gap, as after a
 /// reconnect.
 fn dropped(count: u64) -> Up<Bytes> {
@@ -673,7 +717,20 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
     fn start_send(self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
         let this = self.get_mut();
         match command {
-            Command::Publish { topic, message } => this.batch.push((topic, message)),
+            Command::Publish { topic, message } => {
+                // Every subscriber with the same limit would skip it: refused here, alone.
+                if message.len() > this.max_message_size {
+                    return Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "publishing to {topic}: a message of {} bytes is over the limit of {} (RedisClusterTransport::max_message_size)",
+                            message.len(),
+                            this.max_message_size
+                        ),
+                    ));
+                }
+                this.batch.push((topic, message))
+            }
             Command::Subscribe(topic) => {
                 this.active.insert(topic.clone());
                 this.pending.push_back(Command::Subscribe(topic));
@@ -721,6 +778,9 @@ impl Stream for RedisClusterTransport {
             match this.pushes.poll_recv(cx) {
                 Poll::Ready(Some(Pushed::Message(push, size))) => {
                     this.queue.bytes.fetch_sub(size, Relaxed);
+                    if let Some(error) = oversized(&push, this.max_message_size) {
+                        return Poll::Ready(Some(Err(error)));
+                    }
                     if let Some(up) = this.handle_push(push) {
                         return Poll::Ready(Some(Ok(up)));
                     }
@@ -858,5 +918,24 @@ mod tests {
         assert_eq!(take(&mut pushes, &queue), [format!("message {half}")]);
         assert_eq!(queue.dropped.load(Relaxed), 1);
         assert_eq!(queue.bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_an_error_item_naming_it() {
+        assert!(oversized(&message(100), 100).is_none());
+        let error = oversized(&message(101), 100).expect("over the limit");
+        assert_eq!(error.kind(), ErrorKind::TooLarge);
+        assert!(
+            error
+                .to_string()
+                .contains("101 bytes on the channel \"t:1\""),
+            "{error}"
+        );
+        // Not a message: never over a limit.
+        let notice = PushInfo {
+            kind: PushKind::Disconnection,
+            data: Vec::new(),
+        };
+        assert!(oversized(&notice, 0).is_none());
     }
 }

@@ -102,6 +102,11 @@ const REPLY_READ_BUDGET: usize = 256;
 /// paused moved the whole backlog into this process.
 const MAX_HELD_BYTES: usize = 32 << 20;
 
+/// The largest message payload published or received by default: 64 MiB
+/// ([`RedisConfig::max_message_size`], [`RedisClusterTransport::max_message_size`](cluster::RedisClusterTransport::max_message_size)
+/// with the feature `redis-cluster`).
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
+
 /// Settings of a [`RedisTransport`].
 ///
 /// ```
@@ -131,7 +136,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(3),
-            max_message_size: 64 << 20,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
