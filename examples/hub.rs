@@ -107,6 +107,8 @@ fn parse_args() -> Result<Args, String> {
             "--listen" => args.listen = argv.next().ok_or("--listen needs ADDR")?,
             "--redis" => args.redis = Some(argv.next().ok_or("--redis needs URL")?),
             flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
+            // Once each: a second listener on a topic would forward its events twice.
+            topic if args.topics.iter().any(|t| t == topic) => {}
             topic => args.topics.push(topic.to_owned()),
         }
     }
@@ -234,9 +236,13 @@ async fn serve_spoke(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remember(&envelope, id);
+                // A refusal concerns this event (a topic over the limit) or the moment (Redis
+                // down and its buffer full): the spoke stays; a stopped target ends it.
                 if let Err(error) = shared.dispatch_event(envelope).await {
-                    eprintln!("hub: the shared target refused an event: {error}");
-                    break;
+                    eprintln!("hub: the shared target refused an event from spoke {id}: {error}");
+                    if error.is_closed() {
+                        break;
+                    }
                 }
             }
             Ok(_) => {}

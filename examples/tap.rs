@@ -8,8 +8,9 @@
 //! `listen` prints every envelope received on the topics as one compact JSON line on stdout
 //! (diagnostics go to stderr), skips malformed messages, and exits 0 after N envelopes with
 //! `--count`. `publish` reads one envelope per line on stdin, publishes each on its topic
-//! (`type:id`), reports a bad line on stderr with its number and skips it, and exits 0 at the
-//! end of input once everything is flushed (for Redis: acknowledged).
+//! (`type:id`), reports a bad line (not an envelope, not UTF-8, or an envelope refused on its
+//! own, such as one whose topic is over the limit) on stderr with its number and skips it, and
+//! exits 0 at the end of input once everything is flushed (for Redis: acknowledged).
 //!
 //! ```text
 //! cargo run --example tap --all-features -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
@@ -223,51 +224,90 @@ async fn listen(args: &Args) -> Result<(), String> {
 
 async fn publish(args: &Args) -> Result<(), String> {
     let events = target(args, Some(3))?;
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let result = publish_lines(&events).await;
+    // Also after an error: what was dispatched before it is flushed.
+    events.close().await;
+    let tally = result?;
+    // Failures past the refusals already reported (a refusal may count as a failed publish).
+    let failed = events.stats().publish_failed.saturating_sub(tally.refused);
+    if failed > 0 {
+        return Err(format!("{failed} publish(es) failed"));
+    }
+    eprintln!(
+        "tap: published {} envelope(s), skipped {} bad line(s)",
+        tally.sent,
+        tally.unread + tally.refused
+    );
+    Ok(())
+}
+
+/// What [`publish_lines`] did with the lines: published, not an envelope, or an envelope
+/// refused on its own.
+struct Tally {
+    sent: u64,
+    unread: u64,
+    refused: u64,
+}
+
+/// Publishes each line of stdin that is an envelope. Lines are read as bytes: one that is not
+/// UTF-8 is a bad line like any other, not the end of the input.
+async fn publish_lines(events: &EventTarget) -> Result<Tally, String> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).split(b'\n');
     let mut number = 0u64;
-    let mut bad = 0u64;
-    let mut last = None;
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .map_err(|e| format!("reading stdin: {e}"))?
-    {
+    let mut tally = Tally {
+        sent: 0,
+        unread: 0,
+        refused: 0,
+    };
+    let mut last: Option<(u64, Envelope)> = None;
+    // A publish refused on its own (a topic over the limit, say) is a bad line; a target that
+    // stopped ends the run.
+    let outcome = |tally: &mut Tally, line: u64, result: alkdev_pubsub::Result<()>| {
+        match result {
+            Ok(()) => tally.sent += 1,
+            Err(error) if error.is_closed() => return Err(format!("line {line}: {error}")),
+            Err(error) => {
+                eprintln!("tap: line {line}: not published, skipped: {error}");
+                tally.refused += 1;
+            }
+        }
+        Ok(())
+    };
+    let mut read_error = None;
+    loop {
+        let line = match lines.next_segment().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            // What was read before is still published.
+            Err(error) => {
+                read_error = Some(format!("reading stdin after line {number}: {error}"));
+                break;
+            }
+        };
         number += 1;
-        if line.trim().is_empty() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let envelope: Envelope = match serde_json::from_str(&line) {
+        let envelope: Envelope = match serde_json::from_slice(&line) {
             Ok(envelope) => envelope,
             Err(error) => {
                 eprintln!("tap: line {number}: not an envelope, skipped: {error}");
-                bad += 1;
+                tally.unread += 1;
                 continue;
             }
         };
         // Each line is published once the next is read (the last one is confirmed), so an
         // error names the line of the envelope that failed.
         if let Some((line, previous)) = last.replace((number, envelope)) {
-            events
-                .dispatch_event(previous)
-                .await
-                .map_err(|e| format!("line {line}: {e}"))?;
+            outcome(&mut tally, line, events.dispatch_event(previous).await)?;
         }
     }
     // Confirming the last one confirms them all: flushes complete in order.
     if let Some((line, envelope)) = last {
-        events
-            .dispatch_confirmed(envelope)
-            .await
-            .map_err(|e| format!("line {line}: {e}"))?;
+        outcome(&mut tally, line, events.dispatch_confirmed(envelope).await)?;
     }
-    let stats = events.stats();
-    events.close().await;
-    if stats.publish_failed > 0 {
-        return Err(format!("{} publish(es) failed", stats.publish_failed));
+    match read_error {
+        Some(error) => Err(error),
+        None => Ok(tally),
     }
-    eprintln!(
-        "tap: published {} envelope(s), skipped {bad} bad line(s)",
-        stats.published
-    );
-    Ok(())
 }

@@ -456,14 +456,18 @@ async fn tap_listens_and_publishes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    publish
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            b"{\"type\":\"chat\",\"id\":\"1\",\"payload\":{\"m\":\"hi\"}}\nnot json\n{\"type\":\"chat\",\"id\":\"2\"}\n",
-        )
-        .unwrap();
+    // Bad lines: not JSON, not UTF-8, an envelope whose topic is over the limit. Each is
+    // reported and skipped; the good ones around them are published.
+    let long = format!(
+        "{{\"type\":\"chat\",\"id\":\"{}\"}}\n",
+        "x".repeat(alkdev_pubsub::layers::MAX_TOPIC_LEN)
+    );
+    let mut input =
+        b"{\"type\":\"chat\",\"id\":\"1\",\"payload\":{\"m\":\"hi\"}}\nnot json\n".to_vec();
+    input.extend_from_slice(b"\xff\xfe\n");
+    input.extend_from_slice(long.as_bytes());
+    input.extend_from_slice(b"{\"type\":\"chat\",\"id\":\"2\"}\n");
+    publish.stdin.take().unwrap().write_all(&input).unwrap();
     let published = tokio::task::spawn_blocking(move || publish.wait_with_output())
         .await
         .unwrap()
@@ -474,9 +478,15 @@ async fn tap_listens_and_publishes() {
         published.stdout.is_empty(),
         "publish prints nothing on stdout"
     );
+    for line in ["line 2:", "line 3:", "line 4:"] {
+        assert!(
+            stderr.contains(line),
+            "each bad line is reported with its number ({line}): {stderr}"
+        );
+    }
     assert!(
-        stderr.contains("line 2"),
-        "the bad line is reported with its number: {stderr}"
+        stderr.contains("published 2 envelope(s), skipped 3 bad line(s)"),
+        "{stderr}"
     );
 
     let listened = tokio::task::spawn_blocking(move || listen.wait_with_output())
