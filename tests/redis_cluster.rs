@@ -506,3 +506,16 @@ async fn a_message_over_the_size_limit_is_refused_or_skipped_and_the_next_arrive
     let stats = events.stats();
     assert_eq!((stats.skipped, stats.publish_failed), (1, 1), "{stats:?}");
 }
+
+/// The conformance suite, over a 3-master cluster: one stack publishes, another listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_passes_the_conformance_suite() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    testkit::run_all(|| {
+        let pair = testkit::Pair::new(stack(&cluster), stack(&cluster));
+        async move { pair }
+    })
+    .await;
+}

@@ -883,3 +883,19 @@ async fn closing_gives_up_on_a_peer_that_floods_and_never_answers() {
     flooder.abort();
     drop(reading);
 }
+
+/// The conformance suite, over a WebSocket: a client target publishes, the target its
+/// connection was accepted as listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_passes_the_conformance_suite() {
+    testkit::run_all(|| async {
+        let listener = WebSocketListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let accepting = tokio::spawn(async move { listener.accept_event_target().await });
+        let client: EventTarget =
+            websocket::event_target(WebSocketTransport::connect(&url).await.unwrap());
+        let (server, _) = accepting.await.unwrap().unwrap();
+        testkit::Pair::new(client, server)
+    })
+    .await;
+}
