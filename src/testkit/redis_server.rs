@@ -105,10 +105,20 @@ impl RedisServer {
             .map_err(|e| format!("spawning redis-server: {e}"))?;
         self.child = Some(child);
         self.paused = false;
+        let pid = self.child.as_ref().map(Child::id);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.ping() {
-                return Ok(());
+            // Ours, not another test's server on a port that was free a moment ago.
+            match self.answering_pid() {
+                Some(answering) if Some(answering) == pid => return Ok(()),
+                Some(other) => {
+                    self.kill();
+                    return Err(format!(
+                        "port {} is taken by another redis-server (pid {other})",
+                        self.port
+                    ));
+                }
+                None => {}
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 self.child = None;
@@ -126,15 +136,32 @@ impl RedisServer {
         ))
     }
 
-    fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+    /// The process id of the server answering on the port, if one answers.
+    fn answering_pid(&self) -> Option<u32> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .ok()?;
+        stream.write_all(b"INFO server\r\n").ok()?;
+        // A bulk string: `$<len>\r\n<text>\r\n`.
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            let (head, body) = text.strip_prefix('$')?.split_once("\r\n")?;
+            let len: usize = head.parse().ok()?;
+            if body.len() >= len {
+                return body
+                    .lines()
+                    .find_map(|line| line.strip_prefix("process_id:"))
+                    .and_then(|pid| pid.trim().parse().ok());
+            }
+        }
     }
 
     /// The server's working directory (where a cluster node keeps its `nodes.conf`).
