@@ -57,6 +57,16 @@ mod stats;
 mod subscription;
 mod target;
 mod waker;
+
+/// The instant `duration` from now, or one about thirty years away for a duration past what an
+/// instant can hold (a timeout "disabled" with `Duration::MAX`): `Instant + Duration` would
+/// panic there.
+#[cfg(any(feature = "redis", feature = "websocket"))]
+fn deadline_in(duration: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 24 * 3600))
+}
 pub mod worker;
 
 #[cfg(feature = "redis")]

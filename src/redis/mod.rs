@@ -79,7 +79,7 @@ use futures::future::BoxFuture;
 use futures::{Sink, Stream};
 use redis::aio::{MultiplexedConnection, PubSub, PubSubSink, PubSubStream};
 use redis::{AsyncConnectionConfig, Client, Msg, RedisError};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 use resp::Frame;
@@ -253,16 +253,16 @@ pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize], limit: usize) -> Vec
 /// A URL without its password (`user:password@`, or a `pass=` query parameter as in
 /// `redis+unix:///path?pass=...`), for messages.
 fn redact(url: &str) -> String {
-    let mut redacted = match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+    // The user info runs from after `://` (or the start, when the scheme is missing or
+    // mistyped) to the last `@`.
+    let start = url.find("://").map_or(0, |scheme| scheme + 3);
+    let mut redacted = match url.rfind('@') {
+        Some(at) if at >= start => {
+            let userinfo = &url[start..at];
             match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
+                Some(colon) => format!("{}{}:***{}", &url[..start], &userinfo[..colon], &url[at..]),
+                // Without a scheme, a lone word may be a password.
+                None if start == 0 => format!("***{}", &url[at..]),
                 None => url.to_owned(),
             }
         }
@@ -764,7 +764,7 @@ impl RedisTransport {
             Request::Control => self.config.response_timeout,
             Request::Ping => self.config.ping_timeout,
         };
-        self.reply_timer.as_mut().reset(Instant::now() + timeout);
+        self.reply_timer.as_mut().reset(crate::deadline_in(timeout));
         self.read_when_armed = self.bytes_read();
     }
 
@@ -949,7 +949,7 @@ impl RedisTransport {
                     return Err(unexpected(self, &frame));
                 }
                 self.answered();
-                let next = Instant::now() + self.config.ping_interval;
+                let next = crate::deadline_in(self.config.ping_interval);
                 self.ping.as_mut().reset(next);
             }
             Frame::Error(ref reply) => match self.requests.front().copied() {
@@ -988,7 +988,7 @@ impl RedisTransport {
                         tracing::debug!(%reply, peer = %self.peer(), "Redis answered a ping with an error");
                     }
                     self.answered();
-                    let next = Instant::now() + self.config.ping_interval;
+                    let next = crate::deadline_in(self.config.ping_interval);
                     self.ping.as_mut().reset(next);
                 }
                 None => return Err(unexpected(self, &frame)),
@@ -1070,7 +1070,7 @@ impl RedisTransport {
             match reply.as_mut().poll(cx) {
                 Poll::Ready(Ok(())) => {
                     self.ping_reply = None;
-                    let next = Instant::now() + self.config.ping_interval;
+                    let next = crate::deadline_in(self.config.ping_interval);
                     self.ping.as_mut().reset(next);
                 }
                 Poll::Ready(Err(error)) => return Err(self.fail(error)),
@@ -1270,6 +1270,7 @@ mod tests {
     use super::*;
     use futures::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
 
     /// A transport whose two connections are in-memory pipes: the test plays Redis at their
     /// other ends (the publish end, then the subscribe end).
@@ -1528,9 +1529,35 @@ mod tests {
                 "unix:///tmp/r.sock?pass=s3cret",
                 "unix:///tmp/r.sock?pass=***",
             ),
+            // The scheme left out or mistyped: still no password.
+            ("default:s3cret@host:6379", "default:***@host:6379"),
+            ("redis:/:s3cret@host", "redis:***@host"),
+            ("s3cret@host", "***@host"),
         ];
         for (url, printed) in cases {
             assert_eq!(redact(url), printed);
         }
+    }
+
+    /// Timeouts "disabled" with `Duration::MAX` do not panic when armed (answers, pings).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timeouts_of_duration_max_do_not_panic() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::MAX)
+            .ping_timeout(Duration::MAX)
+            .ping_interval(Duration::MAX);
+        let (transport, _publish, mut server) = over_pipes(config).await;
+        let (mut sink, mut got) = split_with_reader(transport);
+        sink.send(Command::Subscribe(Topic::from("c")))
+            .await
+            .unwrap();
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
+        confirm(&mut server, &mut got).await;
+        server
+            .write_all(message("c", "after").as_bytes())
+            .await
+            .unwrap();
+        let after = got.recv().await.unwrap().expect("still up");
+        assert!(after.contains("after"), "{after}");
     }
 }

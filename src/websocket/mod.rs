@@ -564,7 +564,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             return Err(self.fail(error));
         }
         while self.ping.as_mut().poll(cx).is_ready() {
-            let next = Instant::now() + self.config.ping_every();
+            let next = crate::deadline_in(self.config.ping_every());
             self.ping.as_mut().reset(next);
             self.ping_owed = true;
         }
