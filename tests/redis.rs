@@ -880,6 +880,40 @@ async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing(
     );
 }
 
+/// The same bound for a flood of empty messages: each counts for its place in the queue, not
+/// only its payload (it counted nothing, and the whole backlog was read in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_reads_a_bounded_count_of_empty_messages_ahead() {
+    use futures::SinkExt;
+    let server = RedisServer::start();
+    set_pubsub_output_limit(&server, "pubsub 0 0 0");
+    let mut transport = config().connect(server.url()).await.unwrap();
+    transport
+        .send(alkdev_pubsub::Command::Subscribe(Topic::from("e:1")))
+        .await
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    // 600,000 empty messages: about 41 MB at 69 bytes each (the place, the channel).
+    for _ in 0..60 {
+        let mut pipeline = redis::pipe();
+        for _ in 0..10_000 {
+            pipeline.cmd("PUBLISH").arg("e:1").arg("").ignore();
+        }
+        let () = pipeline.query_async(&mut publisher).await.unwrap();
+    }
+    feed_behind_a_subscribe(&mut transport, "e:2", "e:3", b"held").await;
+    let error = tokio::time::timeout(WAIT, transport.flush())
+        .await
+        .expect("the flush ends")
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Timeout, "{error}");
+    assert!(
+        error.to_string().contains("wait for the reading side"),
+        "{error}"
+    );
+}
+
 /// A Unix socket and a password without a user name (`AUTH password`): the subscribe
 /// connection, which the transport opens itself, uses both as the publish connection does.
 #[cfg(unix)]

@@ -102,6 +102,23 @@ const REPLY_READ_BUDGET: usize = 256;
 /// paused moved the whole backlog into this process.
 const MAX_HELD_BYTES: usize = 32 << 20;
 
+/// What an item held for the reading side counts for beyond its payload (its channel aside):
+/// its place in the queue and its frame, so that a flood of small or empty messages is bounded
+/// too.
+const HELD_OVERHEAD: usize = 64;
+
+/// What `item` counts for against [`MAX_HELD_BYTES`]: a message or an error item for one
+/// (skipped over the size limit); not a command's answer (one per command sent).
+fn held_size(item: &Result<Up<Bytes>>) -> usize {
+    match item {
+        Ok(Up::Message { channel, message }) => {
+            HELD_OVERHEAD + message.len() + channel.as_ref().map_or(0, |c| c.len())
+        }
+        Err(_) => HELD_OVERHEAD,
+        Ok(_) => 0,
+    }
+}
+
 /// The largest message payload published or received by default: 64 MiB
 /// ([`RedisConfig::max_message_size`], [`RedisClusterTransport::max_message_size`](cluster::RedisClusterTransport::max_message_size)
 /// with the feature `redis-cluster`).
@@ -794,9 +811,7 @@ impl RedisTransport {
             budget -= 1;
             match self.poll_message(cx) {
                 Poll::Ready(Ok(Some(item))) => {
-                    if let Ok(Up::Message { message, .. }) = &item {
-                        self.held_bytes += message.len();
-                    }
+                    self.held_bytes += held_size(&item);
                     self.signals.push_back(item);
                 }
                 Poll::Ready(Ok(None)) => {}
@@ -819,9 +834,7 @@ impl RedisTransport {
     /// The next signal kept for the reading side.
     fn take_signal(&mut self) -> Option<Result<Up<Bytes>>> {
         let signal = self.signals.pop_front()?;
-        if let Ok(Up::Message { message, .. }) = &signal {
-            self.held_bytes -= message.len();
-        }
+        self.held_bytes -= held_size(&signal);
         Some(signal)
     }
 
