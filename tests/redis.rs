@@ -846,17 +846,8 @@ async fn a_sink_alone_sends_publishes_held_behind_a_subscribe() {
 /// as Redis does past its own limit, rather than move the whole backlog into this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing() {
-    use futures::SinkExt;
     let server = RedisServer::start();
-    // Redis keeps whatever this client does not read.
-    set_pubsub_output_limit(&server, "pubsub 0 0 0");
-    let mut transport = config().connect(server.url()).await.unwrap();
-    transport
-        .send(alkdev_pubsub::Command::Subscribe(Topic::from("big:1")))
-        .await
-        .unwrap();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let (mut transport, mut publisher) = subscribed_and_never_read(&server, "big:1").await;
     let megabyte = vec![b'x'; 1 << 20];
     for _ in 0..40 {
         let _: i64 = redis::cmd("PUBLISH")
@@ -868,7 +859,37 @@ async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing(
     }
     // A publish held behind a second subscribe: the flush waits for its answer, which comes
     // after the 40 MiB.
-    feed_behind_a_subscribe(&mut transport, "big:2", "big:3", b"held").await;
+    flush_behind_a_subscribe_times_out(&mut transport, "big:2", "big:3").await;
+}
+
+/// A transport subscribed to `channel` whose stream nobody reads (Redis keeps whatever it
+/// does not read), and a publishing connection.
+async fn subscribed_and_never_read(
+    server: &RedisServer,
+    channel: &str,
+) -> (RedisTransport, redis::aio::MultiplexedConnection) {
+    use futures::SinkExt;
+    set_pubsub_output_limit(server, "pubsub 0 0 0");
+    let mut transport = config().connect(server.url()).await.unwrap();
+    transport
+        .send(alkdev_pubsub::Command::Subscribe(Topic::from(channel)))
+        .await
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let publisher = client.get_multiplexed_async_connection().await.unwrap();
+    (transport, publisher)
+}
+
+/// A publish held behind a subscribe of `first` (then `second`): the flush waits for its
+/// answer, which comes after what was published before; the transport stops reading at its
+/// bound, and the answer's timeout fails the connection.
+async fn flush_behind_a_subscribe_times_out(
+    transport: &mut RedisTransport,
+    first: &str,
+    second: &str,
+) {
+    use futures::SinkExt;
+    feed_behind_a_subscribe(transport, first, second, b"held").await;
     let error = tokio::time::timeout(WAIT, transport.flush())
         .await
         .expect("the flush ends")
@@ -884,16 +905,8 @@ async fn a_subscribe_reads_at_most_32_mib_ahead_for_a_reader_that_takes_nothing(
 /// only its payload (it counted nothing, and the whole backlog was read in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_reads_a_bounded_count_of_empty_messages_ahead() {
-    use futures::SinkExt;
     let server = RedisServer::start();
-    set_pubsub_output_limit(&server, "pubsub 0 0 0");
-    let mut transport = config().connect(server.url()).await.unwrap();
-    transport
-        .send(alkdev_pubsub::Command::Subscribe(Topic::from("e:1")))
-        .await
-        .unwrap();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let (mut transport, mut publisher) = subscribed_and_never_read(&server, "e:1").await;
     // 600,000 empty messages: about 41 MB at 69 bytes each (the place, the channel).
     for _ in 0..60 {
         let mut pipeline = redis::pipe();
@@ -902,16 +915,7 @@ async fn a_subscribe_reads_a_bounded_count_of_empty_messages_ahead() {
         }
         let () = pipeline.query_async(&mut publisher).await.unwrap();
     }
-    feed_behind_a_subscribe(&mut transport, "e:2", "e:3", b"held").await;
-    let error = tokio::time::timeout(WAIT, transport.flush())
-        .await
-        .expect("the flush ends")
-        .unwrap_err();
-    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Timeout, "{error}");
-    assert!(
-        error.to_string().contains("wait for the reading side"),
-        "{error}"
-    );
+    flush_behind_a_subscribe_times_out(&mut transport, "e:2", "e:3").await;
 }
 
 /// A Unix socket and a password without a user name (`AUTH password`): the subscribe
