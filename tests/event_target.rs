@@ -2284,11 +2284,11 @@ fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
     });
 }
 
-/// A transport the test answers by hand: it records the commands it is sent, and yields what
-/// the test pushes. With `slow_flush`, a flush never completes (a close still does: it
-/// flushes and closes in one go). While `gate` is shut, it takes no command.
+/// A transport the test answers by hand: it takes every command (wrap it in a [`Recorder`] to
+/// see them) and yields what the test pushes. With `slow_flush`, a flush never completes (a
+/// close still does: it flushes and closes in one go). While `gate` is shut, it takes no
+/// command.
 struct Scripted {
-    sent: Arc<Mutex<Vec<String>>>,
     up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
     slow_flush: bool,
     gate: Arc<Gate>,
@@ -2332,15 +2332,8 @@ impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
 
     fn start_send(
         self: std::pin::Pin<&mut Self>,
-        command: alkdev_pubsub::layers::Command<Envelope>,
+        _: alkdev_pubsub::layers::Command<Envelope>,
     ) -> Result<(), Self::Error> {
-        use alkdev_pubsub::layers::Command;
-        let line = match command {
-            Command::Publish { topic, .. } => format!("publish {topic}"),
-            Command::Subscribe(topic) => format!("subscribe {topic}"),
-            Command::Unsubscribe(topic) => format!("unsubscribe {topic}"),
-        };
-        self.sent.lock().unwrap().push(line);
         Ok(())
     }
 
@@ -2379,31 +2372,31 @@ impl futures::Stream for Scripted {
 /// unsubscribe still waits to be sent).
 async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     use alkdev_pubsub::layers::Up;
-    let sent = Arc::new(Mutex::new(Vec::new()));
     let gate = Arc::new(Gate::default());
     let (answer, up) = futures::channel::mpsc::unbounded();
-    let events: EventTarget = EventTarget::new(Scripted {
-        sent: Arc::clone(&sent),
+    let transport = Recorder::new(Scripted {
         up,
         slow_flush: false,
         gate: Arc::clone(&gate),
     });
-    let sent_count = |what: &'static str| {
-        let sent = Arc::clone(&sent);
-        move || {
-            sent.lock()
-                .unwrap()
-                .iter()
-                .filter(|line| *line == what)
-                .count()
-        }
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    let sent_count = |what: Recorded| {
+        let log = log.clone();
+        move || log.snapshot().iter().filter(|r| **r == what).count()
     };
     let first = events.add_event_listener("t:1", |_| {}).unwrap();
-    settle("the subscribe", || sent_count("subscribe t:1")() == 1).await;
+    settle("the subscribe", || {
+        sent_count(Recorded::Subscribe("t:1".into()))() == 1
+    })
+    .await;
     answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
     // The last listener leaves (an unsubscribe goes out), then the topic gets one again.
     assert!(events.remove_event_listener("t:1", first));
-    settle("the unsubscribe", || sent_count("unsubscribe t:1")() == 1).await;
+    settle("the unsubscribe", || {
+        sent_count(Recorded::Unsubscribe("t:1".into()))() == 1
+    })
+    .await;
     let got = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&got);
     events
@@ -2412,7 +2405,7 @@ async fn close_waits_for_its_own_unsubscribe(shut: bool) {
         })
         .unwrap();
     settle("the second subscribe", || {
-        sent_count("subscribe t:1")() == 2
+        sent_count(Recorded::Subscribe("t:1".into()))() == 2
     })
     .await;
     if shut {
@@ -2424,7 +2417,7 @@ async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     });
     if !shut {
         settle("the close's unsubscribe", || {
-            sent_count("unsubscribe t:1")() == 2
+            sent_count(Recorded::Unsubscribe("t:1".into()))() == 2
         })
         .await;
     }
@@ -2437,7 +2430,7 @@ async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     if shut {
         gate.open();
         settle("the close's unsubscribe", || {
-            sent_count("unsubscribe t:1")() == 2
+            sent_count(Recorded::Unsubscribe("t:1".into()))() == 2
         })
         .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2520,7 +2513,6 @@ async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
     let events: EventTarget = EventTarget::builder()
         .close_timeout(Duration::from_millis(100))
         .build(Scripted {
-            sent: Arc::default(),
             up,
             slow_flush: true,
             gate: Arc::default(),
