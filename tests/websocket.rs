@@ -853,6 +853,48 @@ async fn closing_the_writing_half_ends_the_reading_half_cleanly() {
     tokio::time::timeout(WAIT, peer).await.unwrap().unwrap();
 }
 
+/// The connection ends while a publish waits unflushed: closing the sink then reports the
+/// failure (the publish is lost); a close with everything flushed before the end is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_after_the_connection_ended_reports_publishes_it_lost() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    for lost in [true, false] {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let config = WebSocketConfig::new()
+            .ping_interval(Duration::from_secs(30))
+            .idle_timeout(Duration::from_secs(60));
+        let mut transport = WebSocketTransport::from_raw_socket(ours, Role::Client, config).await;
+        let mut peer =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        transport
+            .feed(Command::Publish {
+                topic: Topic::from("t:1"),
+                message: "{}".into(),
+            })
+            .await
+            .unwrap();
+        if !lost {
+            transport.flush().await.unwrap();
+            let frame = tokio::time::timeout(WAIT, peer.next()).await.unwrap();
+            assert_eq!(frame.unwrap().unwrap(), Message::text("{}"));
+        }
+        // The peer vanishes: the reading side finds the connection over.
+        drop(peer);
+        let failure = tokio::time::timeout(WAIT, transport.next())
+            .await
+            .unwrap()
+            .expect("the end is reported")
+            .unwrap_err();
+        let closed = tokio::time::timeout(WAIT, transport.close()).await.unwrap();
+        if lost {
+            let error = closed.expect_err("a publish was lost");
+            assert_eq!(error.kind(), failure.kind(), "{error}");
+        } else {
+            closed.expect("nothing was lost");
+        }
+    }
+}
+
 /// A peer that keeps sending and never answers the close frame: closing gives up waiting for
 /// its answer after 5 s, though the socket never runs dry meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,10 @@
 //! - `SUBSCRIBE`/`UNSUBSCRIBE` are sent per topic (consecutive ones batched into one command);
 //!   the server's confirmation is surfaced as [`Up::Subscribed`], so
 //!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the
-//!   subscription.
+//!   subscription. A publish fed after a subscribe or unsubscribe is sent once that is
+//!   answered (the two go over different connections; this way a target hears its own
+//!   publish on a topic it just joined), and never waits for one fed after it: publishes go on
+//!   under steady subscription churn.
 //! - The publish connection is redis-rs's. The subscribe connection that
 //!   [`connect`](RedisTransport::connect) opens is this transport's own: a TCP or Unix socket
 //!   speaking RESP2 (also when the URL asks for RESP3, which then applies to the publish
@@ -407,9 +410,21 @@ fn server_error(what: &str, reply: &[u8]) -> Error {
 /// The Redis pub/sub transport: see the [module](self).
 pub struct RedisTransport {
     publisher: MultiplexedConnection,
-    /// Publishes fed since the last pipeline was sent.
+    /// Publishes fed since the last pipeline was sent (or held), all of them after the first
+    /// `pipeline_after` subscribes and unsubscribes.
     pipeline: redis::Pipeline,
     pipeline_len: usize,
+    pipeline_after: u64,
+    /// Pipelines held behind subscribes or unsubscribes, oldest first: each goes once the
+    /// first so many commands fed are answered, and with it the publishes in them.
+    /// Publishes fed after a subscribe wait for it (see `control_answered_count`),
+    /// not for those fed after them: each subscribe fed between two publishes starts a new
+    /// pipeline.
+    held: VecDeque<(u64, redis::Pipeline, usize)>,
+    /// How many publishes `held` holds.
+    held_len: usize,
+    /// How many subscribes and unsubscribes were fed.
+    control_fed: u64,
     /// The pipeline sent and not yet acknowledged; it hands the pipeline back, emptied, to be
     /// filled again (its buffers keep their size).
     in_flight: Option<BoxFuture<'static, (redis::Pipeline, Result<()>)>>,
@@ -447,6 +462,9 @@ pub struct RedisTransport {
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
     failed: Option<Error>,
+    /// Publishes were fed since everything fed was last answered: if the connection fails
+    /// now, they are lost, and `poll_close` says so.
+    unanswered: bool,
     /// A pipeline's failure that concerned only its publishes, reported by the next flush.
     deferred: Option<Error>,
     /// The last channel a message came on: traffic mostly repeats channels, and reusing the
@@ -458,7 +476,7 @@ pub struct RedisTransport {
 impl fmt::Debug for RedisTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTransport")
-            .field("unsent_publishes", &self.pipeline_len)
+            .field("unsent_publishes", &(self.pipeline_len + self.held_len))
             .field("pipeline_in_flight", &self.in_flight.is_some())
             .field("pending_subscriptions", &self.pending.len())
             .field("failed", &self.failed)
@@ -505,6 +523,10 @@ impl RedisTransport {
             publisher: publish,
             pipeline: redis::pipe(),
             pipeline_len: 0,
+            pipeline_after: 0,
+            held: VecDeque::new(),
+            held_len: 0,
+            control_fed: 0,
             spare: None,
             in_flight: None,
             subscriber,
@@ -523,6 +545,7 @@ impl RedisTransport {
             ping_reply: None,
             config,
             failed: None,
+            unanswered: false,
             deferred: None,
             last_channel: None,
             frames: Frames::default(),
@@ -544,15 +567,33 @@ impl RedisTransport {
         }
     }
 
-    /// Sends the accumulated publishes as one pipeline, if none is in flight and no subscribe
-    /// fed before them is still unconfirmed.
+    /// Sends the oldest publishes not sent as one pipeline, if none is in flight and no
+    /// subscribe fed before them is still unconfirmed.
     fn send_pipeline(&mut self) {
-        if self.in_flight.is_some() || self.pipeline_len == 0 || self.subscribing() {
+        if self.in_flight.is_some() {
             return;
         }
-        let next = self.spare.take().unwrap_or_else(redis::pipe);
-        let mut pipeline = std::mem::replace(&mut self.pipeline, next);
-        let publishes = std::mem::take(&mut self.pipeline_len);
+        let answered = self.control_answered_count();
+        let (mut pipeline, publishes) = match self.held.front() {
+            Some(&(after, ..)) => {
+                if after > answered {
+                    return;
+                }
+                let (_, pipeline, publishes) = self.held.pop_front().expect("looked at");
+                self.held_len -= publishes;
+                (pipeline, publishes)
+            }
+            None => {
+                if self.pipeline_len == 0 || self.pipeline_after > answered {
+                    return;
+                }
+                let next = self.spare.take().unwrap_or_else(redis::pipe);
+                (
+                    std::mem::replace(&mut self.pipeline, next),
+                    std::mem::take(&mut self.pipeline_len),
+                )
+            }
+        };
         let mut connection = self.publisher.clone();
         self.in_flight = Some(Box::pin(async move {
             let result = pipeline.exec_async(&mut connection).await.map_err(|e| {
@@ -563,11 +604,20 @@ impl RedisTransport {
         }));
     }
 
-    /// Whether a subscribe or unsubscribe waits to be sent or confirmed. Publishes fed after
-    /// one wait for it, so that a target hears its own publishes on a topic it just joined
-    /// (the two use different connections).
-    fn subscribing(&self) -> bool {
-        !self.pending.is_empty() || !matches!(self.control, Control::Idle)
+    /// How many of the subscribes and unsubscribes fed are answered (they are answered in
+    /// order). Publishes fed after one wait for it, so that a target hears its own publishes
+    /// on a topic it just joined (the two use different connections).
+    fn control_answered_count(&self) -> u64 {
+        let sent = match &self.control {
+            Control::Idle => 0,
+            Control::InFlight { topics, .. } | Control::Sent { topics, .. } => topics.len(),
+        };
+        self.control_fed - (self.pending.len() + sent) as u64
+    }
+
+    /// Publishes not sent yet: held, or in the pipeline being filled.
+    fn unsent(&self) -> usize {
+        self.pipeline_len + self.held_len
     }
 
     /// Drives the publish pipelines; `Ready(Ok)` once every fed publish is acknowledged.
@@ -575,11 +625,12 @@ impl RedisTransport {
         loop {
             self.send_pipeline();
             let Some(in_flight) = self.in_flight.as_mut() else {
-                if self.pipeline_len > 0 {
+                if self.unsent() > 0 {
                     // Held behind a subscribe; its answer wakes this task (the writer).
                     return Poll::Pending;
                 }
                 // Everything fed so far is answered: report a failure among it now.
+                self.unanswered = false;
                 return Poll::Ready(self.deferred.take().map_or(Ok(()), Err));
             };
             let done = std::task::ready!(in_flight.as_mut().poll(cx));
@@ -680,7 +731,7 @@ impl RedisTransport {
                 }
                 Control::Idle => {
                     let Some(first) = self.pending.pop_front() else {
-                        if self.pipeline_len > 0 && self.in_flight.is_none() {
+                        if self.unsent() > 0 && self.in_flight.is_none() {
                             // Publishes held behind the subscriptions can go now: wake the
                             // task that flushes.
                             self.writer.as_ref().unwrap_or(cx.waker()).wake_by_ref();
@@ -1160,7 +1211,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
         let this = self.get_mut();
         this.check()?;
         crate::waker::remember(&mut this.writer, cx);
-        if this.pipeline_len < MAX_PIPELINE {
+        if this.unsent() < MAX_PIPELINE {
             return Poll::Ready(Ok(()));
         }
         // Full: wait for the pipeline in flight, then send this one. A failure of the one in
@@ -1203,11 +1254,23 @@ impl Sink<Command<Bytes>> for RedisTransport {
                 let mut publish =
                     redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + message.len());
                 publish.arg("PUBLISH").arg(topic.as_str()).arg(&message[..]);
+                if this.pipeline_len > 0 && this.pipeline_after != this.control_fed {
+                    // A subscribe came since the pipeline's last publish: what is in it need not
+                    // wait for that subscribe's answer, this publish must.
+                    let next = this.spare.take().unwrap_or_else(redis::pipe);
+                    let held = std::mem::replace(&mut this.pipeline, next);
+                    let publishes = std::mem::take(&mut this.pipeline_len);
+                    this.held.push_back((this.pipeline_after, held, publishes));
+                    this.held_len += publishes;
+                }
                 this.pipeline.add_command(publish);
                 this.pipeline_len += 1;
+                this.pipeline_after = this.control_fed;
+                this.unanswered = true;
             }
             subscription => {
                 this.pending.push_back(subscription.map(|_| ()));
+                this.control_fed += 1;
                 // The reading side drives subscriptions: make sure it looks.
                 if let Some(reader) = this.reader.take() {
                     reader.wake();
@@ -1227,8 +1290,14 @@ impl Sink<Command<Bytes>> for RedisTransport {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if this.failed.is_some() {
-            return Poll::Ready(Ok(()));
+        if let Some(error) = &this.failed {
+            // Closed after a failure: fine if nothing was lost to it, else the failure (the
+            // publishes fed since the last answered flush never went, or went unanswered).
+            return Poll::Ready(if this.unanswered {
+                Err(error.clone())
+            } else {
+                Ok(())
+            });
         }
         crate::waker::remember(&mut this.writer, cx);
         // Publishes held behind a subscribe go once it is answered: drive it from here.
@@ -1525,6 +1594,123 @@ mod tests {
             .await
             .expect("flushed")
             .unwrap();
+    }
+
+    /// A publish waits for the subscribes fed before it, not for those fed after it: under
+    /// steady subscription churn, publishes still go.
+    #[tokio::test]
+    async fn a_publish_waits_for_earlier_subscribes_only() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_secs(3600));
+        let (transport, mut publish_server, mut server) = over_pipes(config).await;
+        let (mut sink, mut got) = split_with_reader(transport);
+        let publish = |payload: &'static str| Command::Publish {
+            topic: Topic::from("c"),
+            message: Bytes::from_static(payload.as_bytes()),
+        };
+        let (sent_c, c_sent) = tokio::sync::oneshot::channel();
+        let flusher = tokio::spawn(async move {
+            sink.feed(Command::Subscribe(Topic::from("c")))
+                .await
+                .unwrap();
+            sink.feed(publish("1")).await.unwrap();
+            // `d` goes out as a command of its own (queued with `c`, it would join it).
+            c_sent.await.unwrap();
+            sink.feed(Command::Subscribe(Topic::from("d")))
+                .await
+                .unwrap();
+            sink.feed(publish("2")).await.unwrap();
+            sink.flush().await.unwrap();
+        });
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
+        sent_c.send(()).unwrap();
+        let publish_1 = "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n1\r\n";
+        // Nothing is published before the first subscribe is answered.
+        let mut early = [0u8; 1];
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            publish_server.read_exact(&mut early),
+        )
+        .await
+        .expect_err("the publish waits for the subscribe fed before it");
+        confirm(&mut server, &mut got).await;
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nd\r\n").await;
+        // `d` is not answered yet: the first publish goes all the same, the second waits.
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            expect(&mut publish_server, publish_1),
+        )
+        .await
+        .expect("the first publish does not wait for the later subscribe");
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            publish_server.read_exact(&mut early),
+        )
+        .await
+        .expect_err("the second publish waits for the subscribe fed before it");
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nd\r\n:2\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            expect(
+                &mut publish_server,
+                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n2\r\n",
+            ),
+        )
+        .await
+        .expect("the second publish goes once `d` is answered");
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), flusher)
+            .await
+            .expect("flushed")
+            .unwrap();
+    }
+
+    /// The reading side finds the connection gone while a publish waits unflushed: closing the
+    /// sink then reports the failure (the publish is lost), where a close with everything
+    /// answered before the failure is fine.
+    #[tokio::test]
+    async fn a_close_after_a_failure_reports_publishes_it_lost() {
+        for lost in [true, false] {
+            let config = RedisConfig::new()
+                .response_timeout(Duration::from_secs(3600))
+                .ping_interval(Duration::from_secs(3600));
+            let (mut transport, mut publish_server, server) = over_pipes(config).await;
+            transport
+                .feed(Command::Publish {
+                    topic: Topic::from("c"),
+                    message: Bytes::from_static(b"hi"),
+                })
+                .await
+                .unwrap();
+            if !lost {
+                let flushed = tokio::spawn(async move {
+                    transport.flush().await.unwrap();
+                    transport
+                });
+                expect(
+                    &mut publish_server,
+                    "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+                )
+                .await;
+                publish_server.write_all(b":1\r\n").await.unwrap();
+                transport = flushed.await.unwrap();
+            }
+            // The subscribe connection ends: the reading side fails the transport.
+            drop(server);
+            let failure = transport.next().await.unwrap().unwrap_err();
+            let closed = transport.close().await;
+            if lost {
+                let error = closed.expect_err("a publish was lost");
+                assert_eq!(error.kind(), failure.kind(), "{error}");
+            } else {
+                closed.expect("nothing was lost");
+            }
+        }
     }
 
     #[test]

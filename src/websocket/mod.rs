@@ -375,6 +375,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
+    /// Publishes were fed since the last flush: if the connection ends now, they are lost,
+    /// and `poll_close` says so.
+    unflushed: bool,
 }
 
 impl<S> fmt::Debug for WebSocketTransport<S> {
@@ -425,6 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             closing: None,
             failed: None,
             reported: false,
+            unflushed: false,
         }
     }
 
@@ -647,7 +651,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                 };
                 Pin::new(&mut this.stream)
                     .start_send(frame)
-                    .map_err(|error| this.ws_error("sending", error))
+                    .map_err(|error| this.ws_error("sending", error))?;
+                this.unflushed = true;
+                Ok(())
             }
             Command::Subscribe(topic) => {
                 this.signals.push_back(Up::Subscribed(topic));
@@ -680,6 +686,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             Poll::Ready(Ok(())) => {
                 this.drained();
+                this.unflushed = false;
                 Poll::Ready(Ok(()))
             }
         }
@@ -687,19 +694,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if this.failed.is_some() {
-            return Poll::Ready(Ok(()));
+        if this.failed.is_none() {
+            crate::waker::remember(&mut this.writer, cx);
         }
-        crate::waker::remember(&mut this.writer, cx);
-        if this.closing.is_none() {
+        if this.failed.is_none() && this.closing.is_none() {
             match std::task::ready!(Pin::new(&mut this.stream).poll_close(cx)) {
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     this.closed();
-                    return Poll::Ready(Ok(()));
                 }
                 Err(error) => return Poll::Ready(Err(this.ws_error("closing", error))),
-                Ok(()) => this.closing = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT))),
+                Ok(()) => {
+                    // Flushed, our close frame with it.
+                    this.unflushed = false;
+                    this.closing = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
+                }
             }
+        }
+        if let Some(error) = &this.failed {
+            // Closed after the connection ended: fine if nothing was lost to it, else the
+            // failure (the publishes fed since the last flush never went).
+            return Poll::Ready(if this.unflushed {
+                Err(error.clone())
+            } else {
+                Ok(())
+            });
         }
         // Our close frame is sent. The peer answers with its own, after what it sent before:
         // read that (and drop it: nobody listens any more) until the answer comes or the
