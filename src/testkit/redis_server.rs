@@ -35,12 +35,70 @@ impl fmt::Debug for RedisServer {
     }
 }
 
+/// How long [`RedisServer::cli`] waits for `redis-cli`.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `command` to its end and returns its trimmed output; panics, naming it as `what`, if
+/// it fails or runs past `timeout` (then it is killed: it is our own child).
+fn run_with_timeout(mut command: Command, what: &str, timeout: Duration) -> String {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("running {what}: {error}"));
+    // Read on threads of their own, so that a full pipe cannot stall the child.
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stdout.read_to_end(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = out.join().expect("reading stdout");
+    let err = err.join().expect("reading stderr");
+    assert!(
+        status.success(),
+        "{what} failed ({status}): {}{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
         .expect("binding a loopback port to find a free one")
+}
+
+/// A port nothing listens on now, and whose cluster bus port (+ 10,000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn require(binary: &str) {
@@ -69,8 +127,14 @@ impl RedisServer {
         require("redis-server");
         require("redis-cli");
         let mut last_error = String::new();
+        // A cluster node also listens on its port + 10,000 (the cluster bus).
+        let cluster = args.windows(2).any(|a| a == ["--cluster-enabled", "yes"]);
         for _ in 0..5 {
-            let port = free_port();
+            let port = if cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            };
             let mut server = RedisServer {
                 child: None,
                 port,
@@ -235,18 +299,18 @@ impl RedisServer {
         self.paused = false;
     }
 
-    /// Runs `redis-cli` against the server and returns its trimmed output.
+    /// Runs `redis-cli` against the server and returns its trimmed output. Panics if it
+    /// fails, or has not answered within 30 s (a paused server never answers).
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
+        let mut command = Command::new("redis-cli");
+        command
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("running redis-cli");
-        assert!(
-            output.status.success(),
-            "redis-cli {args:?} failed: {output:?}"
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+            .args(args);
+        run_with_timeout(
+            command,
+            &format!("redis-cli {args:?} (port {})", self.port),
+            CLI_TIMEOUT,
+        )
     }
 }
 
@@ -289,14 +353,8 @@ impl RedisCluster {
             for node in &cluster.nodes {
                 create.arg(format!("127.0.0.1:{}", node.port()));
             }
-            let output = create
-                .args(["--cluster-replicas", "0", "--cluster-yes"])
-                .output()
-                .expect("running redis-cli --cluster create");
-            assert!(
-                output.status.success(),
-                "redis-cli --cluster create failed: {output:?}"
-            );
+            create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+            run_with_timeout(create, "redis-cli --cluster create", CLI_TIMEOUT);
         } else {
             for (i, node) in cluster.nodes.iter().enumerate() {
                 let first = i * 16384 / masters;
@@ -386,5 +444,48 @@ impl RedisCluster {
             }
         }
         panic!("no master owns slot {slot}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_gives_its_output_and_one_that_hangs_is_killed_in_time() {
+        let mut echo = Command::new("sh");
+        echo.args(["-c", "echo ' out '"]);
+        assert_eq!(run_with_timeout(echo, "echo", CLI_TIMEOUT), "out");
+        let started = Instant::now();
+        let hung = std::panic::catch_unwind(|| {
+            let mut sleep = Command::new("sleep");
+            sleep.arg("60");
+            run_with_timeout(sleep, "sleep 60", Duration::from_millis(200))
+        });
+        let message = hung.expect_err("timed out");
+        let message = message
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(
+            message.contains("sleep 60 did not finish within 200ms"),
+            "{message}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let mut failing = Command::new("sh");
+        failing.args(["-c", "echo nope >&2; exit 3"]);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_with_timeout(failing, "sh", CLI_TIMEOUT)
+        }));
+        let message = failed.expect_err("failed");
+        let message = message.downcast_ref::<String>().expect("a message");
+        assert!(message.contains("nope"), "{message}");
+    }
+
+    #[test]
+    fn a_cluster_port_has_its_bus_port_free() {
+        for _ in 0..20 {
+            let port = free_cluster_port();
+            assert!(port <= u16::MAX - 10_000);
+        }
     }
 }
