@@ -189,6 +189,68 @@ async fn a_master_killed_and_restarted_gets_its_subscriptions_back() {
     drop(cluster);
 }
 
+/// Many channels on the master that restarts: every one is subscribed again, each
+/// subscription hears of the reconnect, then gets events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_master_gets_its_thousand_channels_back() {
+    const TOPICS: usize = 1_000;
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let events = stack(&cluster);
+    // Node `i` owns the `i`-th share of the slots: these topics all live on node 0.
+    let on_victim = |topic: &Topic| {
+        let slot = alkdev_pubsub::redis::cluster::hash_slot(format!("{PREFIX}{topic}").as_bytes());
+        (slot as usize) < 16384 / 3
+    };
+    let topics: Vec<Topic> = (0..)
+        .map(|t| Topic::of("many", &t.to_string()))
+        .filter(on_victim)
+        .take(TOPICS)
+        .collect();
+    assert_eq!(
+        cluster.owner_of_channel(&format!("{PREFIX}{}", topics[0])),
+        0
+    );
+    let mut subscriptions = Vec::new();
+    for topic in &topics {
+        subscriptions.push(events.subscribe(topic.clone()).await.unwrap());
+    }
+    let restarted = tokio::time::Instant::now();
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.nodes[0].kill();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.nodes[0].restart();
+        cluster.wait_ready();
+        cluster
+    })
+    .await
+    .unwrap();
+    for subscription in &mut subscriptions {
+        assert_eq!(testkit::next_gap(subscription).await, Gap::Reconnected);
+    }
+    println!(
+        "{TOPICS} channels subscribed again {:?} after the kill",
+        restarted.elapsed()
+    );
+    for (n, topic) in topics.iter().enumerate() {
+        let (type_, id) = topic.split_once(':').unwrap();
+        events
+            .dispatch_event(numbered(type_, id, n as u64))
+            .await
+            .unwrap();
+    }
+    for (n, subscription) in subscriptions.iter_mut().enumerate() {
+        let event = tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(number_of(&event), n as u64);
+    }
+    drop(cluster);
+}
+
 /// An access rule that takes a channel away from the subscriber's user: the node drops the
 /// connection, the transport subscribes its channels again, and the node refuses that one
 /// (`NOPERM`). Its subscription ends; the other comes back with a reconnect notice.
