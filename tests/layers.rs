@@ -430,6 +430,138 @@ async fn a_buffered_publish_refused_on_replay_is_reported() {
     );
 }
 
+/// A broker connection whose confirmations of subscribes to `slow` wait while the gate is shut.
+struct Gated {
+    inner: BrokerConnection,
+    gate: Arc<Mutex<(bool, Option<std::task::Waker>)>>,
+    stashed: Option<Up<Bytes>>,
+}
+
+impl futures::Sink<Command<Bytes>> for Gated {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_ready(cx)
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        command: Command<Bytes>,
+    ) -> Result<(), Self::Error> {
+        std::pin::Pin::new(&mut self.inner).start_send(command)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+impl futures::Stream for Gated {
+    type Item = alkdev_pubsub::Result<Up<Bytes>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let open = {
+            let mut gate = this.gate.lock().unwrap();
+            gate.1 = Some(cx.waker().clone());
+            gate.0
+        };
+        if open {
+            if let Some(up) = this.stashed.take() {
+                return Poll::Ready(Some(Ok(up)));
+            }
+        }
+        loop {
+            match std::pin::Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(Up::Subscribed(topic)))) if !open && topic == "slow" => {
+                    this.stashed = Some(Up::Subscribed(topic));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// After a reconnect, a message on a topic whose replay is confirmed, while another topic's is
+/// not, waits for the reconnect notice and follows it; past 1,024 such messages the notice
+/// goes at once, and every message after it in order.
+#[tokio::test]
+async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_notice() {
+    use tower::Layer;
+    for messages in [1u64, 1_025] {
+        let broker = MemoryBroker::new();
+        let gate = Arc::new(Mutex::new((true, None::<std::task::Waker>)));
+        let mut transport = ReconnectLayer::new(fast_backoff()).layer({
+            let broker = broker.clone();
+            let gate = Arc::clone(&gate);
+            move || {
+                let connection = broker.connect().map(|inner| Gated {
+                    inner,
+                    gate: Arc::clone(&gate),
+                    stashed: None,
+                });
+                async move { connection }
+            }
+        });
+        for topic in ["fast", "slow"] {
+            transport
+                .send(Command::Subscribe(Topic::from(topic)))
+                .await
+                .unwrap();
+            assert!(matches!(
+                next_up(&mut transport).await,
+                Ok(Up::Subscribed(_))
+            ));
+        }
+        gate.lock().unwrap().0 = false;
+        broker.kill_connections();
+        // Reading drives the reconnect and the replay: `fast` is confirmed, `slow` is not.
+        while broker.channels().len() < 2 {
+            let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
+            assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
+        }
+        for n in 0..messages {
+            broker.inject("fast", n.to_string());
+        }
+        let early = tokio::time::timeout(Duration::from_millis(100), transport.next()).await;
+        if messages == 1 {
+            assert!(
+                early.is_err(),
+                "the message waits for the notice: {early:?}"
+            );
+            let mut gate = gate.lock().unwrap();
+            gate.0 = true;
+            gate.1.take().expect("the reader waits").wake();
+        } else {
+            assert!(
+                matches!(early, Ok(Some(Ok(Up::Reconnected)))),
+                "held messages bring the notice forward: {early:?}"
+            );
+        }
+        if messages == 1 {
+            assert!(matches!(next_up(&mut transport).await, Ok(Up::Reconnected)));
+        }
+        for n in 0..messages {
+            match next_up(&mut transport).await {
+                Ok(Up::Message { message, .. }) => assert_eq!(message, n.to_string()),
+                other => panic!("message {n}: {other:?}"),
+            }
+        }
+    }
+}
+
 /// A subscription that has read the notice of one reconnect, and had no event since, is told
 /// of the next one too: what was published during it is lost to it as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! | way | what it does |
 //! |---|---|
 //! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them) |
-//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`] |
+//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`]; messages that come on the new connection before then (on topics already confirmed again) are held to follow the notice, up to 1,024, past which the notice goes at once |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
@@ -56,6 +56,11 @@ use crate::{Command, Error, ErrorKind, Result, Topic, Up};
 
 /// The default bound of the publish buffer during an outage.
 pub const DEFAULT_BUFFER: usize = 1024;
+
+/// How many messages that come on a new connection before its replayed subscriptions are all
+/// confirmed are held back, to follow the [`Up::Reconnected`] notice rather than come before
+/// it. Past this, the notice goes at once, the held messages after it.
+const HOLD_MAX: usize = 1024;
 
 /// Makes a new connection: implemented by every `Fn() -> impl Future<Output = Result<T>>`.
 pub trait MakeTransport {
@@ -202,6 +207,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             up_since: None,
             ever_connected: false,
             announce: false,
+            held: VecDeque::new(),
             active: HashSet::new(),
             pending_up: HashMap::new(),
             replaying: HashMap::new(),
@@ -239,6 +245,9 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     ever_connected: bool,
     /// Send `Reconnected` once the replay is confirmed.
     announce: bool,
+    /// Messages that came before that (on topics whose replay is confirmed): they follow it
+    /// (see [`HOLD_MAX`]).
+    held: VecDeque<Up<M>>,
     /// Topics subscribed from above and not unsubscribed.
     active: HashSet<Topic>,
     /// Subscribes from above sent on the current connection and not yet confirmed.
@@ -327,6 +336,11 @@ where
             self.attempt = 0;
         }
         tracing::warn!(%error, "transport connection lost; reconnecting");
+        if !self.held.is_empty() {
+            // Messages of the connection now lost, which were waiting for its replay: they go
+            // after the notice of that reconnect (the next one is told again).
+            self.announce_now();
+        }
         // Publishes the failed connection may not have delivered go first, then the backlog's.
         let mut backlog = VecDeque::with_capacity(self.unacked.len() + self.backlog.len());
         let mut buffered = 0;
@@ -444,8 +458,25 @@ where
 
     fn maybe_announce(&mut self) {
         if self.announce && self.replaying.is_empty() {
-            self.announce = false;
-            self.signals.push_back(Up::Reconnected);
+            self.announce_now();
+        }
+    }
+
+    /// Tells of the reconnect, and then of the messages held until it was told.
+    fn announce_now(&mut self) {
+        self.announce = false;
+        self.signals.push_back(Up::Reconnected);
+        self.signals.extend(self.held.drain(..));
+    }
+
+    /// A message that came on a new connection before its replay was confirmed: it waits for
+    /// the reconnect notice, or it brings the notice forward once [`HOLD_MAX`] wait.
+    fn hold(&mut self, message: Up<M>) {
+        if self.held.len() < HOLD_MAX {
+            self.held.push_back(message);
+        } else {
+            self.announce_now();
+            self.signals.push_back(message);
         }
     }
 
@@ -856,6 +887,9 @@ where
                         }
                     }
                     return Poll::Ready(Some(Ok(Up::Unsubscribed(topic))));
+                }
+                Some(Ok(message @ Up::Message { .. })) if this.announce => {
+                    this.hold(message);
                 }
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
                 Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
