@@ -91,6 +91,16 @@ use subscriber::SubscribeConnection;
 /// Publishes fed beyond this many wait for the pipeline in flight to be acknowledged.
 const MAX_PIPELINE: usize = 4096;
 
+/// How long a pipeline of publishes carrying `bytes` may take to be sent and answered: the
+/// response timeout, and as long again for each whole MiB it carries (a link that moves less
+/// than a MiB per response timeout is taken for dead). The time counts from when the pipeline
+/// is handed to the connection, its sending included: a fixed timeout would declare a slow
+/// link dead under a large pipeline, again after each reconnect, sending it again each time.
+fn pipeline_timeout(response_timeout: Duration, bytes: usize) -> Duration {
+    let mebibytes = u32::try_from(bytes >> 20).unwrap_or(u32::MAX);
+    response_timeout.saturating_add(response_timeout.saturating_mul(mebibytes))
+}
+
 /// While a `SUBSCRIBE` or `UNSUBSCRIBE` waits for its confirmation, the messages that come
 /// before it are read and kept for the reading side, at most this many frames per call (then
 /// the task yields and goes on), and at most [`MAX_HELD_BYTES`] in all.
@@ -175,7 +185,10 @@ impl RedisConfig {
 
     /// How long Redis may take to answer a command (a pipeline of publishes, a subscribe). On
     /// the subscribe connection, bytes still arriving ahead of the answer (a long message, a
-    /// backlog) show the connection alive and give the answer this long again.
+    /// backlog) show the connection alive and give the answer this long again. A pipeline of
+    /// publishes, timed from when it is handed to the connection (its sending included), is
+    /// given this long again for each whole MiB it carries: a large pipeline on a slow link is
+    /// not taken for a dead connection.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -225,9 +238,11 @@ impl RedisConfig {
                 format!("{where_:?}: TLS (rediss://) is not supported by RedisTransport"),
             ));
         }
+        // Publishes are timed by the transport, which allows for their size
+        // (`pipeline_timeout`).
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout));
+            .set_response_timeout(None);
         // The subscribe connection first: it reads the server's answer to `AUTH` itself, and
         // tells a refused password (for good) from a server that is full (for now), where
         // redis-rs reports any refusal as an authentication failure.
@@ -253,11 +268,11 @@ impl RedisConfig {
             .get_multiplexed_async_connection_with_config(&connection_config)
             .await
             .map_err(|e| connect_error(&where_, "the publish connection", e))?;
-        Ok(RedisTransport::new(
-            publisher,
-            Subscriber::Own(Box::new(subscriber)),
-            self,
-        ))
+        let publish_timeout = Some(self.response_timeout);
+        let mut transport =
+            RedisTransport::new(publisher, Subscriber::Own(Box::new(subscriber)), self);
+        transport.publish_timeout = publish_timeout;
+        Ok(transport)
     }
 }
 
@@ -407,20 +422,38 @@ fn server_error(what: &str, reply: &[u8]) -> Error {
     Error::new(kind, format!("{what}: {reply}"))
 }
 
+/// Publishes that go out as one pipeline.
+struct Batch {
+    pipeline: redis::Pipeline,
+    publishes: usize,
+    /// Their channels' and payloads' bytes: the pipeline's time allows for sending them (see
+    /// [`RedisConfig::response_timeout`]).
+    bytes: usize,
+    /// They wait for the first so many subscribes and unsubscribes fed to be answered.
+    after: u64,
+}
+
+impl Batch {
+    fn new(pipeline: redis::Pipeline) -> Self {
+        Batch {
+            pipeline,
+            publishes: 0,
+            bytes: 0,
+            after: 0,
+        }
+    }
+}
+
 /// The Redis pub/sub transport: see the [module](self).
 pub struct RedisTransport {
     publisher: MultiplexedConnection,
-    /// Publishes fed since the last pipeline was sent (or held), all of them after the first
-    /// `pipeline_after` subscribes and unsubscribes.
-    pipeline: redis::Pipeline,
-    pipeline_len: usize,
-    pipeline_after: u64,
+    /// Publishes fed since the last pipeline was sent (or held).
+    batch: Batch,
     /// Pipelines held behind subscribes or unsubscribes, oldest first: each goes once the
-    /// first so many commands fed are answered, and with it the publishes in them.
-    /// Publishes fed after a subscribe wait for it (see `control_answered_count`),
-    /// not for those fed after them: each subscribe fed between two publishes starts a new
-    /// pipeline.
-    held: VecDeque<(u64, redis::Pipeline, usize)>,
+    /// subscribes and unsubscribes fed before it are answered. Publishes fed after a subscribe
+    /// wait for it (see `control_answered_count`), not for those fed after them: each
+    /// subscribe fed between two publishes starts a new pipeline.
+    held: VecDeque<Batch>,
     /// How many publishes `held` holds.
     held_len: usize,
     /// How many subscribes and unsubscribes were fed.
@@ -430,6 +463,9 @@ pub struct RedisTransport {
     in_flight: Option<BoxFuture<'static, (redis::Pipeline, Result<()>)>>,
     /// An emptied pipeline, ready to take the place of the one sent next.
     spare: Option<redis::Pipeline>,
+    /// How long a pipeline may take (see [`pipeline_timeout`]), on a publish connection this
+    /// transport opened; `None` on one the caller opened (it times its requests itself).
+    publish_timeout: Option<Duration>,
     subscriber: Subscriber,
     /// Subscribes and unsubscribes not yet sent, in order.
     pending: VecDeque<Command<()>>,
@@ -476,7 +512,7 @@ pub struct RedisTransport {
 impl fmt::Debug for RedisTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTransport")
-            .field("unsent_publishes", &(self.pipeline_len + self.held_len))
+            .field("unsent_publishes", &self.unsent())
             .field("pipeline_in_flight", &self.in_flight.is_some())
             .field("pending_subscriptions", &self.pending.len())
             .field("failed", &self.failed)
@@ -521,13 +557,12 @@ impl RedisTransport {
     fn new(publish: MultiplexedConnection, subscriber: Subscriber, config: RedisConfig) -> Self {
         RedisTransport {
             publisher: publish,
-            pipeline: redis::pipe(),
-            pipeline_len: 0,
-            pipeline_after: 0,
+            batch: Batch::new(redis::pipe()),
             held: VecDeque::new(),
             held_len: 0,
             control_fed: 0,
             spare: None,
+            publish_timeout: None,
             in_flight: None,
             subscriber,
             pending: VecDeque::new(),
@@ -574,31 +609,46 @@ impl RedisTransport {
             return;
         }
         let answered = self.control_answered_count();
-        let (mut pipeline, publishes) = match self.held.front() {
-            Some(&(after, ..)) => {
-                if after > answered {
+        let batch = match self.held.front() {
+            Some(held) => {
+                if held.after > answered {
                     return;
                 }
-                let (_, pipeline, publishes) = self.held.pop_front().expect("looked at");
-                self.held_len -= publishes;
-                (pipeline, publishes)
+                let held = self.held.pop_front().expect("looked at");
+                self.held_len -= held.publishes;
+                held
             }
             None => {
-                if self.pipeline_len == 0 || self.pipeline_after > answered {
+                if self.batch.publishes == 0 || self.batch.after > answered {
                     return;
                 }
-                let next = self.spare.take().unwrap_or_else(redis::pipe);
-                (
-                    std::mem::replace(&mut self.pipeline, next),
-                    std::mem::take(&mut self.pipeline_len),
-                )
+                let next = Batch::new(self.spare.take().unwrap_or_else(redis::pipe));
+                std::mem::replace(&mut self.batch, next)
             }
         };
+        let Batch {
+            mut pipeline,
+            publishes,
+            bytes,
+            ..
+        } = batch;
         let mut connection = self.publisher.clone();
+        let timeout = self
+            .publish_timeout
+            .map(|timeout| pipeline_timeout(timeout, bytes));
         self.in_flight = Some(Box::pin(async move {
-            let result = pipeline.exec_async(&mut connection).await.map_err(|e| {
-                redis_error(&format!("publishing a pipeline of {publishes} messages"), e)
-            });
+            let what = || format!("publishing a pipeline of {publishes} messages ({bytes} bytes)");
+            let sent = pipeline.exec_async(&mut connection);
+            let result = match timeout {
+                None => sent.await.map_err(|e| redis_error(&what(), e)),
+                Some(timeout) => match tokio::time::timeout(timeout, sent).await {
+                    Ok(result) => result.map_err(|e| redis_error(&what(), e)),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("{}: no answer within {timeout:?}", what()),
+                    )),
+                },
+            };
             pipeline.clear();
             (pipeline, result)
         }));
@@ -617,7 +667,7 @@ impl RedisTransport {
 
     /// Publishes not sent yet: held, or in the pipeline being filled.
     fn unsent(&self) -> usize {
-        self.pipeline_len + self.held_len
+        self.batch.publishes + self.held_len
     }
 
     /// Drives the publish pipelines; `Ready(Ok)` once every fed publish is acknowledged.
@@ -1254,18 +1304,19 @@ impl Sink<Command<Bytes>> for RedisTransport {
                 let mut publish =
                     redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + message.len());
                 publish.arg("PUBLISH").arg(topic.as_str()).arg(&message[..]);
-                if this.pipeline_len > 0 && this.pipeline_after != this.control_fed {
+                if this.batch.publishes > 0 && this.batch.after != this.control_fed {
                     // A subscribe came since the pipeline's last publish: what is in it need not
                     // wait for that subscribe's answer, this publish must.
-                    let next = this.spare.take().unwrap_or_else(redis::pipe);
-                    let held = std::mem::replace(&mut this.pipeline, next);
-                    let publishes = std::mem::take(&mut this.pipeline_len);
-                    this.held.push_back((this.pipeline_after, held, publishes));
-                    this.held_len += publishes;
+                    let next = Batch::new(this.spare.take().unwrap_or_else(redis::pipe));
+                    let held = std::mem::replace(&mut this.batch, next);
+                    this.held_len += held.publishes;
+                    this.held.push_back(held);
                 }
-                this.pipeline.add_command(publish);
-                this.pipeline_len += 1;
-                this.pipeline_after = this.control_fed;
+                let batch = &mut this.batch;
+                batch.pipeline.add_command(publish);
+                batch.publishes += 1;
+                batch.bytes += topic.len() + message.len();
+                batch.after = this.control_fed;
                 this.unanswered = true;
             }
             subscription => {
@@ -1362,7 +1413,7 @@ mod tests {
         let (publish, driver) = MultiplexedConnection::new_with_config(
             &info,
             publish_end,
-            AsyncConnectionConfig::new(),
+            AsyncConnectionConfig::new().set_response_timeout(None),
         )
         .await
         .unwrap();
@@ -1374,11 +1425,11 @@ mod tests {
             config.max_message_size,
         );
         let subscriber = Subscriber::Own(Box::new(connection));
-        (
-            RedisTransport::new(publish, subscriber, config),
-            publish_server,
-            subscribe_server,
-        )
+        // As `connect` makes it: the transport times its pipelines.
+        let publish_timeout = Some(config.response_timeout);
+        let mut transport = RedisTransport::new(publish, subscriber, config);
+        transport.publish_timeout = publish_timeout;
+        (transport, publish_server, subscribe_server)
     }
 
     /// A server busy for now, or a cluster between masters, is a transient refusal; the rest
@@ -1668,6 +1719,65 @@ mod tests {
             .await
             .expect("flushed")
             .unwrap();
+    }
+
+    /// A pipeline's time allows for sending it: a 3 MiB publish that a slow link takes longer
+    /// than the response timeout to carry is answered, not declared dead; one that is never
+    /// answered still times out.
+    #[tokio::test]
+    async fn a_large_pipeline_on_a_slow_link_is_given_time_to_go() {
+        assert_eq!(
+            pipeline_timeout(Duration::from_millis(300), 3 << 20),
+            Duration::from_millis(1200)
+        );
+        assert_eq!(pipeline_timeout(Duration::MAX, usize::MAX), Duration::MAX);
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_millis(300))
+            .ping_interval(Duration::from_secs(3600));
+        let (mut transport, mut publish_server, _server) = over_pipes(config).await;
+        let large = Bytes::from(vec![b'x'; 3 << 20]);
+        transport
+            .feed(Command::Publish {
+                topic: Topic::from("c"),
+                message: large,
+            })
+            .await
+            .unwrap();
+        let flushed = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = transport.flush().await;
+            (transport, result, started.elapsed())
+        });
+        // The link carries 256 KiB every 50 ms: about 600 ms for the whole command.
+        let command_len = "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$3145728\r\n".len() + (3 << 20) + 2;
+        let mut read = 0;
+        let mut chunk = vec![0; 256 << 10];
+        while read < command_len {
+            let want = chunk.len().min(command_len - read);
+            publish_server.read_exact(&mut chunk[..want]).await.unwrap();
+            read += want;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        let (mut transport, result, took) = flushed.await.unwrap();
+        result.expect("answered within the time a 3 MiB pipeline is given");
+        assert!(took > Duration::from_millis(300), "{took:?}");
+        // Never answered: a small pipeline times out after the response timeout.
+        transport
+            .feed(Command::Publish {
+                topic: Topic::from("c"),
+                message: Bytes::from_static(b"x"),
+            })
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let error = transport.flush().await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+        assert!(
+            error.to_string().contains("no answer within 300ms"),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     /// The reading side finds the connection gone while a publish waits unflushed: closing the
