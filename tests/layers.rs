@@ -430,14 +430,51 @@ async fn a_buffered_publish_refused_on_replay_is_reported() {
     );
 }
 
-/// A broker connection whose confirmations of subscribes to `slow` wait while the gate is shut.
-struct Gated {
+/// What a [`Faulty`] connection does wrong, shared by the connections a factory makes.
+#[derive(Default)]
+struct ConnFaults {
+    /// Confirmations of subscribes to `slow` wait while this is set.
+    gate_shut: bool,
+    /// The reading task, woken when the gate opens.
+    reader: Option<std::task::Waker>,
+    /// Subscribes to these are refused by `start_send` (an error of kind `Rejected`).
+    refused: std::collections::HashSet<Topic>,
+}
+
+/// A broker connection with [`ConnFaults`].
+struct Faulty {
     inner: BrokerConnection,
-    gate: Arc<Mutex<(bool, Option<std::task::Waker>)>>,
+    faults: Arc<Mutex<ConnFaults>>,
     stashed: Option<Up<Bytes>>,
 }
 
-impl futures::Sink<Command<Bytes>> for Gated {
+impl ConnFaults {
+    fn open_gate(faults: &Mutex<ConnFaults>) {
+        let mut faults = faults.lock().unwrap();
+        faults.gate_shut = false;
+        faults.reader.take().expect("the reader waits").wake();
+    }
+}
+
+/// The reconnect layer over [`Faulty`] connections to `broker`.
+fn faulty(
+    broker: &MemoryBroker,
+    faults: &Arc<Mutex<ConnFaults>>,
+) -> Reconnect<impl MakeTransport<Transport = Faulty>, Bytes> {
+    use tower::Layer;
+    let broker = broker.clone();
+    let faults = Arc::clone(faults);
+    ReconnectLayer::new(fast_backoff()).layer(move || {
+        let connection = broker.connect().map(|inner| Faulty {
+            inner,
+            faults: Arc::clone(&faults),
+            stashed: None,
+        });
+        async move { connection }
+    })
+}
+
+impl futures::Sink<Command<Bytes>> for Faulty {
     type Error = alkdev_pubsub::Error;
     fn poll_ready(
         mut self: std::pin::Pin<&mut Self>,
@@ -449,6 +486,14 @@ impl futures::Sink<Command<Bytes>> for Gated {
         mut self: std::pin::Pin<&mut Self>,
         command: Command<Bytes>,
     ) -> Result<(), Self::Error> {
+        if let Command::Subscribe(topic) = &command {
+            if self.faults.lock().unwrap().refused.contains(topic) {
+                return Err(alkdev_pubsub::Error::new(
+                    ErrorKind::Rejected,
+                    format!("refused to send a subscribe to {topic}"),
+                ));
+            }
+        }
         std::pin::Pin::new(&mut self.inner).start_send(command)
     }
     fn poll_flush(
@@ -465,7 +510,7 @@ impl futures::Sink<Command<Bytes>> for Gated {
     }
 }
 
-impl futures::Stream for Gated {
+impl futures::Stream for Faulty {
     type Item = alkdev_pubsub::Result<Up<Bytes>>;
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -474,9 +519,9 @@ impl futures::Stream for Gated {
         use std::task::Poll;
         let this = &mut *self;
         let open = {
-            let mut gate = this.gate.lock().unwrap();
-            gate.1 = Some(cx.waker().clone());
-            gate.0
+            let mut faults = this.faults.lock().unwrap();
+            faults.reader = Some(cx.waker().clone());
+            !faults.gate_shut
         };
         if open {
             if let Some(up) = this.stashed.take() {
@@ -499,22 +544,10 @@ impl futures::Stream for Gated {
 /// goes at once, and every message after it in order.
 #[tokio::test]
 async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_notice() {
-    use tower::Layer;
     for messages in [1u64, 1_025] {
         let broker = MemoryBroker::new();
-        let gate = Arc::new(Mutex::new((true, None::<std::task::Waker>)));
-        let mut transport = ReconnectLayer::new(fast_backoff()).layer({
-            let broker = broker.clone();
-            let gate = Arc::clone(&gate);
-            move || {
-                let connection = broker.connect().map(|inner| Gated {
-                    inner,
-                    gate: Arc::clone(&gate),
-                    stashed: None,
-                });
-                async move { connection }
-            }
-        });
+        let faults = Arc::new(Mutex::new(ConnFaults::default()));
+        let mut transport = faulty(&broker, &faults);
         for topic in ["fast", "slow"] {
             transport
                 .send(Command::Subscribe(Topic::from(topic)))
@@ -525,7 +558,7 @@ async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_
                 Ok(Up::Subscribed(_))
             ));
         }
-        gate.lock().unwrap().0 = false;
+        faults.lock().unwrap().gate_shut = true;
         broker.kill_connections();
         // Reading drives the reconnect and the replay: `fast` is confirmed, `slow` is not.
         while broker.channels().len() < 2 {
@@ -541,9 +574,7 @@ async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_
                 early.is_err(),
                 "the message waits for the notice: {early:?}"
             );
-            let mut gate = gate.lock().unwrap();
-            gate.0 = true;
-            gate.1.take().expect("the reader waits").wake();
+            ConnFaults::open_gate(&faults);
         } else {
             assert!(
                 matches!(early, Ok(Some(Ok(Up::Reconnected)))),
@@ -560,6 +591,139 @@ async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_
             }
         }
     }
+}
+
+/// Reads `transport` until it is quiet for 100 ms or ends: what it told, as debug text.
+async fn told_until_quiet<S>(transport: &mut S) -> Vec<String>
+where
+    S: futures::Stream + Unpin,
+    S::Item: std::fmt::Debug,
+{
+    let mut told = Vec::new();
+    while let Ok(item) = tokio::time::timeout(Duration::from_millis(100), transport.next()).await {
+        match item {
+            Some(item) => told.push(format!("{item:?}")),
+            None => {
+                told.push("end".to_owned());
+                break;
+            }
+        }
+    }
+    told
+}
+
+/// A held message of a topic comes before that topic's unsubscribe answer, as the transport
+/// told them; closing tells what is still held.
+#[tokio::test]
+async fn held_messages_keep_their_place_before_an_unsubscribe_and_through_a_close() {
+    let broker = MemoryBroker::new();
+    let faults = Arc::new(Mutex::new(ConnFaults::default()));
+    let mut transport = faulty(&broker, &faults);
+    for topic in ["fast", "slow"] {
+        transport
+            .send(Command::Subscribe(Topic::from(topic)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_up(&mut transport).await,
+            Ok(Up::Subscribed(_))
+        ));
+    }
+    faults.lock().unwrap().gate_shut = true;
+    broker.kill_connections();
+    while broker.channels().len() < 2 {
+        let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
+        assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
+    }
+    broker.inject("fast", "1");
+    transport
+        .send(Command::Unsubscribe(Topic::from("fast")))
+        .await
+        .unwrap();
+    assert_eq!(told_until_quiet(&mut transport).await, Vec::<String>::new());
+    ConnFaults::open_gate(&faults);
+    assert_eq!(
+        told_until_quiet(&mut transport).await,
+        [
+            "Ok(Reconnected)",
+            "Ok(Message { channel: Some(\"fast\"), message: b\"1\" })",
+            "Ok(Unsubscribed(\"fast\"))",
+        ]
+    );
+
+    // Held when the stack is closed: still told, after the notice.
+    transport
+        .send(Command::Subscribe(Topic::from("fast")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_up(&mut transport).await,
+        Ok(Up::Subscribed(_))
+    ));
+    faults.lock().unwrap().gate_shut = true;
+    broker.kill_connections();
+    while broker.channels().len() < 2 {
+        let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
+        assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
+    }
+    broker.inject("fast", "2");
+    assert_eq!(told_until_quiet(&mut transport).await, Vec::<String>::new());
+    transport.close().await.unwrap();
+    assert_eq!(
+        told_until_quiet(&mut transport).await,
+        [
+            "Ok(Reconnected)",
+            "Ok(Message { channel: Some(\"fast\"), message: b\"2\" })",
+            "end",
+        ]
+    );
+}
+
+/// A subscribe the transport refuses as it is handed over (not a lost connection) is not
+/// in effect: it is not replayed after a reconnect, which goes on to its notice. One that
+/// passed, and is refused that way when replayed, ends with a `SubscribeFailed` told
+/// unprompted, and the notice still comes.
+#[tokio::test]
+async fn a_subscribe_refused_when_handed_over_is_not_replayed_and_a_refused_replay_is_told() {
+    let broker = MemoryBroker::new();
+    let faults = Arc::new(Mutex::new(ConnFaults::default()));
+    let mut transport = faulty(&broker, &faults);
+    transport
+        .send(Command::Subscribe(Topic::from("kept")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_up(&mut transport).await,
+        Ok(Up::Subscribed(_))
+    ));
+    transport
+        .send(Command::Subscribe(Topic::from("flaky")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_up(&mut transport).await,
+        Ok(Up::Subscribed(_))
+    ));
+    faults.lock().unwrap().refused.insert(Topic::from("bad"));
+    let refused = transport
+        .send(Command::Subscribe(Topic::from("bad")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Rejected, "{refused}");
+    // `flaky` is refused from now on too: its replay fails.
+    faults.lock().unwrap().refused.insert(Topic::from("flaky"));
+    broker.kill_connections();
+    let told = told_until_quiet(&mut transport).await;
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(
+        told[0].starts_with("Ok(SubscribeFailed(\"flaky\""),
+        "{told:?}"
+    );
+    assert_eq!(told[1], "Ok(Reconnected)");
+    assert_eq!(
+        broker.channels(),
+        std::collections::HashSet::from([Topic::from("kept")])
+    );
 }
 
 /// A subscription that has read the notice of one reconnect, and had no event since, is told

@@ -532,9 +532,13 @@ where
                 }
                 Err(error) => {
                     // A failure the transport reports late (an earlier command's): not this
-                    // command's. Try again.
+                    // command's, reported by the next flush from above. Try again, after
+                    // letting other tasks run (a transport that keeps saying so must not
+                    // hold the thread).
                     tracing::warn!(%error, "the transport reported an error while the backlog was sent");
-                    continue;
+                    self.failed_on_its_own.get_or_insert(error);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
             }
             let command = self.backlog.pop_front().expect("the backlog is not empty");
@@ -546,6 +550,10 @@ where
             }
             let unsubscribed = match &command {
                 Command::Unsubscribe(topic) => Some(topic.clone()),
+                _ => None,
+            };
+            let subscribed = match &command {
+                Command::Subscribe(topic) => Some(topic.clone()),
                 _ => None,
             };
             match transport.as_mut().start_send(command) {
@@ -564,6 +572,12 @@ where
                     tracing::warn!(%error, "the transport refused a buffered command");
                     if let Some(topic) = unsubscribed {
                         self.signals.push_back(Up::Unsubscribed(topic));
+                    }
+                    if let Some(topic) = subscribed {
+                        // Answered as the peer's refusal would be: a replay refused for now
+                        // connects again later, anything else ends the topic.
+                        self.subscribe_refused(topic, error);
+                        continue;
                     }
                     if published {
                         // Refused for good: not to be sent again after a reconnect.
@@ -608,6 +622,34 @@ where
         }
         if self.active.remove(&topic) {
             self.signals.push_back(Up::SubscribeFailed(topic, error));
+        }
+    }
+
+    /// A subscribe was refused. A replay refused for now (a server busy with a script, a
+    /// cluster between masters) is not refused for good: connect again after the backoff
+    /// (never at once: the connection is not stable, whatever `stable_after` says) and replay
+    /// then, rather than drop a subscription its listeners still hold. It counts as a failed
+    /// attempt. Anything else is answered (see [`answer_failed`](Self::answer_failed)).
+    fn subscribe_refused(&mut self, topic: Topic, error: Error) {
+        if error.is_transient() && self.replaying.contains_key(&topic) {
+            self.up_since = None;
+            self.lost(Error::with_source(
+                ErrorKind::ConnectionLost,
+                format!("subscribing to {topic} again was refused for now ({error}): connecting again later"),
+                error,
+            ));
+        } else {
+            let before = self.signals.len();
+            self.answer_failed(topic, error);
+            self.hold_signals_from(before);
+        }
+    }
+
+    /// While messages are held, what was added to the signals from `from` on waits behind
+    /// them, in order (a topic's messages come before its end).
+    fn hold_signals_from(&mut self, from: usize) {
+        if !self.held.is_empty() && from < self.signals.len() {
+            self.held.extend(self.signals.drain(from..));
         }
     }
 
@@ -671,9 +713,12 @@ where
             return Err(error.clone());
         }
         let up = matches!(this.conn, Conn::Up(_)) && this.backlog.is_empty();
+        // A subscribe the transport refuses is undone (see below): whether it made the topic
+        // active.
+        let mut activated = false;
         match &command {
             Command::Subscribe(topic) => {
-                this.active.insert(topic.clone());
+                activated = this.active.insert(topic.clone());
                 *this.pending_up.entry(topic.clone()).or_default() += 1;
                 if !up {
                     if matches!(this.conn, Conn::Up(_)) {
@@ -730,6 +775,10 @@ where
             Command::Unsubscribe(topic) => Some(topic.clone()),
             _ => None,
         };
+        let subscribed = match &command {
+            Command::Subscribe(topic) => Some(topic.clone()),
+            _ => None,
+        };
         this.unacked.extend(kept);
         match transport.as_mut().start_send(command) {
             Ok(()) => {
@@ -750,6 +799,19 @@ where
             Err(error) => {
                 if published {
                     this.unacked.pop();
+                }
+                if let Some(topic) = subscribed {
+                    // Refused, and answered by this error: not in effect, not to be replayed,
+                    // and no answer is owed.
+                    if let Some(count) = this.pending_up.get_mut(&topic) {
+                        *count -= 1;
+                        if *count == 0 {
+                            this.pending_up.remove(&topic);
+                        }
+                    }
+                    if activated {
+                        this.active.remove(&topic);
+                    }
                 }
                 Err(error)
             }
@@ -802,6 +864,10 @@ where
         if let Conn::Up(transport) = &mut this.conn {
             ready!(transport.as_mut().poll_close(cx))?;
         }
+        if !this.held.is_empty() {
+            // Messages already read, held for a reconnect notice: they are still told.
+            this.announce_now();
+        }
         this.closed = true;
         this.conn = Conn::Idle;
         this.set_state(ConnectionState::Closed);
@@ -834,6 +900,9 @@ where
                         this.closed = true;
                         return Poll::Ready(Some(Err(error)));
                     }
+                    // What that told (answers, a reconnect) goes before what the transport
+                    // says next.
+                    _ if !this.signals.is_empty() => continue,
                     Poll::Pending if !matches!(this.conn, Conn::Up(_)) => return Poll::Pending,
                     _ => {}
                 }
@@ -868,17 +937,7 @@ where
                 // connection is not stable, whatever `stable_after` says) and replay then,
                 // rather than drop a subscription its listeners still hold. It counts as a
                 // failed attempt.
-                Some(Ok(Up::SubscribeFailed(topic, error)))
-                    if error.is_transient() && this.replaying.contains_key(&topic) =>
-                {
-                    this.up_since = None;
-                    this.lost(Error::with_source(
-                        ErrorKind::ConnectionLost,
-                        format!("subscribing to {topic} again was refused for now ({error}): connecting again later"),
-                        error,
-                    ));
-                }
-                Some(Ok(Up::SubscribeFailed(topic, error))) => this.answer_failed(topic, error),
+                Some(Ok(Up::SubscribeFailed(topic, error))) => this.subscribe_refused(topic, error),
                 Some(Ok(Up::Unsubscribed(topic))) => {
                     if let Some(count) = this.unsubscribing.get_mut(&topic) {
                         *count -= 1;
@@ -886,11 +945,16 @@ where
                             this.unsubscribing.remove(&topic);
                         }
                     }
-                    return Poll::Ready(Some(Ok(Up::Unsubscribed(topic))));
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Ok(Up::Unsubscribed(topic))));
+                    }
+                    this.held.push_back(Up::Unsubscribed(topic));
                 }
                 Some(Ok(message @ Up::Message { .. })) if this.announce => {
                     this.hold(message);
                 }
+                // Behind held messages, whatever comes waits its turn.
+                Some(Ok(up)) if !this.held.is_empty() => this.held.push_back(up),
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
                 Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
