@@ -941,3 +941,149 @@ async fn websocket_passes_the_conformance_suite() {
     })
     .await;
 }
+
+/// Our transport (`role`) and a raw tungstenite peer over an in-memory pipe that holds
+/// `buffer` bytes each way.
+async fn over_a_pipe(
+    role: tokio_tungstenite::tungstenite::protocol::Role,
+    buffer: usize,
+    config: WebSocketConfig,
+) -> (
+    WebSocketTransport<tokio::io::DuplexStream>,
+    tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+) {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let (ours, theirs) = tokio::io::duplex(buffer);
+    let theirs_role = match role {
+        Role::Client => Role::Server,
+        Role::Server => Role::Client,
+    };
+    let transport = WebSocketTransport::from_raw_socket(ours, role, config).await;
+    let peer = tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, theirs_role, None).await;
+    (transport, peer)
+}
+
+fn publish(n: u64) -> Command<bytes::Bytes> {
+    Command::Publish {
+        topic: Topic::from("t:1"),
+        message: serde_json::to_vec(&numbered("t", "1", n)).unwrap().into(),
+    }
+}
+
+/// A peer that hangs once the socket is full (it neither reads nor answers pings): small
+/// publishes now and then, each flushed (which waits), each of which finds tungstenite's buffer
+/// with room, do not count as the peer reading. It is declared gone after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_peer_is_declared_gone_though_small_publishes_find_room() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_millis(100))
+        .idle_timeout(Duration::from_millis(500));
+    let (transport, hung) = over_a_pipe(Role::Server, 4096, config).await;
+    let (mut sink, mut stream) = transport.split();
+    let reader = tokio::spawn(async move { stream.next().await });
+    // Fills the pipe: the flush waits for a peer that never reads.
+    sink.feed(Command::Publish {
+        topic: Topic::from("t:1"),
+        message: vec![b'x'; 8192].into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), sink.flush())
+            .await
+            .is_err(),
+        "the pipe is full"
+    );
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    let end = loop {
+        if reader.is_finished() {
+            break reader.await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still taken for alive after {n} small publishes"
+        );
+        if sink.feed(publish(n)).await.is_err() {
+            break tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+        }
+        n += 1;
+        // As an event target's driver does: flush after each publish (it waits, as the
+        // first did).
+        let _ = tokio::time::timeout(Duration::from_millis(50), sink.flush()).await;
+    };
+    let error = end.expect("an error ends the stream").unwrap_err();
+    assert!(
+        error.to_string().contains("read nothing") || error.to_string().contains("sent nothing"),
+        "{error}"
+    );
+    drop(hung);
+}
+
+/// A peer that never reads our close frame does not keep the close waiting for ever: it fails
+/// with a timeout once the close has taken 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_peer_never_reads_gives_up_in_time() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(60));
+    let (mut transport, silent) = over_a_pipe(Role::Client, 4096, config).await;
+    transport
+        .feed(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: vec![b'x'; 8192].into(),
+        })
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(WAIT, transport.close())
+        .await
+        .expect("the close gives up in time");
+    let error = closed.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Timeout, "{error}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
+
+/// A close handshake the server starts ends the client's stream cleanly, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_server_starts_ends_the_clients_stream_cleanly() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(60));
+    let (mut transport, mut server) = over_a_pipe(Role::Client, 64 * 1024, config).await;
+    let server = tokio::spawn(async move {
+        server.close(None).await.unwrap();
+        // Reads the client's answer, then drops the connection.
+        while let Some(Ok(_)) = server.next().await {}
+    });
+    let end = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(end.is_none(), "a clean end, not {end:?}");
+    tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    // The sink says why it is done.
+    let error = transport.send(publish(1)).await.unwrap_err();
+    assert!(error.to_string().contains("peer closed"), "{error}");
+}
+
+/// A listener with no cap on its handshakes accepts (the cap's arithmetic overflowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_without_a_handshake_cap_accepts() {
+    let listener = WebSocketListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .max_pending_handshakes(usize::MAX);
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let client = tokio::spawn(async move { WebSocketTransport::connect(url).await.unwrap() });
+    let (transport, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    drop((transport, client.await.unwrap()));
+}

@@ -238,7 +238,7 @@ impl Pending {
             })
         }));
         self.started.push_back((abort, finished));
-        if self.started.len() > 2 * max {
+        if self.started.len() > max.saturating_mul(2) {
             self.started.retain(|(_, finished)| !finished.load(Relaxed));
         }
     }

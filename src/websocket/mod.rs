@@ -27,9 +27,12 @@
 //!   while sending never has to wait for it, is taken for gone: keep the idle timeout above
 //!   that.)
 //! - **Close**: closing the transport performs the close handshake: it sends its close frame,
-//!   then reads (and drops) what the peer still sends until the peer's close frame comes (for
-//!   at most 5 s), so that the socket ends cleanly rather than with a reset that would throw
-//!   away what was still on its way to the peer.
+//!   then reads (and drops) what the peer still sends until the peer's close frame comes, so
+//!   that the socket ends cleanly rather than with a reset that would throw away what was still
+//!   on its way to the peer. All of it takes at most 5 s: a peer that does not read our close
+//!   frame by then fails the close with an error of kind [`ErrorKind::Timeout`]. (A split
+//!   transport's reading half gets nothing more once the writing half closes: what comes
+//!   meanwhile is dropped.) A close handshake the peer starts ends the stream cleanly.
 //! - **TLS**: with the feature `websocket-rustls`, `connect` takes `wss://` URLs (trusting the
 //!   webpki roots) and [`WebSocketConfig::connect_with_tls`] takes a rustls client
 //!   configuration of your own; on the server side, hand [`WebSocketTransport::accept`] a TLS
@@ -337,7 +340,7 @@ fn tls_refused(io: &std::io::Error) -> bool {
 /// this many items read.
 const LIVENESS_EVERY: u32 = 1024;
 
-/// How long closing waits for the peer's close frame once ours is sent.
+/// How long closing may take: sending our close frame, then waiting for the peer's.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The most frames closing reads (and drops) per poll while it waits for the peer's close
@@ -370,8 +373,13 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Items read since the liveness was last checked: a peer that floods the connection
     /// keeps the socket from ever being found empty, where the check otherwise runs.
     read_since_check: u32,
-    /// Our close frame is sent: how long the peer's may still take.
+    /// Closing has begun: when it gives up (see [`CLOSE_WAIT`]).
     closing: Option<Pin<Box<Sleep>>>,
+    /// Our close frame is sent (flushed).
+    close_sent: bool,
+    /// tungstenite's sink said it was not ready (what it buffered waits for the socket): its
+    /// next readiness means that went out. (Ready otherwise says nothing of the peer.)
+    blocked: bool,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -426,6 +434,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             ping_owed: false,
             read_since_check: 0,
             closing: None,
+            close_sent: false,
+            blocked: false,
             failed: None,
             reported: false,
             unflushed: false,
@@ -477,6 +487,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
                 format!("{what}: a message of {size} bytes is over the limit of {max_size}; the connection was closed with code 1009"),
             ),
             E::ConnectionClosed | E::AlreadyClosed => Error::connection_lost(format!("{what}: the WebSocket is closed")),
+            E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+                Error::connection_lost(format!("{what}: the peer dropped the connection without closing the WebSocket"))
+            }
             E::Io(io) => {
                 let kind = if io.kind() == std::io::ErrorKind::TimedOut { ErrorKind::Timeout } else { ErrorKind::ConnectionLost };
                 Error::with_source(kind, format!("{what}: {io}"), io)
@@ -510,6 +523,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         }
     }
 
+    /// A flush completed: everything fed went out.
+    fn flushed(&mut self) {
+        self.drained();
+        self.blocked = false;
+        self.unflushed = false;
+    }
+
     /// What waited to be sent went out: the peer read.
     fn drained(&mut self) {
         if self.stalled_since.take().is_some() {
@@ -523,7 +543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         let waker = crate::waker::also_waking(cx, self.writer.as_ref());
         let mut cx = Context::from_waker(&waker);
         if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_flush(&mut cx) {
-            self.drained();
+            self.flushed();
             return true;
         }
         false
@@ -584,7 +604,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
                     .start_send(Message::Ping(Bytes::new()))
                     .is_ok()
                 {
-                    let _ = Pin::new(&mut self.stream).poll_flush(&mut cx);
+                    match Pin::new(&mut self.stream).poll_flush(&mut cx) {
+                        Poll::Ready(Ok(())) => self.flushed(),
+                        Poll::Pending => self.stalled(),
+                        Poll::Ready(Err(_)) => {}
+                    }
                 }
             }
         }
@@ -605,14 +629,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             match Pin::new(&mut this.stream).poll_ready(cx) {
                 Poll::Pending => {
                     this.stalled();
+                    this.blocked = true;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(error)) => {
                     return Poll::Ready(Err(this.ws_error("sending", error)))
                 }
                 Poll::Ready(Ok(())) => {
-                    // What waited went out (the socket took it): the peer reads.
-                    this.drained();
+                    // After a wait, what waited went out (tungstenite flushed it): the peer
+                    // reads. Without one, readiness only says tungstenite's buffer has room,
+                    // and a sending stalled since a flush is still stalled.
+                    if this.blocked {
+                        this.flushed();
+                    }
                     if !std::mem::take(&mut this.ping_owed) {
                         return Poll::Ready(Ok(()));
                     }
@@ -685,8 +714,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
             Poll::Ready(Ok(())) => {
-                this.drained();
-                this.unflushed = false;
+                this.flushed();
                 Poll::Ready(Ok(()))
             }
         }
@@ -696,17 +724,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         let this = self.get_mut();
         if this.failed.is_none() {
             crate::waker::remember(&mut this.writer, cx);
-        }
-        if this.failed.is_none() && this.closing.is_none() {
-            match std::task::ready!(Pin::new(&mut this.stream).poll_close(cx)) {
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    this.closed();
-                }
-                Err(error) => return Poll::Ready(Err(this.ws_error("closing", error))),
-                Ok(()) => {
-                    // Flushed, our close frame with it.
-                    this.unflushed = false;
-                    this.closing = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
+            // The whole close is timed from here: a peer that does not even read our close
+            // frame must not keep it waiting for ever.
+            let deadline = this
+                .closing
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_WAIT)));
+            let late = deadline.as_mut().poll(cx).is_ready();
+            if !this.close_sent {
+                match Pin::new(&mut this.stream).poll_close(cx) {
+                    Poll::Ready(Err(
+                        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                    )) => this.closed(),
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Err(this.ws_error("closing", error)))
+                    }
+                    Poll::Ready(Ok(())) => {
+                        // Flushed, our close frame with it.
+                        this.flushed();
+                        this.close_sent = true;
+                    }
+                    Poll::Pending if late => {
+                        let error = Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "closing: the WebSocket peer did not read our close frame within {CLOSE_WAIT:?}"
+                            ),
+                        );
+                        this.closed();
+                        return Poll::Ready(Err(error));
+                    }
+                    Poll::Pending => return Poll::Pending,
                 }
             }
         }
@@ -733,21 +780,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         // Read as the reading side reads, through its own `poll_next` (the peer's close frame
         // ends the stream there as usual). The socket has one read wake-up: what this reads
         // concerns the reading side too, if another task, which must not lose it to this one.
-        let waker = crate::waker::also_waking(cx, this.reader.as_ref());
+        // The reading side's own waker is put back afterwards (`poll_next` keeps the one it is
+        // given, which would otherwise wrap it again on each poll of the close).
+        let reader = this.reader.clone();
+        let waker = crate::waker::also_waking(cx, reader.as_ref());
         let mut read_cx = Context::from_waker(&waker);
-        for _ in 0..CLOSE_READ_BUDGET {
-            match Pin::new(&mut *this).poll_next(&mut read_cx) {
-                // The peer's close frame ends the stream; so does a failure.
-                Poll::Ready(Some(Err(_)) | None) => {
-                    this.closed();
-                    return Poll::Ready(Ok(()));
+        let mut read = || {
+            for _ in 0..CLOSE_READ_BUDGET {
+                match Pin::new(&mut *this).poll_next(&mut read_cx) {
+                    // The peer's close frame ends the stream; so does a failure.
+                    Poll::Ready(Some(Err(_)) | None) => {
+                        this.closed();
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Some(Ok(_))) => {}
+                    Poll::Pending => return Poll::Pending,
                 }
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Pending => return Poll::Pending,
             }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        };
+        let result = read();
+        this.reader = reader;
+        result
     }
 }
 
@@ -792,7 +847,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                                 ),
                                 None => "the peer closed the WebSocket".to_owned(),
                             };
+                            // A clean end: the stream ends without an error (the sink's
+                            // calls fail with this one).
                             this.fail(Error::connection_lost(why));
+                            this.reported = true;
                             continue;
                         }
                     };
