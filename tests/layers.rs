@@ -1629,6 +1629,22 @@ async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
     retry.send(publish("third")).await.unwrap();
 }
 
+/// Each refused publish gets its own retries: three publishes, each refused once and sent
+/// again before the next is fed, within one flush window (the layer's count of retries ran on
+/// from one to the next, and gave up on the third at once).
+#[tokio::test]
+async fn each_refused_publish_gets_its_own_retries_within_a_flush() {
+    let broker = MemoryBroker::new();
+    let mut retry = retry_over_flaky(&broker, 0);
+    for text in ["a", "b", "c"] {
+        retry.get_mut().refuse_sends = 1;
+        retry.feed(publish(text)).await.unwrap();
+    }
+    retry.flush().await.unwrap();
+    let sent: Vec<Bytes> = broker.published().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(sent, ["a", "b", "c"]);
+}
+
 /// A failed flush answers what it covered: none of it is sent again by a later call, as though
 /// never reported. Publishes waiting to be retried that the flush could not send (the
 /// transport below refuses them room), and publishes sent before a flush that failed for good

@@ -117,6 +117,10 @@ struct RetryState<M> {
     unflushed: Vec<(Topic, M)>,
     /// Retries of the current failure so far.
     attempt: u32,
+    /// The current failure is a flush's: only a flush that succeeds ends it (its publishes
+    /// sent again prove nothing until then). A refused send's ends once what was refused is
+    /// sent again.
+    from_flush: bool,
     sleep: Option<Pin<Box<Sleep>>>,
     /// Why publishes this layer had taken were given up on (retries ran out, or a resend was
     /// refused for good): the next flush fails with it, as it answers them.
@@ -129,6 +133,7 @@ impl<M> Default for RetryState<M> {
             queue: VecDeque::new(),
             unflushed: Vec::new(),
             attempt: 0,
+            from_flush: false,
             sleep: None,
             failed: None,
         }
@@ -187,6 +192,7 @@ impl<M> RetryState<M> {
         self.unflushed.clear();
         self.sleep = None;
         self.attempt = 0;
+        self.from_flush = false;
         self.failed = None;
     }
 }
@@ -254,6 +260,11 @@ where
                 Ok(()) => {
                     this.state.queue.pop_front();
                     this.state.unflushed.extend(kept);
+                    if this.state.queue.is_empty() && !this.state.from_flush {
+                        // The refused sends went through: the next refusal is a new failure,
+                        // with retries of its own.
+                        this.state.attempt = 0;
+                    }
                 }
                 Err(error) if error.is_transient() => {
                     this.state
@@ -317,6 +328,7 @@ where
                     // Only a flush proves the retried commands went through.
                     this.state.unflushed.clear();
                     this.state.attempt = 0;
+                    this.state.from_flush = false;
                     return Poll::Ready(match this.state.failed.take() {
                         Some(error) => Err(error),
                         None => Ok(()),
@@ -324,6 +336,7 @@ where
                 }
                 Err(error) if error.is_transient() && !this.state.unflushed.is_empty() => {
                     let unflushed = std::mem::take(&mut this.state.unflushed);
+                    this.state.from_flush = true;
                     this.state.queue.extend(
                         unflushed
                             .into_iter()
