@@ -1855,7 +1855,7 @@ mod tests {
             .response_timeout(Duration::MAX)
             .ping_timeout(Duration::MAX)
             .ping_interval(Duration::MAX);
-        let (transport, _publish, mut server) = over_pipes(config).await;
+        let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
         sink.send(Command::Subscribe(Topic::from("c")))
             .await
@@ -1868,5 +1868,20 @@ mod tests {
             .unwrap();
         let after = got.recv().await.unwrap().expect("still up");
         assert!(after.contains("after"), "{after}");
+        // A pipeline's time, the response timeout and more per MiB, saturates too.
+        let flushed = tokio::spawn(async move {
+            sink.send(Command::Publish {
+                topic: Topic::from("c"),
+                message: Bytes::from_static(b"hi"),
+            })
+            .await
+        });
+        expect(
+            &mut publish_server,
+            "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+        )
+        .await;
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        flushed.await.unwrap().unwrap();
     }
 }
