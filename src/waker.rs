@@ -1,8 +1,8 @@
 //! Small waker helpers shared by the transports and the queue.
 
-#[cfg(feature = "websocket")]
+#[cfg(any(feature = "websocket", feature = "redis-cluster"))]
 use std::sync::Arc;
-#[cfg(feature = "websocket")]
+#[cfg(any(feature = "websocket", feature = "redis-cluster"))]
 use std::task::Wake;
 use std::task::{Context, Waker};
 
@@ -18,7 +18,7 @@ pub(crate) fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
 /// that uses a resource on the other's behalf (the reading half of a split transport sending
 /// a ping through the writing half's sink), so that the other does not lose the wake-up it
 /// registered there.
-#[cfg(feature = "websocket")]
+#[cfg(any(feature = "websocket", feature = "redis-cluster"))]
 pub(crate) fn also_waking(cx: &Context<'_>, other: Option<&Waker>) -> Waker {
     match other {
         Some(other) if !other.will_wake(cx.waker()) => {
@@ -28,10 +28,10 @@ pub(crate) fn also_waking(cx: &Context<'_>, other: Option<&Waker>) -> Waker {
     }
 }
 
-#[cfg(feature = "websocket")]
+#[cfg(any(feature = "websocket", feature = "redis-cluster"))]
 struct Both(Waker, Waker);
 
-#[cfg(feature = "websocket")]
+#[cfg(any(feature = "websocket", feature = "redis-cluster"))]
 impl Wake for Both {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();

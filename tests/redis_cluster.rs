@@ -8,8 +8,8 @@ use alkdev_pubsub::layers::{
 };
 use alkdev_pubsub::redis::cluster::RedisClusterTransport;
 use alkdev_pubsub::testkit::{self, number_of, numbered, RedisCluster};
-use alkdev_pubsub::{EventTarget, Gap, SubscribeOptions, Topic};
-use futures::StreamExt;
+use alkdev_pubsub::{Command, EventTarget, Gap, SubscribeOptions, Topic, Up};
+use futures::{SinkExt, StreamExt};
 use tower::ServiceBuilder;
 
 mod common;
@@ -580,4 +580,42 @@ async fn redis_cluster_passes_the_conformance_suite() {
         async move { pair }
     })
     .await;
+}
+
+/// A master that goes silent without closing its connections (paused here) would leave its
+/// channels deaf with no error: the transport's ping finds it, and the stream fails with a
+/// connection error (for the reconnect layer to build a new transport).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_master_is_found_by_the_ping() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let mut transport = RedisClusterTransport::connect_with(cluster.urls(), Duration::from_secs(1))
+        .await
+        .unwrap()
+        .ping_interval(Duration::from_millis(200));
+    transport
+        .send(Command::Subscribe(Topic::from("silent:1")))
+        .await
+        .unwrap();
+    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(
+        matches!(confirmed, Some(Ok(Up::Subscribed(_)))),
+        "{confirmed:?}"
+    );
+    // Quiet and healthy: no error for a while (pings answered).
+    let quiet = tokio::time::timeout(Duration::from_millis(800), transport.next()).await;
+    assert!(quiet.is_err(), "{quiet:?}");
+    let owner = cluster.owner_of_channel("silent:1");
+    cluster.nodes[owner].pause();
+    let started = tokio::time::Instant::now();
+    let end = tokio::time::timeout(WAIT, transport.next())
+        .await
+        .expect("the silence is found in time");
+    cluster.nodes[owner].resume();
+    let error = end.expect("an item").expect_err("a connection error");
+    assert!(error.is_unrecoverable(), "{error}");
+    assert!(error.to_string().contains("pinging"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(cluster);
 }

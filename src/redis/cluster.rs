@@ -17,6 +17,12 @@
 //! channel back, the transport fails with a connection error, so that the reconnect layer
 //! builds a new one rather than a notice claiming the channel is back.
 //!
+//! **Liveness.** A node that stops answering without closing its connection (a host that
+//! died, a network partition, a paused server) would leave its channels deaf with no error:
+//! the transport pings every master every 5 s ([`RedisClusterTransport::ping_interval`]), and
+//! a ping unanswered within the response timeout fails it with a connection error, for the
+//! reconnect layer to build a new one.
+//!
 //! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
 //! while its shard is down or failing over is lost; ordering is kept per channel (one channel
 //! lives on one shard). redis-rs reads the nodes' connections in a task of its own, so a
@@ -35,6 +41,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -61,11 +68,15 @@ const MAX_BATCH: usize = 4096;
 /// output buffer limit for pub/sub is 32 MiB by default): past this, messages are dropped,
 /// and the reader learns of the gap where it is ([`Up::Reconnected`]).
 const MAX_QUEUED_BYTES: usize = 32 << 20;
-/// How often a subscribe refused for now (`TRYAGAIN`, `CLUSTERDOWN`) is tried, 100 ms apart.
-const TRANSIENT_ATTEMPTS: u32 = 50;
+/// How often the masters are pinged by default ([`RedisClusterTransport::ping_interval`]).
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// The liveness is looked at when no push is ready, and at least once per this many pushes.
+const LIVENESS_EVERY: u32 = 1024;
 /// How long subscribing channels again (after a node dropped, or a slot moved) is tried, backing
 /// off to 1 s between attempts, before the transport fails: long enough for a restart or a
 /// failover. An attempt under way when it runs out is waited for (up to the response timeout).
+/// A subscribe refused for now (`TRYAGAIN`, `CLUSTERDOWN`) is tried as long before it is
+/// answered with the refusal.
 const RESUBSCRIBE_FOR: Duration = Duration::from_secs(60);
 
 /// The cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of its `{hash tag}` when it
@@ -138,6 +149,13 @@ pub struct RedisClusterTransport {
     last_channel: Option<Topic>,
     /// A batch's failure, reported by the next flush.
     deferred: Option<Error>,
+    ping_interval: Duration,
+    /// Pushes read since the liveness was last looked at.
+    read_since_check: u32,
+    /// When the masters are pinged next.
+    ping: Pin<Box<tokio::time::Sleep>>,
+    /// A ping of every master under way.
+    ping_reply: Option<BoxFuture<'static, Result<()>>>,
 }
 
 impl fmt::Debug for RedisClusterTransport {
@@ -212,7 +230,87 @@ impl RedisClusterTransport {
             max_message_size: super::DEFAULT_MAX_MESSAGE_SIZE,
             last_channel: None,
             deferred: None,
+            ping_interval: PING_INTERVAL,
+            read_since_check: 0,
+            ping: Box::pin(tokio::time::sleep(PING_INTERVAL)),
+            ping_reply: None,
         })
+    }
+
+    /// How often every master is pinged (5 s by default): a ping unanswered within the
+    /// response timeout fails the transport with an error of kind
+    /// [`ConnectionLost`](ErrorKind::ConnectionLost), so that a node that went silent without
+    /// closing its connection does not leave its channels deaf. `Duration::MAX` turns it off.
+    ///
+    /// ```no_run
+    /// # async fn run() -> alkdev_pubsub::Result<()> {
+    /// use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+    /// use std::time::Duration;
+    ///
+    /// let transport = RedisClusterTransport::connect(["redis://127.0.0.1:7000"])
+    ///     .await?
+    ///     .ping_interval(Duration::from_secs(1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        let interval = interval.max(Duration::from_millis(1));
+        self.ping_interval = interval;
+        self.ping.as_mut().reset(crate::deadline_in(interval));
+        self
+    }
+
+    /// Pings every master on schedule; a failed or unanswered ping is the connection's
+    /// failure.
+    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if let Some(reply) = self.ping_reply.as_mut() {
+            match reply.as_mut().poll(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(result) => {
+                    self.ping_reply = None;
+                    result?;
+                }
+            }
+        }
+        if self.ping.as_mut().poll(cx).is_ready() {
+            let next = crate::deadline_in(self.ping_interval);
+            self.ping.as_mut().reset(next);
+            let mut connection = self.connection.clone();
+            let timeout = self.response_timeout;
+            let mut reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
+                let ping = connection.route_command(
+                    redis::cmd("PING"),
+                    redis::cluster_routing::RoutingInfo::MultiNode((
+                        redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                        None,
+                    )),
+                );
+                match tokio::time::timeout(timeout, ping).await {
+                    Ok(Ok(_)) => Ok(()),
+                    // Silence is what this looks for. A node that refused the ping (an ACL,
+                    // loading) answered; one whose connection failed is redis-rs's to
+                    // reconnect, and its channels are subscribed again on the `Disconnection`
+                    // it reports.
+                    Ok(Err(error)) if error.is_timeout() => {
+                        Err(redis_error("pinging the cluster's masters", error))
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "a ping of the cluster's masters failed");
+                        Ok(())
+                    }
+                    Err(_) => Err(Error::connection_lost(format!(
+                        "pinging the cluster's masters: no answer within {timeout:?}"
+                    ))),
+                }
+            });
+            // Polled once now, so that its timer and the connection know of this task.
+            if let Poll::Ready(result) = reply.as_mut().poll(cx) {
+                result?;
+            } else {
+                self.ping_reply = Some(reply);
+            }
+        }
+        Ok(())
     }
 
     /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
@@ -336,10 +434,12 @@ impl RedisClusterTransport {
                     "SUNSUBSCRIBE"
                 }
             );
-            // A shard failing over answers TRYAGAIN or CLUSTERDOWN for a while: retry those.
-            let mut attempt = 0;
+            // A shard failing over answers TRYAGAIN or CLUSTERDOWN for a while: retry those,
+            // backing off, for as long as channels are subscribed again after a node dropped
+            // (a failover takes longer than the node timeout, 15 s by default).
+            let deadline = tokio::time::Instant::now() + RESUBSCRIBE_FOR;
+            let mut delay = Duration::from_millis(50);
             loop {
-                attempt += 1;
                 let request = async {
                     if subscribe {
                         connection.ssubscribe(channel.as_str()).await
@@ -355,8 +455,12 @@ impl RedisClusterTransport {
                     )),
                 };
                 match result {
-                    Err(error) if error.is_transient() && attempt < TRANSIENT_ATTEMPTS => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(error)
+                        if error.is_transient()
+                            && tokio::time::Instant::now() + delay < deadline =>
+                    {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
                     }
                     other => return other,
                 }
@@ -711,6 +815,15 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
             }
         }
         this.send_batch();
+        // Started now (polled once), not when the next flush comes.
+        if let Some(in_flight) = this.in_flight.as_mut() {
+            if let Poll::Ready(result) = in_flight.as_mut().poll(cx) {
+                this.in_flight = None;
+                if let Err(error) = result {
+                    this.deferred.get_or_insert(error);
+                }
+            }
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -750,7 +863,19 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        this.poll_control(cx)?;
+        // What the control side answers is for the reading side, which may be another task
+        // (a split transport): the answer wakes it too, whoever polled last.
+        let waker = crate::waker::also_waking(cx, this.reader.as_ref());
+        let before = this.signals.len();
+        let controlled = this.poll_control(&mut Context::from_waker(&waker));
+        if this.signals.len() > before || controlled.is_err() {
+            if let Some(reader) = &this.reader {
+                if !reader.will_wake(cx.waker()) {
+                    reader.wake_by_ref();
+                }
+            }
+        }
+        controlled?;
         this.poll_publishes(cx)
     }
 
@@ -774,6 +899,15 @@ impl Stream for RedisClusterTransport {
             }
             if !this.signals.is_empty() {
                 continue;
+            }
+            // Liveness is looked at when no push is ready, and every so many pushes (a flood
+            // from the other nodes must not hide a silent one).
+            this.read_since_check += 1;
+            if this.read_since_check >= LIVENESS_EVERY {
+                this.read_since_check = 0;
+                if let Err(error) = this.poll_liveness(cx) {
+                    return Poll::Ready(Some(Err(error)));
+                }
             }
             match this.pushes.poll_recv(cx) {
                 Poll::Ready(Some(Pushed::Message(push, size))) => {
@@ -803,6 +937,10 @@ impl Stream for RedisClusterTransport {
                     let count = this.queue.dropped.swap(0, Relaxed);
                     if count > 0 {
                         return Poll::Ready(Some(Ok(dropped(count))));
+                    }
+                    this.read_since_check = 0;
+                    if let Err(error) = this.poll_liveness(cx) {
+                        return Poll::Ready(Some(Err(error)));
                     }
                     return Poll::Pending;
                 }

@@ -1274,10 +1274,14 @@ impl Sink<Command<Bytes>> for RedisTransport {
         // that its answer wakes this task.
         this.poll_control(cx)?;
         this.send_pipeline();
-        if this.in_flight.is_none() {
+        let Some(in_flight) = this.in_flight.as_mut() else {
             // Still held behind a subscribe: its answer wakes this task (the writer) when it is
             // answered.
             return Poll::Pending;
+        };
+        // Started now (polled once: handed to the connection), not when the next flush comes.
+        if let Poll::Ready(done) = in_flight.as_mut().poll(cx) {
+            this.pipeline_done(done)?;
         }
         Poll::Ready(Ok(()))
     }
@@ -1778,6 +1782,34 @@ mod tests {
             "{error}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A feeder that never flushes: the full pipeline goes out as the next publish is fed, not
+    /// at the next flush.
+    #[tokio::test]
+    async fn a_full_pipeline_goes_out_without_a_flush() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_secs(3600));
+        let (mut transport, mut publish_server, _server) = over_pipes(config).await;
+        for _ in 0..=MAX_PIPELINE {
+            transport
+                .feed(Command::Publish {
+                    topic: Topic::from("c"),
+                    message: Bytes::from_static(b"x"),
+                })
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            expect(
+                &mut publish_server,
+                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\nx\r\n",
+            ),
+        )
+        .await
+        .expect("the full pipeline is sent");
     }
 
     /// The reading side finds the connection gone while a publish waits unflushed: closing the
