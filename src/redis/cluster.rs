@@ -121,7 +121,11 @@ enum Control {
 
 /// The Redis Cluster sharded pub/sub transport: see the [module](self).
 pub struct RedisClusterTransport {
+    /// Subscribes, pings, and the nodes' pushes.
     connection: ClusterConnection,
+    /// Publishes: a cluster connection of their own, without redis-rs's response timeout (a
+    /// pipeline's time allows for its size: see `pipeline_timeout`).
+    publisher: ClusterConnection,
     /// What redis-rs hands over, in order: messages (bounded by [`MAX_QUEUED_BYTES`]), gaps,
     /// and notices (disconnections, unsubscribes: few, never dropped).
     pushes: mpsc::UnboundedReceiver<Pushed>,
@@ -174,7 +178,9 @@ impl RedisClusterTransport {
         Self::connect_with(seeds, Duration::from_secs(5)).await
     }
 
-    /// Like [`connect`](Self::connect), with a timeout for connecting and for each answer.
+    /// Like [`connect`](Self::connect), with a timeout for connecting and for each answer (a
+    /// slot's pipeline of publishes, timed with its sending, is given as long again for each
+    /// whole MiB it carries). Publishes go over a cluster connection of their own.
     pub async fn connect_with<S: AsRef<str>>(
         seeds: impl IntoIterator<Item = S>,
         timeout: Duration,
@@ -192,28 +198,48 @@ impl RedisClusterTransport {
                 Ok(())
             }
         };
+        let config_error = |e: redis::RedisError| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("cluster seeds {printed:?}: {e}"),
+                e,
+            )
+        };
         let client = ClusterClientBuilder::new(seeds.clone())
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push_tx)
             .connection_timeout(timeout)
             .response_timeout(timeout)
             .build()
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Config,
-                    format!("cluster seeds {printed:?}: {e}"),
-                    e,
-                )
-            })?;
-        let connection = client.get_async_connection().await.map_err(|e| {
+            .map_err(config_error)?;
+        // Publishes are timed by the transport, which allows for their size.
+        let publish_client = ClusterClientBuilder::new(seeds.clone())
+            .connection_timeout(timeout)
+            .build()
+            .map_err(config_error)?;
+        let connect_error = |e: redis::RedisError| {
             Error::with_source(
                 ErrorKind::Connect,
                 format!("connecting to the cluster {printed:?}: {e}"),
                 e,
             )
-        })?;
+        };
+        let no_answer = |_| {
+            Error::new(
+                ErrorKind::Connect,
+                format!("connecting to the cluster {printed:?}: no answer within {timeout:?}"),
+            )
+        };
+        let (connection, publisher) = futures::future::join(
+            tokio::time::timeout(timeout, client.get_async_connection()),
+            tokio::time::timeout(timeout, publish_client.get_async_connection()),
+        )
+        .await;
+        let connection = connection.map_err(no_answer)?.map_err(connect_error)?;
+        let publisher = publisher.map_err(no_answer)?.map_err(connect_error)?;
         Ok(RedisClusterTransport {
             connection,
+            publisher,
             pushes,
             queue,
             leaving: HashMap::new(),
@@ -343,17 +369,18 @@ impl RedisClusterTransport {
         let batch = std::mem::take(&mut self.batch);
         // One pipeline per hash slot (a pipeline may not cross slots), in feed order within
         // each: a channel lives in one slot, so its order is kept; slots go out concurrently.
-        let mut pipelines: Vec<(u16, redis::Pipeline, usize)> = Vec::new();
+        let mut pipelines: Vec<(u16, redis::Pipeline, usize, usize)> = Vec::new();
         for (channel, frame) in &batch {
             let slot = hash_slot(channel.as_bytes());
-            let index = match pipelines.iter().position(|(s, _, _)| *s == slot) {
+            let index = match pipelines.iter().position(|(s, ..)| *s == slot) {
                 Some(index) => index,
                 None => {
-                    pipelines.push((slot, redis::pipe(), 0));
+                    pipelines.push((slot, redis::pipe(), 0, 0));
                     pipelines.len() - 1
                 }
             };
-            let (_, pipeline, count) = &mut pipelines[index];
+            let (_, pipeline, count, bytes) = &mut pipelines[index];
+            *bytes += channel.len() + frame.len();
             // Sized up front, as in the single-node transport.
             let mut publish =
                 redis::Cmd::with_capacity(3, "SPUBLISH".len() + channel.len() + frame.len());
@@ -364,14 +391,22 @@ impl RedisClusterTransport {
             pipeline.add_command(publish).ignore();
             *count += 1;
         }
-        let connection = self.connection.clone();
+        let connection = self.publisher.clone();
+        let response_timeout = self.response_timeout;
         self.in_flight = Some(Box::pin(async move {
-            let sends = pipelines.into_iter().map(|(slot, pipeline, count)| {
+            let sends = pipelines.into_iter().map(|(slot, pipeline, count, bytes)| {
                 let mut connection = connection.clone();
+                let timeout = super::pipeline_timeout(response_timeout, bytes);
                 async move {
-                    pipeline.exec_async(&mut connection).await.map_err(|e| {
-                        redis_error(&format!("SPUBLISH of {count} messages to slot {slot}"), e)
-                    })
+                    let what = || format!("SPUBLISH of {count} messages to slot {slot}");
+                    match tokio::time::timeout(timeout, pipeline.exec_async(&mut connection)).await
+                    {
+                        Ok(result) => result.map_err(|e| redis_error(&what(), e)),
+                        Err(_) => Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!("{}: no answer within {timeout:?}", what()),
+                        )),
+                    }
                 }
             });
             // Every slot's pipeline runs to its end: one shard failing must not cancel the
