@@ -2530,3 +2530,65 @@ async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
     assert!(answer.is_ok(), "{answer:?}");
     assert_eq!(events.stats().publish_failed, 0);
 }
+
+/// Publishes fed to a transport whose flush never completed are lost when its stream ends:
+/// counted in `publish_failed` (they were counted as published only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_fed_and_never_flushed_count_as_failed_when_the_transport_ends() {
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let transport = Scripted {
+        up,
+        slow_flush: true,
+        gate: Arc::new(Gate::default()),
+    };
+    let events: EventTarget = EventTarget::new(transport);
+    for n in 0..3 {
+        events
+            .dispatch_event(numbered("lost", "1", n))
+            .await
+            .unwrap();
+    }
+    settle("the publishes fed", || events.stats().published == 3).await;
+    // The stream ends: the target stops, and the three publishes went nowhere.
+    drop(answer);
+    settle("the target stopped", || events.is_closed()).await;
+    assert_eq!(events.stats().publish_failed, 3);
+}
+
+/// The transport's stream ends while a close its user asked for waits for an unsubscribe's
+/// answer: the close ends, and later calls say the target is closed (not that it stopped on a
+/// transport failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped() {
+    use alkdev_pubsub::layers::Up;
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let transport = Recorder::new(Scripted {
+        up,
+        slow_flush: false,
+        gate: Arc::new(Gate::default()),
+    });
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    events.add_event_listener("t:1", |_| {}).unwrap();
+    settle("the subscribe", || {
+        log.snapshot().contains(&Recorded::Subscribe("t:1".into()))
+    })
+    .await;
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    let closing = tokio::spawn({
+        let events = events.clone();
+        async move { events.close().await }
+    });
+    settle("the close's unsubscribe", || {
+        log.snapshot()
+            .contains(&Recorded::Unsubscribe("t:1".into()))
+    })
+    .await;
+    drop(answer);
+    tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+    let error = events
+        .dispatch_event(numbered("t", "1", 0))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("is closed"), "{error}");
+}

@@ -726,6 +726,38 @@ async fn a_subscribe_refused_when_handed_over_is_not_replayed_and_a_refused_repl
     );
 }
 
+/// A close that fails (the connection died unnoticed) still closes the layer: its state is
+/// `Closed`, its stream ends, and it does not connect again.
+#[tokio::test]
+async fn a_failed_close_still_closes_the_layer() {
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let layer = ReconnectLayer::new(fast_backoff());
+    let state = layer.state();
+    let mut transport = layer.layer({
+        let broker = broker.clone();
+        move || {
+            let broker = broker.clone();
+            async move { broker.connect() }
+        }
+    });
+    transport
+        .send(Command::Subscribe(Topic::from("t")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_up(&mut transport).await,
+        Ok(Up::Subscribed(_))
+    ));
+    broker.kill_connections();
+    let closed = transport.close().await;
+    assert!(closed.is_err(), "{closed:?}");
+    assert_eq!(*state.borrow(), ConnectionState::Closed);
+    let end = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(broker.connects(), 1);
+}
+
 /// A subscription that has read the notice of one reconnect, and had no event since, is told
 /// of the next one too: what was published during it is lost to it as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1637,8 +1669,15 @@ async fn each_refused_publish_gets_its_own_retries_within_a_flush() {
     let broker = MemoryBroker::new();
     let mut retry = retry_over_flaky(&broker, 0);
     for text in ["a", "b", "c"] {
+        // Refused once as it is fed, then sent again (in `poll_ready`, as the next is fed).
         retry.get_mut().refuse_sends = 1;
         retry.feed(publish(text)).await.unwrap();
+        futures::future::poll_fn(|cx| {
+            futures::Sink::poll_ready(std::pin::Pin::new(&mut retry), cx)
+        })
+        .await
+        .unwrap();
+        assert_eq!(retry.get_mut().refuse_sends, 0, "{text} was refused once");
     }
     retry.flush().await.unwrap();
     let sent: Vec<Bytes> = broker.published().into_iter().map(|(_, m)| m).collect();

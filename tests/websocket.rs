@@ -1087,3 +1087,37 @@ async fn a_listener_without_a_handshake_cap_accepts() {
         .unwrap();
     drop((transport, client.await.unwrap()));
 }
+
+/// A server that closes cleanly, saying why: the client's event target stops, and its calls
+/// fail with that reason (not a bare "the stream ended").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_close_by_the_server_is_the_targets_reason() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(60));
+    let (transport, mut server) = over_a_pipe(Role::Client, 64 * 1024, config).await;
+    let events: EventTarget = websocket::event_target(transport);
+    let server = tokio::spawn(async move {
+        server
+            .close(Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: "shutting down".into(),
+            }))
+            .await
+            .unwrap();
+        while let Some(Ok(_)) = server.next().await {}
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !events.is_closed() {
+        assert!(tokio::time::Instant::now() < deadline, "the target stopped");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let error = events
+        .dispatch_event(numbered("t", "1", 0))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("1001: shutting down"), "{error}");
+    tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+}

@@ -217,6 +217,7 @@ impl<M: Clone> RetryState<M> {
             let commands = self.queue.len();
             self.queue.clear();
             self.attempt = 0;
+            self.from_flush = false;
             return Err(Error::with_source(
                 ErrorKind::Unavailable,
                 format!("gave up on {commands} commands after {attempts} retries: {error}"),

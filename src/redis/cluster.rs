@@ -289,21 +289,26 @@ impl RedisClusterTransport {
     /// Pings every master on schedule; a failed or unanswered ping is the connection's
     /// failure.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
-        if let Some(reply) = self.ping_reply.as_mut() {
-            match reply.as_mut().poll(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(result) => {
-                    self.ping_reply = None;
-                    result?;
+        loop {
+            if let Some(reply) = self.ping_reply.as_mut() {
+                match reply.as_mut().poll(cx) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(result) => {
+                        self.ping_reply = None;
+                        result?;
+                    }
                 }
             }
-        }
-        if self.ping.as_mut().poll(cx).is_ready() {
+            // Looked at until it is pending (so that it wakes this task): a ping answered at
+            // once is followed by the next wait.
+            if self.ping.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
             let next = crate::deadline_in(self.ping_interval);
             self.ping.as_mut().reset(next);
             let mut connection = self.connection.clone();
             let timeout = self.response_timeout;
-            let mut reply: BoxFuture<'static, Result<()>> = Box::pin(async move {
+            self.ping_reply = Some(Box::pin(async move {
                 let ping = connection.route_command(
                     redis::cmd("PING"),
                     redis::cluster_routing::RoutingInfo::MultiNode((
@@ -317,9 +322,11 @@ impl RedisClusterTransport {
                     // loading) answered; one whose connection failed is redis-rs's to
                     // reconnect, and its channels are subscribed again on the `Disconnection`
                     // it reports.
-                    Ok(Err(error)) if error.is_timeout() => {
-                        Err(redis_error("pinging the cluster's masters", error))
-                    }
+                    Ok(Err(error)) if error.is_timeout() => Err(Error::with_source(
+                        ErrorKind::ConnectionLost,
+                        format!("pinging the cluster's masters: {error}"),
+                        error,
+                    )),
                     Ok(Err(error)) => {
                         tracing::debug!(%error, "a ping of the cluster's masters failed");
                         Ok(())
@@ -328,15 +335,8 @@ impl RedisClusterTransport {
                         "pinging the cluster's masters: no answer within {timeout:?}"
                     ))),
                 }
-            });
-            // Polled once now, so that its timer and the connection know of this task.
-            if let Poll::Ready(result) = reply.as_mut().poll(cx) {
-                result?;
-            } else {
-                self.ping_reply = Some(reply);
-            }
+            }));
         }
-        Ok(())
     }
 
     /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
@@ -899,10 +899,19 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         // What the control side answers is for the reading side, which may be another task
-        // (a split transport): the answer wakes it too, whoever polled last.
-        let waker = crate::waker::also_waking(cx, this.reader.as_ref());
+        // (a split transport): the answer wakes it too, whoever polled last. (Nothing to
+        // answer: no waker to make.)
+        let idle = matches!(this.control, Control::Idle)
+            && this.pending.is_empty()
+            && !this.resubscribe
+            && this.dropped.is_empty();
         let before = this.signals.len();
-        let controlled = this.poll_control(&mut Context::from_waker(&waker));
+        let controlled = if idle {
+            this.poll_control(cx)
+        } else {
+            let waker = crate::waker::also_waking(cx, this.reader.as_ref());
+            this.poll_control(&mut Context::from_waker(&waker))
+        };
         if this.signals.len() > before || controlled.is_err() {
             if let Some(reader) = &this.reader {
                 if !reader.will_wake(cx.waker()) {

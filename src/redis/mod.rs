@@ -422,40 +422,23 @@ fn server_error(what: &str, reply: &[u8]) -> Error {
     Error::new(kind, format!("{what}: {reply}"))
 }
 
-/// Publishes that go out as one pipeline.
-struct Batch {
-    pipeline: redis::Pipeline,
-    publishes: usize,
-    /// Their channels' and payloads' bytes: the pipeline's time allows for sending them (see
+/// A publish not sent yet.
+struct Unsent {
+    publish: redis::Cmd,
+    /// Its channel's and payload's bytes: a pipeline's time allows for sending them (see
     /// [`RedisConfig::response_timeout`]).
     bytes: usize,
-    /// They wait for the first so many subscribes and unsubscribes fed to be answered.
+    /// It waits for the first so many subscribes and unsubscribes fed to be answered.
     after: u64,
-}
-
-impl Batch {
-    fn new(pipeline: redis::Pipeline) -> Self {
-        Batch {
-            pipeline,
-            publishes: 0,
-            bytes: 0,
-            after: 0,
-        }
-    }
 }
 
 /// The Redis pub/sub transport: see the [module](self).
 pub struct RedisTransport {
     publisher: MultiplexedConnection,
-    /// Publishes fed since the last pipeline was sent (or held).
-    batch: Batch,
-    /// Pipelines held behind subscribes or unsubscribes, oldest first: each goes once the
-    /// subscribes and unsubscribes fed before it are answered. Publishes fed after a subscribe
-    /// wait for it (see `control_answered_count`), not for those fed after them: each
-    /// subscribe fed between two publishes starts a new pipeline.
-    held: VecDeque<Batch>,
-    /// How many publishes `held` holds.
-    held_len: usize,
+    /// Publishes not sent yet, in order. Those fed after a subscribe wait for it (see
+    /// `control_answered_count`), not for those fed after them; every one that may go then
+    /// goes in the next pipeline.
+    unsent: VecDeque<Unsent>,
     /// How many subscribes and unsubscribes were fed.
     control_fed: u64,
     /// The pipeline sent and not yet acknowledged; it hands the pipeline back, emptied, to be
@@ -557,9 +540,7 @@ impl RedisTransport {
     fn new(publish: MultiplexedConnection, subscriber: Subscriber, config: RedisConfig) -> Self {
         RedisTransport {
             publisher: publish,
-            batch: Batch::new(redis::pipe()),
-            held: VecDeque::new(),
-            held_len: 0,
+            unsent: VecDeque::new(),
             control_fed: 0,
             spare: None,
             publish_timeout: None,
@@ -609,29 +590,24 @@ impl RedisTransport {
             return;
         }
         let answered = self.control_answered_count();
-        let batch = match self.held.front() {
-            Some(held) => {
-                if held.after > answered {
-                    return;
-                }
-                let held = self.held.pop_front().expect("looked at");
-                self.held_len -= held.publishes;
-                held
+        if self
+            .unsent
+            .front()
+            .is_none_or(|first| first.after > answered)
+        {
+            return;
+        }
+        let mut pipeline = self.spare.take().unwrap_or_else(redis::pipe);
+        let (mut publishes, mut bytes) = (0, 0);
+        while let Some(next) = self.unsent.front() {
+            if next.after > answered {
+                break;
             }
-            None => {
-                if self.batch.publishes == 0 || self.batch.after > answered {
-                    return;
-                }
-                let next = Batch::new(self.spare.take().unwrap_or_else(redis::pipe));
-                std::mem::replace(&mut self.batch, next)
-            }
-        };
-        let Batch {
-            mut pipeline,
-            publishes,
-            bytes,
-            ..
-        } = batch;
+            let next = self.unsent.pop_front().expect("looked at");
+            pipeline.add_command(next.publish);
+            publishes += 1;
+            bytes += next.bytes;
+        }
         let mut connection = self.publisher.clone();
         let timeout = self
             .publish_timeout
@@ -667,7 +643,7 @@ impl RedisTransport {
 
     /// Publishes not sent yet: held, or in the pipeline being filled.
     fn unsent(&self) -> usize {
-        self.batch.publishes + self.held_len
+        self.unsent.len()
     }
 
     /// Drives the publish pipelines; `Ready(Ok)` once every fed publish is acknowledged.
@@ -1308,19 +1284,11 @@ impl Sink<Command<Bytes>> for RedisTransport {
                 let mut publish =
                     redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + message.len());
                 publish.arg("PUBLISH").arg(topic.as_str()).arg(&message[..]);
-                if this.batch.publishes > 0 && this.batch.after != this.control_fed {
-                    // A subscribe came since the pipeline's last publish: what is in it need not
-                    // wait for that subscribe's answer, this publish must.
-                    let next = Batch::new(this.spare.take().unwrap_or_else(redis::pipe));
-                    let held = std::mem::replace(&mut this.batch, next);
-                    this.held_len += held.publishes;
-                    this.held.push_back(held);
-                }
-                let batch = &mut this.batch;
-                batch.pipeline.add_command(publish);
-                batch.publishes += 1;
-                batch.bytes += topic.len() + message.len();
-                batch.after = this.control_fed;
+                this.unsent.push_back(Unsent {
+                    publish,
+                    bytes: topic.len() + message.len(),
+                    after: this.control_fed,
+                });
                 this.unanswered = true;
             }
             subscription => {
@@ -1810,6 +1778,65 @@ mod tests {
         )
         .await
         .expect("the full pipeline is sent");
+    }
+
+    /// Publishes that waited behind different subscribes, all answered by the time a
+    /// pipeline can go, go in that one pipeline (not one round trip each).
+    #[tokio::test]
+    async fn publishes_ready_together_go_in_one_pipeline() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_secs(3600));
+        let (transport, mut publish_server, mut server) = over_pipes(config).await;
+        let (mut sink, mut got) = split_with_reader(transport);
+        let publish = |payload: &'static str| Command::Publish {
+            topic: Topic::from("c"),
+            message: Bytes::from_static(payload.as_bytes()),
+        };
+        let command =
+            |payload: &str| format!("*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n{payload}\r\n");
+        let (step_tx, mut step) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let flusher = tokio::spawn(async move {
+            // A first pipeline goes out, and stays unanswered.
+            sink.feed(publish("0")).await.unwrap();
+            assert!(futures::poll!(sink.flush()).is_pending());
+            sink.feed(Command::Subscribe(Topic::from("c")))
+                .await
+                .unwrap();
+            sink.feed(publish("1")).await.unwrap();
+            step.recv().await.unwrap();
+            sink.feed(Command::Subscribe(Topic::from("d")))
+                .await
+                .unwrap();
+            sink.feed(publish("2")).await.unwrap();
+            step.recv().await.unwrap();
+            sink.flush().await.unwrap();
+        });
+        expect(&mut publish_server, &command("0")).await;
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
+        confirm(&mut server, &mut got).await;
+        step_tx.send(()).unwrap();
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nd\r\n").await;
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nd\r\n:2\r\n")
+            .await
+            .unwrap();
+        let confirmed = got.recv().await.unwrap().unwrap();
+        assert!(confirmed.starts_with("Subscribed"), "{confirmed}");
+        // The first pipeline is answered; the flush sends both waiting publishes at once.
+        publish_server.write_all(b":1\r\n").await.unwrap();
+        step_tx.send(()).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            expect(&mut publish_server, &(command("1") + &command("2"))),
+        )
+        .await
+        .expect("both publishes in one pipeline, before either is answered");
+        publish_server.write_all(b":1\r\n:1\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), flusher)
+            .await
+            .expect("flushed")
+            .unwrap();
     }
 
     /// The reading side finds the connection gone while a publish waits unflushed: closing the

@@ -621,7 +621,13 @@ where
                         self.inbound_ended = true;
                         return false;
                     }
-                    self.terminate(Error::connection_lost("the transport's stream ended"));
+                    // The transport may know why (a WebSocket peer's close code and reason):
+                    // its sink says so.
+                    let reason = match self.transport.as_mut().poll_ready(cx) {
+                        Poll::Ready(Err(error)) => error,
+                        _ => Error::connection_lost("the transport's stream ended"),
+                    };
+                    self.terminate(reason);
                     return false;
                 }
             }
@@ -1179,13 +1185,23 @@ impl<T, P> Core<T, P> {
     /// Ends everything with `error`: calls fail with it, publishes not sent yet are dropped
     /// (and counted), and every subscription ends.
     fn stop(&mut self, error: Error) {
-        self.shared.mark_closed(Some(error.clone()));
+        // During a close its user asked for, the target is closed, not stopped: later calls
+        // say so (the calls waiting now get `error`).
+        let reason = matches!(self.phase, Phase::Running).then(|| error.clone());
+        self.shared.mark_closed(reason.clone());
         self.publishes.close();
+        // Fed since the last flush: lost with the transport.
+        if self.fed > 0 {
+            self.shared
+                .counters
+                .publish_failed
+                .fetch_add(u64::from(std::mem::take(&mut self.fed)), Relaxed);
+        }
         self.drop_unsent(&error);
         for ack in self.acks.drain(..) {
             let _ = ack.send(Err(error.clone()));
         }
-        self.shared.end_all(Some(error));
+        self.shared.end_all(reason);
         self.finish();
     }
 

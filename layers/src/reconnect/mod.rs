@@ -666,7 +666,12 @@ where
                 if *count == 0 {
                     self.pending_up.remove(&topic);
                 }
-                self.signals.push_back(Up::Subscribed(topic));
+                // Behind held messages, as the other answers (in the order of the commands).
+                if self.held.is_empty() {
+                    self.signals.push_back(Up::Subscribed(topic));
+                } else {
+                    self.held.push_back(Up::Subscribed(topic));
+                }
             }
             None => tracing::debug!(%topic, "swallowed a confirmation nobody waits for"),
         }
@@ -857,12 +862,14 @@ where
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        // Deliver what waits first, then close the connection.
+        // Deliver what waits first, then close the connection. Closed either way: a failure is
+        // reported, and the layer does not connect again.
+        let mut result = Ok(());
         if this.buffered > 0 || !this.unacked.is_empty() {
-            ready!(Pin::new(&mut *this).poll_flush(cx))?;
+            result = ready!(Pin::new(&mut *this).poll_flush(cx));
         }
-        if let Conn::Up(transport) = &mut this.conn {
-            ready!(transport.as_mut().poll_close(cx))?;
+        if let (Ok(()), Conn::Up(transport)) = (&result, &mut this.conn) {
+            result = ready!(transport.as_mut().poll_close(cx));
         }
         if !this.held.is_empty() {
             // Messages already read, held for a reconnect notice: they are still told.
@@ -871,7 +878,7 @@ where
         this.closed = true;
         this.conn = Conn::Idle;
         this.set_state(ConnectionState::Closed);
-        Poll::Ready(Ok(()))
+        Poll::Ready(result)
     }
 }
 
