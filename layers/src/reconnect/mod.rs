@@ -939,11 +939,7 @@ where
             }
             match ready!(transport.as_mut().poll_next(cx)) {
                 Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
-                // A replay refused for now (a server busy with a script, a cluster between
-                // masters): not for good. Connect again after the backoff (never at once: the
-                // connection is not stable, whatever `stable_after` says) and replay then,
-                // rather than drop a subscription its listeners still hold. It counts as a
-                // failed attempt.
+                // A replay refused for now connects again later (see `subscribe_refused`).
                 Some(Ok(Up::SubscribeFailed(topic, error))) => this.subscribe_refused(topic, error),
                 Some(Ok(Up::Unsubscribed(topic))) => {
                     if let Some(count) = this.unsubscribing.get_mut(&topic) {
@@ -960,8 +956,9 @@ where
                 Some(Ok(message @ Up::Message { .. })) if this.announce => {
                     this.hold(message);
                 }
-                // Behind held messages, whatever comes waits its turn.
-                Some(Ok(up)) if !this.held.is_empty() => this.held.push_back(up),
+                // Behind held messages, whatever comes waits its turn (and counts toward the
+                // bound).
+                Some(Ok(up)) if !this.held.is_empty() => this.hold(up),
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
                 Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
