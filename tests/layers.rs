@@ -539,6 +539,36 @@ impl futures::Stream for Faulty {
     }
 }
 
+/// Subscribes `topics` through `transport`, then kills the broker's connections with the
+/// confirmation of `slow` withheld. Once this returns, the layer has reconnected and replayed
+/// its `channels` topics: all are in effect, and all but `slow` confirmed again.
+async fn replaying_with_slow_unconfirmed<S>(
+    transport: &mut S,
+    broker: &MemoryBroker,
+    faults: &Mutex<ConnFaults>,
+    topics: &[&str],
+    channels: usize,
+) where
+    S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error>
+        + futures::Stream<Item = alkdev_pubsub::Result<Up<Bytes>>>
+        + Unpin,
+{
+    for topic in topics {
+        transport
+            .send(Command::Subscribe(Topic::from(*topic)))
+            .await
+            .unwrap();
+        assert!(matches!(next_up(transport).await, Ok(Up::Subscribed(_))));
+    }
+    faults.lock().unwrap().gate_shut = true;
+    broker.kill_connections();
+    // Reading drives the reconnect and the replay.
+    while broker.channels().len() < channels {
+        let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
+        assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
+    }
+}
+
 /// After a reconnect, a message on a topic whose replay is confirmed, while another topic's is
 /// not, waits for the reconnect notice and follows it; past 1,024 such messages the notice
 /// goes at once, and every message after it in order.
@@ -548,23 +578,8 @@ async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_
         let broker = MemoryBroker::new();
         let faults = Arc::new(Mutex::new(ConnFaults::default()));
         let mut transport = faulty(&broker, &faults);
-        for topic in ["fast", "slow"] {
-            transport
-                .send(Command::Subscribe(Topic::from(topic)))
-                .await
-                .unwrap();
-            assert!(matches!(
-                next_up(&mut transport).await,
-                Ok(Up::Subscribed(_))
-            ));
-        }
-        faults.lock().unwrap().gate_shut = true;
-        broker.kill_connections();
-        // Reading drives the reconnect and the replay: `fast` is confirmed, `slow` is not.
-        while broker.channels().len() < 2 {
-            let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
-            assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
-        }
+        replaying_with_slow_unconfirmed(&mut transport, &broker, &faults, &["fast", "slow"], 2)
+            .await;
         for n in 0..messages {
             broker.inject("fast", n.to_string());
         }
@@ -619,22 +634,7 @@ async fn held_messages_keep_their_place_before_an_unsubscribe_and_through_a_clos
     let broker = MemoryBroker::new();
     let faults = Arc::new(Mutex::new(ConnFaults::default()));
     let mut transport = faulty(&broker, &faults);
-    for topic in ["fast", "slow"] {
-        transport
-            .send(Command::Subscribe(Topic::from(topic)))
-            .await
-            .unwrap();
-        assert!(matches!(
-            next_up(&mut transport).await,
-            Ok(Up::Subscribed(_))
-        ));
-    }
-    faults.lock().unwrap().gate_shut = true;
-    broker.kill_connections();
-    while broker.channels().len() < 2 {
-        let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
-        assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
-    }
+    replaying_with_slow_unconfirmed(&mut transport, &broker, &faults, &["fast", "slow"], 2).await;
     broker.inject("fast", "1");
     transport
         .send(Command::Unsubscribe(Topic::from("fast")))
@@ -652,20 +652,7 @@ async fn held_messages_keep_their_place_before_an_unsubscribe_and_through_a_clos
     );
 
     // Held when the stack is closed: still told, after the notice.
-    transport
-        .send(Command::Subscribe(Topic::from("fast")))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_up(&mut transport).await,
-        Ok(Up::Subscribed(_))
-    ));
-    faults.lock().unwrap().gate_shut = true;
-    broker.kill_connections();
-    while broker.channels().len() < 2 {
-        let nothing = tokio::time::timeout(Duration::from_millis(20), transport.next()).await;
-        assert!(nothing.is_err(), "nothing to tell yet: {nothing:?}");
-    }
+    replaying_with_slow_unconfirmed(&mut transport, &broker, &faults, &["fast"], 2).await;
     broker.inject("fast", "2");
     assert_eq!(told_until_quiet(&mut transport).await, Vec::<String>::new());
     transport.close().await.unwrap();

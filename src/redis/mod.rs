@@ -1444,6 +1444,33 @@ mod tests {
         );
     }
 
+    /// Settings whose timers stay out of a test's way.
+    fn quiet() -> RedisConfig {
+        RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_secs(3600))
+    }
+
+    /// `PUBLISH c <payload>` as it goes on the wire.
+    fn publish_on_c(payload: &str) -> String {
+        format!(
+            "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n${}\r\n{payload}\r\n",
+            payload.len()
+        )
+    }
+
+    /// The publish end reads `PUBLISH c <payload>` within 20 s (it must come: `why`), and
+    /// answers it.
+    async fn answer_publish(server: &mut DuplexStream, payload: &str, why: &str) {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            expect(server, &publish_on_c(payload)),
+        )
+        .await
+        .expect(why);
+        server.write_all(b":1\r\n").await.unwrap();
+    }
+
     /// Reads exactly `expected` at the server end.
     async fn expect(server: &mut DuplexStream, expected: &str) {
         let mut bytes = vec![0; expected.len()];
@@ -1574,9 +1601,7 @@ mod tests {
     /// timer, an hour away).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_confirmation_read_by_the_reading_task_wakes_the_flushing_task() {
-        let config = RedisConfig::new()
-            .response_timeout(Duration::from_secs(3600))
-            .ping_interval(Duration::from_secs(3600));
+        let config = quiet();
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
         let flusher = tokio::spawn(async move {
@@ -1603,16 +1628,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         confirm(&mut server, &mut got).await;
         // The publish held behind the subscribe goes out, and the flush completes.
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            expect(
-                &mut publish_server,
-                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
-            ),
-        )
-        .await
-        .expect("the flushing task was woken");
-        publish_server.write_all(b":1\r\n").await.unwrap();
+        answer_publish(&mut publish_server, "hi", "the flushing task was woken").await;
         tokio::time::timeout(Duration::from_secs(20), flusher)
             .await
             .expect("flushed")
@@ -1623,9 +1639,7 @@ mod tests {
     /// steady subscription churn, publishes still go.
     #[tokio::test]
     async fn a_publish_waits_for_earlier_subscribes_only() {
-        let config = RedisConfig::new()
-            .response_timeout(Duration::from_secs(3600))
-            .ping_interval(Duration::from_secs(3600));
+        let config = quiet();
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
         let publish = |payload: &'static str| Command::Publish {
@@ -1648,7 +1662,7 @@ mod tests {
         });
         expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
         sent_c.send(()).unwrap();
-        let publish_1 = "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n1\r\n";
+        let publish_1 = publish_on_c("1");
         // Nothing is published before the first subscribe is answered.
         let mut early = [0u8; 1];
         tokio::time::timeout(
@@ -1662,7 +1676,7 @@ mod tests {
         // `d` is not answered yet: the first publish goes all the same, the second waits.
         tokio::time::timeout(
             Duration::from_secs(20),
-            expect(&mut publish_server, publish_1),
+            expect(&mut publish_server, &publish_1),
         )
         .await
         .expect("the first publish does not wait for the later subscribe");
@@ -1677,16 +1691,12 @@ mod tests {
             .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nd\r\n:2\r\n")
             .await
             .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            expect(
-                &mut publish_server,
-                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n2\r\n",
-            ),
+        answer_publish(
+            &mut publish_server,
+            "2",
+            "the second publish goes once `d` is answered",
         )
-        .await
-        .expect("the second publish goes once `d` is answered");
-        publish_server.write_all(b":1\r\n").await.unwrap();
+        .await;
         tokio::time::timeout(Duration::from_secs(20), flusher)
             .await
             .expect("flushed")
@@ -1756,9 +1766,7 @@ mod tests {
     /// at the next flush.
     #[tokio::test]
     async fn a_full_pipeline_goes_out_without_a_flush() {
-        let config = RedisConfig::new()
-            .response_timeout(Duration::from_secs(3600))
-            .ping_interval(Duration::from_secs(3600));
+        let config = quiet();
         let (mut transport, mut publish_server, _server) = over_pipes(config).await;
         for _ in 0..=MAX_PIPELINE {
             transport
@@ -1771,10 +1779,7 @@ mod tests {
         }
         tokio::time::timeout(
             Duration::from_secs(5),
-            expect(
-                &mut publish_server,
-                "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\nx\r\n",
-            ),
+            expect(&mut publish_server, &publish_on_c("x")),
         )
         .await
         .expect("the full pipeline is sent");
@@ -1784,17 +1789,13 @@ mod tests {
     /// pipeline can go, go in that one pipeline (not one round trip each).
     #[tokio::test]
     async fn publishes_ready_together_go_in_one_pipeline() {
-        let config = RedisConfig::new()
-            .response_timeout(Duration::from_secs(3600))
-            .ping_interval(Duration::from_secs(3600));
+        let config = quiet();
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
         let publish = |payload: &'static str| Command::Publish {
             topic: Topic::from("c"),
             message: Bytes::from_static(payload.as_bytes()),
         };
-        let command =
-            |payload: &str| format!("*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\n{payload}\r\n");
         let (step_tx, mut step) = tokio::sync::mpsc::unbounded_channel::<()>();
         let flusher = tokio::spawn(async move {
             // A first pipeline goes out, and stays unanswered.
@@ -1812,7 +1813,7 @@ mod tests {
             step.recv().await.unwrap();
             sink.flush().await.unwrap();
         });
-        expect(&mut publish_server, &command("0")).await;
+        expect(&mut publish_server, &publish_on_c("0")).await;
         expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n").await;
         confirm(&mut server, &mut got).await;
         step_tx.send(()).unwrap();
@@ -1828,7 +1829,10 @@ mod tests {
         step_tx.send(()).unwrap();
         tokio::time::timeout(
             Duration::from_secs(20),
-            expect(&mut publish_server, &(command("1") + &command("2"))),
+            expect(
+                &mut publish_server,
+                &(publish_on_c("1") + &publish_on_c("2")),
+            ),
         )
         .await
         .expect("both publishes in one pipeline, before either is answered");
@@ -1845,9 +1849,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_after_a_failure_reports_publishes_it_lost() {
         for lost in [true, false] {
-            let config = RedisConfig::new()
-                .response_timeout(Duration::from_secs(3600))
-                .ping_interval(Duration::from_secs(3600));
+            let config = quiet();
             let (mut transport, mut publish_server, server) = over_pipes(config).await;
             transport
                 .feed(Command::Publish {
@@ -1861,11 +1863,7 @@ mod tests {
                     transport.flush().await.unwrap();
                     transport
                 });
-                expect(
-                    &mut publish_server,
-                    "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
-                )
-                .await;
+                expect(&mut publish_server, &publish_on_c("hi")).await;
                 publish_server.write_all(b":1\r\n").await.unwrap();
                 transport = flushed.await.unwrap();
             }
@@ -1935,11 +1933,7 @@ mod tests {
             })
             .await
         });
-        expect(
-            &mut publish_server,
-            "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$2\r\nhi\r\n",
-        )
-        .await;
+        expect(&mut publish_server, &publish_on_c("hi")).await;
         publish_server.write_all(b":1\r\n").await.unwrap();
         flushed.await.unwrap().unwrap();
     }
