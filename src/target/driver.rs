@@ -820,9 +820,15 @@ where
                                 error,
                             ))
                         }
-                        Poll::Pending => Err(Error::closed(
-                            "the event target closed before the transport flushed",
-                        )),
+                        // Out of time: the close did not finish, but what was fed may have
+                        // gone (a WebSocket waiting for its peer's close frame has flushed
+                        // everything before its own).
+                        Poll::Pending => match self.transport.as_mut().poll_flush(cx) {
+                            Poll::Ready(Ok(())) => Ok(()),
+                            _ => Err(Error::closed(
+                                "the event target closed before the transport flushed",
+                            )),
+                        },
                     };
                     if closed.is_err() && self.fed > 0 {
                         // As a failed flush counts what it covered.

@@ -542,11 +542,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     fn flushes_now(&mut self, cx: &mut Context<'_>) -> bool {
         let waker = crate::waker::also_waking(cx, self.writer.as_ref());
         let mut cx = Context::from_waker(&waker);
-        if let Poll::Ready(Ok(())) = Pin::new(&mut self.stream).poll_flush(&mut cx) {
-            self.flushed();
-            return true;
+        match Pin::new(&mut self.stream).poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => {
+                self.flushed();
+                true
+            }
+            Poll::Ready(Err(error)) => {
+                // The connection failed: that is its failure, not a stall (the first failure
+                // recorded is the one reported).
+                self.ws_error("flushing", error);
+                false
+            }
+            Poll::Pending => false,
         }
-        false
     }
 
     /// Pings on schedule; declares the peer gone after the idle timeout, of silence or of
