@@ -2592,3 +2592,73 @@ async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped(
         .unwrap_err();
     assert!(error.to_string().contains("is closed"), "{error}");
 }
+
+/// A transport that flushes only once its close has begun, and whose close never finishes
+/// (a WebSocket that has flushed everything and waits for its peer's close frame).
+struct FlushedOnClose {
+    closing: bool,
+}
+
+impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for FlushedOnClose {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        _: alkdev_pubsub::layers::Command<Envelope>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.closing {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.closing = true;
+        std::task::Poll::Pending
+    }
+}
+
+impl futures::Stream for FlushedOnClose {
+    type Item = Result<alkdev_pubsub::layers::Up<Envelope>, alkdev_pubsub::Error>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A close that runs out of time while the transport's own close is under way answers a
+/// confirmed publish the transport has flushed with `Ok`, and does not count it as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_out_of_time_answers_what_the_transport_flushed() {
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(100))
+        .build(FlushedOnClose { closing: false });
+    let confirmed = tokio::spawn({
+        let events = events.clone();
+        async move { events.dispatch_confirmed(numbered("t", "1", 0)).await }
+    });
+    settle("the publish fed", || events.stats().published == 1).await;
+    tokio::time::timeout(WAIT, events.close()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, confirmed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(events.stats().publish_failed, 0);
+}
