@@ -2286,11 +2286,14 @@ fn a_target_whose_runtime_shut_down_is_stopped_and_its_subscriptions_end() {
 
 /// A transport the test answers by hand: it takes every command (wrap it in a [`Recorder`] to
 /// see them) and yields what the test pushes. With `slow_flush`, a flush never completes (a
-/// close still does: it flushes and closes in one go). While `gate` is shut, it takes no
-/// command.
+/// close still does: it flushes and closes in one go). With `hang_close`, a close begins (a
+/// flush then completes) and never ends, as a WebSocket's that flushed everything and waits
+/// for its peer's close frame. While `gate` is shut, it takes no command.
 struct Scripted {
     up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
     slow_flush: bool,
+    hang_close: bool,
+    closing: bool,
     gate: Arc<Gate>,
 }
 
@@ -2341,16 +2344,20 @@ impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for Scripted {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        if self.slow_flush {
+        if self.slow_flush && !self.closing {
             return std::task::Poll::Pending;
         }
         std::task::Poll::Ready(Ok(()))
     }
 
     fn poll_close(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.hang_close {
+            self.closing = true;
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(Ok(()))
     }
 }
@@ -2377,6 +2384,8 @@ async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     let transport = Recorder::new(Scripted {
         up,
         slow_flush: false,
+        hang_close: false,
+        closing: false,
         gate: Arc::clone(&gate),
     });
     let log = transport.log();
@@ -2506,29 +2515,35 @@ async fn a_close_that_times_out_on_a_full_block_subscription_reports_the_drop() 
 }
 
 /// A confirmed dispatch still waiting for its flush when the close gives up waiting is
-/// answered by the transport's close, which flushes: `Ok` when it succeeds.
+/// answered by the transport's close, which flushes: `Ok` when it succeeds. Also when the
+/// close runs out of time with the transport's own close still under way (`hang_close`),
+/// having flushed (it was told `Err`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
-    let (_answer, up) = futures::channel::mpsc::unbounded();
-    let events: EventTarget = EventTarget::builder()
-        .close_timeout(Duration::from_millis(100))
-        .build(Scripted {
-            up,
-            slow_flush: true,
-            gate: Arc::default(),
+    for hang_close in [false, true] {
+        let (_answer, up) = futures::channel::mpsc::unbounded();
+        let events: EventTarget = EventTarget::builder()
+            .close_timeout(Duration::from_millis(100))
+            .build(Scripted {
+                up,
+                slow_flush: true,
+                hang_close,
+                closing: false,
+                gate: Arc::default(),
+            });
+        let confirmed = tokio::spawn({
+            let events = events.clone();
+            async move { events.dispatch_confirmed(numbered("t", "1", 0)).await }
         });
-    let confirmed = tokio::spawn({
-        let events = events.clone();
-        async move { events.dispatch_confirmed(numbered("t", "1", 0)).await }
-    });
-    settle("the publish", || events.stats().published == 1).await;
-    tokio::time::timeout(WAIT, events.close()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, confirmed)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(answer.is_ok(), "{answer:?}");
-    assert_eq!(events.stats().publish_failed, 0);
+        settle("the publish", || events.stats().published == 1).await;
+        tokio::time::timeout(WAIT, events.close()).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, confirmed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.is_ok(), "hang_close {hang_close}: {answer:?}");
+        assert_eq!(events.stats().publish_failed, 0);
+    }
 }
 
 /// Publishes fed to a transport whose flush never completed are lost when its stream ends:
@@ -2539,6 +2554,8 @@ async fn publishes_fed_and_never_flushed_count_as_failed_when_the_transport_ends
     let transport = Scripted {
         up,
         slow_flush: true,
+        hang_close: false,
+        closing: false,
         gate: Arc::new(Gate::default()),
     };
     let events: EventTarget = EventTarget::new(transport);
@@ -2565,6 +2582,8 @@ async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped(
     let transport = Recorder::new(Scripted {
         up,
         slow_flush: false,
+        hang_close: false,
+        closing: false,
         gate: Arc::new(Gate::default()),
     });
     let log = transport.log();
@@ -2591,74 +2610,4 @@ async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped(
         .await
         .unwrap_err();
     assert!(error.to_string().contains("is closed"), "{error}");
-}
-
-/// A transport that flushes only once its close has begun, and whose close never finishes
-/// (a WebSocket that has flushed everything and waits for its peer's close frame).
-struct FlushedOnClose {
-    closing: bool,
-}
-
-impl futures::Sink<alkdev_pubsub::layers::Command<Envelope>> for FlushedOnClose {
-    type Error = alkdev_pubsub::Error;
-    fn poll_ready(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn start_send(
-        self: std::pin::Pin<&mut Self>,
-        _: alkdev_pubsub::layers::Command<Envelope>,
-    ) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        if self.closing {
-            std::task::Poll::Ready(Ok(()))
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-    fn poll_close(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.closing = true;
-        std::task::Poll::Pending
-    }
-}
-
-impl futures::Stream for FlushedOnClose {
-    type Item = Result<alkdev_pubsub::layers::Up<Envelope>, alkdev_pubsub::Error>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
-    }
-}
-
-/// A close that runs out of time while the transport's own close is under way answers a
-/// confirmed publish the transport has flushed with `Ok`, and does not count it as failed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_out_of_time_answers_what_the_transport_flushed() {
-    let events: EventTarget = EventTarget::builder()
-        .close_timeout(Duration::from_millis(100))
-        .build(FlushedOnClose { closing: false });
-    let confirmed = tokio::spawn({
-        let events = events.clone();
-        async move { events.dispatch_confirmed(numbered("t", "1", 0)).await }
-    });
-    settle("the publish fed", || events.stats().published == 1).await;
-    tokio::time::timeout(WAIT, events.close()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, confirmed)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(answer.is_ok(), "{answer:?}");
-    assert_eq!(events.stats().publish_failed, 0);
 }
