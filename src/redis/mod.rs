@@ -88,8 +88,12 @@ use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 use resp::Frame;
 use subscriber::SubscribeConnection;
 
-/// Publishes fed beyond this many wait for the pipeline in flight to be acknowledged.
+/// Publishes fed beyond this many, or this many bytes ([`MAX_UNSENT_BYTES`]), wait for the
+/// pipeline in flight to be acknowledged.
 const MAX_PIPELINE: usize = 4096;
+/// The bytes (channels and payloads) of the publishes not sent yet past which the next one
+/// waits (see [`MAX_PIPELINE`]). A single larger publish is still taken.
+const MAX_UNSENT_BYTES: usize = 64 << 20;
 
 /// How long a pipeline of publishes carrying `bytes` may take to be sent and answered: the
 /// response timeout, and as long again for each whole MiB it carries (a link that moves less
@@ -439,6 +443,8 @@ pub struct RedisTransport {
     /// `control_answered_count`), not for those fed after them; every one that may go then
     /// goes in the next pipeline.
     unsent: VecDeque<Unsent>,
+    /// Their bytes.
+    unsent_bytes: usize,
     /// How many subscribes and unsubscribes were fed.
     control_fed: u64,
     /// The pipeline sent and not yet acknowledged; it hands the pipeline back, emptied, to be
@@ -541,6 +547,7 @@ impl RedisTransport {
         RedisTransport {
             publisher: publish,
             unsent: VecDeque::new(),
+            unsent_bytes: 0,
             control_fed: 0,
             spare: None,
             publish_timeout: None,
@@ -604,6 +611,7 @@ impl RedisTransport {
                 break;
             }
             let next = self.unsent.pop_front().expect("looked at");
+            self.unsent_bytes -= next.bytes;
             pipeline.add_command(next.publish);
             publishes += 1;
             bytes += next.bytes;
@@ -1237,7 +1245,7 @@ impl Sink<Command<Bytes>> for RedisTransport {
         let this = self.get_mut();
         this.check()?;
         crate::waker::remember(&mut this.writer, cx);
-        if this.unsent() < MAX_PIPELINE {
+        if this.unsent() < MAX_PIPELINE && this.unsent_bytes < MAX_UNSENT_BYTES {
             return Poll::Ready(Ok(()));
         }
         // Full: wait for the pipeline in flight, then send this one. A failure of the one in
@@ -1284,9 +1292,11 @@ impl Sink<Command<Bytes>> for RedisTransport {
                 let mut publish =
                     redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + message.len());
                 publish.arg("PUBLISH").arg(topic.as_str()).arg(&message[..]);
+                let bytes = topic.len() + message.len();
+                this.unsent_bytes += bytes;
                 this.unsent.push_back(Unsent {
                     publish,
-                    bytes: topic.len() + message.len(),
+                    bytes,
                     after: this.control_fed,
                 });
                 this.unanswered = true;
@@ -1762,27 +1772,30 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
-    /// A feeder that never flushes: the full pipeline goes out as the next publish is fed, not
-    /// at the next flush.
+    /// A feeder that never flushes: the full pipeline (by count, or by bytes) goes out as the
+    /// next publish is fed, not at the next flush.
     #[tokio::test]
     async fn a_full_pipeline_goes_out_without_a_flush() {
-        let config = quiet();
-        let (mut transport, mut publish_server, _server) = over_pipes(config).await;
-        for _ in 0..=MAX_PIPELINE {
-            transport
-                .feed(Command::Publish {
-                    topic: Topic::from("c"),
-                    message: Bytes::from_static(b"x"),
-                })
+        let large = Bytes::from(vec![b'x'; 1 << 20]);
+        for (count, message) in [
+            (MAX_PIPELINE, Bytes::from_static(b"x")),
+            (MAX_UNSENT_BYTES >> 20, large),
+        ] {
+            let (mut transport, mut publish_server, _server) = over_pipes(quiet()).await;
+            for _ in 0..=count {
+                transport
+                    .feed(Command::Publish {
+                        topic: Topic::from("c"),
+                        message: message.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+            let start = format!("*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n${}\r\n", message.len());
+            tokio::time::timeout(Duration::from_secs(5), expect(&mut publish_server, &start))
                 .await
-                .unwrap();
+                .unwrap_or_else(|_| panic!("the full pipeline of {count} is sent"));
         }
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            expect(&mut publish_server, &publish_on_c("x")),
-        )
-        .await
-        .expect("the full pipeline is sent");
     }
 
     /// Publishes that waited behind different subscribes, all answered by the time a
