@@ -1481,6 +1481,14 @@ mod tests {
         server.write_all(b":1\r\n").await.unwrap();
     }
 
+    /// The task flushing the sink finishes within 20 s, without panicking.
+    async fn flushed(flusher: tokio::task::JoinHandle<()>) {
+        tokio::time::timeout(Duration::from_secs(20), flusher)
+            .await
+            .expect("flushed")
+            .unwrap();
+    }
+
     /// Reads exactly `expected` at the server end.
     async fn expect(server: &mut DuplexStream, expected: &str) {
         let mut bytes = vec![0; expected.len()];
@@ -1639,10 +1647,7 @@ mod tests {
         confirm(&mut server, &mut got).await;
         // The publish held behind the subscribe goes out, and the flush completes.
         answer_publish(&mut publish_server, "hi", "the flushing task was woken").await;
-        tokio::time::timeout(Duration::from_secs(20), flusher)
-            .await
-            .expect("flushed")
-            .unwrap();
+        flushed(flusher).await;
     }
 
     /// A publish waits for the subscribes fed before it, not for those fed after it: under
@@ -1707,10 +1712,7 @@ mod tests {
             "the second publish goes once `d` is answered",
         )
         .await;
-        tokio::time::timeout(Duration::from_secs(20), flusher)
-            .await
-            .expect("flushed")
-            .unwrap();
+        flushed(flusher).await;
     }
 
     /// A pipeline's time allows for sending it: a 3 MiB publish that a slow link takes longer
@@ -1850,10 +1852,7 @@ mod tests {
         .await
         .expect("both publishes in one pipeline, before either is answered");
         publish_server.write_all(b":1\r\n:1\r\n").await.unwrap();
-        tokio::time::timeout(Duration::from_secs(20), flusher)
-            .await
-            .expect("flushed")
-            .unwrap();
+        flushed(flusher).await;
     }
 
     /// The reading side finds the connection gone while a publish waits unflushed: closing the
