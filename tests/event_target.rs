@@ -2611,3 +2611,75 @@ async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped(
         .unwrap_err();
     assert!(error.to_string().contains("is closed"), "{error}");
 }
+
+/// The driver task is dropped (its runtime shut down) while an event the transport yielded
+/// waits for room in a full `Block` subscription: that event is not lost silently. The
+/// subscription yields what it holds, hears of the drop (`Gap::Lagged`, counted), then ends.
+#[test]
+fn a_driver_dropped_with_an_event_waiting_for_a_full_block_subscription_reports_the_drop() {
+    use alkdev_pubsub::layers::Up;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let (events, mut subscription) = runtime.block_on(async {
+        let events: EventTarget = EventTarget::new(Scripted {
+            up,
+            slow_flush: false,
+            hang_close: false,
+            closing: false,
+            gate: Arc::new(Gate::default()),
+        });
+        let subscribing = tokio::spawn({
+            let events = events.clone();
+            async move {
+                events
+                    .subscribe_with(
+                        "t:1",
+                        SubscribeOptions::new()
+                            .capacity(1)
+                            .overflow(Overflow::Block),
+                    )
+                    .await
+            }
+        });
+        settle("the subscribe", || events.stats().subscribes == 1).await;
+        answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+        let subscription = tokio::time::timeout(WAIT, subscribing)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        for n in 0..2 {
+            answer
+                .unbounded_send(Up::Message {
+                    channel: None,
+                    message: numbered("t", "1", n),
+                })
+                .unwrap();
+        }
+        // The first fills the queue; the second waits for room.
+        settle("the first event queued", || events.stats().delivered == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (events, subscription)
+    });
+    drop(runtime);
+    assert!(events.is_closed());
+    // Read on a runtime of its own: the target's is gone.
+    let reader = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    reader.block_on(async {
+        let first = subscription.next().await.unwrap().unwrap();
+        assert_eq!(number_of(&first), 0);
+        match subscription.next().await {
+            Some(Err(Gap::Lagged(1))) => {}
+            other => panic!("expected the drop to be told, got {other:?}"),
+        }
+        assert!(subscription.next().await.is_none());
+    });
+    assert_eq!(events.stats().lagged, 1);
+    drop(answer);
+}

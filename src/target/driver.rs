@@ -757,18 +757,6 @@ where
         }
     }
 
-    /// The close is ending with an event waiting for room in a full `Block` queue: that queue
-    /// drops it (its readers hear of it as [`Gap::Lagged`](crate::Gap::Lagged) after what they
-    /// hold, and it counts as lagged), and the listeners after it get it, before every
-    /// subscription ends. What the transport had not yielded yet is not read.
-    fn give_up_stalled(&mut self) {
-        if let Some(stalled) = self.stalled.take() {
-            let _ = self
-                .shared
-                .deliver_from(&stalled.listeners, stalled.event, stalled.from, None);
-        }
-    }
-
     /// Moves a close along. Returns `Ready` once the driver is done.
     fn poll_close_steps(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let timed_out = self
@@ -1188,6 +1176,18 @@ where
 }
 
 impl<T, P> Core<T, P> {
+    /// The close is ending (or the target stopping) with an event waiting for room in a full
+    /// `Block` queue: that queue drops it (its readers hear of it as [`Gap::Lagged`](crate::Gap::Lagged) after what they
+    /// hold, and it counts as lagged), and the listeners after it get it, before every
+    /// subscription ends. What the transport had not yielded yet is not read.
+    fn give_up_stalled(&mut self) {
+        if let Some(stalled) = self.stalled.take() {
+            let _ = self
+                .shared
+                .deliver_from(&stalled.listeners, stalled.event, stalled.from, None);
+        }
+    }
+
     /// Ends everything with `error`: calls fail with it, publishes not sent yet are dropped
     /// (and counted), and every subscription ends.
     fn stop(&mut self, error: Error) {
@@ -1207,6 +1207,9 @@ impl<T, P> Core<T, P> {
         for ack in self.acks.drain(..) {
             let _ = ack.send(Err(error.clone()));
         }
+        // An event waiting for room in a full `Block` queue is dropped there, and its readers
+        // hear of it, rather than lose it silently with the driver.
+        self.give_up_stalled();
         self.shared.end_all(reason);
         self.finish();
     }
