@@ -89,6 +89,22 @@ pub(crate) struct Reader {
     limit: usize,
     /// Bytes of an oversized payload still to discard, its CRLF included.
     skipping: usize,
+    /// Where the scan of the incomplete frame's nested array stopped.
+    nested: Option<Nested>,
+}
+
+/// How far the scan of a nested array got before the frame ran out, to go on from there once
+/// more has been read: a frame's bytes stay where they are until it is complete, and without
+/// this a nested array of many small elements sent in many small reads would be scanned again
+/// from its start at each (quadratic in its length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Nested {
+    /// Where the nested array starts in the frame (its `*` byte).
+    start: usize,
+    /// How many of its elements were read.
+    done: usize,
+    /// Where the next of them starts.
+    at: usize,
 }
 
 impl Reader {
@@ -97,6 +113,7 @@ impl Reader {
         Reader {
             limit: limit.min(MAX_BULK),
             skipping: 0,
+            nested: None,
         }
     }
 
@@ -110,9 +127,11 @@ impl Reader {
                 return Ok(None);
             }
         }
-        let Some((len, top)) = scan(buffer, self.limit)? else {
+        let scanned = scan(buffer, self.limit, &mut self.nested);
+        let Some((len, top)) = scanned? else {
             return Ok(None);
         };
+        self.nested = None;
         if let Top::Oversized(_, _, payload) = top {
             self.skipping = payload + 2;
         }
@@ -144,7 +163,13 @@ impl Reader {
 
 /// Finds the frame at the start of `bytes`: its length and its elements. No bulk string over
 /// `limit` is waited for.
-fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolError> {
+/// `nested` is where an earlier scan of the same bytes stopped in a nested array, if it did;
+/// it is updated when this one stops in one.
+fn scan(
+    bytes: &[u8],
+    limit: usize,
+    nested: &mut Option<Nested>,
+) -> Result<Option<(usize, Top)>, ProtocolError> {
     let mut at = 0;
     let Some(&kind) = bytes.first() else {
         return Ok(None);
@@ -168,7 +193,8 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
             // The payload is the last element of a `message` or `pmessage` (whose first
             // element, its kind, is read by then).
             let payload = i + 1 == count && is_message(bytes, &elements[0], count);
-            match element(bytes, &mut at, true, if payload { limit } else { other })? {
+            let limit = if payload { limit } else { other };
+            match element(bytes, &mut at, Some(&mut *nested), limit)? {
                 // Skipped as it arrives.
                 Some(Element::Over(len)) if payload => {
                     return Ok(Some((at, Top::Oversized(count, elements, len))));
@@ -180,7 +206,7 @@ fn scan(bytes: &[u8], limit: usize) -> Result<Option<(usize, Top)>, ProtocolErro
         }
         return Ok(Some((at, Top::Array(count, elements))));
     }
-    match element(bytes, &mut at, false, other)? {
+    match element(bytes, &mut at, None, other)? {
         Some(Element::Over(len)) => Err(over_the_limit(len, other)),
         element => Ok(element.map(|element| (at, Top::Element(element)))),
     }
@@ -205,14 +231,17 @@ fn over_the_limit(len: usize, limit: usize) -> ProtocolError {
 }
 
 /// The element at `*at`, which moves past it; `None` if it is incomplete. An array is an
-/// element only when `nested` (one level deep). A bulk string over `limit` is
-/// [`Element::Over`], and `*at` is where its data starts.
+/// element only when `nested` is given (one level deep): where an earlier scan stopped in
+/// it, and where this one stops. A bulk string over `limit` is [`Element::Over`], and `*at`
+/// is where its data starts.
 fn element(
     bytes: &[u8],
     at: &mut usize,
-    nested: bool,
+    nested: Option<&mut Option<Nested>>,
     limit: usize,
 ) -> Result<Option<Element>, ProtocolError> {
+    #[cfg(test)]
+    tests::ELEMENTS_READ.with(|read| read.set(read.get() + 1));
     let Some(&kind) = bytes.get(*at) else {
         return Ok(None);
     };
@@ -246,7 +275,8 @@ fn element(
             *at = data.end + 2;
             Element::Bulk(data)
         }
-        b'*' if nested => {
+        b'*' if nested.is_some() => {
+            let resume = nested.expect("checked by the guard");
             let Some(count) = length(
                 &bytes[line],
                 MAX_NESTED,
@@ -255,9 +285,20 @@ fn element(
             else {
                 return Ok(Some(Element::Null));
             };
-            for _ in 0..count {
-                match element(bytes, at, false, limit)? {
+            let mut done = 0;
+            if let Some(earlier) = resume.take().filter(|earlier| earlier.start == start) {
+                done = earlier.done;
+                *at = earlier.at;
+            }
+            while done < count {
+                let next = *at;
+                match element(bytes, at, None, limit)? {
                     None => {
+                        *resume = Some(Nested {
+                            start,
+                            done,
+                            at: next,
+                        });
                         *at = start;
                         return Ok(None);
                     }
@@ -269,6 +310,7 @@ fn element(
                     }
                     Some(_) => {}
                 }
+                done += 1;
             }
             Element::Array(start..*at)
         }
@@ -467,6 +509,37 @@ pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Elements [`element`] has read on this thread, the same one again counting again.
+        pub(super) static ELEMENTS_READ: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A nested array of many small elements sent in many small reads is scanned from where
+    /// the last read left it, not from its start at each: the elements read stay about the
+    /// array's length, not its square (in 7-byte reads of 10,000 elements, about 25,000
+    /// against 29 million before).
+    #[test]
+    fn a_nested_array_read_in_small_pieces_is_scanned_once() {
+        let elements = 10_000;
+        let mut wire = b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n".to_vec();
+        wire.extend_from_slice(format!("*{elements}\r\n").as_bytes());
+        for n in 0..elements {
+            wire.extend_from_slice(format!(":{}\r\n", n % 10).as_bytes());
+        }
+        let cuts: Vec<usize> = (7..wire.len()).step_by(7).collect();
+        ELEMENTS_READ.with(|read| read.set(0));
+        let read = parse_in_pieces(&wire, &cuts, MAX_BULK);
+        let scanned = ELEMENTS_READ.with(|read| read.get());
+        assert_eq!(read.len(), 1, "{:?}", &read[0][..200.min(read[0].len())]);
+        assert!(read[0].starts_with("Message"), "{:?}", &read[0][..100]);
+        assert_eq!(read, parse_in_pieces(&wire, &[], MAX_BULK));
+        let reads = cuts.len() + 1;
+        assert!(
+            scanned <= elements + 4 * reads,
+            "{scanned} elements read for a nested array of {elements} in {reads} reads"
+        );
+    }
 
     /// One frame, read with Redis's own limit.
     fn parse(buffer: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
