@@ -130,6 +130,8 @@ struct Reader {
     gaps: VecDeque<(u64, u64)>,
     /// A reconnect notice was dropped before this reader took it.
     missed_reconnect: bool,
+    /// This reader was told the queue ended.
+    ended: bool,
     waker: Option<Waker>,
 }
 
@@ -237,6 +239,7 @@ impl<P> Queue<P> {
                     lagged: 0,
                     gaps: VecDeque::new(),
                     missed_reconnect: false,
+                    ended: false,
                     waker: None,
                 }],
                 waiting: 0,
@@ -306,6 +309,7 @@ impl<P> Queue<P> {
             lagged: 0,
             gaps: VecDeque::new(),
             missed_reconnect: false,
+            ended: false,
             waker: None,
         });
         self.reader_count.store(state.readers.len(), Relaxed);
@@ -389,7 +393,27 @@ impl<P> Queue<P> {
     ) -> Result<(), Arc<Envelope<P>>> {
         let mut state = self.lock();
         if state.closed {
+            // Published as the queue closed (a `Block` publisher the close released, or a
+            // dispatch that found its listeners before the close): not delivered, and not lost
+            // silently. Readers that have not seen the end yet hear of it after what they
+            // hold, and it counts as lagged for them.
+            let at = state.tail();
+            let mut told = 0;
+            for reader in state.readers.iter_mut().filter(|r| !r.ended) {
+                match reader.gaps.back_mut() {
+                    Some((last, dropped)) if *last == at => *dropped += 1,
+                    _ => reader.gaps.push_back((at, 1)),
+                }
+                told += 1;
+            }
+            if told > 0 {
+                counters.lagged.fetch_add(told, Relaxed);
+                self.changed();
+            }
+            let wake = state.take_readers();
             drop(state);
+            wake_all(wake);
+            drop_released(vec![Slot::Event(event)]);
             return Ok(());
         }
         state.publisher = this_thread();
@@ -460,8 +484,10 @@ impl<P> Queue<P> {
         wake_all(wake);
         // What was dropped, and what readers on other threads released since the last push,
         // is freed with the lock released and the readers woken.
-        drop((dropped, event));
-        drop_released(garbage);
+        let mut freed = garbage;
+        freed.extend(dropped);
+        freed.extend(event.map(Slot::Event));
+        drop_released(freed);
         Ok(())
     }
 
@@ -602,6 +628,7 @@ impl<P> Queue<P> {
             *seen = u64::MAX;
         }
         let ended = item.is_none() && state.closed;
+        me.ended |= ended;
         if item.is_none() && !ended {
             match cx {
                 Some(cx) => {
@@ -655,6 +682,6 @@ impl<P> Queue<P> {
         let garbage = std::mem::take(&mut state.garbage);
         drop(state);
         wake_all(wake);
-        drop(garbage);
+        drop_released(garbage);
     }
 }

@@ -50,7 +50,8 @@ pub struct Stats {
     pub publish_failed: u64,
     /// Deliveries to listeners: one event delivered to three listeners counts three.
     pub delivered: u64,
-    /// Events a full subscription queue dropped (each one reported as [`Gap::Lagged`](crate::Gap)).
+    /// Events a subscription queue dropped, full or ending as they came (each one reported
+    /// to its reader as [`Gap::Lagged`](crate::Gap)).
     pub lagged: u64,
     /// Events that found no listener on their topic: inbound messages that arrived after the
     /// last one left, and, in-process, every dispatch to a topic nobody listens to.

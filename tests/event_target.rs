@@ -505,6 +505,94 @@ async fn a_payload_that_panics_when_freed_by_a_publish_does_not_fail_it() {
     assert!(matches!(event, Ok(Some(Ok(_)))), "the second event arrives");
 }
 
+/// A payload whose `Drop` panics, evicted by a full `DropOldest` queue or dropped as the
+/// newest by a full `DropNewest` one, does not fail the publish that drops it.
+#[tokio::test]
+async fn a_payload_that_panics_when_a_full_queue_drops_it_does_not_fail_the_publish() {
+    for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+        let events: EventTarget<PanicsOnDrop> = EventTarget::local();
+        let mut subscription = events
+            .subscribe_with(
+                "t:1",
+                SubscribeOptions::new().capacity(1).overflow(overflow),
+            )
+            .await
+            .unwrap();
+        // DropOldest evicts the first (armed); DropNewest drops the second (armed).
+        let armed = [
+            overflow == Overflow::DropOldest,
+            overflow == Overflow::DropNewest,
+        ];
+        for arm in armed {
+            events
+                .dispatch_event(Envelope::new("t", "1", PanicsOnDrop(arm)))
+                .await
+                .unwrap();
+        }
+        let mut read = Vec::new();
+        for _ in 0..2 {
+            match tokio::time::timeout(WAIT, subscription.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(_)) => read.push("event"),
+                Some(Err(Gap::Lagged(1))) => read.push("lagged"),
+                other => panic!("{overflow:?}: {:?}", other.map(|o| o.map(|_| ()))),
+            }
+        }
+        let expected = match overflow {
+            Overflow::DropOldest => ["lagged", "event"],
+            _ => ["event", "lagged"],
+        };
+        assert_eq!(read, expected, "{overflow:?}");
+        assert_eq!(events.stats().lagged, 1, "{overflow:?}");
+    }
+}
+
+/// In-process, a dispatch waiting for room in a full `Block` subscription when the target
+/// closes does not lose its event silently: the subscription yields what it holds, hears of
+/// the drop (`Gap::Lagged`, counted), then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_releasing_an_in_process_dispatch_waiting_for_a_full_block_queue_reports_the_drop()
+{
+    let events: EventTarget = EventTarget::local();
+    let mut subscription = events
+        .subscribe_with(
+            "t:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
+    let waiting = tokio::spawn({
+        let events = events.clone();
+        async move { events.dispatch_event(numbered("t", "1", 1)).await }
+    });
+    settle("the second dispatch to wait", || {
+        events.stats().published == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished(), "the queue is full: it waits");
+    tokio::time::timeout(WAIT, events.close()).await.unwrap();
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let first = subscription.next().await.unwrap().unwrap();
+    assert_eq!(number_of(&first), 0);
+    match subscription.next().await {
+        Some(Err(Gap::Lagged(1))) => {}
+        other => panic!("expected the drop to be told, got {other:?}"),
+    }
+    assert!(subscription.next().await.is_none());
+    assert!(subscription.next().await.is_none(), "no later notice");
+    assert_eq!(events.stats().lagged, 1);
+}
+
 #[tokio::test]
 async fn a_panicking_callback_does_not_stop_delivery() {
     for events in [
