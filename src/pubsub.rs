@@ -95,8 +95,11 @@ impl<P: Send + Sync + 'static> PubSub<P> {
 /// The payloads of one topic, from [`PubSub::subscribe`].
 ///
 /// Gap notices ([`Gap`](crate::Gap)) are not items here: they are counted ([`gaps`](Self::gaps)); use
-/// [`EventTarget::subscribe`] to see them in place. A payload is moved out of its envelope
-/// when this is the topic's only listener, and cloned otherwise.
+/// [`EventTarget::subscribe`] to see them in place. It is a stream when `P: Clone`: a
+/// payload is moved out of its envelope when this subscription holds the envelope's last
+/// handle (a lone listener reading on the publishing thread), and cloned otherwise (other
+/// listeners share the envelope, or the queue keeps a handle to free it on the thread that
+/// allocated it).
 pub struct TypedSubscription<P> {
     subscription: Subscription<P>,
     gaps: u64,

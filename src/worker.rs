@@ -10,18 +10,23 @@
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), alkdev_pubsub::Error> {
-//! // A worker thread that answers every `call.requested:w1` with a `call.responded:<call id>`.
+//! // A worker thread that answers every `call.requested:w1` with a `call.responded:<call id>`,
+//! // until the main side closes the pair.
 //! let (events, worker) = worker::spawn(|events: EventTarget| async move {
 //!     let mut calls = events.subscribe("call.requested:w1").await?;
-//!     let call = calls.next().await.expect("a call").expect("no gap");
-//!     let call_id = call.payload["call"].as_str().unwrap_or_default().to_owned();
-//!     events
-//!         .dispatch_event(Envelope::new("call.responded", call_id, 42.into()))
-//!         .await
+//!     while let Some(call) = calls.next().await {
+//!         let Ok(call) = call else { continue }; // a gap notice
+//!         let call_id = call.payload["call"].as_str().unwrap_or_default().to_owned();
+//!         let answer = Envelope::new("call.responded", call_id, 42.into());
+//!         if events.dispatch_event(answer).await.is_err() {
+//!             break; // the main side closed meanwhile
+//!         }
+//!     }
+//!     Ok::<(), alkdev_pubsub::Error>(())
 //! })?;
 //!
 //! let mut answers = events.subscribe("call.responded:c1").await?;
-//! // The worker subscribes on its own thread: retry until it has.
+//! // The worker subscribes on its own thread: call again until it has answered.
 //! let answer = loop {
 //!     events
 //!         .dispatch_event(Envelope::new("call.requested", "w1", serde_json::json!({ "call": "c1" })))
@@ -33,6 +38,7 @@
 //!     }
 //! };
 //! assert_eq!(answer.unwrap().payload, 42);
+//! events.close().await;
 //! worker.join().expect("the worker thread did not panic")?;
 //! # Ok(())
 //! # }

@@ -619,3 +619,19 @@ async fn a_silent_master_is_found_by_the_ping() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(cluster);
 }
+
+/// A `rediss://` seed is refused with an error that says TLS is not supported (redis-rs,
+/// built without TLS, would say a feature is missing).
+#[tokio::test]
+async fn a_tls_seed_is_refused_with_a_clear_error() {
+    let error = RedisClusterTransport::connect(["redis://127.0.0.1:1", "REDISS://127.0.0.1:2"])
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("TLS (rediss://) is not supported"),
+        "{error}"
+    );
+}

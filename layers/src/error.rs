@@ -98,8 +98,6 @@ pub enum ErrorKind {
     Unavailable,
     /// The event target or transport is closed.
     Closed,
-    /// A listener's callback panicked.
-    ListenerPanicked,
     /// Anything else; the message says what.
     Other,
 }
@@ -120,7 +118,6 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Config => "invalid settings",
             ErrorKind::Unavailable => "transport unavailable",
             ErrorKind::Closed => "closed",
-            ErrorKind::ListenerPanicked => "listener panicked",
             ErrorKind::Other => "error",
         })
     }

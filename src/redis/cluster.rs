@@ -15,7 +15,8 @@
 //! followed by [`Up::Reconnected`] the same way. A channel refused for good then (an ACL, say)
 //! is reported with [`Up::SubscribeFailed`]; when a minute of attempts has not brought every
 //! channel back, the transport fails with a connection error, so that the reconnect layer
-//! builds a new one rather than a notice claiming the channel is back.
+//! builds a new one rather than a notice claiming the channel is back. TLS (`rediss://`
+//! seeds) is not supported.
 //!
 //! **Liveness.** A node that stops answering without closing its connection (a host that
 //! died, a network partition, a paused server) would leave its channels deaf with no error:
@@ -188,6 +189,12 @@ impl RedisClusterTransport {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
         // For messages: never a password.
         let printed: Vec<String> = seeds.iter().map(|seed| super::redact(seed)).collect();
+        if let Some(seed) = seeds.iter().find(|seed| {
+            seed.get(..9)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
+        }) {
+            return Err(super::tls_unsupported(seed));
+        }
         let (pushed, pushes) = mpsc::unbounded_channel();
         let queue = Arc::new(PushQueue::default());
         let push_tx = {

@@ -70,6 +70,10 @@ pub mod cluster;
 mod resp;
 mod subscriber;
 
+/// The Redis client this transport is built on (redis-rs), re-exported so that the
+/// connections [`RedisTransport::from_clients`] takes can be opened at the same version.
+pub use ::redis;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -228,6 +232,13 @@ impl RedisConfig {
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with these settings.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<RedisTransport> {
         let url = url.as_ref();
+        // Before redis-rs reads it: built without TLS, it would say a feature is missing.
+        if url
+            .get(..9)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
+        {
+            return Err(tls_unsupported(url));
+        }
         let client = Client::open(url).map_err(|e| {
             Error::with_source(
                 ErrorKind::Config,
@@ -237,10 +248,7 @@ impl RedisConfig {
         })?;
         let where_ = redact(url);
         if let redis::ConnectionAddr::TcpTls { .. } = client.get_connection_info().addr() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("{where_:?}: TLS (rediss://) is not supported by RedisTransport"),
-            ));
+            return Err(tls_unsupported(url));
         }
         // Publishes are timed by the transport, which allows for their size
         // (`pipeline_timeout`).
@@ -287,6 +295,17 @@ impl RedisConfig {
 #[doc(hidden)]
 pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
     resp::parse_in_pieces(wire, cuts, limit)
+}
+
+/// The error for a `rediss://` URL.
+fn tls_unsupported(url: &str) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "{:?}: TLS (rediss://) is not supported by this crate's Redis transports; connect over a TLS tunnel, or use redis:// on a trusted network",
+            redact(url)
+        ),
+    )
 }
 
 /// A URL without its password (`user:password@`, or a `pass=` query parameter as in

@@ -289,12 +289,20 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// transport drops the topic for good later (its server refuses it when it is subscribed
     /// again after a reconnect), the error is logged, the topic's [`Subscription`]s end, and a
     /// callback stays registered but hears nothing until a listener is added to the topic
-    /// again, which subscribes it again.
+    /// again, which subscribes it again. The same holds when the transport refuses the
+    /// topic's first subscribe (an ACL, say): this has returned `Ok` by then, and only a
+    /// [`subscribe`](Self::subscribe) waiting on the topic gets the refusal.
     ///
     /// The target holds its callbacks: a callback that holds an [`EventTarget`] of its own
     /// target keeps it open after every other handle is dropped (until
     /// [`close`](Self::close)). To publish from a callback, give it a
     /// [`WeakEventTarget`] ([`downgrade`](Self::downgrade)).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::TooLarge`] for a topic over
+    /// [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN) bytes; [`ErrorKind::Closed`] once the
+    /// target is closed or stopped (its `source()` says why it stopped).
     pub fn add_event_listener<F>(&self, topic: impl Into<Topic>, callback: F) -> Result<ListenerId>
     where
         F: Fn(&Arc<Envelope<P>>) + Send + Sync + 'static,
@@ -341,6 +349,13 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Subscribes to `topic` with the default queue settings. Resolves once the transport has
     /// confirmed the subscription: nothing published after that is missed.
     ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::TooLarge`] for a topic over
+    /// [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN) bytes; the transport's refusal of the
+    /// subscribe ([`ErrorKind::Rejected`] for a Redis `NOPERM`, say); [`ErrorKind::Closed`]
+    /// when the target is closed or stops before the subscription is confirmed.
+    ///
     /// # Cancellation safety
     ///
     /// Cancelling the future leaves the topic as if the subscription had been dropped.
@@ -348,7 +363,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         self.subscribe_with(topic, self.handle.options).await
     }
 
-    /// Subscribes to `topic` with its own queue capacity and overflow policy.
+    /// Subscribes to `topic` with its own queue capacity and overflow policy. Errors and
+    /// cancellation: as [`subscribe`](Self::subscribe).
     pub async fn subscribe_with(
         &self,
         topic: impl Into<Topic>,
@@ -406,6 +422,15 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// [`dispatch_confirmed`](Self::dispatch_confirmed).
     ///
     /// In-process, the envelope is delivered to the topic's listeners before this resolves.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::TooLarge`] for a topic over
+    /// [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN) bytes; [`ErrorKind::Closed`] once the
+    /// target is closed or stopped (its `source()` says why it stopped); the transport's
+    /// refusal of the envelope as this task fed it ([`ErrorKind::Unavailable`] from the
+    /// reconnect layer during an outage, [`ErrorKind::TooLarge`] for a message over a
+    /// transport's size limit, [`ErrorKind::Encode`] for a payload the codec cannot encode).
     ///
     /// # Cancellation safety
     ///
@@ -507,6 +532,19 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// publishers paused).
     ///
     /// In-process, the same as [`dispatch_event`](Self::dispatch_event).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`dispatch_event`](Self::dispatch_event), and the transport's failure to
+    /// send or flush it: a connection error, a [`Timeout`](ErrorKind::Timeout), a Redis
+    /// refusal ([`Busy`](ErrorKind::Busy) for `BUSY` or `LOADING` behind no
+    /// [retry layer](crate::layers::retry), [`Rejected`](ErrorKind::Rejected) otherwise).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancelled before the envelope is queued, nothing is published; cancelled after that
+    /// (while it waits for the flush), the envelope is still published: only its outcome is
+    /// no longer reported to this call.
     pub async fn dispatch_confirmed(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
         let Some(publish) = &self.handle.publish else {

@@ -103,7 +103,9 @@ impl fmt::Debug for WebSocketListener {
 
 impl WebSocketListener {
     /// Listens on `address` with the default [`WebSocketConfig`]. An error names the
-    /// address (or, for a host name, the addresses it resolved to).
+    /// address it could not bind (for a host name, the addresses it resolved to); a name that
+    /// did not resolve fails with the resolver's error, of kind
+    /// [`Connect`](crate::ErrorKind::Connect).
     pub async fn bind(address: impl ToSocketAddrs) -> Result<Self> {
         let failed = |on: String, e: std::io::Error| {
             Error::with_source(
