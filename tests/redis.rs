@@ -673,6 +673,63 @@ async fn a_replay_answered_busy_is_tried_again_not_given_up() {
     assert!(rejected >= 2, "{rejected} replays refused");
 }
 
+/// A publish refused with `BUSY` (a long script runs) fails with a transient error of kind
+/// `Busy`, not a refusal for good: redis-rs gives a pipeline's error no code of its own. The
+/// retry layer sends it again, and it arrives once the script has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_busy_is_transient_and_retried() {
+    use alkdev_pubsub::layers::RetryLayer;
+    let server = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
+    let plain: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .service(config().connect(server.url()).await.unwrap()),
+    );
+    let retrying: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(RetryLayer::new(10, Duration::from_millis(100)))
+            .service(config().connect(server.url()).await.unwrap()),
+    );
+    let mut subscription = retrying.subscribe("busy:2").await.unwrap();
+    // A script that runs until it is killed: past 50 ms, Redis answers BUSY to most commands.
+    let port = server.port().to_string();
+    let script = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(["EVAL", "while true do end", "0"])
+            .output()
+            .unwrap()
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while !server.cli(&["PING"]).starts_with("BUSY") {
+        assert!(std::time::Instant::now() < deadline, "the script never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = plain
+        .dispatch_confirmed(numbered("busy", "1", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Busy, "{error}");
+    assert!(error.is_transient(), "{error}");
+    // It names the channel and the server.
+    let text = error.to_string();
+    assert!(text.contains("publishing to \"busy:1\""), "{text}");
+    assert!(text.contains(&server.url()), "{text}");
+    let retried = tokio::spawn(async move {
+        let confirmed = retrying.dispatch_confirmed(numbered("busy", "2", 1)).await;
+        (retrying, confirmed)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!retried.is_finished(), "refused while the script runs");
+    assert!(server.cli(&["SCRIPT", "KILL"]).starts_with("OK"));
+    script.join().unwrap();
+    let (retrying, confirmed) = tokio::time::timeout(WAIT, retried).await.unwrap().unwrap();
+    confirmed.unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    assert!(retrying.stats().publish_failed == 0);
+}
+
 /// An access rule that takes a channel away mid-stream: the server drops the connection, the
 /// reconnect layer subscribes every topic again, and the server refuses that one (`NOPERM`).
 /// Its subscription ends rather than wait for good; the other comes back.

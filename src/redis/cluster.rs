@@ -405,7 +405,12 @@ impl RedisClusterTransport {
                 let mut connection = connection.clone();
                 let timeout = super::pipeline_timeout(response_timeout, bytes);
                 async move {
-                    let what = || format!("SPUBLISH of {count} messages to slot {slot}");
+                    let what = || {
+                        let first = super::first_channel(&pipeline);
+                        format!(
+                            "SPUBLISH of {count} messages to slot {slot} (the first to {first:?})"
+                        )
+                    };
                     match tokio::time::timeout(timeout, pipeline.exec_async(&mut connection)).await
                     {
                         Ok(result) => result.map_err(|e| redis_error(&what(), e)),

@@ -111,7 +111,8 @@ fn pipeline_timeout(response_timeout: Duration, bytes: usize) -> Duration {
 
 /// While a `SUBSCRIBE` or `UNSUBSCRIBE` waits for its confirmation, the messages that come
 /// before it are read and kept for the reading side, at most this many frames per call (then
-/// the task yields and goes on), and at most [`MAX_HELD_BYTES`] in all.
+/// the task yields and goes on), and no more once [`MAX_HELD_BYTES`] are kept (the frame
+/// that reaches it is kept: at most that and one message of `max_message_size`).
 const REPLY_READ_BUDGET: usize = 256;
 
 /// The most message bytes kept for the reading side while a `SUBSCRIBE` or `UNSUBSCRIBE` waits
@@ -284,6 +285,7 @@ impl RedisConfig {
         let mut transport =
             RedisTransport::new(publisher, Subscriber::Own(Box::new(subscriber)), self);
         transport.publish_timeout = publish_timeout;
+        transport.server = Some(where_.into());
         Ok(transport)
     }
 }
@@ -295,6 +297,40 @@ impl RedisConfig {
 #[doc(hidden)]
 pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
     resp::parse_in_pieces(wire, cuts, limit)
+}
+
+/// What a failed pipeline of `publishes` publishes (`bytes` of channels and payloads) was
+/// doing: with its first channel, and the server where known.
+fn pipeline_failed(
+    pipeline: &redis::Pipeline,
+    publishes: usize,
+    bytes: usize,
+    server: Option<&str>,
+) -> String {
+    let first = first_channel(pipeline);
+    let to = server
+        .map(|server| format!(" to {server}"))
+        .unwrap_or_default();
+    if publishes == 1 {
+        format!("publishing to {first:?}{to} ({bytes} bytes)")
+    } else {
+        format!(
+            "publishing a pipeline of {publishes} messages{to} ({bytes} bytes; the first to {first:?})"
+        )
+    }
+}
+
+/// The channel of a pipeline's first publish (`PUBLISH` or `SPUBLISH`), for messages.
+fn first_channel(pipeline: &redis::Pipeline) -> String {
+    pipeline
+        .cmd_iter()
+        .next()
+        .and_then(|publish| publish.args_iter().nth(1))
+        .and_then(|channel| match channel {
+            redis::Arg::Simple(channel) => Some(String::from_utf8_lossy(channel).into_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 /// The error for a `rediss://` URL.
@@ -352,7 +388,6 @@ fn connect_error(url: &str, what: &str, error: RedisError) -> Error {
 
 /// Maps a redis-rs error to this crate's, with `what` saying what was being done.
 fn redis_error(what: &str, error: RedisError) -> Error {
-    use redis::{ErrorKind as K, ServerErrorKind as S};
     let kind = if error.is_timeout() {
         ErrorKind::Timeout
     } else if error.is_connection_refusal() {
@@ -361,23 +396,45 @@ fn redis_error(what: &str, error: RedisError) -> Error {
     {
         ErrorKind::ConnectionLost
     } else {
-        match error.kind() {
-            // A cluster between masters (a failover, a slot moving) answers with these for a
-            // while, also once redis-rs has run out of redirects to follow.
-            K::Server(
-                S::BusyLoading
-                | S::TryAgain
-                | S::MasterDown
-                | S::ClusterDown
-                | S::Moved
-                | S::Ask
-                | S::ReadOnly,
-            ) => ErrorKind::Busy,
-            _ if error.code() == Some("BUSY") => ErrorKind::Busy,
-            _ => ErrorKind::Rejected,
+        // The server's refusals: one, or each refused command of a pipeline (publishes go in
+        // pipelines; redis-rs gives such an error the kind of its first refusal, and no code
+        // when it knows no kind for it, as for `BUSY`). Busy only when every one is.
+        let busy = match error.clone().into_server_errors() {
+            Some(refused) if !refused.is_empty() => {
+                refused.iter().all(|(_, refusal)| is_busy(refusal))
+            }
+            // An error redis-rs built itself (a cluster's routing): its kind says.
+            _ => matches!(error.kind(), redis::ErrorKind::Server(kind) if busy_kind(kind)),
+        };
+        if busy {
+            ErrorKind::Busy
+        } else {
+            ErrorKind::Rejected
         }
     };
     Error::with_source(kind, format!("{what}: {error}"), error)
+}
+
+/// Whether a server's refusal is for now: a cluster between masters (a failover, a slot
+/// moving) answers with these for a while, also once redis-rs has run out of redirects to
+/// follow; a server loading its dataset or running a long script too.
+fn is_busy(refusal: &redis::ServerError) -> bool {
+    refusal.kind().is_some_and(busy_kind) || refusal.code() == "BUSY"
+}
+
+/// The refusals for now that redis-rs knows a kind for (see [`is_busy`]).
+fn busy_kind(kind: redis::ServerErrorKind) -> bool {
+    use redis::ServerErrorKind as S;
+    matches!(
+        kind,
+        S::BusyLoading
+            | S::TryAgain
+            | S::MasterDown
+            | S::ClusterDown
+            | S::Moved
+            | S::Ask
+            | S::ReadOnly
+    )
 }
 
 /// The subscribe connection.
@@ -440,6 +497,12 @@ fn server_error(what: &str, reply: &[u8]) -> Error {
     let kind = match code {
         "BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "MOVED" | "ASK"
         | "READONLY" => ErrorKind::Busy,
+        // Written as the server accepted a connection it then closed (with no password,
+        // nothing is read before the first command, which takes it for its answer): the
+        // connection failed, not the command.
+        "ERR" if reply.starts_with("ERR max number of clients reached") => {
+            ErrorKind::ConnectionLost
+        }
         _ => ErrorKind::Rejected,
     };
     Error::new(kind, format!("{what}: {reply}"))
@@ -474,6 +537,9 @@ pub struct RedisTransport {
     /// How long a pipeline may take (see [`pipeline_timeout`]), on a publish connection this
     /// transport opened; `None` on one the caller opened (it times its requests itself).
     publish_timeout: Option<Duration>,
+    /// The server's URL, without a password, for messages (on connections this transport
+    /// opened).
+    server: Option<std::sync::Arc<str>>,
     subscriber: Subscriber,
     /// Subscribes and unsubscribes not yet sent, in order.
     pending: VecDeque<Command<()>>,
@@ -570,6 +636,7 @@ impl RedisTransport {
             control_fed: 0,
             spare: None,
             publish_timeout: None,
+            server: None,
             in_flight: None,
             subscriber,
             pending: VecDeque::new(),
@@ -639,19 +706,26 @@ impl RedisTransport {
         let timeout = self
             .publish_timeout
             .map(|timeout| pipeline_timeout(timeout, bytes));
+        let server = self.server.clone();
         self.in_flight = Some(Box::pin(async move {
-            let what = || format!("publishing a pipeline of {publishes} messages ({bytes} bytes)");
             let sent = pipeline.exec_async(&mut connection);
             let result = match timeout {
-                None => sent.await.map_err(|e| redis_error(&what(), e)),
+                None => sent.await.map_err(Err),
                 Some(timeout) => match tokio::time::timeout(timeout, sent).await {
-                    Ok(result) => result.map_err(|e| redis_error(&what(), e)),
-                    Err(_) => Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!("{}: no answer within {timeout:?}", what()),
-                    )),
+                    Ok(result) => result.map_err(Err),
+                    Err(_) => Err(Ok(timeout)),
                 },
             };
+            let result = result.map_err(|failure| {
+                let what = pipeline_failed(&pipeline, publishes, bytes, server.as_deref());
+                match failure {
+                    Err(error) => redis_error(&what, error),
+                    Ok(timeout) => Error::new(
+                        ErrorKind::Timeout,
+                        format!("{what}: no answer within {timeout:?}"),
+                    ),
+                }
+            });
             pipeline.clear();
             (pipeline, result)
         }));
@@ -1909,6 +1983,36 @@ mod tests {
                 closed.expect("nothing was lost");
             }
         }
+    }
+
+    /// A server at its client limit writes `-ERR max number of clients reached` as it accepts
+    /// the subscribe connection, and closes it; with no password, nothing was read before the
+    /// first SUBSCRIBE, which takes that line for its answer. The connection failed, for the
+    /// reconnect layer to build a new one: not a refusal of the channel for good.
+    #[tokio::test]
+    async fn a_server_full_when_it_accepted_fails_the_connection_not_the_channel() {
+        let (mut transport, _publish, mut server) = over_pipes(quiet()).await;
+        server
+            .write_all(b"-ERR max number of clients reached\r\n")
+            .await
+            .unwrap();
+        transport
+            .feed(Command::Subscribe(Topic::from("c")))
+            .await
+            .unwrap();
+        let wait = Duration::from_secs(10);
+        let flushed = tokio::time::timeout(wait, transport.flush()).await.unwrap();
+        let next = tokio::time::timeout(wait, transport.next()).await.unwrap();
+        // Reported by the flush or by the stream; not as a refusal of the channel.
+        let error = match (flushed, next) {
+            (Err(error), _) | (Ok(()), Some(Err(error))) => error,
+            other => panic!("expected the connection to fail, got {other:?}"),
+        };
+        assert!(error.is_unrecoverable(), "{error}");
+        assert!(
+            error.to_string().contains("max number of clients"),
+            "{error}"
+        );
     }
 
     #[test]
