@@ -2771,3 +2771,49 @@ fn a_driver_dropped_with_an_event_waiting_for_a_full_block_subscription_reports_
     assert_eq!(events.stats().lagged, 1);
     drop(answer);
 }
+
+/// A topic whose last listener leaves while a close is still sending the publishes queued
+/// before it is unsubscribed all the same (the close's own unsubscribes cover only the topics
+/// left when the publishes are out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_left_while_a_close_sends_its_publishes_is_unsubscribed() {
+    use alkdev_pubsub::layers::Up;
+    let gate = Arc::new(Gate::default());
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let transport = Recorder::new(Scripted {
+        up,
+        slow_flush: false,
+        hang_close: false,
+        closing: false,
+        gate: Arc::clone(&gate),
+    });
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    let listener = events.add_event_listener("t:1", |_| {}).unwrap();
+    settle("the subscribe", || {
+        log.snapshot().contains(&Recorded::Subscribe("t:1".into()))
+    })
+    .await;
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    // The transport takes nothing for now: the publish waits, and so does the close.
+    gate.shut();
+    events.dispatch_event(numbered("t", "2", 0)).await.unwrap();
+    let closing = tokio::spawn({
+        let events = events.clone();
+        async move { events.close().await }
+    });
+    settle("the close to begin", || events.is_closed()).await;
+    assert!(events.remove_event_listener("t:1", listener));
+    gate.open();
+    answer
+        .unbounded_send(Up::Unsubscribed("t:1".into()))
+        .unwrap();
+    tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+    assert!(
+        log.snapshot()
+            .contains(&Recorded::Unsubscribe("t:1".into())),
+        "{:?}",
+        log.snapshot()
+    );
+    assert_eq!(events.stats().unsubscribes, events.stats().subscribes);
+}

@@ -310,7 +310,13 @@ where
             Control::Subscribe { topic, generation } if self.running() => self
                 .outbox
                 .push_back(Queued::Subscribe { topic, generation }),
-            Control::Unsubscribe { topic } if self.running() => self.queue_unsubscribe(topic),
+            // While a close sends what was published before it: the topics still listened to
+            // then are unsubscribed by the close; this one left before.
+            Control::Unsubscribe { topic }
+                if self.running() || matches!(self.phase, Phase::DrainingPublishes) =>
+            {
+                self.queue_unsubscribe(topic)
+            }
             // A close is under way: it unsubscribes every topic itself.
             Control::Subscribe { .. } | Control::Unsubscribe { .. } => {}
             Control::Close { done } => self.begin_close(Some(done)),

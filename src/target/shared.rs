@@ -355,10 +355,10 @@ impl<P> Shared<P> {
         _removed_entry = Some(entry);
         match &self.control {
             Some(control) => {
-                if !self.is_closed() {
-                    // If the driver is gone, there is nothing left to unsubscribe from.
-                    let _ = control.send(Control::Unsubscribe { topic });
-                }
+                // Also while a close sends the publishes queued before it: the close
+                // unsubscribes only the topics left after them. (Once the driver is gone, the
+                // send fails: there is nothing left to unsubscribe from.)
+                let _ = control.send(Control::Unsubscribe { topic });
             }
             None => {
                 self.counters.unsubscribes.fetch_add(1, Relaxed);
