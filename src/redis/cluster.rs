@@ -175,6 +175,12 @@ impl fmt::Debug for RedisClusterTransport {
 
 impl RedisClusterTransport {
     /// Connects to the cluster through `seeds` (`redis://host:port` of any of its nodes).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for seeds redis-rs cannot read or that ask for TLS
+    /// (`rediss://`); [`ErrorKind::Connect`] when no seed leads to a cluster in time (a
+    /// refused password included). Each names the seeds, without their passwords.
     pub async fn connect<S: AsRef<str>>(seeds: impl IntoIterator<Item = S>) -> Result<Self> {
         Self::connect_with(seeds, Duration::from_secs(5)).await
     }

@@ -231,6 +231,13 @@ impl RedisConfig {
     }
 
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for a URL redis-rs cannot read or that asks for TLS
+    /// (`rediss://`); [`ErrorKind::Rejected`] when Redis refuses the user or password: retrying
+    /// cannot help; [`ErrorKind::Connect`] otherwise (no server, the connect timeout, a server
+    /// full or still loading): it may succeed later. Each names the URL, without its password.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<RedisTransport> {
         let url = url.as_ref();
         // Before redis-rs reads it: built without TLS, it would say a feature is missing.
@@ -597,7 +604,8 @@ impl fmt::Debug for RedisTransport {
 
 impl RedisTransport {
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with the default
-    /// [`RedisConfig`]: opens the publish connection and the subscribe connection.
+    /// [`RedisConfig`]: opens the publish connection and the subscribe connection. Errors:
+    /// as [`RedisConfig::connect`].
     pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
         RedisConfig::default().connect(url).await
     }

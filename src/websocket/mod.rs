@@ -181,6 +181,14 @@ impl WebSocketConfig {
     }
 
     /// Connects to `url` (`ws://host:port/path`) with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for a URL that is not `ws://` (or `wss://` with the feature
+    /// `websocket-rustls`) or a TLS setting that cannot work; [`ErrorKind::Rejected`] when
+    /// the server answers the handshake with a refusal (400, 401, 403, 405 or 426) or refuses
+    /// the TLS handshake: retrying cannot help; [`ErrorKind::Connect`] otherwise (no server,
+    /// a timeout, another status): it may succeed later. Each names the URL.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<WebSocketTransport> {
         let url = url.as_ref();
         check_url(url)?;
@@ -399,6 +407,7 @@ impl<S> fmt::Debug for WebSocketTransport<S> {
 
 impl WebSocketTransport {
     /// Connects to `url` (`ws://host:port/path`) with the default [`WebSocketConfig`].
+    /// Errors: as [`WebSocketConfig::connect`].
     pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
         WebSocketConfig::default().connect(url).await
     }
