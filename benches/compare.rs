@@ -164,6 +164,9 @@ impl Config {
 
 type Scenario<'a> = Box<dyn FnMut(u64) -> futures::future::BoxFuture<'a, Run> + 'a>;
 
+/// The longest one side's run of a scenario may take (a full run takes seconds).
+const RUN_DEADLINE: Duration = Duration::from_secs(300);
+
 /// Runs raw and ours alternately, `rounds` times, and prints one table row.
 async fn compare(
     config: &Config,
@@ -197,26 +200,46 @@ async fn compare(
         elapsed: Duration::from_secs(1) * u32::MAX,
         latencies: Vec::new(),
     };
-    for _ in 0..config.rounds {
-        let before = process_cpu();
-        let r = if skip("raw") {
-            skipped()
+    // A message lost would leave its receiver waiting for ever: each run is given a deadline,
+    // and missing it fails the benchmark.
+    let deadline = |side: &'static str| {
+        move |_| {
+            panic!("{name}: the {side} run did not finish in {RUN_DEADLINE:?} (a message lost?)")
+        }
+    };
+    for round in 0..config.rounds {
+        // Raw runs first in even rounds, ours first in odd ones: neither side always follows
+        // the other (whose connections may still be closing, whose frees may still be due).
+        let mut r = None;
+        let mut o = None;
+        for side in if round % 2 == 0 {
+            ["raw", "ours"]
         } else {
-            raw(messages).await
-        };
-        raw_cpu.push(cpu_per_message(before, process_cpu()));
-        let before = process_cpu();
-        let o = if skip("ours") {
-            skipped()
-        } else {
-            ours(messages).await
-        };
-        our_cpu.push(cpu_per_message(before, process_cpu()));
-        assert_eq!(
-            (r.messages, o.messages),
-            (messages, messages),
-            "{name}: delivery count"
-        );
+            ["ours", "raw"]
+        } {
+            let before = process_cpu();
+            if side == "raw" {
+                r = Some(if skip("raw") {
+                    skipped()
+                } else {
+                    tokio::time::timeout(RUN_DEADLINE, raw(messages))
+                        .await
+                        .unwrap_or_else(deadline("raw"))
+                });
+                raw_cpu.push(cpu_per_message(before, process_cpu()));
+            } else {
+                o = Some(if skip("ours") {
+                    skipped()
+                } else {
+                    tokio::time::timeout(RUN_DEADLINE, ours(messages))
+                        .await
+                        .unwrap_or_else(deadline("ours"))
+                });
+                our_cpu.push(cpu_per_message(before, process_cpu()));
+            }
+        }
+        // Each scenario checks its own deliveries (every message once, in order).
+        let (r, o) = (r.expect("raw ran"), o.expect("ours ran"));
         ratios.push(o.rate() / r.rate());
         raw_rates.push(r.rate());
         our_rates.push(o.rate());
@@ -431,15 +454,17 @@ async fn ours_worker(messages: u64) -> Run {
 
 async fn latency_mpsc(messages: u64) -> Run {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Envelope<Payload>>(16);
-    let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<u64>(16);
+    let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<Envelope<Payload>>(16);
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         runtime.block_on(async move {
+            // The reply our worker sends: a new envelope with the request's payload.
             while let Some(event) = rx.recv().await {
-                if back_tx.send(event.payload.n).await.is_err() {
+                let reply = Envelope::new("bench.reply", "x", event.payload.clone());
+                if back_tx.send(reply).await.is_err() {
                     break;
                 }
             }
@@ -450,7 +475,8 @@ async fn latency_mpsc(messages: u64) -> Run {
     for n in 0..messages {
         let sent = Instant::now();
         tx.send(envelope(n)).await.expect("send");
-        assert_eq!(back_rx.recv().await, Some(n));
+        let reply = back_rx.recv().await.expect("open");
+        assert_eq!(reply.payload.n, n);
         latencies.push(sent.elapsed());
     }
     Run {
@@ -637,13 +663,14 @@ mod redis_bench {
         let started = Instant::now();
         for n in 0..messages {
             let sent = Instant::now();
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(frame(n))
-                .query_async(&mut connection)
-                .await
-                .expect("publish");
-            let message = stream.next().await.expect("open");
+            // As ours (which does not wait for the reply): the round trip ends when the
+            // message arrives, the reply to PUBLISH awaited alongside.
+            let mut command = redis::cmd("PUBLISH");
+            command.arg(&channel).arg(frame(n));
+            let publish = command.query_async::<i64>(&mut connection);
+            let (published, message) = futures::join!(publish, stream.next());
+            published.expect("publish");
+            let message = message.expect("open");
             let event: Envelope<Payload> =
                 serde_json::from_slice(message.get_payload_bytes()).expect("decode");
             assert_eq!(event.payload.n, n);
@@ -685,27 +712,60 @@ mod redis_bench {
 mod cluster_bench {
     use super::*;
     use alkdev_pubsub::redis::cluster::RedisClusterTransport;
+    use std::sync::atomic::Ordering::Relaxed;
 
-    /// Sharded publish throughput over 64 channels spread across the slots, full stack,
-    /// acknowledged by the cluster.
-    pub async fn publish(seeds: &[String], messages: u64) -> Run {
+    const CHANNELS: u64 = 64;
+
+    fn stack(seeds: &[String]) -> EventTarget<Payload> {
         let seeds = seeds.to_vec();
-        let events: EventTarget<Payload> = EventTarget::new(
+        EventTarget::new(
             ServiceBuilder::new()
                 .layer(ParseErrorLayer::skip())
                 .layer(CodecLayer::json())
                 .layer(PrefixLayer::new("bench:"))
                 .layer(ReconnectLayer::new(Backoff::default()))
                 .service(move || RedisClusterTransport::connect(seeds.clone())),
-        );
+        )
+    }
+
+    /// Sharded publish throughput over 64 channels spread across the slots, full stack,
+    /// acknowledged by the cluster. A second target listens on every channel (a callback
+    /// each) and checks, once the clock has stopped, that every message arrived once and in
+    /// its channel's order.
+    pub async fn publish(seeds: &[String], messages: u64) -> Run {
+        let events = stack(seeds);
+        let listener = stack(seeds);
+        let mistakes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut expected = Vec::new();
+        for channel in 0..CHANNELS {
+            // Channel `c{i}` carries the messages `n` with `n % 64 == i`, in order.
+            let next = Arc::new(std::sync::atomic::AtomicU64::new(channel));
+            let (check, mistakes) = (Arc::clone(&next), Arc::clone(&mistakes));
+            let topic = format!("bench.event:c{channel}");
+            listener
+                .add_event_listener(topic.as_str(), move |event| {
+                    // One message of a topic at a time: no race between the load and the store.
+                    let want = check.load(Relaxed);
+                    if event.payload.n == want {
+                        check.store(want + CHANNELS, Relaxed);
+                    } else {
+                        mistakes.fetch_add(1, Relaxed);
+                    }
+                })
+                .expect("listen");
+            // Resolves once the cluster has confirmed the topic (the callback keeps it).
+            drop(listener.subscribe(topic).await.expect("subscribe"));
+            let sent = messages.saturating_sub(channel).div_ceil(CHANNELS);
+            expected.push((next, channel + sent * CHANNELS));
+        }
         events
             .dispatch_confirmed(envelope(0))
             .await
             .expect("connect");
-        let ids: Vec<String> = (0..64).map(|i| format!("c{i}")).collect();
+        let ids: Vec<String> = (0..CHANNELS).map(|i| format!("c{i}")).collect();
         let started = Instant::now();
         for n in 0..messages {
-            let id = &ids[(n % 64) as usize];
+            let id = &ids[(n % CHANNELS) as usize];
             events
                 .dispatch_event(Envelope::new(
                     "bench.event",
@@ -723,7 +783,24 @@ mod cluster_bench {
             .await
             .expect("flush");
         let elapsed = started.elapsed();
+        while expected
+            .iter()
+            .any(|(next, end)| next.load(Relaxed) < *end && mistakes.load(Relaxed) == 0)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            mistakes.load(Relaxed),
+            0,
+            "cluster: a message missing, repeated or out of order"
+        );
+        assert_eq!(
+            listener.stats().reconnects,
+            0,
+            "cluster: the listener missed a gap"
+        );
         events.close().await;
+        listener.close().await;
         Run {
             messages,
             elapsed,
@@ -948,8 +1025,12 @@ mod ws_bench {
             let mut ws = tokio_tungstenite::accept_async(stream)
                 .await
                 .expect("handshake");
-            while let Some(Ok(message)) = ws.next().await {
-                if message.is_text() && ws.send(message).await.is_err() {
+            // As our server: the request decoded, a reply envelope encoded.
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let event: Envelope<Payload> = serde_json::from_str(&text).expect("decode");
+                let reply = Envelope::new("bench.reply", "x", event.payload);
+                let reply = serde_json::to_string(&reply).expect("encode");
+                if ws.send(Message::text(reply)).await.is_err() {
                     break;
                 }
             }
@@ -1123,6 +1204,14 @@ fn main() {
             n,
             Box::new(|m| Box::pin(raw_broadcast(1, m))),
             Box::new(|m| Box::pin(ours_local_streams(1, Some(1024), m))),
+        )
+        .await;
+        compare(
+            &config,
+            "in-process 1 sub, queue = run",
+            n,
+            Box::new(|m| Box::pin(raw_broadcast(1, m))),
+            Box::new(|m| Box::pin(ours_local_streams(1, None, m))),
         )
         .await;
         compare(
