@@ -1209,12 +1209,14 @@ async fn a_burst_before_the_first_connection_waits_for_it_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
     let broker = MemoryBroker::new();
+    // Each wait lasts long enough (100 ms and more) for this task to see it on a busy
+    // machine: the state is a `watch`, and a state not seen in time is replaced.
     let backoff = Backoff::new()
-        .initial(Duration::from_millis(5))
-        .max(Duration::from_millis(40))
+        .initial(Duration::from_millis(100))
+        .max(Duration::from_millis(800))
         .multiplier(2.0)
         .jitter(0.0)
-        .stable_after(Duration::from_millis(50));
+        .stable_after(Duration::from_millis(300));
     let reconnect = ReconnectLayer::new(backoff);
     let mut state = reconnect.state();
     let events = full_stack(&broker, reconnect);
@@ -1222,7 +1224,7 @@ async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
         .dispatch_confirmed(numbered("k", "1", 0))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(60)).await; // stable
+    tokio::time::sleep(Duration::from_millis(400)).await; // stable
 
     broker.set_accepting(false);
     broker.kill_connections();
@@ -1245,7 +1247,7 @@ async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
     );
     assert_eq!(
         delays,
-        vec![5, 10, 20, 40, 40],
+        vec![100, 200, 400, 800, 800],
         "doubling, capped at the max"
     );
 
@@ -1254,7 +1256,7 @@ async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(60)).await; // stable again
+    tokio::time::sleep(Duration::from_millis(400)).await; // stable again
     broker.set_accepting(false);
     broker.kill_connections();
     let first = tokio::time::timeout(
@@ -1269,7 +1271,7 @@ async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
         first,
         ConnectionState::Waiting {
             attempt: 1,
-            delay: Duration::from_millis(5)
+            delay: Duration::from_millis(100)
         },
         "the count starts over after a connection that stayed up"
     );

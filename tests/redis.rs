@@ -334,8 +334,19 @@ async fn client_kill_of_the_pubsub_connection_is_survived() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_is_detected_and_survived() {
+    use alkdev_pubsub::layers::reconnect::ConnectionState;
     let mut server = RedisServer::start();
-    let events = stack(&server.url(), "alk:events:", 1024);
+    let url = server.url();
+    let reconnect = ReconnectLayer::new(backoff());
+    let mut state = reconnect.state();
+    let events = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(PrefixLayer::new("alk:events:"))
+            .layer(reconnect)
+            .service(move || config().connect(url.clone())),
+    );
     let mut subscription = events.subscribe("pause:1").await.unwrap();
     events
         .dispatch_confirmed(numbered("pause", "1", 1))
@@ -345,7 +356,13 @@ async fn a_paused_server_is_detected_and_survived() {
     server.pause();
     // The ping (every 200 ms, 2 s to answer) declares the connection dead; reconnects fail
     // while the server sleeps.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|state| *state != ConnectionState::Connected),
+    )
+    .await
+    .expect("the paused server is found")
+    .unwrap();
     server.resume();
     gap_then_delivered(&events, &mut subscription, "pause", "1", 2).await;
 }
@@ -473,10 +490,7 @@ async fn tap_listens_and_publishes() {
     input.extend_from_slice(long.as_bytes());
     input.extend_from_slice(b"{\"type\":\"chat\",\"id\":\"2\"}\n");
     publish.stdin.take().unwrap().write_all(&input).unwrap();
-    let published = tokio::task::spawn_blocking(move || publish.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let published = common::output_within(publish, "tap publish", WAIT).await;
     let stderr = String::from_utf8_lossy(&published.stderr);
     assert!(published.status.success(), "tap publish failed: {stderr}");
     assert!(
@@ -494,10 +508,7 @@ async fn tap_listens_and_publishes() {
         "{stderr}"
     );
 
-    let listened = tokio::task::spawn_blocking(move || listen.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let listened = common::output_within(listen, "tap listen", WAIT).await;
     assert!(
         listened.status.success(),
         "{}",

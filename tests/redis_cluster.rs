@@ -350,19 +350,13 @@ async fn tap_works_over_the_cluster() {
         .unwrap()
         .write_all(b"{\"type\":\"a\",\"id\":\"1\",\"payload\":1}\n{\"type\":\"b\",\"id\":\"2\",\"payload\":2}\n")
         .unwrap();
-    let published = tokio::task::spawn_blocking(move || publish.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let published = common::output_within(publish, "tap publish", WAIT).await;
     assert!(
         published.status.success(),
         "{}",
         String::from_utf8_lossy(&published.stderr)
     );
-    let listened = tokio::task::spawn_blocking(move || listen.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let listened = common::output_within(listen, "tap listen", WAIT).await;
     assert!(
         listened.status.success(),
         "{}",
@@ -608,15 +602,14 @@ async fn a_silent_master_is_found_by_the_ping() {
     assert!(quiet.is_err(), "{quiet:?}");
     let owner = cluster.owner_of_channel("silent:1");
     cluster.nodes[owner].pause();
-    let started = tokio::time::Instant::now();
-    let end = tokio::time::timeout(WAIT, transport.next())
+    // Found within a few ping intervals and timeouts (10 s leaves room for a busy machine).
+    let end = tokio::time::timeout(Duration::from_secs(10), transport.next())
         .await
         .expect("the silence is found in time");
     cluster.nodes[owner].resume();
     let error = end.expect("an item").expect_err("a connection error");
     assert!(error.is_unrecoverable(), "{error}");
     assert!(error.to_string().contains("pinging"), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(10));
     drop(cluster);
 }
 

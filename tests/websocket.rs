@@ -249,7 +249,6 @@ async fn a_vanished_peer_is_detected_by_keepalive() {
     // The peer completes the handshake, then goes silent: it never reads, so never pongs.
     let (server, silent_peer) = server_and_raw_peer(config).await;
     let mut subscription = server.subscribe("gone:1").await.unwrap();
-    let started = tokio::time::Instant::now();
     let end = tokio::time::timeout(WAIT, subscription.next())
         .await
         .unwrap();
@@ -262,7 +261,6 @@ async fn a_vanished_peer_is_detected_by_keepalive() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("sent nothing"), "{error}");
-    assert!(started.elapsed() < WAIT);
     drop(silent_peer);
 }
 
@@ -349,12 +347,14 @@ async fn an_oversized_publish_fails_alone_and_the_connection_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_healthy_peer_outlives_an_idle_timeout_shorter_than_the_ping_interval() {
     let url = start_echo_server().await;
+    // Pings every second (half the idle timeout): the echo server has a second to answer
+    // each, however busy the machine; three idle timeouts pass quietly.
     let config = WebSocketConfig::new()
         .ping_interval(Duration::from_secs(60))
-        .idle_timeout(Duration::from_millis(300));
+        .idle_timeout(Duration::from_secs(2));
     let client: EventTarget = websocket::event_target(config.connect(&url).await.unwrap());
     let mut events = client.subscribe("quiet:1").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!client.is_closed(), "the quiet peer answered the pings");
     client
         .dispatch_event(numbered("quiet", "1", 7))
@@ -594,7 +594,6 @@ async fn silent_connections_filling_the_handshakes_do_not_keep_the_next_peer_out
     }
     // Give the acceptor time to take them all.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = tokio::time::Instant::now();
     let client = tokio::time::timeout(
         Duration::from_secs(5),
         WebSocketTransport::connect(format!("ws://{address}/")),
@@ -607,7 +606,6 @@ async fn silent_connections_filling_the_handshakes_do_not_keep_the_next_peer_out
         tokio_tungstenite::MaybeTlsStream::Plain(stream) => stream.local_addr().unwrap(),
         _ => unreachable!("ws://"),
     };
-    assert!(started.elapsed() < Duration::from_secs(5));
     let mut outcomes = Vec::new();
     while !outcomes
         .iter()

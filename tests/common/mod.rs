@@ -28,3 +28,29 @@ pub fn tap_binary() -> std::path::PathBuf {
         )
     })
 }
+
+/// Waits up to `within` for `child` to exit and returns what it printed; past that, kills it
+/// (by its handle) and fails, naming `what`: a lost event must fail the test, not hang it.
+pub async fn output_within(
+    mut child: std::process::Child,
+    what: &str,
+    within: std::time::Duration,
+) -> std::process::Output {
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("the child's status").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("the killed child's output");
+            panic!(
+                "{what} did not finish within {within:?}; it printed {:?}, and on stderr {:?}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("the waiting task")
+        .expect("the child's output")
+}
