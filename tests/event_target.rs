@@ -2387,6 +2387,25 @@ struct Scripted {
     hang_close: bool,
     closing: bool,
     gate: Arc<Gate>,
+    /// How many items the target took from it.
+    taken: Arc<AtomicU64>,
+}
+
+impl Scripted {
+    /// A transport that yields what is sent to `up`: flushes and closes at once, its gate
+    /// open.
+    fn new(
+        up: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::layers::Up<Envelope>>,
+    ) -> Self {
+        Scripted {
+            up,
+            slow_flush: false,
+            hang_close: false,
+            closing: false,
+            gate: Arc::default(),
+            taken: Arc::default(),
+        }
+    }
 }
 
 /// Shuts a [`Scripted`] transport's `poll_ready` until opened.
@@ -2461,7 +2480,11 @@ impl futures::Stream for Scripted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.up.poll_next_unpin(cx).map(|up| up.map(Ok))
+        let up = self.up.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(_)) = &up {
+            self.taken.fetch_add(1, Ordering::SeqCst);
+        }
+        up.map(|up| up.map(Ok))
     }
 }
 
@@ -2474,11 +2497,8 @@ async fn close_waits_for_its_own_unsubscribe(shut: bool) {
     let gate = Arc::new(Gate::default());
     let (answer, up) = futures::channel::mpsc::unbounded();
     let transport = Recorder::new(Scripted {
-        up,
-        slow_flush: false,
-        hang_close: false,
-        closing: false,
         gate: Arc::clone(&gate),
+        ..Scripted::new(up)
     });
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
@@ -2617,11 +2637,9 @@ async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
         let events: EventTarget = EventTarget::builder()
             .close_timeout(Duration::from_millis(100))
             .build(Scripted {
-                up,
                 slow_flush: true,
                 hang_close,
-                closing: false,
-                gate: Arc::default(),
+                ..Scripted::new(up)
             });
         let confirmed = tokio::spawn({
             let events = events.clone();
@@ -2644,11 +2662,8 @@ async fn a_confirmed_dispatch_is_answered_by_the_close_that_flushed_it() {
 async fn publishes_fed_and_never_flushed_count_as_failed_when_the_transport_ends() {
     let (answer, up) = futures::channel::mpsc::unbounded();
     let transport = Scripted {
-        up,
         slow_flush: true,
-        hang_close: false,
-        closing: false,
-        gate: Arc::new(Gate::default()),
+        ..Scripted::new(up)
     };
     let events: EventTarget = EventTarget::new(transport);
     for n in 0..3 {
@@ -2671,13 +2686,7 @@ async fn publishes_fed_and_never_flushed_count_as_failed_when_the_transport_ends
 async fn a_transport_ending_during_a_close_leaves_the_target_closed_not_stopped() {
     use alkdev_pubsub::layers::Up;
     let (answer, up) = futures::channel::mpsc::unbounded();
-    let transport = Recorder::new(Scripted {
-        up,
-        slow_flush: false,
-        hang_close: false,
-        closing: false,
-        gate: Arc::new(Gate::default()),
-    });
+    let transport = Recorder::new(Scripted::new(up));
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
     events.add_event_listener("t:1", |_| {}).unwrap();
@@ -2716,14 +2725,10 @@ fn a_driver_dropped_with_an_event_waiting_for_a_full_block_subscription_reports_
         .build()
         .unwrap();
     let (answer, up) = futures::channel::mpsc::unbounded();
+    let transport = Scripted::new(up);
+    let taken = Arc::clone(&transport.taken);
     let (events, mut subscription) = runtime.block_on(async {
-        let events: EventTarget = EventTarget::new(Scripted {
-            up,
-            slow_flush: false,
-            hang_close: false,
-            closing: false,
-            gate: Arc::new(Gate::default()),
-        });
+        let events: EventTarget = EventTarget::new(transport);
         let subscribing = tokio::spawn({
             let events = events.clone();
             async move {
@@ -2752,9 +2757,11 @@ fn a_driver_dropped_with_an_event_waiting_for_a_full_block_subscription_reports_
                 })
                 .unwrap();
         }
-        // The first fills the queue; the second waits for room.
-        settle("the first event queued", || events.stats().delivered == 1).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The first fills the queue; the second, taken too, waits for room.
+        settle("both events taken", || {
+            events.stats().delivered == 1 && taken.load(Ordering::SeqCst) == 3
+        })
+        .await;
         (events, subscription)
     });
     drop(runtime);
@@ -2785,11 +2792,8 @@ async fn a_topic_left_while_a_close_sends_its_publishes_is_unsubscribed() {
     let gate = Arc::new(Gate::default());
     let (answer, up) = futures::channel::mpsc::unbounded();
     let transport = Recorder::new(Scripted {
-        up,
-        slow_flush: false,
-        hang_close: false,
-        closing: false,
         gate: Arc::clone(&gate),
+        ..Scripted::new(up)
     });
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
