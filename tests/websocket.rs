@@ -445,14 +445,36 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
         assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
         assert!(error.to_string().contains(url), "{error}");
     }
+    // The request itself refused: for good.
+    for status in [
+        "400 Bad Request",
+        "401 Unauthorized",
+        "403 Forbidden",
+        "405 Method Not Allowed",
+        "426 Upgrade Required",
+    ] {
+        let refusing = refusing_server(status).await;
+        let error = WebSocketTransport::connect(&refusing).await.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            alkdev_pubsub::ErrorKind::Rejected,
+            "{status}: {error}"
+        );
+        assert!(error.is_permanent(), "{status}: {error}");
+        assert!(error.to_string().contains(&status[..3]), "{error}");
+    }
     let forbidden = refusing_server("403 Forbidden").await;
-    let error = WebSocketTransport::connect(&forbidden).await.unwrap_err();
-    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
-    assert!(error.to_string().contains("403"), "{error}");
-    // A 404 may be a proxy whose backend is not up yet: it may pass.
-    let missing = refusing_server("404 Not Found").await;
-    let error = WebSocketTransport::connect(&missing).await.unwrap_err();
-    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Connect, "{error}");
+    // A 404 may be a proxy whose backend is not up yet, a 503 one not ready: they may pass.
+    for status in ["404 Not Found", "503 Service Unavailable"] {
+        let missing = refusing_server(status).await;
+        let error = WebSocketTransport::connect(&missing).await.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            alkdev_pubsub::ErrorKind::Connect,
+            "{status}: {error}"
+        );
+        assert!(!error.is_permanent(), "{status}: {error}");
+    }
 
     let stack = |url: String, attempts: Option<u32>| -> EventTarget {
         EventTarget::new(
