@@ -64,6 +64,22 @@ async fn three_hundred_topics_over_three_masters_each_subscriber_gets_exactly_it
                 .unwrap(),
         );
     }
+    // The publisher reaches every master before the burst (one confirmed publish each, on
+    // topics nobody listens to): a master still settling would make the retry layer send a
+    // whole pipeline again, and a topic would get some events twice.
+    let mut warmed = HashSet::new();
+    for i in 0.. {
+        if warmed.len() == 3 {
+            break;
+        }
+        let owner = cluster.owner_of_channel(&format!("{PREFIX}warm:{i}"));
+        if warmed.insert(owner) {
+            publisher
+                .dispatch_confirmed(numbered("warm", &i.to_string(), 0))
+                .await
+                .unwrap();
+        }
+    }
     for round in 0..5 {
         for t in 0..300 {
             publisher
@@ -83,9 +99,7 @@ async fn three_hundred_topics_over_three_masters_each_subscriber_gets_exactly_it
     }
     for target in [&a, &b] {
         let stats = target.stats();
-        // At least once: a pipeline that failed transiently (a shard still settling) is sent
-        // again by the retry layer, whole.
-        assert!(stats.delivered >= 150 * 5, "{stats:?}");
+        assert_eq!(stats.delivered, 150 * 5, "{stats:?}");
         assert_eq!(stats.unrouted, 0, "a subscriber got another's topic");
     }
 }
