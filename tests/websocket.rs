@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceBuilder;
 
+mod common;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A server that sends every envelope a connection publishes back to that connection. Its
@@ -1140,4 +1142,90 @@ async fn a_clean_close_by_the_server_is_the_targets_reason() {
         .unwrap_err();
     assert!(error.to_string().contains("1001: shutting down"), "{error}");
     tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+}
+
+/// The hub example (`examples/hub.rs`), run as a user would: an event one spoke sends reaches
+/// the other spoke, and never comes back to the one that sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_forwards_a_spokes_event_to_the_other_spokes_only() {
+    use std::io::BufRead;
+    use std::process::{Command as Process, Stdio};
+
+    /// The hub's process, killed (by its handle) when the test ends.
+    struct Hub(std::process::Child);
+    impl Drop for Hub {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let address = format!("127.0.0.1:{}", testkit::free_port());
+    let mut hub = Hub(Process::new(common::example_binary("hub"))
+        .args(["--listen", &address, "chat:general"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    // Its lines, as it prints them.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = hub.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    async fn wait_for_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, prefix: &str) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.recv().await {
+                if line.starts_with(prefix) {
+                    return;
+                }
+            }
+            panic!("the hub ended before printing {prefix:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the hub did not print {prefix:?} in time"));
+    }
+    wait_for_line(&mut lines, "hub listening").await;
+    let url = format!("ws://{address}/");
+    let spoke = |transport| {
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .service(transport)
+    };
+    let mut alice = spoke(WebSocketTransport::connect(&url).await.unwrap());
+    wait_for_line(&mut lines, "spoke 1 connected").await;
+    let mut bob = spoke(WebSocketTransport::connect(&url).await.unwrap());
+    wait_for_line(&mut lines, "spoke 2 connected").await;
+
+    let next_message = |up: Option<alkdev_pubsub::layers::Result<Up<Envelope>>>| match up {
+        Some(Ok(Up::Message { message, .. })) => message,
+        other => panic!("expected an event, got {other:?}"),
+    };
+    let from_alice = Envelope::new("chat", "general", json!({ "from": "alice" }));
+    alice
+        .send(Command::Publish {
+            topic: from_alice.topic(),
+            message: from_alice.clone(),
+        })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, bob.next()).await.unwrap();
+    assert_eq!(next_message(got), from_alice);
+    let from_bob = Envelope::new("chat", "general", json!({ "from": "bob" }));
+    bob.send(Command::Publish {
+        topic: from_bob.topic(),
+        message: from_bob.clone(),
+    })
+    .await
+    .unwrap();
+    // Alice's first event is Bob's: her own did not come back to her.
+    let got = tokio::time::timeout(WAIT, alice.next()).await.unwrap();
+    assert_eq!(next_message(got), from_bob);
+    drop(hub);
 }

@@ -1,8 +1,15 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test crate uses some of them).
+#![allow(dead_code)]
 
-/// The `tap` example binary: `cargo test` builds examples beside the test executables (as
-/// `examples/tap-<hash>`; `cargo build --example tap` as `examples/tap`). The newest wins.
+/// The `tap` example binary: see [`example_binary`].
 pub fn tap_binary() -> std::path::PathBuf {
+    example_binary("tap")
+}
+
+/// An example's binary: `cargo test` builds examples beside the test executables (as
+/// `examples/<name>-<hash>`; `cargo build --example <name>` as `examples/<name>`). The newest
+/// wins.
+pub fn example_binary(example: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe
         .parent()
@@ -18,12 +25,12 @@ pub fn tap_binary() -> std::path::PathBuf {
                 .strip_suffix(std::env::consts::EXE_SUFFIX)
                 .unwrap_or(&name)
                 .to_owned();
-            (name == "tap" || name.starts_with("tap-")) && !name.contains('.')
+            (name == example || name.starts_with(&format!("{example}-"))) && !name.contains('.')
         })
         .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok());
     newest.map(|entry| entry.path()).unwrap_or_else(|| {
         panic!(
-            "no tap binary in {}: cargo build --example tap --all-features",
+            "no {example} binary in {}: cargo build --example {example} --all-features",
             dir.display()
         )
     })
