@@ -1206,3 +1206,31 @@ async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
     publisher.await.expect("publisher");
     events.close().await;
 }
+
+/// The Redis example (`examples/redis.rs`), run as a user would against a server: its three
+/// statuses come back through the full stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_example_gets_its_statuses_back() {
+    let server = RedisServer::start();
+    let example = std::process::Command::new(common::example_binary("redis"))
+        .arg(server.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = common::output_within(example, "the redis example", WAIT).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for state in ["queued", "running", "done"] {
+        assert!(
+            stdout.contains(&format!(
+                "session.status:proj_123 -> {{\"state\":\"{state}\"}}"
+            )),
+            "{stdout}"
+        );
+    }
+}

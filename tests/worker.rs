@@ -9,6 +9,8 @@ use alkdev_pubsub::testkit::{self, number_of, numbered};
 use alkdev_pubsub::{worker, Command, EventTarget, Topic, Up};
 use futures::{Sink, Stream, StreamExt};
 
+mod common;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_across_threads() {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -326,4 +328,27 @@ fn spawn_outside_a_runtime_is_an_error_and_starts_nothing() {
     );
     std::thread::sleep(Duration::from_millis(50));
     assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+/// The worker-pool example (`examples/worker.rs`), run as a user would: every call is
+/// answered, by all four workers.
+#[tokio::test]
+async fn the_worker_pool_example_answers_every_call() {
+    let example = std::process::Command::new(common::example_binary("worker"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output =
+        common::output_within(example, "the worker example", Duration::from_secs(60)).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("1000 calls answered by 4 workers"),
+        "{stdout}"
+    );
 }
