@@ -213,7 +213,12 @@ impl<P> State<P> {
 /// in a driver, the whole target).
 fn drop_released<P>(slots: Vec<Slot<P>>) {
     // A `Vec` whose element panics in `drop` still drops the others.
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(slots))).is_err() {
+    drop_guarded(slots);
+}
+
+/// Drops what holds events (see [`drop_released`]), a panic in a payload's `Drop` caught.
+fn drop_guarded<T>(events: T) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(events))).is_err() {
         tracing::error!("an event's payload panicked when it was dropped; delivery goes on");
     }
 }
@@ -413,7 +418,7 @@ impl<P> Queue<P> {
             let wake = state.take_readers();
             drop(state);
             wake_all(wake);
-            drop_released(vec![Slot::Event(event)]);
+            drop_guarded(event);
             return Ok(());
         }
         state.publisher = this_thread();
@@ -484,10 +489,10 @@ impl<P> Queue<P> {
         wake_all(wake);
         // What was dropped, and what readers on other threads released since the last push,
         // is freed with the lock released and the readers woken.
-        let mut freed = garbage;
-        freed.extend(dropped);
-        freed.extend(event.map(Slot::Event));
-        drop_released(freed);
+        if dropped.is_some() || event.is_some() {
+            drop_guarded((dropped, event));
+        }
+        drop_released(garbage);
         Ok(())
     }
 

@@ -33,6 +33,10 @@ pub enum Gap {
     /// [`try_dispatch_event`](crate::EventTarget::try_dispatch_event), or a dispatch cancelled
     /// while it waited). It comes where the events went missing: before the events a
     /// drop-oldest queue kept, after those a drop-newest queue kept.
+    ///
+    /// Also, last before the end, for events published as the subscription ended with its
+    /// target (a close, or the transport failing) that it could not take: one that waited for
+    /// room in its full `Block` queue, or one dispatched as the close came.
     Lagged(u64),
     /// The transport lost its connection and rebuilt it, or otherwise lost events (see
     /// [`Up::Reconnected`](crate::Up::Reconnected)): events published during the gap may be

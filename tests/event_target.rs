@@ -2825,3 +2825,67 @@ async fn a_topic_left_while_a_close_sends_its_publishes_is_unsubscribed() {
     );
     assert_eq!(events.stats().unsubscribes, events.stats().subscribes);
 }
+
+/// A subscription whose topic the transport dropped for good (refused when subscribed again
+/// after a reconnect) ends, and what is published on the topic once a new subscription has
+/// subscribed it again is not reported to the ended one as drops (nor counted as lagged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_subscription_is_not_told_of_events_after_its_end() {
+    use alkdev_pubsub::layers::Up;
+    let (answer, up) = futures::channel::mpsc::unbounded();
+    let transport = Recorder::new(Scripted::new(up));
+    let log = transport.log();
+    let events: EventTarget = EventTarget::new(transport);
+    let subscribes = || {
+        log.snapshot()
+            .iter()
+            .filter(|r| **r == Recorded::Subscribe("t:1".into()))
+            .count()
+    };
+    let first = tokio::spawn({
+        let events = events.clone();
+        async move { events.subscribe("t:1").await }
+    });
+    settle("the subscribe", || subscribes() == 1).await;
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    let mut first = tokio::time::timeout(WAIT, first)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Dropped for good, unprompted; the first subscription is not read for now.
+    answer
+        .unbounded_send(Up::SubscribeFailed(
+            "t:1".into(),
+            alkdev_pubsub::Error::new(alkdev_pubsub::ErrorKind::Rejected, "NOPERM"),
+        ))
+        .unwrap();
+    settle("the topic revoked", || events.listener_count("t:1") == 0).await;
+    let second = tokio::spawn({
+        let events = events.clone();
+        async move { events.subscribe("t:1").await }
+    });
+    settle("the second subscribe", || subscribes() == 2).await;
+    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
+    let mut second = tokio::time::timeout(WAIT, second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for n in 0..3 {
+        answer
+            .unbounded_send(Up::Message {
+                channel: Some("t:1".into()),
+                message: numbered("t", "1", n),
+            })
+            .unwrap();
+    }
+    for n in 0..3 {
+        assert_eq!(number_of(&testkit::next_event(&mut second).await), n);
+    }
+    assert_eq!(events.stats().lagged, 0);
+    match tokio::time::timeout(WAIT, first.next()).await.unwrap() {
+        None => {}
+        other => panic!("the revoked subscription ends, got {other:?}"),
+    }
+}

@@ -428,16 +428,16 @@ async fn a_bad_url_and_a_missing_server_fail_with_clear_errors() {
     let error = RedisTransport::connect("http://nope").await.unwrap_err();
     assert!(error.to_string().contains("invalid Redis URL"), "{error}");
     assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
-    let error = RedisTransport::connect("rediss://127.0.0.1:1/")
-        .await
-        .unwrap_err();
-    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
-    assert!(
-        error
-            .to_string()
-            .contains("TLS (rediss://) is not supported"),
-        "{error}"
-    );
+    for url in ["rediss://127.0.0.1:1/", "valkeys://127.0.0.1:1/"] {
+        let error = RedisTransport::connect(url).await.unwrap_err();
+        assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Config, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("TLS (rediss://) is not supported"),
+            "{error}"
+        );
+    }
     let port = testkit::free_port();
     let error = RedisConfig::new()
         .connect_timeout(Duration::from_millis(500))

@@ -195,12 +195,6 @@ impl RedisClusterTransport {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
         // For messages: never a password.
         let printed: Vec<String> = seeds.iter().map(|seed| super::redact(seed)).collect();
-        if let Some(seed) = seeds.iter().find(|seed| {
-            seed.get(..9)
-                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
-        }) {
-            return Err(super::tls_unsupported(seed));
-        }
         let (pushed, pushes) = mpsc::unbounded_channel();
         let queue = Arc::new(PushQueue::default());
         let push_tx = {
@@ -212,11 +206,13 @@ impl RedisClusterTransport {
             }
         };
         let config_error = |e: redis::RedisError| {
-            Error::with_source(
-                ErrorKind::Config,
-                format!("cluster seeds {printed:?}: {e}"),
-                e,
-            )
+            // redis-rs, built without TLS here, would say a feature is missing. (A user who
+            // enables redis-rs's TLS in their own build gets TLS through it.)
+            let message = match seeds.iter().find(|seed| super::is_tls(seed)) {
+                Some(seed) => super::tls_unsupported(seed).message().to_owned(),
+                None => format!("cluster seeds {printed:?}: {e}"),
+            };
+            Error::with_source(ErrorKind::Config, message, e)
         };
         let client = ClusterClientBuilder::new(seeds.clone())
             .use_protocol(ProtocolVersion::RESP3)

@@ -241,10 +241,7 @@ impl RedisConfig {
     pub async fn connect(self, url: impl AsRef<str>) -> Result<RedisTransport> {
         let url = url.as_ref();
         // Before redis-rs reads it: built without TLS, it would say a feature is missing.
-        if url
-            .get(..9)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
-        {
+        if is_tls(url) {
             return Err(tls_unsupported(url));
         }
         let client = Client::open(url).map_err(|e| {
@@ -338,6 +335,14 @@ fn first_channel(pipeline: &redis::Pipeline) -> String {
             _ => None,
         })
         .unwrap_or_default()
+}
+
+/// Whether `url` asks for TLS (`rediss://`, or `valkeys://` as redis-rs reads it).
+fn is_tls(url: &str) -> bool {
+    ["rediss://", "valkeys://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    })
 }
 
 /// The error for a `rediss://` URL.

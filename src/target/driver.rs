@@ -89,7 +89,13 @@ enum Phase {
     /// Sending what the handles queued before the close.
     DrainingPublishes,
     /// Unsubscribed from every topic; delivering what comes up until each is confirmed.
-    Unsubscribing(HashSet<Topic>),
+    Unsubscribing {
+        /// The topics whose unsubscribe is not answered yet.
+        awaiting: HashSet<Topic>,
+        /// The topics the close unsubscribed (a topic whose listeners left after it listed
+        /// them is unsubscribed on its own).
+        listed: HashSet<Topic>,
+    },
     /// Closing the transport.
     Closing,
     Finished,
@@ -299,7 +305,7 @@ where
         });
         if left == 0 {
             self.unanswered.remove(&topic);
-            if let Phase::Unsubscribing(awaiting) = &mut self.phase {
+            if let Phase::Unsubscribing { awaiting, .. } = &mut self.phase {
                 awaiting.remove(&topic);
             }
         }
@@ -310,10 +316,13 @@ where
             Control::Subscribe { topic, generation } if self.running() => self
                 .outbox
                 .push_back(Queued::Subscribe { topic, generation }),
-            // While a close sends what was published before it: the topics still listened to
-            // then are unsubscribed by the close; this one left before.
+            // While a close sends what was published before it, or unsubscribes the topics
+            // listened to once that was done: a topic left before the close listed it is
+            // unsubscribed on its own.
             Control::Unsubscribe { topic }
-                if self.running() || matches!(self.phase, Phase::DrainingPublishes) =>
+                if self.running()
+                    || matches!(self.phase, Phase::DrainingPublishes)
+                    || matches!(&self.phase, Phase::Unsubscribing { listed, .. } if !listed.contains(&topic)) =>
             {
                 self.queue_unsubscribe(topic)
             }
@@ -348,7 +357,11 @@ where
                             for topic in &topics {
                                 self.queue_unsubscribe(topic.clone());
                             }
-                            self.phase = Phase::Unsubscribing(topics.into_iter().collect());
+                            let listed: HashSet<Topic> = topics.into_iter().collect();
+                            self.phase = Phase::Unsubscribing {
+                                awaiting: listed.clone(),
+                                listed,
+                            };
                         }
                     }
                     Poll::Ready(_) => self
@@ -785,7 +798,7 @@ where
                     self.shared.end_all(None);
                     self.phase = Phase::Closing;
                 }
-                Phase::Unsubscribing(awaiting) => {
+                Phase::Unsubscribing { awaiting, .. } => {
                     let sent = self.outbox.is_empty() && !self.unflushed;
                     if !(timed_out || sent && awaiting.is_empty()) {
                         return Poll::Pending;

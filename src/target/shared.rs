@@ -396,10 +396,11 @@ impl<P> Shared<P> {
 
     /// The transport dropped `topic`'s subscription for good, unprompted (it refused it when
     /// it subscribed it again after a reconnect, say). The topic's subscriptions end, once they
-    /// have yielded what they hold; callbacks stay registered but hear nothing. The next
-    /// listener added subscribes the topic again.
+    /// have yielded what they hold, and leave the map (what is published on the topic later
+    /// is not theirs: it must not reach their ended queues as drops); callbacks stay
+    /// registered but hear nothing. The next listener added subscribes the topic again.
     pub(crate) fn revoke(&self, topic: &str) {
-        let queues: Vec<Arc<Queue<P>>> = {
+        let (queues, _removed) = {
             let mut map = self.write();
             // Only a subscription in effect: a notice about one the listeners left since is
             // not about the topic's new subscribe, which gets its own answer.
@@ -408,14 +409,29 @@ impl<P> Shared<P> {
             };
             entry.failed = true;
             entry.confirmed = false;
-            entry
+            let (queues, callbacks): (Vec<_>, Vec<_>) = entry
                 .listeners
                 .iter()
+                .cloned()
+                .partition(|listener| matches!(listener, Listener::Queue { .. }));
+            let queues: Vec<Arc<Queue<P>>> = queues
+                .into_iter()
                 .filter_map(|listener| match listener {
-                    Listener::Queue { queue } => Some(Arc::clone(queue)),
+                    Listener::Queue { queue } => Some(queue),
                     Listener::Callback { .. } => None,
                 })
-                .collect()
+                .collect();
+            // Dropped after the map's lock (see `remove_listener`).
+            let removed = if callbacks.is_empty() {
+                // Nobody left: the topic leaves the map (the transport refused it, so there is
+                // nothing to unsubscribe).
+                map.remove(topic)
+            } else {
+                let kept = std::mem::replace(&mut entry.listeners, callbacks.into());
+                drop(kept);
+                None
+            };
+            (queues, removed)
         };
         for queue in queues {
             queue.close();
