@@ -2488,6 +2488,30 @@ impl futures::Stream for Scripted {
     }
 }
 
+/// Subscribes to `topic` over a [`Scripted`] transport fed by `answer`: once `sent()` says
+/// the subscribe went out, the transport confirms it.
+async fn subscribe_confirmed(
+    events: &EventTarget,
+    answer: &futures::channel::mpsc::UnboundedSender<alkdev_pubsub::layers::Up<Envelope>>,
+    topic: &str,
+    options: SubscribeOptions,
+    sent: impl Fn() -> bool,
+) -> alkdev_pubsub::Subscription {
+    let subscribing = tokio::spawn({
+        let (events, topic) = (events.clone(), topic.to_owned());
+        async move { events.subscribe_with(topic, options).await }
+    });
+    settle("the subscribe", sent).await;
+    answer
+        .unbounded_send(alkdev_pubsub::layers::Up::Subscribed(topic.into()))
+        .unwrap();
+    tokio::time::timeout(WAIT, subscribing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 /// A close waits for the answer to its own unsubscribe of a topic, not for the answer to an
 /// earlier one still on its way: events the topic's listeners get in between are delivered.
 /// With `shut`, the transport takes no command when the earlier answer comes (the close's
@@ -2729,26 +2753,13 @@ fn a_driver_dropped_with_an_event_waiting_for_a_full_block_subscription_reports_
     let taken = Arc::clone(&transport.taken);
     let (events, mut subscription) = runtime.block_on(async {
         let events: EventTarget = EventTarget::new(transport);
-        let subscribing = tokio::spawn({
-            let events = events.clone();
-            async move {
-                events
-                    .subscribe_with(
-                        "t:1",
-                        SubscribeOptions::new()
-                            .capacity(1)
-                            .overflow(Overflow::Block),
-                    )
-                    .await
-            }
-        });
-        settle("the subscribe", || events.stats().subscribes == 1).await;
-        answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
-        let subscription = tokio::time::timeout(WAIT, subscribing)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let options = SubscribeOptions::new()
+            .capacity(1)
+            .overflow(Overflow::Block);
+        let subscription = subscribe_confirmed(&events, &answer, "t:1", options, || {
+            events.stats().subscribes == 1
+        })
+        .await;
         for n in 0..2 {
             answer
                 .unbounded_send(Up::Message {
@@ -2842,17 +2853,9 @@ async fn a_revoked_subscription_is_not_told_of_events_after_its_end() {
             .filter(|r| **r == Recorded::Subscribe("t:1".into()))
             .count()
     };
-    let first = tokio::spawn({
-        let events = events.clone();
-        async move { events.subscribe("t:1").await }
-    });
-    settle("the subscribe", || subscribes() == 1).await;
-    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
-    let mut first = tokio::time::timeout(WAIT, first)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let options = SubscribeOptions::new();
+    let mut first =
+        subscribe_confirmed(&events, &answer, "t:1", options, || subscribes() == 1).await;
     // Dropped for good, unprompted; the first subscription is not read for now.
     answer
         .unbounded_send(Up::SubscribeFailed(
@@ -2861,17 +2864,8 @@ async fn a_revoked_subscription_is_not_told_of_events_after_its_end() {
         ))
         .unwrap();
     settle("the topic revoked", || events.listener_count("t:1") == 0).await;
-    let second = tokio::spawn({
-        let events = events.clone();
-        async move { events.subscribe("t:1").await }
-    });
-    settle("the second subscribe", || subscribes() == 2).await;
-    answer.unbounded_send(Up::Subscribed("t:1".into())).unwrap();
-    let mut second = tokio::time::timeout(WAIT, second)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let mut second =
+        subscribe_confirmed(&events, &answer, "t:1", options, || subscribes() == 2).await;
     for n in 0..3 {
         answer
             .unbounded_send(Up::Message {
@@ -2887,5 +2881,31 @@ async fn a_revoked_subscription_is_not_told_of_events_after_its_end() {
     match tokio::time::timeout(WAIT, first.next()).await.unwrap() {
         None => {}
         other => panic!("the revoked subscription ends, got {other:?}"),
+    }
+}
+
+/// A subscription dropped as its target closes is unsubscribed on the transport once,
+/// whichever comes first: the drop, or the close's list of topics to unsubscribe (many rounds
+/// on two threads, the two racing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_as_its_target_closes_is_unsubscribed_once() {
+    for round in 0..200 {
+        let transport = Recorder::new(LocalTransport::new());
+        let log = transport.log();
+        let events: EventTarget = EventTarget::new(transport);
+        let subscription = events.subscribe("t:1").await.unwrap();
+        let dropping = tokio::spawn(async move { drop(subscription) });
+        tokio::time::timeout(WAIT, events.close()).await.unwrap();
+        dropping.await.unwrap();
+        let log = log.snapshot();
+        let count = |what: Recorded| log.iter().filter(|r| **r == what).count();
+        assert_eq!(
+            (
+                count(Recorded::Subscribe("t:1".into())),
+                count(Recorded::Unsubscribe("t:1".into()))
+            ),
+            (1, 1),
+            "round {round}: {log:?}"
+        );
     }
 }

@@ -624,6 +624,26 @@ async fn a_ping_answered_with_an_error_keeps_the_connection() {
     }
 }
 
+/// Runs a script that loops until it is killed (`SCRIPT KILL`), on a server started with a
+/// `--busy-reply-threshold`: returns once Redis answers `BUSY` to other commands. The thread
+/// ends with the script.
+async fn busy_script(server: &RedisServer) -> std::thread::JoinHandle<std::process::Output> {
+    let port = server.port().to_string();
+    let script = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(["EVAL", "while true do end", "0"])
+            .output()
+            .unwrap()
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while !server.cli(&["PING"]).starts_with("BUSY") {
+        assert!(std::time::Instant::now() < deadline, "the script never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    script
+}
+
 /// A server busy with a long script answers `BUSY` to the subscribes that the reconnect layer
 /// replays: not a refusal for good. The layer connects again later and replays them then; the
 /// subscription lives on, and hears of the gap.
@@ -659,20 +679,7 @@ async fn a_replay_answered_busy_is_tried_again_not_given_up() {
     let mut subscription = events.subscribe("busy:1").await.unwrap();
     hold.store(true, Ordering::SeqCst);
     server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    // A script that runs until it is killed: past 50 ms, Redis answers BUSY to most commands.
-    let port = server.port().to_string();
-    let script = std::thread::spawn(move || {
-        std::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port])
-            .args(["EVAL", "while true do end", "0"])
-            .output()
-            .unwrap()
-    });
-    let deadline = std::time::Instant::now() + WAIT;
-    while !server.cli(&["PING"]).starts_with("BUSY") {
-        assert!(std::time::Instant::now() < deadline, "the script never ran");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let script = busy_script(&server).await;
     // Into the busy server: each replay is refused, and the layer tries again.
     hold.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -703,20 +710,7 @@ async fn a_publish_answered_busy_is_transient_and_retried() {
             .service(config().connect(server.url()).await.unwrap()),
     );
     let mut subscription = retrying.subscribe("busy:2").await.unwrap();
-    // A script that runs until it is killed: past 50 ms, Redis answers BUSY to most commands.
-    let port = server.port().to_string();
-    let script = std::thread::spawn(move || {
-        std::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port])
-            .args(["EVAL", "while true do end", "0"])
-            .output()
-            .unwrap()
-    });
-    let deadline = std::time::Instant::now() + WAIT;
-    while !server.cli(&["PING"]).starts_with("BUSY") {
-        assert!(std::time::Instant::now() < deadline, "the script never ran");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let script = busy_script(&server).await;
     let error = plain
         .dispatch_confirmed(numbered("busy", "1", 0))
         .await

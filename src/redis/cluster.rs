@@ -208,7 +208,12 @@ impl RedisClusterTransport {
         let config_error = |e: redis::RedisError| {
             // redis-rs, built without TLS here, would say a feature is missing. (A user who
             // enables redis-rs's TLS in their own build gets TLS through it.)
-            let message = match seeds.iter().find(|seed| super::is_tls(seed)) {
+            // Only a TLS seed redis-rs cannot read is the reason.
+            let refused_tls = seeds.iter().find(|seed| {
+                super::is_tls(seed)
+                    && redis::IntoConnectionInfo::into_connection_info(seed.as_str()).is_err()
+            });
+            let message = match refused_tls {
                 Some(seed) => super::tls_unsupported(seed).message().to_owned(),
                 None => format!("cluster seeds {printed:?}: {e}"),
             };

@@ -362,6 +362,11 @@ where
                                 awaiting: listed.clone(),
                                 listed,
                             };
+                            // An unsubscribe sent since the last look, for a topic whose
+                            // listeners left before the list was made (under the map's lock,
+                            // so it is in the channel now): queued before the close can
+                            // find nothing left to send.
+                            self.take_control(cx);
                         }
                     }
                     Poll::Ready(_) => self

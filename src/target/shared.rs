@@ -421,7 +421,8 @@ impl<P> Shared<P> {
                     Listener::Callback { .. } => None,
                 })
                 .collect();
-            // Dropped after the map's lock (see `remove_listener`).
+            // The entry, if removed, is dropped after the map's lock (see `remove_listener`);
+            // the listener list replaced is only handles of what `queues` and `callbacks` keep.
             let removed = if callbacks.is_empty() {
                 // Nobody left: the topic leaves the map (the transport refused it, so there is
                 // nothing to unsubscribe).
