@@ -15,8 +15,13 @@
 //! by topic: a transport that ignores `Subscribe` and sends everything everywhere (as the
 //! WebSocket transport does by design) passes it, so whether your transport filters is for a
 //! test of your own (the subscriber's [`Stats::unrouted`](crate::Stats::unrouted) counts what
-//! came for no listener). The built-in transports all run it: in-process, worker pairs,
-//! Redis, Redis Cluster and WebSocket.
+//! came for no listener). Nor does it check that your transport answers every `Unsubscribe`
+//! with [`Up::Unsubscribed`](crate::Up::Unsubscribed): one that does not passes, but makes
+//! every close of a target with listeners wait for its close timeout. The built-in transports
+//! all run it: in-process, worker pairs, Redis, Redis Cluster and WebSocket.
+//!
+//! A check that waits longer than [`WAIT`] for a subscribe to be confirmed, a publish to be
+//! taken or an event to arrive fails, rather than hang.
 //!
 //! Each check panics with a message that says what went wrong, like an assertion, so call
 //! them from `#[tokio::test]` functions:
@@ -145,6 +150,14 @@ pub async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
     }
 }
 
+/// Awaits `future`, failing the check if it takes longer than [`WAIT`] (a transport that never
+/// confirms a subscribe, or never takes a publish, fails the check instead of hanging it).
+async fn within<T>(what: impl std::fmt::Display, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {WAIT:?}"))
+}
+
 /// Runs every transport-independent check, each on a fresh pair from `make` (see the
 /// [module](self) for what they assume: per-topic order among others).
 pub async fn run_all<F, Fut>(mut make: F)
@@ -169,18 +182,18 @@ pub async fn round_trip(pair: Pair) {
             let _ = tx.send(event.clone());
         })
         .expect("adding a listener");
-    let mut subscription = pair
-        .subscriber
-        .subscribe("roundtrip.event:a")
-        .await
-        .expect("subscribing");
+    let mut subscription = within(
+        "subscribing",
+        pair.subscriber.subscribe("roundtrip.event:a"),
+    )
+    .await
+    .expect("subscribing");
     let sent = Envelope::new(
         "roundtrip.event",
         "a",
         json!({ "text": "héllo ✓", "list": [1, 2.5, null, true], "nested": { "k": "v" } }),
     );
-    pair.publisher
-        .dispatch_event(sent.clone())
+    within("dispatching", pair.publisher.dispatch_event(sent.clone()))
         .await
         .expect("dispatching");
     assert_eq!(
@@ -197,26 +210,27 @@ pub async fn round_trip(pair: Pair) {
 
 /// Events on one topic never reach listeners of another.
 pub async fn topic_isolation(pair: Pair) {
-    let mut a = pair
-        .subscriber
-        .subscribe("iso.event:a")
+    let mut a = within("subscribing a", pair.subscriber.subscribe("iso.event:a"))
         .await
         .expect("subscribing a");
-    let mut b = pair
-        .subscriber
-        .subscribe("iso.event:b")
+    let mut b = within("subscribing b", pair.subscriber.subscribe("iso.event:b"))
         .await
         .expect("subscribing b");
     for n in 0..10 {
-        pair.publisher
-            .dispatch_event(numbered("iso.event", "a", n))
-            .await
-            .expect("dispatching");
-    }
-    pair.publisher
-        .dispatch_event(numbered("iso.event", "b", 100))
+        within(
+            "dispatching",
+            pair.publisher.dispatch_event(numbered("iso.event", "a", n)),
+        )
         .await
         .expect("dispatching");
+    }
+    within(
+        "dispatching",
+        pair.publisher
+            .dispatch_event(numbered("iso.event", "b", 100)),
+    )
+    .await
+    .expect("dispatching");
     for n in 0..10 {
         let event = next_event(&mut a).await;
         assert_eq!((event.id.as_str(), number_of(&event)), ("a", n));
@@ -227,6 +241,7 @@ pub async fn topic_isolation(pair: Pair) {
         ("b", 100),
         "b got another topic's event"
     );
+    assert_quiet(&mut a, Duration::from_millis(100)).await;
     assert_quiet(&mut b, Duration::from_millis(100)).await;
 }
 
@@ -242,11 +257,13 @@ pub async fn many_topics_many_listeners(
     let mut readers = Vec::new();
     for t in 0..topics {
         for _ in 0..listeners {
-            let mut subscription = pair
-                .subscriber
-                .subscribe_with(Topic::of("many.event", &t.to_string()), options)
-                .await
-                .expect("subscribing");
+            let mut subscription = within(
+                "subscribing",
+                pair.subscriber
+                    .subscribe_with(Topic::of("many.event", &t.to_string()), options),
+            )
+            .await
+            .expect("subscribing");
             readers.push(tokio::spawn(async move {
                 for n in 0..messages {
                     let event = next_event(&mut subscription).await;
@@ -262,10 +279,12 @@ pub async fn many_topics_many_listeners(
         let publisher = pair.publisher.clone();
         publishers.push(tokio::spawn(async move {
             for n in 0..messages {
-                publisher
-                    .dispatch_event(numbered("many.event", &t.to_string(), n))
-                    .await
-                    .expect("dispatching");
+                within(
+                    "dispatching",
+                    publisher.dispatch_event(numbered("many.event", &t.to_string(), n)),
+                )
+                .await
+                .expect("dispatching");
             }
         }));
     }
@@ -280,12 +299,10 @@ pub async fn unsubscribe_on_last_listener(pair: Pair) {
     let events = &pair.subscriber;
     let before = events.stats();
     let topics_before = events.topic_count();
-    let first = events
-        .subscribe("leave.event:x")
+    let first = within("subscribing", events.subscribe("leave.event:x"))
         .await
         .expect("subscribing");
-    let second = events
-        .subscribe("leave.event:x")
+    let second = within("subscribing", events.subscribe("leave.event:x"))
         .await
         .expect("subscribing");
     let callback = events
@@ -310,8 +327,7 @@ pub async fn unsubscribe_on_last_listener(pair: Pair) {
         "an empty topic stayed in the map"
     );
     // Join again: a new subscribe.
-    let again = events
-        .subscribe("leave.event:x")
+    let again = within("subscribing again", events.subscribe("leave.event:x"))
         .await
         .expect("subscribing again");
     drop(again);
@@ -337,15 +353,19 @@ pub async fn unsubscribe_on_last_listener(pair: Pair) {
 pub async fn subscribe_then_publish_never_misses(pair: Pair, rounds: u64) {
     for round in 0..rounds {
         let id = format!("r{round}");
-        let mut subscription = pair
-            .subscriber
-            .subscribe(Topic::of("race.event", &id))
-            .await
-            .expect("subscribing");
-        pair.publisher
-            .dispatch_event(numbered("race.event", &id, round))
-            .await
-            .expect("dispatching");
+        let mut subscription = within(
+            "subscribing",
+            pair.subscriber.subscribe(Topic::of("race.event", &id)),
+        )
+        .await
+        .expect("subscribing");
+        within(
+            "dispatching",
+            pair.publisher
+                .dispatch_event(numbered("race.event", &id, round)),
+        )
+        .await
+        .expect("dispatching");
         let event = next_event(&mut subscription).await;
         assert_eq!(number_of(&event), round);
     }
@@ -354,16 +374,20 @@ pub async fn subscribe_then_publish_never_misses(pair: Pair, rounds: u64) {
 /// `messages` events on one topic arrive in the order they were dispatched.
 pub async fn order_per_topic(pair: Pair, messages: u64) {
     let options = SubscribeOptions::new().capacity(messages as usize);
-    let mut subscription = pair
-        .subscriber
-        .subscribe_with("order.event:o", options)
-        .await
-        .expect("subscribing");
+    let mut subscription = within(
+        "subscribing",
+        pair.subscriber.subscribe_with("order.event:o", options),
+    )
+    .await
+    .expect("subscribing");
     for n in 0..messages {
-        pair.publisher
-            .dispatch_event(numbered("order.event", "o", n))
-            .await
-            .expect("dispatching");
+        within(
+            "dispatching",
+            pair.publisher
+                .dispatch_event(numbered("order.event", "o", n)),
+        )
+        .await
+        .expect("dispatching");
     }
     for n in 0..messages {
         assert_eq!(
@@ -377,16 +401,20 @@ pub async fn order_per_topic(pair: Pair, messages: u64) {
 /// Events dispatched before `close()` all arrive; after it, calls fail with `Closed`.
 pub async fn close_loses_nothing_in_flight(pair: Pair, messages: u64) {
     let options = SubscribeOptions::new().capacity(messages as usize + 16);
-    let mut subscription = pair
-        .subscriber
-        .subscribe_with("close.event:c", options)
-        .await
-        .expect("subscribing");
+    let mut subscription = within(
+        "subscribing",
+        pair.subscriber.subscribe_with("close.event:c", options),
+    )
+    .await
+    .expect("subscribing");
     for n in 0..messages {
-        pair.publisher
-            .dispatch_event(numbered("close.event", "c", n))
-            .await
-            .expect("dispatching");
+        within(
+            "dispatching",
+            pair.publisher
+                .dispatch_event(numbered("close.event", "c", n)),
+        )
+        .await
+        .expect("dispatching");
     }
     pair.publisher.close().await;
     let error = pair
@@ -423,9 +451,7 @@ where
     Fut: Future<Output = ()>,
 {
     let topic = Topic::from("bad.event:m");
-    let mut subscription = pair
-        .subscriber
-        .subscribe(topic.clone())
+    let mut subscription = within("subscribing", pair.subscriber.subscribe(topic.clone()))
         .await
         .expect("subscribing");
     let before = pair.subscriber.stats().decode_errors;
@@ -463,11 +489,12 @@ where
     let mut subscriptions = HashMap::new();
     for t in 0..topics {
         let id = t.to_string();
-        let subscription = pair
-            .subscriber
-            .subscribe(Topic::of("restart.event", &id))
-            .await
-            .expect("subscribing");
+        let subscription = within(
+            "subscribing",
+            pair.subscriber.subscribe(Topic::of("restart.event", &id)),
+        )
+        .await
+        .expect("subscribing");
         subscriptions.insert(id, subscription);
     }
     restart().await;
