@@ -108,7 +108,11 @@ pub struct WorkerTransport<P = serde_json::Value> {
     room: usize,
     /// Taken from `input`, not yet yielded.
     incoming: VecDeque<Envelope<P>>,
-    signals: VecDeque<Up<Envelope<P>>>,
+    /// Answers to this side's commands, each with the count of envelopes to yield before it
+    /// (see [`yielded`](Self::yielded)).
+    signals: VecDeque<(Up<Envelope<P>>, u64)>,
+    /// How many envelopes this side's stream yielded.
+    yielded: u64,
     reader: Option<Waker>,
     /// How many envelopes the reader took since it last asked to be woken (see [`BURST`]).
     taken_awake: usize,
@@ -245,6 +249,7 @@ impl<P> WorkerTransport<P> {
             input,
             incoming: VecDeque::new(),
             signals: VecDeque::new(),
+            yielded: 0,
             reader: None,
             taken_awake: 0,
             spun: Duration::ZERO,
@@ -268,8 +273,9 @@ impl<P> WorkerTransport<P> {
         )
     }
 
-    fn signal(&mut self, up: Up<Envelope<P>>) {
-        self.signals.push_back(up);
+    /// Answers a command, once the stream has yielded the first `before` envelopes from now.
+    fn signal(&mut self, up: Up<Envelope<P>>, before: u64) {
+        self.signals.push_back((up, self.yielded + before));
         if let Some(reader) = self.reader.take() {
             reader.wake();
         }
@@ -340,8 +346,15 @@ impl<P> Sink<Command<Envelope<P>>> for WorkerTransport<P> {
                     reader.wake();
                 }
             }
-            Command::Subscribe(topic) => this.signal(Up::Subscribed(topic)),
-            Command::Unsubscribe(topic) => this.signal(Up::Unsubscribed(topic)),
+            // In effect at once: what the other side sends from now on is read.
+            Command::Subscribe(topic) => this.signal(Up::Subscribed(topic), 0),
+            // In effect once what the other side sent before it is read: the answer comes after
+            // it, as a server's would (an event target's close delivers what comes up until
+            // its unsubscribes are answered).
+            Command::Unsubscribe(topic) => {
+                let sent = this.incoming.len() + this.input.lock().items.len();
+                this.signal(Up::Unsubscribed(topic), sent as u64)
+            }
         }
         Ok(())
     }
@@ -366,7 +379,12 @@ impl<P> Stream for WorkerTransport<P> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(signal) = this.signals.pop_front() {
+        if this
+            .signals
+            .front()
+            .is_some_and(|(_, after)| *after <= this.yielded)
+        {
+            let (signal, _) = this.signals.pop_front().expect("looked at");
             return Poll::Ready(Some(Ok(signal)));
         }
         if this.incoming.is_empty() {
@@ -419,6 +437,7 @@ impl<P> Stream for WorkerTransport<P> {
             this.incoming = VecDeque::from(batch);
         }
         let message = this.incoming.pop_front().expect("not empty");
+        this.yielded += 1;
         Poll::Ready(Some(Ok(Up::Message {
             channel: None,
             message,

@@ -146,6 +146,44 @@ fn ready(side: &mut Side, cx: &mut Context<'_>) -> Poll<alkdev_pubsub::Result<()
     Pin::new(side).poll_ready(cx)
 }
 
+/// An unsubscribe is answered after what the other side sent before it (as a server answers
+/// in order): an event target's close, which delivers what comes up until its unsubscribes
+/// are answered, loses none of it. A subscribe is answered at once.
+#[test]
+fn an_unsubscribe_is_answered_after_what_was_sent_before_it() {
+    let (mut a, mut b) = worker::channel(4096);
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    for n in 0..3 {
+        send(&mut a, &mut cx, n);
+    }
+    // One taken into the reader's hands, two still in the pipe.
+    match Pin::new(&mut b).poll_next(&mut cx) {
+        Poll::Ready(Some(Ok(Up::Message { message, .. }))) => assert_eq!(number_of(&message), 0),
+        other => panic!("expected the first event, got {other:?}"),
+    }
+    for command in [
+        Command::Unsubscribe(Topic::from("t:1")),
+        Command::Subscribe(Topic::from("u:1")),
+    ] {
+        Pin::new(&mut b).start_send(command).unwrap();
+    }
+    send(&mut a, &mut cx, 3);
+    let mut seen = Vec::new();
+    while let Poll::Ready(Some(Ok(up))) = Pin::new(&mut b).poll_next(&mut cx) {
+        seen.push(match up {
+            Up::Message { message, .. } => number_of(&message).to_string(),
+            Up::Unsubscribed(topic) => format!("unsubscribed {topic}"),
+            Up::Subscribed(topic) => format!("subscribed {topic}"),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        ["1", "2", "unsubscribed t:1", "subscribed u:1", "3"],
+        "answered in order, after what was sent before the unsubscribe"
+    );
+}
+
 #[test]
 fn what_is_sent_is_readable_at_once_and_a_flush_has_nothing_to_wait_for() {
     let (mut a, mut b) = worker::channel(4096);
