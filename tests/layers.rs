@@ -1473,6 +1473,26 @@ struct Flaky {
     refuse_sends: u32,
     refuse_ready: u32,
     reject_flushes: u32,
+    /// Closes that end the connection (its stream ends) but take one more poll to report it,
+    /// as a WebSocket's waits for its peer's close frame.
+    slow_closes: u32,
+    /// A slow close ended the connection: the next poll reports it done.
+    closed: bool,
+}
+
+impl Flaky {
+    /// A connection to `broker` with no fault yet.
+    fn new(broker: &MemoryBroker) -> Self {
+        Flaky {
+            inner: broker.connect().unwrap(),
+            failures: 0,
+            refuse_sends: 0,
+            refuse_ready: 0,
+            reject_flushes: 0,
+            slow_closes: 0,
+            closed: false,
+        }
+    }
 }
 
 impl futures::Sink<Command<Bytes>> for Flaky {
@@ -1524,7 +1544,17 @@ impl futures::Sink<Command<Bytes>> for Flaky {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+        if self.closed {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let closed = std::pin::Pin::new(&mut self.inner).poll_close(cx);
+        if self.slow_closes > 0 {
+            self.slow_closes -= 1;
+            self.closed = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        closed
     }
 }
 
@@ -1545,11 +1575,9 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
     let retry = RetryLayer::new(3, Duration::from_millis(1));
     let retried = retry.retried();
     let flaky = Flaky {
-        inner: broker.connect().unwrap(),
         failures: 2,
         refuse_sends: 1,
-        refuse_ready: 0,
-        reject_flushes: 0,
+        ..Flaky::new(&broker)
     };
     let events = EventTarget::new(
         ServiceBuilder::new()
@@ -1577,11 +1605,8 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
     assert!(retried.get() >= 3, "retried {}", retried.get());
 
     let flaky = Flaky {
-        inner: broker.connect().unwrap(),
         failures: 10,
-        refuse_sends: 0,
-        refuse_ready: 0,
-        reject_flushes: 0,
+        ..Flaky::new(&broker)
     };
     let events = EventTarget::new(
         ServiceBuilder::new()
@@ -1605,11 +1630,8 @@ fn retry_over_flaky(
 ) -> alkdev_pubsub::layers::retry::Retry<Flaky, Bytes> {
     use tower::Layer;
     alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
-        inner: broker.connect().unwrap(),
-        failures: 0,
         refuse_sends,
-        refuse_ready: 0,
-        reject_flushes: 0,
+        ..Flaky::new(broker)
     })
 }
 
@@ -1829,4 +1851,114 @@ async fn close_after_the_connection_died_does_not_wait_for_its_timeout() {
     tokio::time::timeout(WAIT, events.close())
         .await
         .expect("the lost connection answers the unsubscribes");
+}
+
+/// A close whose flush failed still closes the transport below (a WebSocket still sends its
+/// close frame, a reconnect layer stops), then reports the flush's failure.
+#[tokio::test]
+async fn a_retry_close_closes_the_transport_below_though_its_flush_failed() {
+    use alkdev_pubsub::layers::RetryLayer;
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let mut retry = RetryLayer::new(2, Duration::from_millis(1)).layer(Flaky {
+        reject_flushes: 1,
+        ..Flaky::new(&broker)
+    });
+    retry
+        .feed(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: Bytes::from_static(b"x"),
+        })
+        .await
+        .unwrap();
+    let error = retry.close().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    // The connection below was closed: its stream has ended.
+    let next = tokio::time::timeout(WAIT, retry.get_mut().inner.next()).await;
+    assert!(matches!(next, Ok(None)), "{next:?}");
+}
+
+/// A connection that ends while the reconnect layer closes it (its stream ends before its
+/// close reports done, as a WebSocket's does when the peer answers the close frame) is the
+/// close, not a loss: no new connection, no reconnect notice, and the state goes to Closed.
+#[tokio::test]
+async fn a_connection_ending_during_a_close_is_not_reconnected() {
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let stable = Backoff::new()
+        .initial(Duration::from_millis(1))
+        .jitter(0.0)
+        .stable_after(Duration::ZERO);
+    let layer = ReconnectLayer::new(stable);
+    let state = layer.state();
+    let mut transport = layer.layer({
+        let broker = broker.clone();
+        move || {
+            let connection = Flaky {
+                slow_closes: 1,
+                ..Flaky::new(&broker)
+            };
+            async move { Ok(connection) }
+        }
+    });
+    transport
+        .send(Command::Subscribe(Topic::from("t:1")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, transport.next()).await.unwrap(),
+        Some(Ok(Up::Subscribed(_)))
+    ));
+    assert_eq!(broker.connects(), 1);
+    // The close ends the connection and is pending once; the stream, polled meanwhile, ends.
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(futures::Sink::poll_close(std::pin::Pin::new(&mut transport), &mut cx).is_pending());
+    let ended = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(ended.is_none(), "{ended:?}");
+    tokio::time::timeout(WAIT, transport.close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.connects(), 1, "no connection made during the close");
+    assert_eq!(*state.borrow(), ConnectionState::Closed);
+}
+
+/// A reconnect layer dropped without a close (an event target's close that ran out of time
+/// during an outage) says it is closed.
+#[tokio::test]
+async fn a_reconnect_layer_dropped_without_a_close_says_closed() {
+    let broker = MemoryBroker::new();
+    broker.set_accepting(false);
+    let layer = ReconnectLayer::new(fast_backoff());
+    let mut state = layer.state();
+    // The close runs out of time at once (the publish waits for a connection): the target
+    // drops its transport.
+    let events: EventTarget = EventTarget::builder()
+        .close_timeout(Duration::from_millis(50))
+        .build(
+            ServiceBuilder::new()
+                .layer(CodecLayer::json())
+                .layer(layer)
+                .service(move || {
+                    let broker = broker.clone();
+                    async move { broker.connect() }
+                }),
+        );
+    events.try_dispatch_event(numbered("t", "1", 0)).unwrap();
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|state| matches!(state, ConnectionState::Waiting { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    drop(events);
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|state| *state == ConnectionState::Closed),
+    )
+    .await
+    .expect("closed once dropped")
+    .unwrap();
 }

@@ -125,6 +125,9 @@ struct RetryState<M> {
     /// Why publishes this layer had taken were given up on (retries ran out, or a resend was
     /// refused for good): the next flush fails with it, as it answers them.
     failed: Option<Error>,
+    /// A close's flush is done, and failed with this if it did: the transport below is closed
+    /// all the same, then the close reports it.
+    closing: Option<Result<()>>,
 }
 
 impl<M> Default for RetryState<M> {
@@ -136,6 +139,7 @@ impl<M> Default for RetryState<M> {
             from_flush: false,
             sleep: None,
             failed: None,
+            closing: None,
         }
     }
 }
@@ -361,8 +365,20 @@ where
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        ready!(self.as_mut().poll_flush(cx))?;
-        self.project().inner.poll_close(cx)
+        if self.state.closing.is_none() {
+            let flushed = ready!(self.as_mut().poll_flush(cx));
+            self.as_mut().project().state.closing = Some(flushed);
+        }
+        // Closed even when the flush failed (a WebSocket still sends its close frame, a
+        // reconnect layer stops): the flush's failure is what the close reports first.
+        let closed = ready!(self.as_mut().project().inner.poll_close(cx));
+        let flushed = self
+            .project()
+            .state
+            .closing
+            .replace(Ok(()))
+            .unwrap_or(Ok(()));
+        Poll::Ready(flushed.and(closed))
     }
 }
 

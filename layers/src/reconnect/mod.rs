@@ -220,6 +220,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             state: Arc::clone(&self.state),
             unavailable: self.unavailable.clone(),
             closed: false,
+            closing: false,
             flush_backlog: false,
             failed_on_its_own: None,
         }
@@ -272,6 +273,8 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     state: Arc<watch::Sender<ConnectionState>>,
     unavailable: Counter,
     closed: bool,
+    /// A close began: the connection ending now is the close, not a loss to reconnect from.
+    closing: bool,
     /// The backlog was sent on this layer's own initiative: flush it without waiting for a
     /// flush from above (which only comes after new commands).
     flush_backlog: bool,
@@ -279,6 +282,16 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
 
 // Nothing is pinned in place: the connection and its futures are boxed.
 impl<F: MakeTransport, M> Unpin for Reconnect<F, M> {}
+
+/// Dropped without a close (an event target's close that ran out of time, say): the state
+/// says so, for whoever waits for [`ConnectionState::Closed`].
+impl<F: MakeTransport, M> Drop for Reconnect<F, M> {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.state.send_replace(ConnectionState::Closed);
+        }
+    }
+}
 
 impl<F: MakeTransport, M> fmt::Debug for Reconnect<F, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -325,6 +338,16 @@ where
 
     fn set_state(&self, state: ConnectionState) {
         self.state.send_replace(state);
+    }
+
+    /// The connection ended: during a close, that is the close (the stream ends after what
+    /// waits); otherwise it was lost (see [`lost`](Self::lost)).
+    fn ended_or_lost(&mut self, error: Error) {
+        if self.closing {
+            self.closed = true;
+        } else {
+            self.lost(error);
+        }
     }
 
     /// The current connection failed: keep what it had not flushed, and plan the next one.
@@ -862,6 +885,7 @@ where
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
+        this.closing = true;
         // Deliver what waits first, then close the connection. Closed either way: a failure is
         // reported, and the layer does not connect again.
         let mut result = Ok(());
@@ -924,7 +948,7 @@ where
                         this.flush_backlog = false;
                     }
                     Poll::Ready(Err(error)) if error.is_unrecoverable() => {
-                        this.lost(error);
+                        this.ended_or_lost(error);
                         continue;
                     }
                     Poll::Ready(Err(error)) => {
@@ -960,9 +984,15 @@ where
                 // bound).
                 Some(Ok(up)) if !this.held.is_empty() => this.hold(up),
                 Some(Ok(up)) => return Poll::Ready(Some(Ok(up))),
-                Some(Err(error)) if error.is_unrecoverable() => this.lost(error),
+                Some(Err(error)) if error.is_unrecoverable() => {
+                    if this.closing {
+                        this.closed = true;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    this.lost(error);
+                }
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => this.lost(Error::connection_lost("the transport's stream ended")),
+                None => this.ended_or_lost(Error::connection_lost("the transport's stream ended")),
             }
         }
     }
