@@ -456,8 +456,10 @@ fn several_cpus() -> bool {
 /// worker pair as an [`EventTarget`]; returns the main side's event target and the thread's
 /// join handle, which yields `work`'s output.
 ///
-/// When `work` returns, its event target is closed (what it published is flushed first), and
-/// the main side's subscriptions end.
+/// When `work` returns (or panics), its event target is closed (what it published is flushed
+/// first), and the main side's target stops as over a transport that ended: its subscriptions
+/// end, and later calls fail with an error of kind [`ErrorKind::Closed`]. Whether `work`
+/// returned or panicked, the join handle says.
 ///
 /// Must be called within a Tokio runtime (the main side's driver is spawned on it): outside
 /// one, fails with an error of kind [`ErrorKind::Config`], and starts no thread.

@@ -1229,3 +1229,28 @@ async fn the_hub_forwards_a_spokes_event_to_the_other_spokes_only() {
     assert_eq!(next_message(got), from_bob);
     drop(hub);
 }
+
+/// A peer that never reads is found by the sending side alone: a flush waiting on it fails
+/// after the idle timeout though nothing polls the stream (an event target paused by a full
+/// `Block` subscription reads nothing), rather than wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_waiting_on_a_peer_that_never_reads_fails_though_nobody_reads() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(3600))
+        .idle_timeout(Duration::from_millis(300));
+    let (mut transport, hung) = over_a_pipe(Role::Server, 4096, config).await;
+    transport
+        .feed(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: vec![b'x'; 8192].into(),
+        })
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(WAIT, transport.flush())
+        .await
+        .expect("the stall is found by the flush")
+        .unwrap_err();
+    assert!(error.to_string().contains("read nothing"), "{error}");
+    drop(hung);
+}

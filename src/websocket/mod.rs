@@ -372,6 +372,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Since when sending has waited for the peer to read (the sink was not ready, or not
     /// flushed), if it waits: cleared each time what waited went out.
     stalled_since: Option<Instant>,
+    /// Fires when sending has waited for the idle timeout: the sending side checks the stall
+    /// itself (see [`poll_stall`](Self::poll_stall)). Made at the first wait.
+    stall_timer: Option<Pin<Box<Sleep>>>,
     /// When sending last stopped waiting for the peer to read: it read. A peer reading a
     /// backlog answers a ping once it reaches it, behind what was sent before: its silence
     /// does not count while it reads.
@@ -439,6 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             last_heard: Instant::now(),
             heard: false,
             stalled_since: None,
+            stall_timer: None,
             drained_at: None,
             ping_owed: false,
             read_since_check: 0,
@@ -566,6 +570,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         }
     }
 
+    fn stall_error(&mut self) -> Error {
+        let error = Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the WebSocket peer read nothing for {:?}: sending is stalled",
+                self.config.idle_timeout
+            ),
+        );
+        self.fail(error)
+    }
+
+    /// The sending side's own check of a stall (the reading side checks it with the
+    /// liveness, but it may not be polled: an event target paused by a full `Block`
+    /// subscription reads nothing, and a publish waiting on a peer that never reads must not
+    /// wait for ever). Polled only while sending waits; the timer is set for when the wait
+    /// reaches the idle timeout.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        let Some(due) = self
+            .stalled_since
+            .and_then(|since| since.checked_add(self.config.idle_timeout))
+        else {
+            return Ok(());
+        };
+        let timer = self
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        if timer.as_mut().poll(cx).is_pending() || self.flushes_now(cx) {
+            return Ok(());
+        }
+        Err(self.stall_error())
+    }
+
     /// Pings on schedule; declares the peer gone after the idle timeout, of silence or of
     /// sending that waits for the peer to read.
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
@@ -591,18 +630,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             .is_some_and(|since| since.elapsed() >= self.config.idle_timeout)
             && !self.flushes_now(cx)
         {
-            let error = Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "the WebSocket peer read nothing for {:?}: sending is stalled",
-                    self.config.idle_timeout
-                ),
-            );
-            // The sending side waits on the socket: it learns of it too.
-            if let Some(writer) = &self.writer {
-                writer.wake_by_ref();
-            }
-            return Err(self.fail(error));
+            // The sending side waits on the socket: it learns of it too (`fail` wakes it).
+            return Err(self.stall_error());
         }
         while self.ping.as_mut().poll(cx).is_ready() {
             let next = crate::deadline_in(self.config.ping_every());
@@ -647,6 +676,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                 Poll::Pending => {
                     this.stalled();
                     this.blocked = true;
+                    this.poll_stall(cx)?;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(error)) => {
@@ -727,6 +757,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
         match Pin::new(&mut this.stream).poll_flush(cx) {
             Poll::Pending => {
                 this.stalled();
+                this.poll_stall(cx)?;
                 Poll::Pending
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(this.ws_error("flushing", error))),
