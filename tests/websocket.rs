@@ -1254,3 +1254,46 @@ async fn a_flush_waiting_on_a_peer_that_never_reads_fails_though_nobody_reads() 
     assert!(error.to_string().contains("read nothing"), "{error}");
     drop(hung);
 }
+
+/// The peer closes while what we sent fills the socket: tungstenite's answer to its close
+/// frame waits behind that, and the stream goes on driving it out before it ends (the peer
+/// sees a clean close, not a connection that just ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_peer_starts_is_answered_though_the_socket_is_full() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let (transport, peer) = over_a_pipe(Role::Server, 4096, WebSocketConfig::new()).await;
+    let (mut sink, mut stream) = transport.split();
+    let writer = tokio::spawn(async move {
+        for n in 0..500 {
+            if sink.feed(publish(n)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.flush().await;
+    });
+    let (mut peer_sink, mut peer_stream) = peer.split();
+    peer_sink.send(Message::Close(None)).await.unwrap();
+    // Our side reads the close while the socket is full (the peer reads nothing yet), and
+    // ends its stream once the answer is out.
+    let reader = tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            assert!(
+                matches!(item, Ok(Up::Message { .. })),
+                "a clean end: {item:?}"
+            );
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut saw_close = false;
+    while let Some(Ok(message)) = tokio::time::timeout(WAIT, peer_stream.next())
+        .await
+        .unwrap()
+    {
+        if let Message::Close(_) = message {
+            saw_close = true;
+        }
+    }
+    assert!(saw_close, "the peer got our answer to its close");
+    tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
+}

@@ -388,6 +388,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     closing: Option<Pin<Box<Sleep>>>,
     /// Our close frame is sent (flushed).
     close_sent: bool,
+    /// The peer's close frame came, and tungstenite's answer to it may still wait for the
+    /// socket: the stream goes on driving it (see [`poll_close_reply`](Self::poll_close_reply)).
+    answering_close: bool,
     /// tungstenite's sink said it was not ready (what it buffered waits for the socket): its
     /// next readiness means that went out. (Ready otherwise says nothing of the peer.)
     blocked: bool,
@@ -448,6 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             read_since_check: 0,
             closing: None,
             close_sent: false,
+            answering_close: false,
             blocked: false,
             failed: None,
             reported: false,
@@ -854,6 +858,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
+    /// After the peer's close frame: drives tungstenite until its answer has gone out behind
+    /// what was buffered before it (the peer then sees a clean close, not a connection that
+    /// just ends), for at most [`CLOSE_WAIT`]; then the stream ends, cleanly.
+    fn poll_close_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Up<Bytes>>>> {
+        let deadline = self
+            .closing
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_WAIT)));
+        loop {
+            match Pin::new(&mut self.stream).poll_next(cx) {
+                // After the close frame, nothing more is delivered.
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(_)) | None) => break,
+                Poll::Pending if deadline.as_mut().poll(cx).is_pending() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        self.answering_close = false;
+        Poll::Ready(None)
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
     type Item = Result<Up<Bytes>>;
 
@@ -863,6 +889,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
             return Poll::Ready(Some(Ok(signal)));
         }
         if let Some(error) = &this.failed {
+            if this.answering_close {
+                return this.poll_close_reply(cx);
+            }
             if this.reported {
                 return Poll::Ready(None);
             }
@@ -896,10 +925,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                                 None => "the peer closed the WebSocket".to_owned(),
                             };
                             // A clean end: the stream ends without an error (the sink's
-                            // calls fail with this one).
+                            // calls fail with this one), once tungstenite's answer has gone.
                             this.fail(Error::connection_lost(why));
                             this.reported = true;
-                            continue;
+                            this.answering_close = true;
+                            return this.poll_close_reply(cx);
                         }
                     };
                     return Poll::Ready(Some(Ok(Up::Message {
