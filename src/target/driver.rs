@@ -1201,9 +1201,10 @@ where
 
 impl<T, P> Core<T, P> {
     /// The close is ending (or the target stopping) with an event waiting for room in a full
-    /// `Block` queue: that queue drops it (its readers hear of it as [`Gap::Lagged`](crate::Gap::Lagged) after what they
-    /// hold, and it counts as lagged), and the listeners after it get it, before every
-    /// subscription ends. What the transport had not yielded yet is not read.
+    /// `Block` queue: that queue drops it (its readers hear of it as
+    /// [`Gap::Lagged`](crate::Gap::Lagged) after what they hold, and it counts as lagged), and
+    /// the listeners after it get it, before every subscription ends. What the transport had
+    /// not yielded yet is not read.
     fn give_up_stalled(&mut self) {
         if let Some(stalled) = self.stalled.take() {
             let _ = self
