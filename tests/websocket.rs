@@ -985,6 +985,26 @@ async fn over_a_pipe(
     (transport, peer)
 }
 
+/// [`over_a_pipe`] of 4 KiB each way, with an 8 KiB publish fed: the socket is full (the
+/// flush waits for a peer that never reads).
+async fn over_a_full_pipe(
+    role: tokio_tungstenite::tungstenite::protocol::Role,
+    config: WebSocketConfig,
+) -> (
+    WebSocketTransport<tokio::io::DuplexStream>,
+    tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+) {
+    let (mut transport, peer) = over_a_pipe(role, 4096, config).await;
+    transport
+        .feed(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: vec![b'x'; 8192].into(),
+        })
+        .await
+        .unwrap();
+    (transport, peer)
+}
+
 fn publish(n: u64) -> Command<bytes::Bytes> {
     Command::Publish {
         topic: Topic::from("t:1"),
@@ -1051,14 +1071,7 @@ async fn a_close_the_peer_never_reads_gives_up_in_time() {
     let config = WebSocketConfig::new()
         .ping_interval(Duration::from_secs(30))
         .idle_timeout(Duration::from_secs(60));
-    let (mut transport, silent) = over_a_pipe(Role::Client, 4096, config).await;
-    transport
-        .feed(Command::Publish {
-            topic: Topic::from("t:1"),
-            message: vec![b'x'; 8192].into(),
-        })
-        .await
-        .unwrap();
+    let (mut transport, silent) = over_a_full_pipe(Role::Client, config).await;
     let started = tokio::time::Instant::now();
     let closed = tokio::time::timeout(WAIT, transport.close())
         .await
@@ -1239,14 +1252,7 @@ async fn a_flush_waiting_on_a_peer_that_never_reads_fails_though_nobody_reads() 
     let config = WebSocketConfig::new()
         .ping_interval(Duration::from_secs(3600))
         .idle_timeout(Duration::from_millis(300));
-    let (mut transport, hung) = over_a_pipe(Role::Server, 4096, config).await;
-    transport
-        .feed(Command::Publish {
-            topic: Topic::from("t:1"),
-            message: vec![b'x'; 8192].into(),
-        })
-        .await
-        .unwrap();
+    let (mut transport, hung) = over_a_full_pipe(Role::Server, config).await;
     let error = tokio::time::timeout(WAIT, transport.flush())
         .await
         .expect("the stall is found by the flush")
