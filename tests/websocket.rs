@@ -250,6 +250,10 @@ async fn a_vanished_peer_is_detected_by_keepalive() {
         .idle_timeout(Duration::from_millis(500));
     // The peer completes the handshake, then goes silent: it never reads, so never pongs.
     let (server, silent_peer) = server_and_raw_peer(config).await;
+    let peer_address = match silent_peer.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().unwrap(),
+        _ => unreachable!("ws://"),
+    };
     let mut subscription = server.subscribe("gone:1").await.unwrap();
     let end = tokio::time::timeout(WAIT, subscription.next())
         .await
@@ -263,6 +267,13 @@ async fn a_vanished_peer_is_detected_by_keepalive() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("sent nothing"), "{error}");
+    // It names the peer, as a hub's log needs to.
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("peer at {peer_address}")),
+        "{error}"
+    );
     drop(silent_peer);
 }
 

@@ -222,10 +222,11 @@ impl Pending {
     fn start(&mut self, config: WebSocketConfig, stream: TcpStream, peer: SocketAddr, max: usize) {
         let finished = Arc::new(AtomicBool::new(false));
         let (handshake, abort) = abortable(async move {
-            let transport = config
+            let mut transport = config
                 .accept(stream)
                 .await
                 .map_err(|e| Error::with_source(e.kind(), format!("from {peer}: {e}"), e))?;
+            transport.peer = Some(peer);
             Ok((transport, peer))
         });
         let done = Arc::clone(&finished);

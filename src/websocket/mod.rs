@@ -239,7 +239,15 @@ impl WebSocketConfig {
                 )
             })?
             .map_err(|e| handshake_error(format!("connecting to {url}"), e))?;
-        Ok(WebSocketTransport::from_stream(stream, self))
+        let peer = match stream.get_ref() {
+            MaybeTlsStream::Plain(tcp) => tcp.peer_addr().ok(),
+            #[cfg(feature = "websocket-rustls")]
+            MaybeTlsStream::Rustls(tls) => tls.get_ref().0.peer_addr().ok(),
+            _ => None,
+        };
+        let mut transport = WebSocketTransport::from_stream(stream, self);
+        transport.peer = peer;
+        Ok(transport)
     }
 
     /// Performs the server side of the handshake on `stream` with these settings.
@@ -391,6 +399,9 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// The peer's close frame came, and tungstenite's answer to it may still wait for the
     /// socket: the stream goes on driving it (see [`poll_close_reply`](Self::poll_close_reply)).
     answering_close: bool,
+    /// The peer's address, where known (a connection this crate made or accepted): errors
+    /// name it.
+    peer: Option<std::net::SocketAddr>,
     /// tungstenite's sink said it was not ready (what it buffered waits for the socket): its
     /// next readiness means that went out. (Ready otherwise says nothing of the peer.)
     blocked: bool,
@@ -452,6 +463,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             closing: None,
             close_sent: false,
             answering_close: false,
+            peer: None,
             blocked: false,
             failed: None,
             reported: false,
@@ -495,7 +507,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         self.reported = true;
     }
 
+    /// " (peer ADDRESS)" where the peer is known, for messages.
+    fn peer_label(&self) -> String {
+        self.peer
+            .map(|peer| format!(" (peer {peer})"))
+            .unwrap_or_default()
+    }
+
+    /// " at ADDRESS" where the peer is known, for messages about the peer.
+    fn peer_at(&self) -> String {
+        self.peer
+            .map(|peer| format!(" at {peer}"))
+            .unwrap_or_default()
+    }
+
     fn ws_error(&mut self, what: &str, error: tungstenite::Error) -> Error {
+        let what = &format!("{what}{}", self.peer_label());
         use tungstenite::error::CapacityError;
         use tungstenite::Error as E;
         let error = match error {
@@ -578,7 +605,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         let error = Error::new(
             ErrorKind::Timeout,
             format!(
-                "the WebSocket peer read nothing for {:?}: sending is stalled",
+                "the WebSocket peer{} read nothing for {:?}: sending is stalled",
+                self.peer_at(),
                 self.config.idle_timeout
             ),
         );
@@ -623,7 +651,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             let error = Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "the WebSocket peer sent nothing, not even a pong, for {:?}",
+                    "the WebSocket peer{} sent nothing, not even a pong, for {:?}",
+                    self.peer_at(),
                     self.config.idle_timeout
                 ),
             );
