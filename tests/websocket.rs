@@ -1314,3 +1314,23 @@ async fn a_close_the_peer_starts_is_answered_though_the_socket_is_full() {
     tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
     tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
 }
+
+/// Timeouts "disabled" with `Duration::MAX` do not panic when armed (pings, the idle and
+/// stall checks): the connection works as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_of_duration_max_do_not_panic() {
+    let url = start_echo_server().await;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::MAX)
+        .idle_timeout(Duration::MAX);
+    let client: EventTarget = websocket::event_target(config.connect(&url).await.unwrap());
+    let mut events = client.subscribe("max:1").await.unwrap();
+    for n in 0..3 {
+        client
+            .dispatch_confirmed(numbered("max", "1", n))
+            .await
+            .unwrap();
+        assert_eq!(number_of(&testkit::next_event(&mut events).await), n);
+    }
+    tokio::time::timeout(WAIT, client.close()).await.unwrap();
+}

@@ -141,7 +141,8 @@ impl WebSocketConfig {
         self
     }
 
-    /// How often to ping the peer; at least twice per [`idle_timeout`](Self::idle_timeout).
+    /// How often to ping the peer; at least twice per [`idle_timeout`](Self::idle_timeout),
+    /// and at most once a millisecond.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -149,7 +150,11 @@ impl WebSocketConfig {
 
     /// How long the peer may stay silent (no frame, no pong) before it is declared gone; also
     /// how long sending may wait for the peer to read (a peer that pings but reads nothing
-    /// would otherwise hold every publish up for good).
+    /// would otherwise hold every publish up for good). There is no "never": a zero timeout
+    /// declares the peer gone at the first quiet moment; for a very long one, give a very
+    /// long duration (`Duration::MAX` works). Liveness is judged by whole messages received
+    /// and flushes completed, so a peer that reads, or uploads one message, slower than about
+    /// 128 KiB (or that message's size) per timeout counts as silent.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
