@@ -168,12 +168,12 @@ type Scenario<'a> = Box<dyn FnMut(u64) -> futures::future::BoxFuture<'a, Run> + 
 const RUN_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Runs raw and ours alternately, `rounds` times, and prints one table row.
-async fn compare(
+async fn compare<'a>(
     config: &Config,
     name: &str,
     messages: u64,
-    mut raw: Scenario<'_>,
-    mut ours: Scenario<'_>,
+    mut raw: Scenario<'a>,
+    mut ours: Scenario<'a>,
 ) {
     if !config.wants(name) {
         return;
@@ -212,31 +212,26 @@ async fn compare(
         // the other (whose connections may still be closing, whose frees may still be due).
         let mut r = None;
         let mut o = None;
-        for side in if round % 2 == 0 {
+        let order = if round % 2 == 0 {
             ["raw", "ours"]
         } else {
             ["ours", "raw"]
-        } {
-            let before = process_cpu();
-            if side == "raw" {
-                r = Some(if skip("raw") {
-                    skipped()
-                } else {
-                    tokio::time::timeout(RUN_DEADLINE, raw(messages))
-                        .await
-                        .unwrap_or_else(deadline("raw"))
-                });
-                raw_cpu.push(cpu_per_message(before, process_cpu()));
+        };
+        for side in order {
+            let (run, cpu, result) = if side == "raw" {
+                (&mut raw, &mut raw_cpu, &mut r)
             } else {
-                o = Some(if skip("ours") {
-                    skipped()
-                } else {
-                    tokio::time::timeout(RUN_DEADLINE, ours(messages))
-                        .await
-                        .unwrap_or_else(deadline("ours"))
-                });
-                our_cpu.push(cpu_per_message(before, process_cpu()));
-            }
+                (&mut ours, &mut our_cpu, &mut o)
+            };
+            let before = process_cpu();
+            *result = Some(if skip(side) {
+                skipped()
+            } else {
+                tokio::time::timeout(RUN_DEADLINE, run(messages))
+                    .await
+                    .unwrap_or_else(deadline(side))
+            });
+            cpu.push(cpu_per_message(before, process_cpu()));
         }
         // Each scenario checks its own deliveries (every message once, in order).
         let (r, o) = (r.expect("raw ran"), o.expect("ours ran"));

@@ -411,11 +411,13 @@ impl<P> Queue<P> {
                 }
                 told += 1;
             }
-            if told > 0 {
+            let wake = if told > 0 {
                 counters.lagged.fetch_add(told, Relaxed);
                 self.changed();
-            }
-            let wake = state.take_readers();
+                state.take_readers()
+            } else {
+                Vec::new()
+            };
             drop(state);
             wake_all(wake);
             drop_guarded(event);

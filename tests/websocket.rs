@@ -1315,8 +1315,8 @@ async fn a_close_the_peer_starts_is_answered_though_the_socket_is_full() {
     tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
 }
 
-/// Timeouts "disabled" with `Duration::MAX` do not panic when armed (pings, the idle and
-/// stall checks): the connection works as usual.
+/// Timeouts "disabled" with `Duration::MAX` do not panic when armed (the ping timer, the idle
+/// check): the connection works as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_of_duration_max_do_not_panic() {
     let url = start_echo_server().await;

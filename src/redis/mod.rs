@@ -1567,6 +1567,14 @@ mod tests {
             .ping_interval(Duration::from_secs(3600))
     }
 
+    /// A publish of `payload` on channel `c`.
+    fn publish(payload: &'static str) -> Command<Bytes> {
+        Command::Publish {
+            topic: Topic::from("c"),
+            message: Bytes::from_static(payload.as_bytes()),
+        }
+    }
+
     /// `PUBLISH c <payload>` as it goes on the wire.
     fn publish_on_c(payload: &str) -> String {
         format!(
@@ -1763,10 +1771,6 @@ mod tests {
         let config = quiet();
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
-        let publish = |payload: &'static str| Command::Publish {
-            topic: Topic::from("c"),
-            message: Bytes::from_static(payload.as_bytes()),
-        };
         let (sent_c, c_sent) = tokio::sync::oneshot::channel();
         let flusher = tokio::spawn(async move {
             sink.feed(Command::Subscribe(Topic::from("c")))
@@ -1914,10 +1918,6 @@ mod tests {
         let config = quiet();
         let (transport, mut publish_server, mut server) = over_pipes(config).await;
         let (mut sink, mut got) = split_with_reader(transport);
-        let publish = |payload: &'static str| Command::Publish {
-            topic: Topic::from("c"),
-            message: Bytes::from_static(payload.as_bytes()),
-        };
         let (step_tx, mut step) = tokio::sync::mpsc::unbounded_channel::<()>();
         let flusher = tokio::spawn(async move {
             // A first pipeline goes out, and stays unanswered.

@@ -409,27 +409,22 @@ impl<P> Shared<P> {
             };
             entry.failed = true;
             entry.confirmed = false;
-            let (queues, callbacks): (Vec<_>, Vec<_>) = entry
-                .listeners
-                .iter()
-                .cloned()
-                .partition(|listener| matches!(listener, Listener::Queue { .. }));
-            let queues: Vec<Arc<Queue<P>>> = queues
-                .into_iter()
-                .filter_map(|listener| match listener {
-                    Listener::Queue { queue } => Some(queue),
-                    Listener::Callback { .. } => None,
-                })
-                .collect();
+            let mut queues = Vec::new();
+            let mut callbacks = Vec::new();
+            for listener in entry.listeners.iter() {
+                match listener {
+                    Listener::Queue { queue } => queues.push(Arc::clone(queue)),
+                    callback @ Listener::Callback { .. } => callbacks.push(callback.clone()),
+                }
+            }
             // The entry, if removed, is dropped after the map's lock (see `remove_listener`);
-            // the listener list replaced is only handles of what `queues` and `callbacks` keep.
+            // the listener list replaced holds only handles that `queues` and `callbacks` keep.
             let removed = if callbacks.is_empty() {
                 // Nobody left: the topic leaves the map (the transport refused it, so there is
                 // nothing to unsubscribe).
                 map.remove(topic)
             } else {
-                let kept = std::mem::replace(&mut entry.listeners, callbacks.into());
-                drop(kept);
+                entry.listeners = callbacks.into();
                 None
             };
             (queues, removed)
