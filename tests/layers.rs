@@ -1962,3 +1962,205 @@ async fn a_reconnect_layer_dropped_without_a_close_says_closed() {
     .expect("closed once dropped")
     .unwrap();
 }
+
+// ------------------------------------------------ what the layers keep between flushes
+
+/// What a [`SlowAcks`] connection saw.
+#[derive(Clone, Default)]
+struct AckLog {
+    fed: Arc<std::sync::atomic::AtomicUsize>,
+    /// The most publishes fed between two completed flushes: what the layers above kept.
+    most_between_flushes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AckLog {
+    fn fed(&self) -> usize {
+        self.fed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn most_between_flushes(&self) -> usize {
+        self.most_between_flushes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A factory of connections that log here.
+    fn connections(
+        &self,
+    ) -> impl Fn() -> futures::future::Ready<alkdev_pubsub::Result<SlowAcks>> + Clone {
+        let log = self.clone();
+        move || {
+            futures::future::ready(Ok(SlowAcks {
+                log: log.clone(),
+                since_flush: 0,
+                last_fed: tokio::time::Instant::now(),
+                timer: None,
+            }))
+        }
+    }
+}
+
+/// A raw connection acknowledged as a distant or busy Redis is: always ready for more, and a
+/// flush completes (everything fed is acknowledged) only once nothing has been fed for 150 ms.
+struct SlowAcks {
+    log: AckLog,
+    since_flush: usize,
+    last_fed: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl futures::Sink<Command<Bytes>> for SlowAcks {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        command: Command<Bytes>,
+    ) -> alkdev_pubsub::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Command::Publish { .. } = command {
+            self.log.fed.fetch_add(1, SeqCst);
+            self.since_flush += 1;
+            self.log
+                .most_between_flushes
+                .fetch_max(self.since_flush, SeqCst);
+            self.last_fed = tokio::time::Instant::now();
+        }
+        Ok(())
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        use std::future::Future;
+        let due = self.last_fed + Duration::from_millis(150);
+        if tokio::time::Instant::now() >= due {
+            self.since_flush = 0;
+            self.timer = None;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        timer.as_mut().reset(due);
+        match timer.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.since_flush = 0;
+                self.timer = None;
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for SlowAcks {
+    type Item = alkdev_pubsub::Result<Up<Bytes>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Feeds publishes while `sink` is ready, up to `most`: how many it took.
+async fn feed_while_ready<S>(sink: &mut S, most: usize) -> usize
+where
+    S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
+{
+    futures::future::poll_fn(|cx| {
+        let mut taken = 0;
+        while taken < most {
+            match std::pin::Pin::new(&mut *sink).poll_ready(cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    std::pin::Pin::new(&mut *sink)
+                        .start_send(publish("x"))
+                        .unwrap();
+                    taken += 1;
+                }
+                std::task::Poll::Ready(Err(error)) => panic!("not ready: {error}"),
+                std::task::Poll::Pending => break,
+            }
+        }
+        std::task::Poll::Ready(taken)
+    })
+    .await
+}
+
+/// The reconnect layer keeps every publish until a flush completes (to send it again on the
+/// next connection): over a connection whose flushes complete only once the publisher pauses,
+/// it keeps at most `MAX_UNFLUSHED`, then waits for a flush before it takes more (it kept the
+/// whole stream).
+#[tokio::test(start_paused = true)]
+async fn the_reconnect_layer_waits_for_a_flush_past_max_unflushed() {
+    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
+    use tower::Layer;
+    let log = AckLog::default();
+    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(log.connections());
+    assert_eq!(
+        feed_while_ready(&mut reconnect, 3 * MAX_UNFLUSHED).await,
+        MAX_UNFLUSHED
+    );
+    // With nothing more fed, the flush completes (150 ms later), and the next publish goes.
+    reconnect.send(publish("after")).await.unwrap();
+    assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
+}
+
+/// The retry layer, likewise (it keeps every publish until a flush completes, to send it again
+/// should the flush fail for now).
+#[tokio::test(start_paused = true)]
+async fn the_retry_layer_waits_for_a_flush_past_max_unflushed() {
+    use alkdev_pubsub::layers::retry::MAX_UNFLUSHED;
+    use tower::Layer;
+    let log = AckLog::default();
+    let connection = log.connections()().await.unwrap();
+    let mut retry =
+        alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1)).layer(connection);
+    assert_eq!(
+        feed_while_ready(&mut retry, 3 * MAX_UNFLUSHED).await,
+        MAX_UNFLUSHED
+    );
+    retry.send(publish("after")).await.unwrap();
+    assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
+}
+
+/// A steady stream of dispatches over the full stack to a connection acknowledged slowly
+/// (its flushes complete only once the publisher pauses 150 ms, longer than the driver waits
+/// for one before it feeds more): every publish goes out, and the layers keep at most their
+/// bound of them at any time, where they kept the whole stream.
+#[tokio::test(start_paused = true)]
+async fn a_stream_to_a_slowly_acknowledged_connection_is_kept_only_up_to_the_bound() {
+    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
+    let log = AckLog::default();
+    let events: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(alkdev_pubsub::layers::RetryLayer::new(
+                2,
+                Duration::from_millis(1),
+            ))
+            .layer(ReconnectLayer::new(fast_backoff()))
+            .service(log.connections()),
+    );
+    let messages = 2 * MAX_UNFLUSHED + 100;
+    for n in 0..messages {
+        events
+            .dispatch_event(numbered("t", "1", n as u64))
+            .await
+            .unwrap();
+    }
+    events.close().await;
+    assert_eq!(log.fed(), messages);
+    let kept = log.most_between_flushes();
+    assert!(kept <= MAX_UNFLUSHED, "{kept} publishes kept at once");
+}

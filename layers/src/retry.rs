@@ -3,7 +3,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged. A flush that fails for good (or cannot send the retries: the transport below has no room) answers everything it covered, which this layer then neither retries nor sends again (what the transport below took is its own) |
+//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged. A flush that fails for good (or cannot send the retries: the transport below has no room) answers everything it covered, which this layer then neither retries nor sends again (what the transport below took is its own). Publishes are kept until a flush completes, to be sent again: past [`MAX_UNFLUSHED`] kept, the layer waits for a flush before it takes the next |
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
@@ -188,7 +188,21 @@ impl<T: fmt::Debug, M> fmt::Debug for Retry<T, M> {
     }
 }
 
+/// The most publishes the layer keeps between two completed flushes, to send them again should
+/// the flush fail for now. A flush completes once everything fed is acknowledged (Redis
+/// pipelines are), so a publisher that never pauses over a slow link would otherwise never
+/// see one complete, and the layer would keep the whole stream: past this many, it waits for a
+/// flush before it takes the next publish.
+pub const MAX_UNFLUSHED: usize = 16 * 1024;
+
 impl<M> RetryState<M> {
+    /// A flush succeeded: what it covered went through, and the current failure is over.
+    fn flushed(&mut self) {
+        self.unflushed.clear();
+        self.attempt = 0;
+        self.from_flush = false;
+    }
+
     /// Drops what waits to be sent again, what was sent since the last flush, and why the layer
     /// gave up: a failed flush answered all of it.
     fn forget(&mut self) {
@@ -206,6 +220,36 @@ impl<M: Clone> RetryState<M> {
     fn retry_later(&mut self, error: Error, attempts: u32, delay: Duration, retried: &Counter) {
         if let Err(gave_up) = self.schedule(error, attempts, delay, retried) {
             self.failed.get_or_insert(gave_up);
+        }
+    }
+
+    /// A flush failed: a transient failure sends its publishes again later (`None`); else, or
+    /// once the retries ran out, the error that answers everything it covered, which is then
+    /// neither retried nor kept.
+    fn flush_failed(
+        &mut self,
+        error: Error,
+        attempts: u32,
+        delay: Duration,
+        retried: &Counter,
+    ) -> Option<Error> {
+        if !error.is_transient() || self.unflushed.is_empty() {
+            self.forget();
+            return Some(error);
+        }
+        let unflushed = std::mem::take(&mut self.unflushed);
+        self.from_flush = true;
+        self.queue.extend(
+            unflushed
+                .into_iter()
+                .map(|(topic, message)| Command::Publish { topic, message }),
+        );
+        match self.schedule(error, attempts, delay, retried) {
+            Ok(()) => None,
+            Err(gave_up) => {
+                self.failed = None;
+                Some(gave_up)
+            }
         }
     }
 
@@ -292,8 +336,26 @@ where
     type Error = Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        ready!(self.as_mut().poll_retries(cx))?;
-        self.project().inner.poll_ready(cx)
+        loop {
+            ready!(self.as_mut().poll_retries(cx))?;
+            let this = self.as_mut().project();
+            if this.state.unflushed.len() < MAX_UNFLUSHED {
+                return this.inner.poll_ready(cx);
+            }
+            // Kept to be sent again: wait for a flush before keeping more (see
+            // `MAX_UNFLUSHED`). With nothing more fed, it completes. Its failure is reported
+            // by the next flush from above, which covers what it covered.
+            match ready!(this.inner.poll_flush(cx)) {
+                Ok(()) => this.state.flushed(),
+                Err(error) => {
+                    let retried = &*this.retried;
+                    let (attempts, delay) = (*this.attempts, *this.delay);
+                    if let Some(answer) = this.state.flush_failed(error, attempts, delay, retried) {
+                        this.state.failed = Some(answer);
+                    }
+                }
+            }
+        }
     }
 
     fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
@@ -331,34 +393,19 @@ where
             match ready!(this.inner.poll_flush(cx)) {
                 Ok(()) => {
                     // Only a flush proves the retried commands went through.
-                    this.state.unflushed.clear();
-                    this.state.attempt = 0;
-                    this.state.from_flush = false;
+                    this.state.flushed();
                     return Poll::Ready(match this.state.failed.take() {
                         Some(error) => Err(error),
                         None => Ok(()),
                     });
                 }
-                Err(error) if error.is_transient() && !this.state.unflushed.is_empty() => {
-                    let unflushed = std::mem::take(&mut this.state.unflushed);
-                    this.state.from_flush = true;
-                    this.state.queue.extend(
-                        unflushed
-                            .into_iter()
-                            .map(|(topic, message)| Command::Publish { topic, message }),
-                    );
-                    if let Err(gave_up) =
-                        this.state
-                            .schedule(error, *this.attempts, *this.delay, this.retried)
-                    {
-                        this.state.failed = None;
-                        return Poll::Ready(Err(gave_up));
-                    }
-                }
                 Err(error) => {
-                    // This flush's failure answers what it covered, the given up ones too.
-                    this.state.forget();
-                    return Poll::Ready(Err(error));
+                    // A failure for good answers what it covered, the given up ones too.
+                    let retried = &*this.retried;
+                    let (attempts, delay) = (*this.attempts, *this.delay);
+                    if let Some(answer) = this.state.flush_failed(error, attempts, delay, retried) {
+                        return Poll::Ready(Err(answer));
+                    }
                 }
             }
         }

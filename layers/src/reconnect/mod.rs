@@ -4,7 +4,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them) |
+//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them), so the layer keeps each until a flush completes: past [`MAX_UNFLUSHED`] kept, it waits for a flush before it takes the next |
 //! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`]; messages that come on the new connection before then (on topics already confirmed again) are held to follow the notice, up to 1,024, past which the notice goes at once |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
@@ -56,6 +56,13 @@ use crate::{Command, Error, ErrorKind, Result, Topic, Up};
 
 /// The default bound of the publish buffer during an outage.
 pub const DEFAULT_BUFFER: usize = 1024;
+
+/// The most publishes handed to a connection that the layer keeps, to send them again should
+/// the connection fail before they are flushed. A flush completes once everything fed is
+/// acknowledged (Redis pipelines are), so a publisher that never pauses over a slow link
+/// would otherwise never see one complete, and the layer would keep the whole stream: past
+/// this many, it waits for a flush before it takes the next publish.
+pub const MAX_UNFLUSHED: usize = 16 * 1024;
 
 /// How many messages that come on a new connection before its replayed subscriptions are all
 /// confirmed are held back, to follow the [`Up::Reconnected`] notice rather than come before
@@ -728,6 +735,24 @@ where
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
+            if this.unacked.len() >= MAX_UNFLUSHED {
+                // Kept to be sent again: wait for a flush before keeping more (see
+                // `MAX_UNFLUSHED`). With nothing more fed, it completes.
+                match ready!(transport.as_mut().poll_flush(cx)) {
+                    Ok(()) => {
+                        this.unacked.clear();
+                        this.flush_backlog = false;
+                    }
+                    Err(error) if error.is_unrecoverable() => this.lost(error),
+                    Err(error) => {
+                        // Reported by the next flush from above, which covers them.
+                        tracing::warn!(%error, "flushing to make room for more publishes failed");
+                        this.unacked.clear();
+                        this.failed_on_its_own.get_or_insert(error);
+                    }
+                }
+                continue;
+            }
             match ready!(transport.as_mut().poll_ready(cx)) {
                 Err(error) if error.is_unrecoverable() => this.lost(error),
                 other => return Poll::Ready(other),
