@@ -263,6 +263,12 @@ impl<P> Shared<P> {
             if entry.confirmed || !wait {
                 return Ok((Added::Ready, read));
             }
+            if entry.waiters.len() == entry.waiters.capacity() {
+                // Before the list grows: a subscribe cancelled while it waited (a timeout
+                // around it, retried through an outage) left its waiter here. Pruned when
+                // the list would grow, so it stays within twice the live ones.
+                entry.waiters.retain(|waiter| !waiter.is_closed());
+            }
             let (tx, rx) = oneshot::channel();
             entry.waiters.push(tx);
             return Ok((Added::Pending(rx), read));
@@ -577,5 +583,47 @@ impl<P> Shared<P> {
             self.counters.delivered.fetch_add(delivered, Relaxed);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Subscribes to a topic whose subscribe is not confirmed yet, cancelled while they wait
+    /// (another listener keeps the topic), leave no waiter behind beyond the list's growth:
+    /// one each stayed until the transport answered.
+    #[test]
+    fn cancelled_waits_on_an_unconfirmed_topic_are_pruned() {
+        let (control, _commands) = mpsc::unbounded_channel();
+        let shared: Shared<()> = Shared::new(Some(control));
+        let topic = Topic::from("t:1");
+        let callback = |shared: &Shared<()>| Listener::Callback {
+            id: shared.next_id(),
+            callback: Arc::new(Registered::new(|_: &Arc<Envelope<()>>| {})),
+        };
+        // The listener that keeps the topic, its subscribe unanswered.
+        let (added, _) = shared
+            .add_listener(topic.clone(), callback(&shared), None, false)
+            .unwrap();
+        assert!(matches!(added, Added::Ready));
+        for _ in 0..10_000 {
+            let listener = callback(&shared);
+            let Listener::Callback { id, .. } = &listener else {
+                unreachable!()
+            };
+            let id = *id;
+            let (added, _) = shared
+                .add_listener(topic.clone(), listener, None, true)
+                .unwrap();
+            let Added::Pending(waiting) = added else {
+                panic!("the topic is not confirmed yet")
+            };
+            // Cancelled: the wait is dropped, and its listener removed.
+            drop(waiting);
+            assert!(shared.remove_listener(&topic, id));
+        }
+        let waiters = shared.read().get(&topic).unwrap().waiters.len();
+        assert!(waiters <= 4, "{waiters} waiters left for one live listener");
     }
 }
