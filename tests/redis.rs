@@ -864,6 +864,61 @@ async fn a_message_over_the_size_limit_is_skipped_and_a_publish_over_it_refused(
     }
 }
 
+/// The default size limit (8 MiB) stays under what a redis-server with its default settings
+/// delivers to a subscriber (`client-output-buffer-limit pubsub 32mb 8mb 60`: one message of
+/// more than 32 MiB gets every subscriber disconnected, and none receives it): a message at
+/// the limit arrives, the connection going on; a publish over it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_size_limit_is_one_a_default_server_delivers() {
+    const DEFAULT: usize = 8 << 20;
+    let server = RedisServer::start();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let limits: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("client-output-buffer-limit")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        limits[1].contains("pubsub 33554432 8388608 60"),
+        "the server's defaults: {limits:?}"
+    );
+    let events = stack(&server.url(), "", 16);
+    let mut subscription = events.subscribe("big:1").await.unwrap();
+    // The frame is the envelope's JSON: padded to the limit exactly.
+    let frame_without_pad = serde_json::to_vec(&Envelope::new("big", "1", json!({ "pad": "" })))
+        .unwrap()
+        .len();
+    let at_limit = Envelope::new(
+        "big",
+        "1",
+        json!({ "pad": "x".repeat(DEFAULT - frame_without_pad) }),
+    );
+    let over_limit = Envelope::new(
+        "big",
+        "1",
+        json!({ "pad": "x".repeat(DEFAULT - frame_without_pad + 1) }),
+    );
+    let error = events.dispatch_confirmed(over_limit).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+    events.dispatch_confirmed(at_limit).await.unwrap();
+    let event = testkit::next_event(&mut subscription).await;
+    assert_eq!(
+        event.payload["pad"].as_str().unwrap().len(),
+        DEFAULT - frame_without_pad
+    );
+    events
+        .dispatch_confirmed(numbered("big", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    assert_eq!(events.stats().reconnects, 0, "the connection went on");
+}
+
 /// Feeds a subscribe of `subscribe`, then a publish of `message` on `topic`, which the
 /// transport holds until Redis confirms the subscribe.
 async fn feed_behind_a_subscribe(

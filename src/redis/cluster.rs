@@ -354,7 +354,7 @@ impl RedisClusterTransport {
     }
 
     /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
-    /// own limit; 64 MiB by default, as for [`RedisConfig::max_message_size`](super::RedisConfig::max_message_size)).
+    /// own limit; 8 MiB by default, as for [`RedisConfig::max_message_size`](super::RedisConfig::max_message_size)).
     /// A bigger publish fails alone with an error of kind [`ErrorKind::TooLarge`] and is not
     /// sent. A bigger message received is skipped: the stream reports an error of that kind
     /// (an event target counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on

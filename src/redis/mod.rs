@@ -29,8 +29,9 @@
 //!   [`from_clients`](RedisTransport::from_clients), a frame of up to 1 KiB is copied into an
 //!   8 KiB chunk that the next frames share (an allocation per message costs more than the
 //!   copy); a larger one shares redis-rs's buffer, uncopied.
-//! - **Limits**: a message over [`max_message_size`](RedisConfig::max_message_size) (64 MiB by
-//!   default) is skipped as it arrives, without buffering it: the stream reports an error of
+//! - **Limits**: a message over [`max_message_size`](RedisConfig::max_message_size) (8 MiB by
+//!   default, below what Redis's default `client-output-buffer-limit` lets a subscriber
+//!   receive) is skipped as it arrives, without buffering it: the stream reports an error of
 //!   kind [`TooLarge`](crate::ErrorKind::TooLarge) (an event target counts it as skipped) and
 //!   goes on with the next message. A publish over the limit is refused before it is sent,
 //!   with the same kind of error; the connection goes on.
@@ -141,10 +142,13 @@ fn held_size(item: &Result<Up<Bytes>>) -> usize {
     }
 }
 
-/// The largest message payload published or received by default: 64 MiB
+/// The largest message payload published or received by default: 8 MiB
 /// ([`RedisConfig::max_message_size`], [`RedisClusterTransport::max_message_size`](cluster::RedisClusterTransport::max_message_size)
-/// with the feature `redis-cluster`).
-pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
+/// with the feature `redis-cluster`). Redis's own default for subscribers,
+/// `client-output-buffer-limit pubsub 32mb 8mb 60`, disconnects one whose pending output
+/// passes 32 MiB, or stays over 8 MiB for 60 s: a message above 8 MiB risks every
+/// subscriber's connection, and one above 32 MiB reaches none of them.
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 8 << 20;
 
 /// Settings of a [`RedisTransport`].
 ///
@@ -168,7 +172,7 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     /// Connect within 5 s, answers within 5 s, a ping every 5 s answered within 3 s, messages
-    /// of at most 64 MiB.
+    /// of at most 8 MiB.
     fn default() -> Self {
         RedisConfig {
             connect_timeout: Duration::from_secs(5),
@@ -218,7 +222,10 @@ impl RedisConfig {
     }
 
     /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
-    /// own limit; 64 MiB by default). A bigger publish fails alone with an error of kind
+    /// own limit; 8 MiB by default). Redis disconnects a subscriber whose pending output
+    /// passes its `client-output-buffer-limit` for pub/sub clients (by default 32 MiB at once,
+    /// or 8 MiB for 60 s), which a message near that size alone can do: raise that setting on
+    /// the server with this one. A bigger publish fails alone with an error of kind
     /// [`ErrorKind::TooLarge`] and is not sent. A bigger message received is skipped as it
     /// arrives, never buffered: the stream reports an error of that kind (an event target
     /// counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on with the next
