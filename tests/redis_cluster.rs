@@ -642,3 +642,74 @@ async fn a_tls_seed_is_refused_with_a_clear_error() {
         "{error}"
     );
 }
+
+/// JavaScript peers on a cluster (the JavaScript design's Redis event target over an ioredis
+/// `Cluster`) use classic pub/sub, which sharded pub/sub does not reach. `RedisTransport`
+/// speaks it to any node (a classic `PUBLISH` is broadcast to every node), under a reconnect
+/// layer whose factory moves on to the next node when one fails, as the cluster module's docs
+/// show: a peer's classic publish on another node arrives, ours reaches a classic subscriber
+/// on a third, and when our node dies the next one takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_pub_sub_over_a_cluster_reaches_every_node_and_moves_on_when_its_node_dies() {
+    use alkdev_pubsub::redis::RedisConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let seeds = cluster.urls();
+    let attempt = Arc::new(AtomicUsize::new(0));
+    let events = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .layer(ReconnectLayer::new(
+                Backoff::new().initial(Duration::from_millis(50)),
+            ))
+            .service(move || {
+                // The first attempt goes to the first node, each next one to the next node.
+                let seed = &seeds[attempt.fetch_add(1, Ordering::Relaxed) % seeds.len()];
+                RedisConfig::new()
+                    .connect_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(2))
+                    .ping_interval(Duration::from_millis(200))
+                    .ping_timeout(Duration::from_secs(2))
+                    .connect(seed.clone())
+            }),
+    );
+    let mut subscription = events.subscribe("chat:1").await.unwrap();
+    // A JavaScript peer's publish, as ioredis sends it, on another node.
+    let peer_publishes = |cluster: &RedisCluster, node: usize, n: u64| {
+        let frame = serde_json::to_string(&numbered("chat", "1", n)).unwrap();
+        cluster.nodes[node].cli(&["PUBLISH", "chat:1", &frame]);
+    };
+    peer_publishes(&cluster, 2, 1);
+    let event = testkit::next_event(&mut subscription).await;
+    assert_eq!(number_of(&event), 1);
+    // A classic subscriber on the second node hears our publishes.
+    let mut peer = redis::Client::open(cluster.nodes[1].url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    peer.subscribe("chat:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("chat", "1", 2))
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, peer.on_message().next())
+        .await
+        .expect("our publish in time")
+        .unwrap();
+    let envelope: alkdev_pubsub::Envelope =
+        serde_json::from_slice(message.get_payload_bytes()).unwrap();
+    assert_eq!(number_of(&envelope), 2);
+    let event = testkit::next_event(&mut subscription).await;
+    assert_eq!(number_of(&event), 2, "ours too");
+    // Our node dies: the next one takes over, the subscription with it.
+    cluster.nodes[0].kill();
+    assert_eq!(testkit::next_gap(&mut subscription).await, Gap::Reconnected);
+    peer_publishes(&cluster, 2, 3);
+    let event = testkit::next_event(&mut subscription).await;
+    assert_eq!(number_of(&event), 3);
+}

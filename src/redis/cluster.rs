@@ -34,6 +34,35 @@
 //! fails with an error of kind [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or
 //! a connection error; the [retry layer](crate::layers::retry) resends transient ones.
 //!
+//! **JavaScript peers.** Sharded and classic pub/sub do not see each other: a `PUBLISH`
+//! reaches no `SSUBSCRIBE`, an `SPUBLISH` no `SUBSCRIBE`. The JavaScript design's Redis event
+//! target over an ioredis `Cluster` uses classic pub/sub. To talk with it on a cluster, use
+//! [`RedisTransport`](super::RedisTransport) on any node instead (a classic `PUBLISH` is
+//! broadcast to every node, which is why it does not scale), under a reconnect layer whose
+//! factory moves on to the next node when one fails:
+//!
+//! ```no_run
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, ReconnectLayer};
+//! use alkdev_pubsub::redis::RedisConfig;
+//! use alkdev_pubsub::EventTarget;
+//! use tower::ServiceBuilder;
+//!
+//! let nodes = ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"];
+//! let attempt = Arc::new(AtomicUsize::new(0));
+//! let events: EventTarget = EventTarget::new(
+//!     ServiceBuilder::new()
+//!         .layer(ParseErrorLayer::skip())
+//!         .layer(CodecLayer::json())
+//!         .layer(ReconnectLayer::new(Backoff::default()))
+//!         .service(move || {
+//!             let node = nodes[attempt.fetch_add(1, Ordering::Relaxed) % nodes.len()];
+//!             RedisConfig::new().connect(node)
+//!         }),
+//! );
+//! ```
+//!
 //! **Prefixes and hash tags.** The prefix layer works unchanged. A prefix holding a hash tag,
 //! such as `{alk}:events:`, pins every channel of the application to one slot, hence one
 //! shard: ordering across channels and fewer connections, but no scaling at all — one master
