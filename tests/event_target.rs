@@ -2903,3 +2903,91 @@ async fn a_subscription_dropped_as_its_target_closes_is_unsubscribed_once() {
         );
     }
 }
+
+/// A loopback whose `poll_ready` fails, with an error that is not fatal, on every call once
+/// `failing` is set (counting the calls).
+struct RefusesEveryCall {
+    inner: LocalTransport,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    calls: Arc<AtomicU64>,
+}
+
+impl futures::Sink<alkdev_pubsub::Command<Envelope>> for RefusesEveryCall {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+                alkdev_pubsub::ErrorKind::Rejected,
+                "NOPERM this user has no permissions to publish",
+            )));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_ready(cx)
+    }
+    fn start_send(
+        mut self: std::pin::Pin<&mut Self>,
+        command: alkdev_pubsub::Command<Envelope>,
+    ) -> alkdev_pubsub::Result<()> {
+        std::pin::Pin::new(&mut self.inner).start_send(command)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+impl futures::Stream for RefusesEveryCall {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// An error from `poll_ready` that is not fatal reports an earlier failure once; a transport
+/// that fails every call is taken for broken: the target stops with an error that says so,
+/// where the driver polled it for ever (a core busy, `publish_failed` counting up, nothing
+/// sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_failing_every_poll_ready_stops_the_target_rather_than_spin() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let events: EventTarget = EventTarget::new(RefusesEveryCall {
+        inner: LocalTransport::new(),
+        failing: Arc::clone(&failing),
+        calls: Arc::clone(&calls),
+    });
+    let mut subscription = events.subscribe("t:1").await.unwrap();
+    events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
+    assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 0);
+    failing.store(true, Ordering::SeqCst);
+    let _ = events.try_dispatch_event(numbered("t", "1", 1));
+    settle("the target stopped", || events.is_closed()).await;
+    testkit::next_end(&mut subscription).await;
+    let error = events
+        .dispatch_event(numbered("t", "1", 2))
+        .await
+        .unwrap_err();
+    let reason = std::error::Error::source(&error).expect("the reason the target stopped");
+    assert!(
+        reason.to_string().contains("failed 64 calls in a row")
+            && reason.to_string().contains("NOPERM"),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 64, "no call after it stopped");
+    assert!(events.stats().publish_failed <= 64);
+}

@@ -2164,3 +2164,58 @@ async fn a_stream_to_a_slowly_acknowledged_connection_is_kept_only_up_to_the_bou
     let kept = log.most_between_flushes();
     assert!(kept <= MAX_UNFLUSHED, "{kept} publishes kept at once");
 }
+
+/// A connection whose `poll_ready` fails on every call (with an error that is not
+/// unrecoverable) is taken for lost after 64 calls in a row, and the layer connects again,
+/// where it reported the error for ever: under an event target, the target stopped (it takes
+/// a transport failing every call for broken), its subscriptions ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_failing_every_poll_ready_is_replaced() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let broker = MemoryBroker::new();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let made = Arc::clone(&attempts);
+    let factory_broker = broker.clone();
+    let events: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(ReconnectLayer::new(fast_backoff()))
+            .service(move || {
+                // The first connection fails every call; the next ones work.
+                let refuse_ready = match made.fetch_add(1, Ordering::SeqCst) {
+                    0 => u32::MAX,
+                    _ => 0,
+                };
+                let connection = Flaky {
+                    refuse_ready,
+                    ..Flaky::new(&factory_broker)
+                };
+                async move { Ok::<_, alkdev_pubsub::Error>(connection) }
+            }),
+    );
+    let mut subscription = tokio::time::timeout(WAIT, events.subscribe("t:1"))
+        .await
+        .expect("subscribed in time")
+        .unwrap();
+    events
+        .dispatch_confirmed(numbered("t", "1", 7))
+        .await
+        .unwrap();
+    assert_eq!(number_of(&next_up_event(&mut subscription).await), 7);
+    assert!(!events.is_closed());
+    assert_eq!(attempts.load(Ordering::SeqCst), 2, "connected again once");
+}
+
+/// The next event, past a reconnect notice (the connection was lost).
+async fn next_up_event(subscription: &mut alkdev_pubsub::Subscription) -> Arc<Envelope> {
+    loop {
+        match tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("an event in time")
+            .expect("open")
+        {
+            Ok(event) => return event,
+            Err(gap) => assert_eq!(gap, Gap::Reconnected),
+        }
+    }
+}

@@ -16,8 +16,9 @@ pub enum Command<M> {
     /// Start receiving messages on this topic. The transport answers with
     /// [`Up::Subscribed`] once the subscription is in effect.
     Subscribe(Topic),
-    /// Stop receiving messages on this topic. Transports that learn when the unsubscription is
-    /// in effect may answer with [`Up::Unsubscribed`].
+    /// Stop receiving messages on this topic. The transport answers with [`Up::Unsubscribed`]
+    /// once the unsubscription is in effect (at once, if the peer does not confirm it), after
+    /// the messages of that topic it already has.
     Unsubscribe(Topic),
 }
 

@@ -12,15 +12,26 @@ use crate::{Command, Error, Up};
 /// - every [`Command::Subscribe`] is answered, in order, with [`Up::Subscribed`] once the
 ///   subscription is in effect (a transport with no server answers at once), or with
 ///   [`Up::SubscribeFailed`] if the peer refused it for good; every [`Command::Unsubscribe`]
-///   with [`Up::Unsubscribed`];
+///   with [`Up::Unsubscribed`] (at once, if the peer does not confirm it), after the messages
+///   of that topic the transport already has: an event target's close waits for those answers
+///   and ends its subscriptions then, so a message yielded after the answer is not delivered,
+///   and an unsubscribe never answered makes every close wait for its timeout;
 /// - a subscription in effect that the peer drops for good (it refused it when it was
 ///   subscribed again after a reconnect: an access rule changed, say) is told with an
 ///   [`Up::SubscribeFailed`] that answers no command;
 /// - a successful `poll_flush` means every command fed before it was handed to the peer (a
 ///   transport with acknowledgements, such as Redis, waits for them);
 /// - an error for which [`Error::is_unrecoverable`] holds, or the end of the stream, means the
-///   connection is gone; the [reconnect layer](crate::reconnect) builds a new one. Other errors
-///   concern one message, and the stream goes on.
+///   connection is gone; the [reconnect layer](crate::reconnect) builds a new one. Report a
+///   connection the peer closed that way (for example [`Error::connection_lost`]), not with
+///   [`Error::closed`]: an error of kind [`Closed`](crate::ErrorKind::Closed) says the
+///   transport itself was closed (a call after `poll_close`), and ends an event target's use
+///   of it, with no reconnect. Other errors concern one message, and the stream goes on;
+/// - a `poll_ready` error that is not unrecoverable reports an earlier failure (a pipeline the
+///   peer refused), once: the next call goes on. A connection that fails 64 calls in a row is
+///   taken for broken (the reconnect layer replaces it; an event target without one stops).
+///   `poll_ready` is also where a transport keeps its own buffers bounded: an event target
+///   feeds as fast as it says `Ready`.
 ///
 /// A user's own transport, here an in-memory loopback that echoes what is published:
 ///

@@ -63,6 +63,12 @@ const FLUSH_WINDOW: u32 = 4096;
 /// buffer then refuses publishes at once, or a peer that slow): another window's worth is fed.
 const WINDOW_WAIT: Duration = Duration::from_millis(100);
 
+/// How many `poll_ready` calls in a row may fail (with errors that are not fatal) before the
+/// transport is taken for broken. Such an error reports an earlier failure, once (a pipeline
+/// refused): a transport failing every call would otherwise keep the driver polling it, a core
+/// busy for ever and nothing sent.
+const READY_FAILURES_MAX: u32 = 64;
+
 /// A publish waiting in the driver's queue.
 pub(crate) struct Outgoing<P> {
     pub(crate) topic: Topic,
@@ -214,6 +220,8 @@ pub(crate) struct Core<T, P> {
     lease: Lease,
     /// The transport's stream ended (during a close).
     inbound_ended: bool,
+    /// `poll_ready` calls that failed in a row (see [`READY_FAILURES_MAX`]).
+    ready_failures: u32,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
@@ -263,6 +271,7 @@ where
             hand_to: None,
             lease: Lease::default(),
             inbound_ended: false,
+            ready_failures: 0,
             runtime: current_runtime(),
         }
     }
@@ -283,6 +292,35 @@ where
     }
 
     /// Ends everything: the transport failed for good.
+    /// The transport's `poll_ready`. A fatal error ends the target; another one concerns what
+    /// the transport did before (a pipeline it sent), not the command waiting: it is counted
+    /// and traced, and the caller goes on, unless [`READY_FAILURES_MAX`] calls in a row failed,
+    /// which ends the target too. `Err` once it is reported.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), ()>> {
+        let error = match self.transport.as_mut().poll_ready(cx) {
+            Poll::Ready(Err(error)) => error,
+            ready => {
+                self.ready_failures = 0;
+                return ready.map(|_| Ok(()));
+            }
+        };
+        self.ready_failures += 1;
+        if error.is_fatal() {
+            self.terminate(error);
+        } else if self.ready_failures >= READY_FAILURES_MAX {
+            let failures = self.ready_failures;
+            self.terminate(Error::with_source(
+                ErrorKind::Protocol,
+                format!("the transport failed {failures} calls in a row to take a command (poll_ready), taken for broken; the last: {error}"),
+                error,
+            ));
+        } else {
+            self.shared.counters.publish_failed.fetch_add(1, Relaxed);
+            tracing::warn!(%error, "the transport reported a failure");
+        }
+        Poll::Ready(Err(()))
+    }
+
     fn terminate(&mut self, error: Error) {
         if matches!(self.phase, Phase::Finished) {
             return;
@@ -398,17 +436,10 @@ where
                 // or the flush ended the target.
                 return false;
             }
-            match self.transport.as_mut().poll_ready(cx) {
+            match self.poll_ready(cx) {
                 Poll::Pending => break,
-                Poll::Ready(Err(error)) if error.is_fatal() => {
-                    self.terminate(error);
-                    return false;
-                }
-                Poll::Ready(Err(error)) => {
-                    // An error from `poll_ready` concerns what the transport did before (a
-                    // pipeline it sent), not the command waiting here: report it and go on.
-                    self.shared.counters.publish_failed.fetch_add(1, Relaxed);
-                    tracing::warn!(%error, "the transport reported a failure");
+                Poll::Ready(Err(())) if matches!(self.phase, Phase::Finished) => return false,
+                Poll::Ready(Err(())) => {
                     budget = budget.saturating_sub(1);
                     if budget == 0 {
                         return true;
@@ -1088,19 +1119,16 @@ where
             // driver, which feeds it (or fails it, if the flush ended the target).
             return Fed::No(outgoing);
         }
-        match self.transport.as_mut().poll_ready(&mut cx) {
+        match self.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
             // The driver is woken when there is room, and feeds the queue in order.
             Poll::Pending => return Fed::No(outgoing),
-            Poll::Ready(Err(error)) if error.is_fatal() => {
-                self.terminate(error);
-                return Fed::No(outgoing);
+            // The transport failed: the driver fails this publish.
+            Poll::Ready(Err(())) if matches!(self.phase, Phase::Finished) => {
+                return Fed::No(outgoing)
             }
-            Poll::Ready(Err(error)) => {
-                // About an earlier pipeline, as in `poll_outgoing`: report it; the driver sends
-                // this publish.
-                self.shared.counters.publish_failed.fetch_add(1, Relaxed);
-                tracing::warn!(%error, "the transport reported a failure");
+            Poll::Ready(Err(())) => {
+                // Reported; the driver sends this publish.
                 waker.wake_by_ref();
                 return Fed::No(outgoing);
             }

@@ -69,6 +69,11 @@ pub const MAX_UNFLUSHED: usize = 16 * 1024;
 /// it. Past this, the notice goes at once, the held messages after it.
 const HOLD_MAX: usize = 1024;
 
+/// How many `poll_ready` calls in a row a connection may fail (with errors that are not
+/// unrecoverable) before it is taken for lost. Such an error reports an earlier failure, once:
+/// a connection failing every call is broken, and a new one may not be.
+const READY_FAILURES_MAX: u32 = 64;
+
 /// Makes a new connection: implemented by every `Fn() -> impl Future<Output = Result<T>>`.
 pub trait MakeTransport {
     /// The transport made.
@@ -229,6 +234,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             closed: false,
             closing: false,
             flush_backlog: false,
+            ready_failures: 0,
             failed_on_its_own: None,
         }
     }
@@ -285,6 +291,8 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     /// The backlog was sent on this layer's own initiative: flush it without waiting for a
     /// flush from above (which only comes after new commands).
     flush_backlog: bool,
+    /// The connection's `poll_ready` calls that failed in a row (see [`READY_FAILURES_MAX`]).
+    ready_failures: u32,
 }
 
 // Nothing is pinned in place: the connection and its futures are boxed.
@@ -358,6 +366,23 @@ where
     }
 
     /// The current connection failed: keep what it had not flushed, and plan the next one.
+    /// The connection's `poll_ready` failed with `error`, which is not unrecoverable: it is
+    /// the caller's to handle (`Some`), unless [`READY_FAILURES_MAX`] calls in a row failed:
+    /// then the connection is taken for lost (`None`).
+    fn ready_failed(&mut self, error: Error) -> Option<Error> {
+        self.ready_failures += 1;
+        if self.ready_failures < READY_FAILURES_MAX {
+            return Some(error);
+        }
+        let failures = self.ready_failures;
+        self.lost(Error::with_source(
+            ErrorKind::ConnectionLost,
+            format!("the connection failed {failures} calls in a row to take a command (poll_ready), taken for lost; the last: {error}"),
+            error,
+        ));
+        None
+    }
+
     fn lost(&mut self, error: Error) {
         let stable = self
             .up_since
@@ -458,6 +483,7 @@ where
 
     fn connected(&mut self, transport: F::Transport) {
         self.conn = Conn::Up(Box::pin(transport));
+        self.ready_failures = 0;
         self.up_since = Some(Instant::now());
         self.set_state(ConnectionState::Connected);
         // Replay every subscription before anything else.
@@ -555,12 +581,15 @@ where
                 return Poll::Ready(Ok(()));
             }
             match ready!(transport.as_mut().poll_ready(cx)) {
-                Ok(()) => {}
+                Ok(()) => self.ready_failures = 0,
                 Err(error) if error.is_unrecoverable() => {
                     self.lost(error);
                     continue;
                 }
                 Err(error) => {
+                    let Some(error) = self.ready_failed(error) else {
+                        continue;
+                    };
                     // A failure the transport reports late (an earlier command's): not this
                     // command's, reported by the next flush from above. Try again, after
                     // letting other tasks run (a transport that keeps saying so must not
@@ -754,8 +783,16 @@ where
                 continue;
             }
             match ready!(transport.as_mut().poll_ready(cx)) {
+                Ok(()) => {
+                    this.ready_failures = 0;
+                    return Poll::Ready(Ok(()));
+                }
                 Err(error) if error.is_unrecoverable() => this.lost(error),
-                other => return Poll::Ready(other),
+                Err(error) => {
+                    if let Some(error) = this.ready_failed(error) {
+                        return Poll::Ready(Err(error));
+                    }
+                }
             }
         }
     }
