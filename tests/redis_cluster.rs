@@ -713,3 +713,56 @@ async fn classic_pub_sub_over_a_cluster_reaches_every_node_and_moves_on_when_its
     let event = testkit::next_event(&mut subscription).await;
     assert_eq!(number_of(&event), 3);
 }
+
+/// Publishes waiting for a batch in flight are bounded by their bytes too, as on one node: with
+/// the owning master paused, 1 MiB publishes are taken until about two batches of 64 MiB wait
+/// (the one in flight and the next), where 8,192 of them were (8 GiB at a size 1 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_waiting_on_a_paused_master_are_bounded_by_their_bytes() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let mut transport = RedisClusterTransport::connect_with(cluster.urls(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Reaches the owner before it is paused.
+    transport
+        .send(Command::Publish {
+            topic: Topic::from("bulk:1"),
+            message: bytes::Bytes::from_static(b"first"),
+        })
+        .await
+        .unwrap();
+    let owner = cluster.owner_of_channel("bulk:1");
+    cluster.nodes[owner].pause();
+    // One buffer shared by every publish: the count is what is checked, not this test's memory.
+    let megabyte = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let taken = futures::future::poll_fn(|cx| {
+        let mut taken = 0;
+        while taken < 1_000 {
+            match futures::Sink::poll_ready(std::pin::Pin::new(&mut transport), cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    futures::Sink::start_send(
+                        std::pin::Pin::new(&mut transport),
+                        Command::Publish {
+                            topic: Topic::from("bulk:1"),
+                            message: megabyte.clone(),
+                        },
+                    )
+                    .unwrap();
+                    taken += 1;
+                }
+                std::task::Poll::Ready(Err(error)) => panic!("{error}"),
+                std::task::Poll::Pending => break,
+            }
+        }
+        std::task::Poll::Ready(taken)
+    })
+    .await;
+    cluster.nodes[owner].resume();
+    assert!(
+        (64..=130).contains(&taken),
+        "{taken} publishes of 1 MiB taken before the transport pushed back"
+    );
+    drop(cluster);
+}

@@ -90,8 +90,12 @@ use tokio::sync::mpsc;
 use super::redis_error;
 use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 
-/// Publishes fed beyond this many wait for the batch in flight.
+/// Publishes fed beyond this many, or this many bytes ([`MAX_BATCH_BYTES`]), wait for the
+/// batch in flight.
 const MAX_BATCH: usize = 4096;
+/// The bytes (channels and payloads) of a batch past which the next publish waits for the
+/// batch in flight, as on one node. A single larger publish is still taken.
+const MAX_BATCH_BYTES: usize = super::MAX_UNSENT_BYTES;
 /// How many bytes of messages from the cluster may wait for the transport's reader (an event
 /// target whose `Block` subscription is full stops reading). redis-rs reads the sockets in a
 /// task of its own, so Redis never sees the backpressure and never cuts the client off (its
@@ -166,6 +170,8 @@ pub struct RedisClusterTransport {
     /// unasked is a node dropping the channel.
     leaving: HashMap<Topic, u32>,
     batch: Vec<(Topic, Bytes)>,
+    /// The bytes of `batch`'s channels and payloads.
+    batch_bytes: usize,
     in_flight: Option<BoxFuture<'static, Result<()>>>,
     pending: VecDeque<Command<()>>,
     control: Control,
@@ -287,6 +293,7 @@ impl RedisClusterTransport {
             queue,
             leaving: HashMap::new(),
             batch: Vec::new(),
+            batch_bytes: 0,
             in_flight: None,
             pending: VecDeque::new(),
             control: Control::Idle,
@@ -410,6 +417,7 @@ impl RedisClusterTransport {
             return;
         }
         let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         // One pipeline per hash slot (a pipeline may not cross slots), in feed order within
         // each: a channel lives in one slot, so its order is kept; slots go out concurrently.
         let mut pipelines: Vec<(u16, redis::Pipeline, usize, usize)> = Vec::new();
@@ -694,17 +702,12 @@ impl RedisClusterTransport {
         own_unsubscribe(&mut self.leaving, &self.pending, topic)
     }
 
-    fn handle_push(&mut self, push: PushInfo) -> Option<Up<Bytes>> {
+    fn handle_push(&mut self, push: PushInfo) -> Option<Result<Up<Bytes>>> {
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
-                let mut data = push.data.into_iter();
-                let channel = match data.next() {
-                    Some(Value::BulkString(name)) => name,
-                    _ => return None,
-                };
-                let frame = match data.next() {
-                    Some(Value::BulkString(frame)) => Bytes::from(frame),
-                    _ => return None,
+                let (channel, frame) = match message_parts(push.data) {
+                    Ok(parts) => parts,
+                    Err(error) => return Some(Err(error)),
                 };
                 let channel = match &self.last_channel {
                     Some(last) if last.as_bytes() == channel.as_slice() => last.clone(),
@@ -714,10 +717,10 @@ impl RedisClusterTransport {
                         topic
                     }
                 };
-                Some(Up::Message {
+                Some(Ok(Up::Message {
                     channel: Some(channel),
                     message: frame,
-                })
+                }))
             }
             PushKind::Disconnection => {
                 // The answers that node owed will not come.
@@ -886,7 +889,7 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if this.batch.len() < MAX_BATCH {
+        if this.batch.len() < MAX_BATCH && this.batch_bytes < MAX_BATCH_BYTES {
             return Poll::Ready(Ok(()));
         }
         if let Some(in_flight) = this.in_flight.as_mut() {
@@ -925,6 +928,7 @@ impl Sink<Command<Bytes>> for RedisClusterTransport {
                         ),
                     ));
                 }
+                this.batch_bytes += topic.len() + message.len();
                 this.batch.push((topic, message))
             }
             Command::Subscribe(topic) => {
@@ -1008,12 +1012,12 @@ impl Stream for RedisClusterTransport {
                         return Poll::Ready(Some(Err(error)));
                     }
                     if let Some(up) = this.handle_push(push) {
-                        return Poll::Ready(Some(Ok(up)));
+                        return Poll::Ready(Some(up));
                     }
                 }
                 Poll::Ready(Some(Pushed::Notice(push))) => {
                     if let Some(up) = this.handle_push(push) {
-                        return Poll::Ready(Some(Ok(up)));
+                        return Poll::Ready(Some(up));
                     }
                 }
                 Poll::Ready(Some(Pushed::Dropped(count))) => {
@@ -1038,6 +1042,22 @@ impl Stream for RedisClusterTransport {
                 }
             }
         }
+    }
+}
+
+/// The channel and the payload of a message push. Anything else is skipped, and told as a
+/// decode error (counted by an event target), not lost silently.
+fn message_parts(data: Vec<Value>) -> Result<(Vec<u8>, Bytes)> {
+    let mut data = data.into_iter();
+    match (data.next(), data.next()) {
+        (Some(Value::BulkString(channel)), Some(Value::BulkString(frame))) => {
+            Ok((channel, Bytes::from(frame)))
+        }
+        found => Err(Error::decode(
+            None,
+            format!("{found:?}").as_bytes(),
+            "a message from the cluster that is not a channel and a payload",
+        )),
     }
 }
 
@@ -1167,5 +1187,25 @@ mod tests {
             data: Vec::new(),
         };
         assert!(oversized(&notice, 0).is_none());
+    }
+
+    /// A message push that is not a channel and a payload in bulk strings is a decode error
+    /// (skipped and counted), where it vanished.
+    #[test]
+    fn a_malformed_message_push_is_a_decode_error() {
+        let (channel, frame) = message_parts(message(3).data).unwrap();
+        assert_eq!((channel.as_slice(), &frame[..]), (&b"t:1"[..], &b"xxx"[..]));
+        for data in [
+            vec![Value::Int(1), Value::BulkString(b"x".to_vec())],
+            vec![Value::BulkString(b"t:1".to_vec())],
+            Vec::new(),
+        ] {
+            let error = message_parts(data).unwrap_err();
+            assert!(error.is_decode(), "{error}");
+            assert!(
+                error.to_string().contains("not a channel and a payload"),
+                "{error}"
+            );
+        }
     }
 }

@@ -74,7 +74,9 @@ impl<P> Listener<P> {
 
 /// Messages from handles to the driver. Unbounded on purpose: each is caused by a listener
 /// being added or removed (at most one subscribe and one unsubscribe per listener), or by a
-/// close, so their number is bounded by the listeners' and does not grow with traffic.
+/// close, so they come from the application's own calls and do not grow with traffic. (A
+/// loop adding and removing a topic's only listener faster than the transport takes commands
+/// queues two per turn.)
 pub(crate) enum Control {
     Subscribe {
         topic: Topic,
