@@ -2078,23 +2078,7 @@ async fn feed_while_ready<S>(sink: &mut S, most: usize) -> usize
 where
     S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
 {
-    futures::future::poll_fn(|cx| {
-        let mut taken = 0;
-        while taken < most {
-            match std::pin::Pin::new(&mut *sink).poll_ready(cx) {
-                std::task::Poll::Ready(Ok(())) => {
-                    std::pin::Pin::new(&mut *sink)
-                        .start_send(publish("x"))
-                        .unwrap();
-                    taken += 1;
-                }
-                std::task::Poll::Ready(Err(error)) => panic!("not ready: {error}"),
-                std::task::Poll::Pending => break,
-            }
-        }
-        std::task::Poll::Ready(taken)
-    })
-    .await
+    feed_frames_while_ready(sink, &Bytes::from_static(b"x"), most).await
 }
 
 /// The reconnect layer keeps every publish until a flush completes (to send it again on the
@@ -2134,35 +2118,96 @@ async fn the_retry_layer_waits_for_a_flush_past_max_unflushed() {
     assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
 }
 
-/// A steady stream of dispatches over the full stack to a connection acknowledged slowly
-/// (its flushes complete only once the publisher pauses 150 ms, longer than the driver waits
-/// for one before it feeds more): every publish goes out, and the layers keep at most their
-/// bound of them at any time, where they kept the whole stream.
+/// A steady stream of dispatches to a connection acknowledged slowly (its flushes complete
+/// only once the publisher pauses 150 ms, longer than the driver waits for one before it feeds
+/// more), through the reconnect layer alone and under a retry layer: every publish goes out,
+/// and the layers keep at most their bound of them at any time, where they kept the whole
+/// stream.
 #[tokio::test(start_paused = true)]
 async fn a_stream_to_a_slowly_acknowledged_connection_is_kept_only_up_to_the_bound() {
     use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
-    let log = AckLog::default();
-    let events: EventTarget = EventTarget::new(
-        ServiceBuilder::new()
-            .layer(CodecLayer::json())
-            .layer(alkdev_pubsub::layers::RetryLayer::new(
-                2,
-                Duration::from_millis(1),
-            ))
-            .layer(ReconnectLayer::new(fast_backoff()))
-            .service(log.connections()),
-    );
-    let messages = 2 * MAX_UNFLUSHED + 100;
-    for n in 0..messages {
-        events
-            .dispatch_event(numbered("t", "1", n as u64))
-            .await
-            .unwrap();
+    for retry in [false, true] {
+        let log = AckLog::default();
+        let reconnect = ReconnectLayer::new(fast_backoff());
+        let events: EventTarget = if retry {
+            EventTarget::new(
+                ServiceBuilder::new()
+                    .layer(CodecLayer::json())
+                    .layer(alkdev_pubsub::layers::RetryLayer::new(
+                        2,
+                        Duration::from_millis(1),
+                    ))
+                    .layer(reconnect)
+                    .service(log.connections()),
+            )
+        } else {
+            EventTarget::new(
+                ServiceBuilder::new()
+                    .layer(CodecLayer::json())
+                    .layer(reconnect)
+                    .service(log.connections()),
+            )
+        };
+        let messages = 2 * MAX_UNFLUSHED + 100;
+        for n in 0..messages {
+            events
+                .dispatch_event(numbered("t", "1", n as u64))
+                .await
+                .unwrap();
+        }
+        events.close().await;
+        assert_eq!(log.fed(), messages, "retry {retry}");
+        let kept = log.most_between_flushes();
+        assert!(
+            kept <= MAX_UNFLUSHED,
+            "retry {retry}: {kept} publishes kept at once"
+        );
     }
-    events.close().await;
-    assert_eq!(log.fed(), messages);
-    let kept = log.most_between_flushes();
-    assert!(kept <= MAX_UNFLUSHED, "{kept} publishes kept at once");
+}
+
+/// The bound counts bytes too: 1 MiB frames wait for a flush once 128 MiB are kept.
+#[tokio::test(start_paused = true)]
+async fn the_layers_wait_for_a_flush_past_max_unflushed_bytes() {
+    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED_BYTES;
+    use tower::Layer;
+    let megabyte = Bytes::from(vec![b'x'; 1 << 20]);
+    let topic = Topic::from("q:1");
+    let per_publish = topic.len() + megabyte.len();
+    let bound = MAX_UNFLUSHED_BYTES.div_ceil(per_publish);
+    let log = AckLog::default();
+    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(log.connections());
+    let mut retry = alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1))
+        .layer(log.connections()().await.unwrap());
+    let reconnect_took = feed_frames_while_ready(&mut reconnect, &megabyte, 1_000).await;
+    let retry_took = feed_frames_while_ready(&mut retry, &megabyte, 1_000).await;
+    assert_eq!((reconnect_took, retry_took), (bound, bound));
+}
+
+/// Feeds `frame` on `q:1` while `sink` is ready, up to `most` times: how many it took.
+async fn feed_frames_while_ready<S>(sink: &mut S, frame: &Bytes, most: usize) -> usize
+where
+    S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
+{
+    futures::future::poll_fn(|cx| {
+        let mut taken = 0;
+        while taken < most {
+            match std::pin::Pin::new(&mut *sink).poll_ready(cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    std::pin::Pin::new(&mut *sink)
+                        .start_send(Command::Publish {
+                            topic: Topic::from("q:1"),
+                            message: frame.clone(),
+                        })
+                        .unwrap();
+                    taken += 1;
+                }
+                std::task::Poll::Ready(Err(error)) => panic!("not ready: {error}"),
+                std::task::Poll::Pending => break,
+            }
+        }
+        std::task::Poll::Ready(taken)
+    })
+    .await
 }
 
 /// A connection whose `poll_ready` fails on every call (with an error that is not

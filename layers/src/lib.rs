@@ -100,6 +100,7 @@ pub mod retry;
 mod command;
 mod envelope;
 mod error;
+mod kept;
 mod topic;
 mod transport;
 

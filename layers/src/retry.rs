@@ -3,7 +3,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged. A flush that fails for good (or cannot send the retries: the transport below has no room) answers everything it covered, which this layer then neither retries nor sends again (what the transport below took is its own). Publishes are kept until a flush completes, to be sent again: past [`MAX_UNFLUSHED`] kept, the layer waits for a flush before it takes the next |
+//! | down | a publish whose `start_send` fails with a [transient](crate::Error::is_transient) error (for example Redis `LOADING` or `BUSY`), and the publishes of a flush that fails with one, are sent again after a delay that doubles each time, up to the configured attempts; then they are dropped, and the next flush fails with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable) (a flush answers what was fed before it: `start_send` and `poll_ready` do not report what they gave up on). A publish refused for good when sent again fails that flush too. Other errors pass unchanged. A flush that fails for good (or cannot send the retries: the transport below has no room) answers everything it covered, which this layer then neither retries nor sends again (what the transport below took is its own). Publishes are kept until a flush completes, to be sent again: past [`MAX_UNFLUSHED`] kept (or [`MAX_UNFLUSHED_BYTES`]), the layer waits for a flush before it takes the next |
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
@@ -22,8 +22,10 @@ use futures::{Sink, Stream};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use crate::kept::{Kept, Weigh};
+pub use crate::kept::{MAX_UNFLUSHED, MAX_UNFLUSHED_BYTES};
 use crate::prefix::Counter;
-use crate::{Command, Error, ErrorKind, Result, Topic, Up};
+use crate::{Command, Error, ErrorKind, Result, Up};
 
 /// A [`tower::Layer`] that retries transient failures: see the [module](self).
 ///
@@ -40,6 +42,7 @@ use crate::{Command, Error, ErrorKind, Result, Topic, Up};
 pub struct RetryLayer<M = bytes::Bytes> {
     attempts: u32,
     delay: Duration,
+    weigh: Option<Weigh<M>>,
     retried: Counter,
     _message: PhantomData<fn() -> M>,
 }
@@ -49,6 +52,7 @@ impl<M> Clone for RetryLayer<M> {
         RetryLayer {
             attempts: self.attempts,
             delay: self.delay,
+            weigh: self.weigh,
             retried: self.retried.clone(),
             _message: PhantomData,
         }
@@ -75,19 +79,30 @@ impl RetryLayer {
     /// Retry raw frames up to `attempts` times, waiting `delay` before the first retry and
     /// twice as long before each next one.
     pub fn new(attempts: u32, delay: Duration) -> Self {
-        Self::with_message_type(attempts, delay)
+        Self::with_message_type(attempts, delay).weigh(crate::kept::frame_len)
     }
 }
 
 impl<M> RetryLayer<M> {
-    /// Like [`RetryLayer::new`], for transports of `M` messages.
+    /// Like [`RetryLayer::new`], for transports of `M` messages. What it keeps to send again is
+    /// bounded by its count ([`MAX_UNFLUSHED`]), and by its bytes once
+    /// [`weigh`](Self::weigh) says how to measure a message.
     pub fn with_message_type(attempts: u32, delay: Duration) -> Self {
         RetryLayer {
             attempts,
             delay,
+            weigh: None,
             retried: Counter::default(),
             _message: PhantomData,
         }
+    }
+
+    /// How to measure a message, in bytes, for the bound on the publishes kept to send again
+    /// ([`MAX_UNFLUSHED_BYTES`]). Raw frames are measured by their length
+    /// ([`RetryLayer::new`]).
+    pub fn weigh(mut self, weigh: fn(&M) -> usize) -> Self {
+        self.weigh = Some(weigh);
+        self
     }
 
     /// Commands retried so far.
@@ -105,7 +120,7 @@ impl<T, M> tower::Layer<T> for RetryLayer<M> {
             attempts: self.attempts,
             delay: self.delay,
             retried: self.retried.clone(),
-            state: RetryState::default(),
+            state: RetryState::new(self.weigh),
         }
     }
 }
@@ -114,7 +129,7 @@ struct RetryState<M> {
     /// Commands to send again, in order.
     queue: VecDeque<Command<M>>,
     /// Publishes sent since the last successful flush.
-    unflushed: Vec<(Topic, M)>,
+    unflushed: Kept<M>,
     /// Retries of the current failure so far.
     attempt: u32,
     /// The current failure is a flush's: only a flush that succeeds ends it (its publishes
@@ -130,11 +145,11 @@ struct RetryState<M> {
     closing: Option<Result<()>>,
 }
 
-impl<M> Default for RetryState<M> {
-    fn default() -> Self {
+impl<M> RetryState<M> {
+    fn new(weigh: Option<Weigh<M>>) -> Self {
         RetryState {
             queue: VecDeque::new(),
-            unflushed: Vec::new(),
+            unflushed: Kept::new(weigh),
             attempt: 0,
             from_flush: false,
             sleep: None,
@@ -188,13 +203,6 @@ impl<T: fmt::Debug, M> fmt::Debug for Retry<T, M> {
     }
 }
 
-/// The most publishes the layer keeps between two completed flushes, to send them again should
-/// the flush fail for now. A flush completes once everything fed is acknowledged (Redis
-/// pipelines are), so a publisher that never pauses over a slow link would otherwise never
-/// see one complete, and the layer would keep the whole stream: past this many, it waits for a
-/// flush before it takes the next publish.
-pub const MAX_UNFLUSHED: usize = 16 * 1024;
-
 impl<M> RetryState<M> {
     /// A flush succeeded: what it covered went through, and the current failure is over.
     fn flushed(&mut self) {
@@ -237,7 +245,7 @@ impl<M: Clone> RetryState<M> {
             self.forget();
             return Some(error);
         }
-        let unflushed = std::mem::take(&mut self.unflushed);
+        let unflushed = self.unflushed.take();
         self.from_flush = true;
         self.queue.extend(
             unflushed
@@ -308,7 +316,9 @@ where
             match this.inner.as_mut().start_send(command) {
                 Ok(()) => {
                     this.state.queue.pop_front();
-                    this.state.unflushed.extend(kept);
+                    if let Some((topic, message)) = kept {
+                        this.state.unflushed.push(topic, message);
+                    }
                     if this.state.queue.is_empty() && !this.state.from_flush {
                         // The refused sends went through: the next refusal is a new failure,
                         // with retries of its own.
@@ -339,7 +349,7 @@ where
         loop {
             ready!(self.as_mut().poll_retries(cx))?;
             let this = self.as_mut().project();
-            if this.state.unflushed.len() < MAX_UNFLUSHED {
+            if !this.state.unflushed.full() {
                 return this.inner.poll_ready(cx);
             }
             // Kept to be sent again: wait for a flush before keeping more (see
@@ -364,7 +374,7 @@ where
         match this.inner.start_send(command) {
             Ok(()) => {
                 if let Command::Publish { topic, message } = kept {
-                    this.state.unflushed.push((topic, message));
+                    this.state.unflushed.push(topic, message);
                 }
                 Ok(())
             }

@@ -291,7 +291,6 @@ where
         self.deadline = Some(Box::pin(tokio::time::sleep(self.close_timeout)));
     }
 
-    /// Ends everything: the transport failed for good.
     /// The transport's `poll_ready`. A fatal error ends the target; another one concerns what
     /// the transport did before (a pipeline it sent), not the command waiting: it is counted
     /// and traced, and the caller goes on, unless [`READY_FAILURES_MAX`] calls in a row failed,
@@ -321,6 +320,7 @@ where
         Poll::Ready(Err(()))
     }
 
+    /// Ends everything: the transport failed for good.
     fn terminate(&mut self, error: Error) {
         if matches!(self.phase, Phase::Finished) {
             return;

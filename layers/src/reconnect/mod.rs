@@ -4,7 +4,7 @@
 //!
 //! | way | what it does |
 //! |---|---|
-//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them), so the layer keeps each until a flush completes: past [`MAX_UNFLUSHED`] kept, it waits for a flush before it takes the next |
+//! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them), so the layer keeps each until a flush completes: past [`MAX_UNFLUSHED`] kept (or [`MAX_UNFLUSHED_BYTES`]), it waits for a flush before it takes the next |
 //! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`]; messages that come on the new connection before then (on topics already confirmed again) are held to follow the notice, up to 1,024, past which the notice goes at once |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
@@ -51,18 +51,14 @@ use futures::{Sink, Stream};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
+use crate::kept::{Kept, Weigh};
 use crate::prefix::Counter;
 use crate::{Command, Error, ErrorKind, Result, Topic, Up};
 
 /// The default bound of the publish buffer during an outage.
 pub const DEFAULT_BUFFER: usize = 1024;
 
-/// The most publishes handed to a connection that the layer keeps, to send them again should
-/// the connection fail before they are flushed. A flush completes once everything fed is
-/// acknowledged (Redis pipelines are), so a publisher that never pauses over a slow link
-/// would otherwise never see one complete, and the layer would keep the whole stream: past
-/// this many, it waits for a flush before it takes the next publish.
-pub const MAX_UNFLUSHED: usize = 16 * 1024;
+pub use crate::kept::{MAX_UNFLUSHED, MAX_UNFLUSHED_BYTES};
 
 /// How many messages that come on a new connection before its replayed subscriptions are all
 /// confirmed are held back, to follow the [`Up::Reconnected`] notice rather than come before
@@ -134,6 +130,7 @@ pub enum ConnectionState {
 pub struct ReconnectLayer<M = bytes::Bytes> {
     backoff: Backoff,
     buffer: usize,
+    weigh: Option<Weigh<M>>,
     state: Arc<watch::Sender<ConnectionState>>,
     unavailable: Counter,
     _message: PhantomData<fn() -> M>,
@@ -144,6 +141,7 @@ impl<M> Clone for ReconnectLayer<M> {
         ReconnectLayer {
             backoff: self.backoff.clone(),
             buffer: self.buffer,
+            weigh: self.weigh,
             state: Arc::clone(&self.state),
             unavailable: self.unavailable.clone(),
             _message: PhantomData,
@@ -171,17 +169,20 @@ impl ReconnectLayer {
     /// A layer over raw transports that retries with `backoff` and buffers up to
     /// [`DEFAULT_BUFFER`] publishes.
     pub fn new(backoff: Backoff) -> Self {
-        Self::with_message_type(backoff)
+        Self::with_message_type(backoff).weigh(crate::kept::frame_len)
     }
 }
 
 impl<M> ReconnectLayer<M> {
     /// A layer over transports of `M` messages (for example envelopes, over a worker or
-    /// in-memory transport).
+    /// in-memory transport). What it keeps to send again is bounded by its count
+    /// ([`MAX_UNFLUSHED`]), and by its bytes once [`weigh`](Self::weigh) says how to measure
+    /// a message.
     pub fn with_message_type(backoff: Backoff) -> Self {
         ReconnectLayer {
             backoff,
             buffer: DEFAULT_BUFFER,
+            weigh: None,
             state: Arc::new(watch::Sender::new(ConnectionState::Idle)),
             unavailable: Counter::default(),
             _message: PhantomData,
@@ -193,6 +194,14 @@ impl<M> ReconnectLayer<M> {
     /// attempt fails.
     pub fn buffer(mut self, publishes: usize) -> Self {
         self.buffer = publishes;
+        self
+    }
+
+    /// How to measure a message, in bytes, for the bound on the publishes kept to send again
+    /// ([`MAX_UNFLUSHED_BYTES`]). Raw frames are measured by their length
+    /// ([`ReconnectLayer::new`]).
+    pub fn weigh(mut self, weigh: fn(&M) -> usize) -> Self {
+        self.weigh = Some(weigh);
         self
     }
 
@@ -227,7 +236,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             backlog: VecDeque::new(),
             buffered: 0,
             buffer: self.buffer,
-            unacked: Vec::new(),
+            unacked: Kept::new(self.weigh),
             signals: VecDeque::new(),
             state: Arc::clone(&self.state),
             unavailable: self.unavailable.clone(),
@@ -278,7 +287,7 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     buffered: usize,
     buffer: usize,
     /// Publishes handed to the current connection since its last successful flush.
-    unacked: Vec<(Topic, M)>,
+    unacked: Kept<M>,
     /// A failure of a publish this layer sent on its own (from the backlog), or of flushing
     /// them: the next flush from above reports it, so that it is not lost.
     failed_on_its_own: Option<Error>,
@@ -365,7 +374,6 @@ where
         }
     }
 
-    /// The current connection failed: keep what it had not flushed, and plan the next one.
     /// The connection's `poll_ready` failed with `error`, which is not unrecoverable: it is
     /// the caller's to handle (`Some`), unless [`READY_FAILURES_MAX`] calls in a row failed:
     /// then the connection is taken for lost (`None`).
@@ -383,6 +391,7 @@ where
         None
     }
 
+    /// The current connection failed: keep what it had not flushed, and plan the next one.
     fn lost(&mut self, error: Error) {
         let stable = self
             .up_since
@@ -399,7 +408,7 @@ where
         // Publishes the failed connection may not have delivered go first, then the backlog's.
         let mut backlog = VecDeque::with_capacity(self.unacked.len() + self.backlog.len());
         let mut buffered = 0;
-        for (topic, message) in self.unacked.drain(..) {
+        for (topic, message) in self.unacked.take() {
             backlog.push_back(Command::Publish { topic, message });
             buffered += 1;
         }
@@ -580,15 +589,21 @@ where
             if self.backlog.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(transport.as_mut().poll_ready(cx)) {
-                Ok(()) => self.ready_failures = 0,
-                Err(error) if error.is_unrecoverable() => {
+            match transport.as_mut().poll_ready(cx) {
+                Poll::Pending => {
+                    self.ready_failures = 0;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(())) => self.ready_failures = 0,
+                Poll::Ready(Err(error)) if error.is_unrecoverable() => {
                     self.lost(error);
                     continue;
                 }
-                Err(error) => {
+                Poll::Ready(Err(error)) => {
                     let Some(error) = self.ready_failed(error) else {
-                        continue;
+                        // Replaced: see `poll_ready`.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     };
                     // A failure the transport reports late (an earlier command's): not this
                     // command's, reported by the next flush from above. Try again, after
@@ -605,7 +620,7 @@ where
             let published = matches!(command, Command::Publish { .. });
             if let Command::Publish { topic, message } = &command {
                 self.buffered -= 1;
-                self.unacked.push((topic.clone(), message.clone()));
+                self.unacked.push(topic.clone(), message.clone());
             }
             let unsubscribed = match &command {
                 Command::Unsubscribe(topic) => Some(topic.clone()),
@@ -764,7 +779,7 @@ where
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
-            if this.unacked.len() >= MAX_UNFLUSHED {
+            if this.unacked.full() {
                 // Kept to be sent again: wait for a flush before keeping more (see
                 // `MAX_UNFLUSHED`). With nothing more fed, it completes.
                 match ready!(transport.as_mut().poll_flush(cx)) {
@@ -782,17 +797,25 @@ where
                 }
                 continue;
             }
-            match ready!(transport.as_mut().poll_ready(cx)) {
-                Ok(()) => {
+            match transport.as_mut().poll_ready(cx) {
+                Poll::Pending => {
+                    this.ready_failures = 0;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(())) => {
                     this.ready_failures = 0;
                     return Poll::Ready(Ok(()));
                 }
-                Err(error) if error.is_unrecoverable() => this.lost(error),
-                Err(error) => {
-                    if let Some(error) = this.ready_failed(error) {
-                        return Poll::Ready(Err(error));
+                Poll::Ready(Err(error)) if error.is_unrecoverable() => this.lost(error),
+                Poll::Ready(Err(error)) => match this.ready_failed(error) {
+                    Some(error) => return Poll::Ready(Err(error)),
+                    // Replaced: the caller sees it wait once, not a run of failures that
+                    // goes on from the old connection to the new one.
+                    None => {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
-                }
+                },
             }
         }
     }
@@ -869,7 +892,9 @@ where
             Command::Subscribe(topic) => Some(topic.clone()),
             _ => None,
         };
-        this.unacked.extend(kept);
+        if let Some((topic, message)) = kept {
+            this.unacked.push(topic, message);
+        }
         match transport.as_mut().start_send(command) {
             Ok(()) => {
                 if let Some(topic) = unsubscribed {
@@ -937,8 +962,10 @@ where
                 Err(error) => {
                     // Reported above, which owns the outcome now (a retry layer sends them
                     // again, a confirmed dispatch learns of it): not to be sent again by the
-                    // next connection too.
+                    // next connection too. It answers everything since the last flush, what
+                    // failed on the layer's own initiative included.
                     this.unacked.clear();
+                    this.failed_on_its_own = None;
                     return Poll::Ready(Err(error));
                 }
             }
