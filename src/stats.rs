@@ -44,11 +44,17 @@ pub struct Stats {
     /// Events handed to the transport (in-process: dispatched to the listener map).
     pub published: u64,
     /// Events whose publish failed (the error went to the dispatching call, or was traced),
-    /// or that the target dropped unsent when it stopped.
-    /// When a flush fails, every publish it covered counts: which of them were delivered is
-    /// not known.
+    /// or that the target dropped unsent when it stopped; a publish `try_dispatch_event`
+    /// refused because the target's queue was full counts too, a call made after the target
+    /// closed does not. When a flush fails, every publish it covered counts: which of them
+    /// were delivered is not known. A failure the transport reports late (from `poll_ready`,
+    /// for a pipeline it sent) counts once. So `published - publish_failed` is not the
+    /// number delivered: refused publishes were never counted as published.
     pub publish_failed: u64,
-    /// Deliveries to listeners: one event delivered to three listeners counts three.
+    /// Deliveries to listeners: one event delivered to three listeners counts three. An event
+    /// counts when it is queued for a subscription (or handed to a callback): one that a full
+    /// [`DropOldest`](crate::Overflow::DropOldest) queue later drops for a newer one counts
+    /// here and in `lagged`; one a full queue refuses on arrival counts in `lagged` only.
     pub delivered: u64,
     /// Events a subscription queue dropped, full or ending as they came (each one reported
     /// to its reader as [`Gap::Lagged`](crate::Gap)).

@@ -757,6 +757,24 @@ async fn a_full_publish_queue_says_so() {
     let error = refused.expect("the queue filled up");
     assert!(error.is_unavailable(), "{error}");
     assert!(error.to_string().contains("queue is full"), "{error}");
+    assert_eq!(
+        events.stats().publish_failed,
+        1,
+        "the refused one is counted"
+    );
+}
+
+/// In-process, a close ends every topic's subscription: each counts as an unsubscribe, as a
+/// driver's close counts the unsubscribes it sends.
+#[tokio::test]
+async fn an_in_process_close_counts_an_unsubscribe_per_topic() {
+    let events: EventTarget = EventTarget::local();
+    let _a = events.subscribe("a:1").await.unwrap();
+    let _b = events.subscribe("a:1").await.unwrap();
+    events.add_event_listener("b:1", |_| {}).unwrap();
+    events.close().await;
+    let stats = events.stats();
+    assert_eq!((stats.subscribes, stats.unsubscribes), (2, 2), "{stats:?}");
 }
 
 /// The `Stream` of test transports whose stream never yields.
@@ -1408,6 +1426,7 @@ async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error(
             .unwrap_err();
         assert!(error.is_closed(), "{error}");
         assert!(error.to_string().contains("panicked"), "{error}");
+        assert_eq!(events.stats().publish_failed, 1, "queued: {queued}");
         // The driver ended and dropped the transport, though a handle is still alive.
         settle("the transport to be dropped", || {
             dropped.load(Ordering::SeqCst)
@@ -2990,4 +3009,28 @@ async fn a_transport_failing_every_poll_ready_stops_the_target_rather_than_spin(
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(calls.load(Ordering::SeqCst), 64, "no call after it stopped");
     assert!(events.stats().publish_failed <= 64);
+}
+
+/// Events nobody listens to count as unrouted: an in-process dispatch to a topic without
+/// listeners, and a message a transport brings up for one.
+#[tokio::test]
+async fn events_for_no_listener_count_as_unrouted() {
+    let local: EventTarget = EventTarget::local();
+    let _other = local.subscribe("other:1").await.unwrap();
+    local
+        .dispatch_event(numbered("nobody", "1", 0))
+        .await
+        .unwrap();
+    assert_eq!(local.stats().unrouted, 1);
+    assert_eq!(local.stats().delivered, 0);
+
+    let (up, transport_up) = futures::channel::mpsc::unbounded();
+    let events: EventTarget = EventTarget::new(Scripted::new(transport_up));
+    up.unbounded_send(alkdev_pubsub::Up::Message {
+        channel: Some(Topic::from("nobody:1")),
+        message: numbered("nobody", "1", 0),
+    })
+    .unwrap();
+    settle("the message routed", || events.stats().unrouted == 1).await;
+    assert_eq!(events.stats().delivered, 0);
 }

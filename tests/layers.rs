@@ -1602,7 +1602,8 @@ async fn retry_resends_after_transient_errors_and_gives_up_past_the_bound() {
         vec![1, 1, 1],
         "delivered at least once, nothing else"
     );
-    assert!(retried.get() >= 3, "retried {}", retried.get());
+    // Each resend counted once: the refused send, and the publish after each failed flush.
+    assert_eq!(retried.get(), 3);
 
     let flaky = Flaky {
         failures: 10,
@@ -1670,6 +1671,25 @@ async fn retries_that_run_out_fail_the_next_flush_not_the_next_publish() {
     );
     // Reported once: the next flush succeeds.
     retry.send(publish("third")).await.unwrap();
+}
+
+/// Each command sent again counts once in `retried`: a failed flush covering three publishes,
+/// then the first one's resend refused once, make four resends (the layer counted the whole
+/// queue at each attempt it planned: six).
+#[tokio::test]
+async fn each_resend_counts_once_in_retried() {
+    let broker = MemoryBroker::new();
+    let mut retry = retry_over_flaky(&broker, 0);
+    let retried = retry.retried().clone();
+    for text in ["a", "b", "c"] {
+        retry.feed(publish(text)).await.unwrap();
+    }
+    retry.get_mut().failures = 1;
+    retry.get_mut().refuse_sends = 1;
+    retry.flush().await.unwrap();
+    assert_eq!(retried.get(), 4);
+    let sent: Vec<Bytes> = broker.published().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(sent, ["a", "b", "c", "a", "b", "c"]);
 }
 
 /// Each refused publish gets its own retries: three publishes, each refused once and sent

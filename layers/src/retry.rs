@@ -225,8 +225,8 @@ impl<M> RetryState<M> {
 
 impl<M: Clone> RetryState<M> {
     /// Plans another try of what is queued, or gives up and keeps why for the next flush.
-    fn retry_later(&mut self, error: Error, attempts: u32, delay: Duration, retried: &Counter) {
-        if let Err(gave_up) = self.schedule(error, attempts, delay, retried) {
+    fn retry_later(&mut self, error: Error, attempts: u32, delay: Duration) {
+        if let Err(gave_up) = self.schedule(error, attempts, delay) {
             self.failed.get_or_insert(gave_up);
         }
     }
@@ -234,13 +234,7 @@ impl<M: Clone> RetryState<M> {
     /// A flush failed: a transient failure sends its publishes again later (`None`); else, or
     /// once the retries ran out, the error that answers everything it covered, which is then
     /// neither retried nor kept.
-    fn flush_failed(
-        &mut self,
-        error: Error,
-        attempts: u32,
-        delay: Duration,
-        retried: &Counter,
-    ) -> Option<Error> {
+    fn flush_failed(&mut self, error: Error, attempts: u32, delay: Duration) -> Option<Error> {
         if !error.is_transient() || self.unflushed.is_empty() {
             self.forget();
             return Some(error);
@@ -252,7 +246,7 @@ impl<M: Clone> RetryState<M> {
                 .into_iter()
                 .map(|(topic, message)| Command::Publish { topic, message }),
         );
-        match self.schedule(error, attempts, delay, retried) {
+        match self.schedule(error, attempts, delay) {
             Ok(()) => None,
             Err(gave_up) => {
                 self.failed = None;
@@ -262,13 +256,7 @@ impl<M: Clone> RetryState<M> {
     }
 
     /// Plans another try of what is queued, or gives up with `error`.
-    fn schedule(
-        &mut self,
-        error: Error,
-        attempts: u32,
-        delay: Duration,
-        retried: &Counter,
-    ) -> Result<()> {
+    fn schedule(&mut self, error: Error, attempts: u32, delay: Duration) -> Result<()> {
         if self.attempt >= attempts {
             let commands = self.queue.len();
             self.queue.clear();
@@ -281,9 +269,6 @@ impl<M: Clone> RetryState<M> {
             ));
         }
         self.attempt += 1;
-        for _ in 0..self.queue.len() {
-            retried.increment();
-        }
         let wait = delay.saturating_mul(1 << (self.attempt - 1).min(16));
         tracing::debug!(%error, attempt = self.attempt, ?wait, "retrying after a transient error");
         self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
@@ -309,6 +294,9 @@ where
                 return Poll::Ready(Ok(()));
             };
             ready!(this.inner.as_mut().poll_ready(cx))?;
+            // Counted as it is sent again (a command refused again and its followers are not
+            // counted twice for one attempt).
+            this.retried.increment();
             let kept = match &command {
                 Command::Publish { topic, message } => Some((topic.clone(), message.clone())),
                 _ => None,
@@ -326,8 +314,7 @@ where
                     }
                 }
                 Err(error) if error.is_transient() => {
-                    this.state
-                        .retry_later(error, *this.attempts, *this.delay, this.retried)
+                    this.state.retry_later(error, *this.attempts, *this.delay)
                 }
                 Err(error) => {
                     this.state.queue.pop_front();
@@ -358,9 +345,8 @@ where
             match ready!(this.inner.poll_flush(cx)) {
                 Ok(()) => this.state.flushed(),
                 Err(error) => {
-                    let retried = &*this.retried;
                     let (attempts, delay) = (*this.attempts, *this.delay);
-                    if let Some(answer) = this.state.flush_failed(error, attempts, delay, retried) {
+                    if let Some(answer) = this.state.flush_failed(error, attempts, delay) {
                         this.state.failed = Some(answer);
                     }
                 }
@@ -382,8 +368,7 @@ where
             // Taken: sent again later, or given up on and reported by the next flush.
             Err(error) if error.is_transient() && matches!(kept, Command::Publish { .. }) => {
                 this.state.queue.push_back(kept);
-                this.state
-                    .retry_later(error, *this.attempts, *this.delay, this.retried);
+                this.state.retry_later(error, *this.attempts, *this.delay);
                 Ok(())
             }
             Err(error) => Err(error),
@@ -411,9 +396,8 @@ where
                 }
                 Err(error) => {
                     // A failure for good answers what it covered, the given up ones too.
-                    let retried = &*this.retried;
                     let (attempts, delay) = (*this.attempts, *this.delay);
-                    if let Some(answer) = this.state.flush_failed(error, attempts, delay, retried) {
+                    if let Some(answer) = this.state.flush_failed(error, attempts, delay) {
                         return Poll::Ready(Err(answer));
                     }
                 }

@@ -1053,11 +1053,26 @@ fn message_parts(data: Vec<Value>) -> Result<(Vec<u8>, Bytes)> {
         (Some(Value::BulkString(channel)), Some(Value::BulkString(frame))) => {
             Ok((channel, Bytes::from(frame)))
         }
-        found => Err(Error::decode(
-            None,
-            format!("{found:?}").as_bytes(),
-            "a message from the cluster that is not a channel and a payload",
-        )),
+        found => {
+            // Named by kinds: a value's own text may be megabytes.
+            let kind = |value: &Option<Value>| match value {
+                None => "nothing",
+                Some(Value::BulkString(_)) => "a bulk string",
+                Some(Value::Array(_)) => "an array",
+                Some(Value::Int(_)) => "an integer",
+                Some(Value::Nil) => "nil",
+                Some(_) => "another value",
+            };
+            Err(Error::decode(
+                None,
+                &[],
+                format!(
+                    "a message from the cluster that is not a channel and a payload ({} and {})",
+                    kind(&found.0),
+                    kind(&found.1)
+                ),
+            ))
+        }
     }
 }
 

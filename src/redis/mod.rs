@@ -224,8 +224,9 @@ impl RedisConfig {
     /// The largest message payload, in bytes, published or received (at most 512 MiB, Redis's
     /// own limit; 8 MiB by default). Redis disconnects a subscriber whose pending output
     /// passes its `client-output-buffer-limit` for pub/sub clients (by default 32 MiB at once,
-    /// or 8 MiB for 60 s), which a message near that size alone can do: raise that setting on
-    /// the server with this one. A bigger publish fails alone with an error of kind
+    /// or 8 MiB for 60 s), which a message near that size alone can do, and a burst of smaller
+    /// ones to a subscriber that reads slowly too (four of 8 MiB): raise that setting on the
+    /// server with this one. A bigger publish fails alone with an error of kind
     /// [`ErrorKind::TooLarge`] and is not sent. A bigger message received is skipped as it
     /// arrives, never buffered: the stream reports an error of that kind (an event target
     /// counts it in [`Stats::skipped`](crate::Stats::skipped)) and goes on with the next

@@ -222,6 +222,8 @@ pub(crate) struct Core<T, P> {
     inbound_ended: bool,
     /// `poll_ready` calls that failed in a row (see [`READY_FAILURES_MAX`]).
     ready_failures: u32,
+    /// A queued publish is being fed: a panic there loses it (counted as failed).
+    feeding_queued: bool,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
@@ -272,6 +274,7 @@ where
             lease: Lease::default(),
             inbound_ended: false,
             ready_failures: 0,
+            feeding_queued: false,
             runtime: current_runtime(),
         }
     }
@@ -525,7 +528,9 @@ where
         match queued {
             Queued::Publish(outgoing) => {
                 // A refusal is answered and counted there.
+                self.feeding_queued = true;
                 let _ = self.feed(outgoing);
+                self.feeding_queued = false;
             }
             Queued::Subscribe { topic, generation } => {
                 match self
@@ -892,6 +897,13 @@ where
 
     /// Stops the target after the transport panicked (its state is unknown), and returns the
     /// error every waiter gets.
+    /// Counts the publishes a panic in a transport call lost: `own` (the caller's), and the
+    /// queued one being fed, if it was then.
+    fn lost_to_panic(&mut self, own: u64) {
+        let lost = own + u64::from(std::mem::take(&mut self.feeding_queued));
+        self.shared.counters.publish_failed.fetch_add(lost, Relaxed);
+    }
+
     fn panicked(&mut self, what: &str, panic: &(dyn Any + Send)) -> Error {
         let error = Error::new(
             crate::layers::ErrorKind::Other,
@@ -1065,7 +1077,11 @@ where
         };
         match self.act_as_driver(waker, |core, waker| core.publish_with(outgoing, waker)) {
             Ok(fed) => fed,
-            Err(panic) => Fed::Panicked(self.panicked("the transport", panic.as_ref())),
+            Err(panic) => {
+                // This publish is lost, and the queued one being fed, if the panic came then.
+                self.lost_to_panic(1);
+                Fed::Panicked(self.panicked("the transport", panic.as_ref()))
+            }
         }
     }
 
@@ -1455,6 +1471,7 @@ where
         let poll = match std::panic::catch_unwind(AssertUnwindSafe(|| core.poll(cx))) {
             Ok(poll) => poll,
             Err(panic) => {
+                core.lost_to_panic(0);
                 core.panicked(
                     "the event target's driver (in its transport or layers)",
                     panic.as_ref(),

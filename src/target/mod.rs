@@ -507,14 +507,17 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
                     Fed::Refused(error) | Fed::Panicked(error) => return Err(error),
                 };
                 publish.try_send(outgoing).map_err(|error| match error {
-                    mpsc::error::TrySendError::Full(rejected) => Error::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "publishing to {}: the event target's queue is full ({} envelopes wait for the transport)",
-                            rejected.topic,
-                            publish.max_capacity()
-                        ),
-                    ),
+                    mpsc::error::TrySendError::Full(rejected) => {
+                        self.shared().counters.publish_failed.fetch_add(1, Relaxed);
+                        Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "publishing to {}: the event target's queue is full ({} envelopes wait for the transport)",
+                                rejected.topic,
+                                publish.max_capacity()
+                            ),
+                        )
+                    }
                     mpsc::error::TrySendError::Closed(rejected) => {
                         self.closed_error_for(&rejected.envelope)
                     }

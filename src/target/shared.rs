@@ -268,7 +268,8 @@ impl<P> Shared<P> {
             if entry.waiters.len() == entry.waiters.capacity() {
                 // Before the list grows: a subscribe cancelled while it waited (a timeout
                 // around it, retried through an outage) left its waiter here. Pruned when
-                // the list would grow, so it stays within twice the live ones.
+                // the list would grow, so it stays within twice the most that ever waited
+                // at once.
                 entry.waiters.retain(|waiter| !waiter.is_closed());
             }
             let (tx, rx) = oneshot::channel();
@@ -529,6 +530,13 @@ impl<P> Shared<P> {
                 let _ = waiter.send(Err(error.clone()));
             }
             topics.push(topic);
+        }
+        if self.control.is_none() {
+            // In-process, a topic's subscription ends with its last listener: here, all of them
+            // (a driver counts the unsubscribes its close sends).
+            self.counters
+                .unsubscribes
+                .fetch_add(topics.len() as u64, Relaxed);
         }
         topics
     }
