@@ -2284,3 +2284,70 @@ async fn next_up_event(subscription: &mut alkdev_pubsub::Subscription) -> Arc<En
         }
     }
 }
+
+/// A raw connection always ready, whose flushes answer from a script (then `Ok`).
+struct ScriptedFlushes {
+    flushes: std::collections::VecDeque<alkdev_pubsub::Result<()>>,
+}
+
+impl futures::Sink<Command<Bytes>> for ScriptedFlushes {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(self: std::pin::Pin<&mut Self>, _: Command<Bytes>) -> alkdev_pubsub::Result<()> {
+        Ok(())
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(self.flushes.pop_front().unwrap_or(Ok(())))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl futures::Stream for ScriptedFlushes {
+    type Item = alkdev_pubsub::Result<Up<Bytes>>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// The flush the reconnect layer makes on its own at its bound fails (kept for the next flush
+/// from above); that next flush fails with an error of its own, which answers everything it
+/// covered: the flush after it, of a publish that went through, succeeds (it failed again
+/// with the first error).
+#[tokio::test]
+async fn a_failed_flush_answers_the_failure_of_the_layers_own_flush_too() {
+    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
+    use tower::Layer;
+    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(|| async {
+        Ok::<_, alkdev_pubsub::Error>(ScriptedFlushes {
+            flushes: [
+                Err(alkdev_pubsub::Error::new(ErrorKind::Busy, "BUSY")),
+                Err(alkdev_pubsub::Error::new(ErrorKind::Rejected, "NOPERM")),
+            ]
+            .into(),
+        })
+    });
+    // The bound is reached: taking one more flushes first (and that flush fails).
+    assert_eq!(
+        feed_while_ready(&mut reconnect, MAX_UNFLUSHED + 1).await,
+        MAX_UNFLUSHED + 1
+    );
+    let error = reconnect.flush().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    reconnect.send(publish("after")).await.unwrap();
+}
