@@ -83,8 +83,10 @@ enum Top {
 /// Reads the frames a subscribe connection is sent, out of its read buffer, with a limit on
 /// what it buffers: a message's payload over the limit is skipped as it arrives (and reported,
 /// [`Frame::Oversized`]), and a nested array that grows past it is a protocol error; any other
-/// bulk string (a channel) over the limit and over [`MIN_OTHER_LIMIT`] is a protocol error. A
-/// frame thus buffers at most the limit and a few channels' worth.
+/// bulk string (a channel) over the limit and over [`MIN_OTHER_LIMIT`] is a protocol error, and
+/// so is a frame whose elements other than a payload take more than two such channels (a
+/// `pmessage` has a pattern and a channel). A frame thus buffers at most the limit and two
+/// channels' worth.
 pub(crate) struct Reader {
     limit: usize,
     /// Bytes of an oversized payload still to discard, its CRLF included.
@@ -176,8 +178,10 @@ fn scan(
     let Some(&kind) = bytes.first() else {
         return Ok(None);
     };
-    // Anything but a message's payload may be longer than a small limit (a channel).
+    // Anything but a message's payload may be longer than a small limit (a channel), and all
+    // of it together as long as two of them and their headers.
     let other = limit.max(MIN_OTHER_LIMIT);
+    let others = 2 * other + 1024;
     if kind == b'*' || kind == b'>' {
         let Some(line) = line(bytes, &mut at)? else {
             return Ok(None);
@@ -195,13 +199,17 @@ fn scan(
             // The payload is the last element of a `message` or `pmessage` (whose first
             // element, its kind, is read by then).
             let payload = i + 1 == count && is_message(bytes, &elements[0], count);
-            let limit = if payload { limit } else { other };
+            let limit = if payload {
+                limit
+            } else {
+                other.min(others.saturating_sub(at))
+            };
             match element(bytes, &mut at, Some(&mut *nested), limit)? {
                 // Skipped as it arrives.
                 Some(Element::Over(len)) if payload => {
                     return Ok(Some((at, Top::Oversized(count, elements, len))));
                 }
-                Some(Element::Over(len)) => return Err(over_the_limit(len, other)),
+                Some(Element::Over(len)) => return Err(over_the_limit(len, limit)),
                 Some(element) => elements[i] = element,
                 None => return Ok(None),
             }
@@ -760,6 +768,36 @@ mod tests {
                 }
             };
             assert!(error.0.contains(expected), "{wire_text:?}: {}", error.0);
+        }
+    }
+
+    /// A frame's elements other than a payload take at most two channels' worth together: a
+    /// third of a MiB each, under a limit of a MiB, is refused from its header, not buffered
+    /// (eight of them were, nine MiB for a frame then refused). A `pmessage` with a pattern and
+    /// a channel at the limit is still read.
+    #[test]
+    fn what_is_not_a_payload_is_bounded_in_all() {
+        let limit = 1 << 20;
+        let big = vec![b'c'; limit];
+        let mut wire = BytesMut::from(&b"*8\r\n"[..]);
+        for _ in 0..2 {
+            wire.extend_from_slice(format!("${limit}\r\n").as_bytes());
+            wire.extend_from_slice(&big);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(format!("${limit}\r\n").as_bytes());
+        let error = Reader::new(limit)
+            .parse(&mut wire.clone())
+            .expect_err("refused from the third one's header");
+        assert!(error.0.contains("not a message's payload"), "{}", error.0);
+
+        let mut pmessage = BytesMut::new();
+        command(&mut pmessage, &[b"pmessage", &big, &big, b"payload"]);
+        match Reader::new(limit).parse(&mut pmessage) {
+            Ok(Some(Frame::Message { channel, payload })) => {
+                assert_eq!((channel.len(), &payload[..]), (limit, &b"payload"[..]));
+            }
+            other => panic!("{other:?}"),
         }
     }
 
