@@ -54,7 +54,7 @@ use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use futures::{Sink, Stream};
+use futures::{FutureExt, Sink, Stream};
 
 use crate::layers::{Command, Envelope, Error, ErrorKind, Result, Up};
 use crate::EventTarget;
@@ -463,6 +463,12 @@ fn several_cpus() -> bool {
 ///
 /// Must be called within a Tokio runtime (the main side's driver is spawned on it): outside
 /// one, fails with an error of kind [`ErrorKind::Config`], and starts no thread.
+///
+/// Join the thread once its work is over: after the main side's `close().await`, or once
+/// `work` has returned on its own. The worker learns that the main side is gone through the
+/// main side's driver, which runs on the caller's runtime: a thread of that runtime blocked
+/// in `join` right after dropping the main side's target can keep it from running, and wait
+/// for ever.
 pub fn spawn<P, F, Fut>(work: F) -> Result<(EventTarget<P>, thread::JoinHandle<Fut::Output>)>
 where
     P: Send + Sync + 'static,
@@ -488,9 +494,13 @@ where
             let runtime = runtime.0.take().expect("the runtime is taken once");
             runtime.block_on(async move {
                 let events = worker_side.into_event_target();
-                let output = work(events.clone()).await;
+                // A panic in `work` still closes its target first, so that what it published
+                // goes out (the thread then panics on, for the join handle to say so).
+                let output = std::panic::AssertUnwindSafe(work(events.clone()))
+                    .catch_unwind()
+                    .await;
                 events.close().await;
-                output
+                output.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             })
         })
         .map_err(|e| Error::with_source(ErrorKind::Other, "spawning a worker thread", e))?;

@@ -390,3 +390,32 @@ async fn the_worker_pool_example_answers_every_call() {
         "{stdout}"
     );
 }
+
+/// A worker that panics right after publishing still delivers what it published (its target
+/// is closed, and flushed, before the panic goes on), and the join handle reports the panic.
+/// The publish is queued (the worker's driver has not run yet when it is made): it was
+/// dropped unsent when the panic dropped the worker's runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_panicking_worker_published_is_delivered() {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (events, join) = worker::spawn(move |events: EventTarget| async move {
+        // Blocks the worker's thread before its driver has ever run.
+        go_rx.recv().unwrap();
+        events
+            .dispatch_event(numbered("last", "1", 7))
+            .await
+            .unwrap();
+        panic!("the worker failed after its last words");
+    })
+    .unwrap();
+    let mut last = events.subscribe("last:1").await.unwrap();
+    go_tx.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), last.next())
+        .await
+        .expect("an item in time");
+    assert_eq!(number_of(&got.expect("delivered").expect("no gap")), 7);
+    let joined = tokio::task::spawn_blocking(move || join.join())
+        .await
+        .unwrap();
+    assert!(joined.is_err(), "the join handle reports the panic");
+}
