@@ -12,7 +12,10 @@
 //!   (1 MiB by default) is refused while its header is read, without buffering it: the
 //!   connection is closed with code 1009 and the stream reports an error of kind
 //!   [`TooLarge`](crate::ErrorKind::TooLarge). A publish over the limit is refused before it is
-//!   sent, with the same kind of error; the connection goes on.
+//!   sent, with the same kind of error; the connection goes on. What waits to be sent is
+//!   bounded too: the pongs tungstenite answers pings with, which a peer that pings and never
+//!   reads would make pile up, stop at about one message past tungstenite's write buffer (then
+//!   only the latest is kept), and a publish that finds no room waits for it.
 //! - **Liveness**: a ping every [`ping_interval`](WebSocketConfig::ping_interval) (at least
 //!   twice per idle timeout; one that falls due while sending waits for the peer goes out as
 //!   soon as the socket takes more); a peer silent for
@@ -71,7 +74,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -180,9 +183,18 @@ impl WebSocketConfig {
     }
 
     fn tungstenite(&self) -> TungsteniteConfig {
-        TungsteniteConfig::default()
+        let config = TungsteniteConfig::default();
+        // What tungstenite buffers to send: a message, and the pongs it answers pings with.
+        // A peer that pings and never reads would make those pile up without end; past this,
+        // tungstenite keeps only the latest pong, and a message waits (see `held`).
+        let max_write = config
+            .write_buffer_size
+            .saturating_add(self.max_message_size)
+            .saturating_add(WRITE_SLACK);
+        config
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size))
+            .max_write_buffer_size(max_write)
     }
 
     /// Connects to `url` (`ws://host:port/path`) with these settings.
@@ -368,6 +380,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// frame.
 const CLOSE_READ_BUDGET: usize = 256;
 
+/// Room in tungstenite's write buffer beyond its flush threshold and one message: frame
+/// headers, a ping, a close frame, some pongs.
+const WRITE_SLACK: usize = 64 * 1024;
+
 /// The WebSocket transport: see the [module](self).
 pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     stream: WebSocketStream<S>,
@@ -410,6 +426,10 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// tungstenite's sink said it was not ready (what it buffered waits for the socket): its
     /// next readiness means that went out. (Ready otherwise says nothing of the peer.)
     blocked: bool,
+    /// A frame tungstenite refused because its write buffer was full (of pongs, which a peer
+    /// that pings and does not read makes it queue): it goes out first once the buffer has
+    /// drained (see [`poll_held`](Self::poll_held)).
+    held: Option<Message>,
     /// Set once the connection is over; reported once, then the stream ends.
     failed: Option<Error>,
     reported: bool,
@@ -446,7 +466,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// module re-exports the crate, so that its types are the same version as this one's),
     /// for example one a hyper-based server upgraded (`hyper::upgrade::on`, then
     /// `WebSocketStream::from_raw_socket(io, Role::Server, None)`). axum's own `WebSocket` is
-    /// another type. Its own limits stay as they were configured, and bound what it reads;
+    /// another type. Its own limits stay as they were configured, and bound what it reads and
+    /// buffers (give it a `max_write_buffer_size`: tungstenite's default has none, and a
+    /// peer that pings without reading would make its pongs pile up);
     /// `config` sets the ping interval and idle timeout, and the largest message this transport
     /// sends ([`max_message_size`](WebSocketConfig::max_message_size): a publish over it is
     /// refused, so give the stream's limit there too).
@@ -470,6 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             answering_close: false,
             peer: None,
             blocked: false,
+            held: None,
             failed: None,
             reported: false,
             unflushed: false,
@@ -524,6 +547,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         self.peer
             .map(|peer| format!(" at {peer}"))
             .unwrap_or_default()
+    }
+
+    /// Hands `frame` to tungstenite; one its full buffer refuses is held, to go out first once
+    /// the buffer drains.
+    fn send_frame(&mut self, frame: Message) -> Result<()> {
+        match Pin::new(&mut self.stream).start_send(frame) {
+            Ok(()) => Ok(()),
+            Err(tungstenite::Error::WriteBufferFull(frame)) => {
+                self.held = Some(*frame);
+                Ok(())
+            }
+            Err(error) => Err(self.ws_error("sending", error)),
+        }
+    }
+
+    /// Sends the held frame, if there is one, once tungstenite's buffer has drained:
+    /// `Ready(Ok)` when nothing is held any more.
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        while let Some(frame) = self.held.take() {
+            match Pin::new(&mut self.stream).poll_flush(cx) {
+                Poll::Pending => {
+                    self.held = Some(frame);
+                    self.stalled();
+                    self.poll_stall(cx)?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(Err(self.ws_error("sending", error)))
+                }
+                Poll::Ready(Ok(())) => self.flushed(),
+            }
+            self.send_frame(frame)?;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn ws_error(&mut self, what: &str, error: tungstenite::Error) -> Error {
@@ -709,6 +766,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
+        ready!(this.poll_held(cx))?;
         loop {
             match Pin::new(&mut this.stream).poll_ready(cx) {
                 Poll::Pending => {
@@ -763,9 +821,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                     Ok(text) => Message::Text(text),
                     Err(_) => Message::Binary(binary),
                 };
-                Pin::new(&mut this.stream)
-                    .start_send(frame)
-                    .map_err(|error| this.ws_error("sending", error))?;
+                this.send_frame(frame)?;
                 this.unflushed = true;
                 Ok(())
             }
@@ -792,6 +848,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
             return Poll::Ready(Err(error.clone()));
         }
         crate::waker::remember(&mut this.writer, cx);
+        ready!(this.poll_held(cx))?;
         match Pin::new(&mut this.stream).poll_flush(cx) {
             Poll::Pending => {
                 this.stalled();
@@ -816,6 +873,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                 .closing
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_WAIT)));
             let late = deadline.as_mut().poll(cx).is_ready();
+            if !this.close_sent && !late {
+                // A publish held for room goes before the close frame.
+                match this.poll_held(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
             if !this.close_sent {
                 match Pin::new(&mut this.stream).poll_close(cx) {
                     Poll::Ready(Err(
