@@ -465,6 +465,8 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
         "403 Forbidden",
         "405 Method Not Allowed",
         "426 Upgrade Required",
+        "301 Moved Permanently",
+        "308 Permanent Redirect",
     ] {
         let refusing = refusing_server(status).await;
         let error = WebSocketTransport::connect(&refusing).await.unwrap_err();
@@ -477,8 +479,13 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
         assert!(error.to_string().contains(&status[..3]), "{error}");
     }
     let forbidden = refusing_server("403 Forbidden").await;
-    // A 404 may be a proxy whose backend is not up yet, a 503 one not ready: they may pass.
-    for status in ["404 Not Found", "503 Service Unavailable"] {
+    // A 404 may be a proxy whose backend is not up yet, a 503 one not ready, a 307 a
+    // redirect for now: they may pass.
+    for status in [
+        "404 Not Found",
+        "503 Service Unavailable",
+        "307 Temporary Redirect",
+    ] {
         let missing = refusing_server(status).await;
         let error = WebSocketTransport::connect(&missing).await.unwrap_err();
         assert_eq!(

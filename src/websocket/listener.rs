@@ -241,7 +241,9 @@ impl Pending {
             })
         }));
         self.started.push_back((abort, finished));
-        if self.started.len() > max.saturating_mul(2) {
+        // Handshakes that ended are forgotten now and then: the list stays within about twice
+        // the ones under way (whatever the cap, `usize::MAX` included).
+        if self.started.len() > self.running.len().saturating_mul(2) + 64 {
             self.started.retain(|(_, finished)| !finished.load(Relaxed));
         }
     }
@@ -268,4 +270,34 @@ fn is_exhaustion(error: &std::io::Error) -> bool {
         .raw_os_error()
         .is_some_and(|code| EXHAUSTED.contains(&code))
         || error.kind() == std::io::ErrorKind::OutOfMemory
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With no cap on handshakes (`usize::MAX`), those that ended are still forgotten: one
+    /// entry per connection ever accepted stayed.
+    #[tokio::test]
+    async fn ended_handshakes_are_forgotten_without_a_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut pending = Pending {
+            running: FuturesUnordered::new(),
+            started: VecDeque::new(),
+        };
+        for _ in 0..300 {
+            // A peer that connects and leaves at once: its handshake fails.
+            drop(TcpStream::connect(address).await.unwrap());
+            let (stream, peer) = listener.accept().await.unwrap();
+            pending.start(WebSocketConfig::new(), stream, peer, usize::MAX);
+            let ended = pending.running.next().await.expect("a handshake");
+            assert!(ended.is_err());
+        }
+        assert!(
+            pending.started.len() <= 65,
+            "{} handshakes remembered, none under way",
+            pending.started.len()
+        );
+    }
 }

@@ -203,8 +203,9 @@ impl WebSocketConfig {
     ///
     /// [`ErrorKind::Config`] for a URL that is not `ws://` (or `wss://` with the feature
     /// `websocket-rustls`) or a TLS setting that cannot work; [`ErrorKind::Rejected`] when
-    /// the server answers the handshake with a refusal (400, 401, 403, 405 or 426) or refuses
-    /// the TLS handshake: retrying cannot help; [`ErrorKind::Connect`] otherwise (no server,
+    /// the server answers the handshake with a refusal (400, 401, 403, 405 or 426) or a
+    /// permanent redirect (301, 308: redirects are not followed; the error names where to), or
+    /// refuses the TLS handshake: retrying cannot help; [`ErrorKind::Connect`] otherwise (no server,
     /// a timeout, another status): it may succeed later. Each names the URL.
     pub async fn connect(self, url: impl AsRef<str>) -> Result<WebSocketTransport> {
         let url = url.as_ref();
@@ -308,15 +309,21 @@ fn check_url(url: &str) -> Result<()> {
 }
 
 /// A failed handshake as this crate's error: an invalid URL is [`ErrorKind::Config`]; a server
-/// that refused the request itself (400, 401, 403, 405, 426), or a TLS handshake that failed
+/// that refused the request itself (400, 401, 403, 405, 426) or moved it for good (301, 308),
+/// or a TLS handshake that failed
 /// on a certificate or on what the two sides support, is [`ErrorKind::Rejected`]; anything
 /// else, a 404 or a 503 from a proxy whose backend is not up yet included, is
 /// [`ErrorKind::Connect`]. `what` says what was being done.
 fn handshake_error(what: String, error: tungstenite::Error) -> Error {
     let kind = match &error {
         tungstenite::Error::Url(_) => ErrorKind::Config,
+        // Refused, or moved for good (301, 308: this client does not follow redirects, and
+        // the same URL will be redirected again).
         tungstenite::Error::Http(response)
-            if matches!(response.status().as_u16(), 400 | 401 | 403 | 405 | 426) =>
+            if matches!(
+                response.status().as_u16(),
+                301 | 308 | 400 | 401 | 403 | 405 | 426
+            ) =>
         {
             ErrorKind::Rejected
         }
@@ -326,7 +333,16 @@ fn handshake_error(what: String, error: tungstenite::Error) -> Error {
         tungstenite::Error::Io(io) if tls_refused(io) => ErrorKind::Rejected,
         _ => ErrorKind::Connect,
     };
-    Error::with_source(kind, format!("{what}: {error}"), error)
+    let moved = match &error {
+        tungstenite::Error::Http(response) if response.status().is_redirection() => response
+            .headers()
+            .get("location")
+            .and_then(|to| to.to_str().ok())
+            .map(|to| format!(" (redirected to {to:?}; redirects are not followed)"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Error::with_source(kind, format!("{what}: {error}{moved}"), error)
 }
 
 /// Whether a TLS handshake failed for good: the certificate (untrusted, for another name,
