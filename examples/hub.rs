@@ -38,7 +38,9 @@ const REMEMBERED: usize = 65_536;
 #[derive(Default)]
 struct Spokes {
     next_id: u64,
-    senders: HashMap<u64, mpsc::Sender<Envelope>>,
+    /// Each spoke's queue holds the shared event (one copy, however many spokes wait for it);
+    /// its writer copies one at a time, as it sends it.
+    senders: HashMap<u64, mpsc::Sender<Arc<Envelope>>>,
     /// The origin of recent events, by content fingerprint: for each, a multiset of
     /// `(remembered as, spoke)`, oldest first.
     origins: HashMap<u64, VecDeque<(u64, u64)>>,
@@ -164,7 +166,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if Some(*id) == origin {
                     continue;
                 }
-                if sender.try_send((**event).clone()).is_ok() {
+                if sender.try_send(Arc::clone(event)).is_ok() {
                     sent += 1;
                 } else {
                     eprintln!("hub: spoke {id} is too slow or gone; an event to it was dropped");
@@ -202,7 +204,7 @@ async fn serve_spoke(
     shared: EventTarget,
     spokes: Arc<Mutex<Spokes>>,
 ) {
-    let (sender, mut outgoing) = mpsc::channel::<Envelope>(1024);
+    let (sender, mut outgoing) = mpsc::channel::<Arc<Envelope>>(1024);
     let id = {
         let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
         spokes.next_id += 1;
@@ -220,7 +222,7 @@ async fn serve_spoke(
         while let Some(envelope) = outgoing.recv().await {
             let command = Command::Publish {
                 topic: envelope.topic(),
-                message: envelope,
+                message: Arc::unwrap_or_clone(envelope),
             };
             if to_spoke.send(command).await.is_err() {
                 break;
