@@ -48,7 +48,8 @@ pub struct Stats {
     /// refused because the target's queue was full counts too, a call made after the target
     /// closed does not. When a flush fails, every publish it covered counts: which of them
     /// were delivered is not known. A failure the transport reports late (from `poll_ready`,
-    /// for a pipeline it sent) counts once. So `published - publish_failed` is not the
+    /// for a pipeline it sent) counts once per report: a connection that fails every call
+    /// counts each, up to the 64 after which it is taken for broken. So `published - publish_failed` is not the
     /// number delivered: refused publishes were never counted as published.
     pub publish_failed: u64,
     /// Deliveries to listeners: one event delivered to three listeners counts three. An event

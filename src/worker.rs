@@ -496,7 +496,8 @@ where
                 let events = worker_side.into_event_target();
                 // A panic in `work` still closes its target first, so that what it published
                 // goes out (the thread then panics on, for the join handle to say so).
-                let output = std::panic::AssertUnwindSafe(work(events.clone()))
+                let working = events.clone();
+                let output = std::panic::AssertUnwindSafe(async move { work(working).await })
                     .catch_unwind()
                     .await;
                 events.close().await;

@@ -1110,6 +1110,8 @@ struct Probe<T> {
     inner: T,
     stutter: bool,
     panic_on_publish: bool,
+    /// Flushes panic once this is set.
+    panic_on_flush: Arc<std::sync::atomic::AtomicBool>,
     polls: u64,
     /// The tasks that fed it: the driver's, and publishers' when they feed it directly.
     feeders: Arc<Mutex<std::collections::HashSet<tokio::task::Id>>>,
@@ -1126,6 +1128,7 @@ impl<T> Probe<T> {
             inner,
             stutter: false,
             panic_on_publish: false,
+            panic_on_flush: Arc::default(),
             polls: 0,
             feeders: Arc::default(),
             outside_runtime: Arc::default(),
@@ -1181,6 +1184,9 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         self.flushers.lock().unwrap().push(tokio::task::try_id());
+        if self.panic_on_flush.load(Ordering::SeqCst) {
+            panic!("this transport cannot flush");
+        }
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -1433,6 +1439,30 @@ async fn a_transport_that_panics_on_publish_stops_the_target_with_a_clear_error(
         })
         .await;
     }
+}
+
+/// A publish the publishing task fed itself, whose flush (a lone publish is flushed at once)
+/// panics in the transport, counts once as failed (the stop counts what was fed; it counted
+/// twice, once more as lost in the publisher's hands).
+#[tokio::test]
+async fn a_publish_whose_flush_panics_counts_once_as_failed() {
+    let probe = Probe::new(LocalTransport::new());
+    let panic_on_flush = Arc::clone(&probe.panic_on_flush);
+    let events: EventTarget = EventTarget::new(probe);
+    events.add_event_listener("a:1", |_| {}).unwrap();
+    settle("the driver to run", || events.stats().subscribes == 1).await;
+    panic_on_flush.store(true, Ordering::SeqCst);
+    let error = events
+        .dispatch_event(Envelope::new("a", "1", 1.into()))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("this transport cannot flush"),
+        "{error}"
+    );
+    settle("the target to stop", || events.is_closed()).await;
+    let stats = events.stats();
+    assert_eq!((stats.published, stats.publish_failed), (1, 1), "{stats:?}");
 }
 
 #[tokio::test]

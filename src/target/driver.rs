@@ -224,6 +224,9 @@ pub(crate) struct Core<T, P> {
     ready_failures: u32,
     /// A queued publish is being fed: a panic there loses it (counted as failed).
     feeding_queued: bool,
+    /// A direct publish is in the publishing task's hands, not fed yet: a panic loses it
+    /// (once fed, it counts among `fed`, which the stop counts).
+    own_in_hand: bool,
     /// The runtime the driver runs on. Transport calls may create runtime resources (a
     /// reconnect's connection or timer): only tasks on this runtime act for the driver.
     runtime: Option<tokio::runtime::Id>,
@@ -275,6 +278,7 @@ where
             inbound_ended: false,
             ready_failures: 0,
             feeding_queued: false,
+            own_in_hand: false,
             runtime: current_runtime(),
         }
     }
@@ -897,8 +901,8 @@ where
 
     /// Stops the target after the transport panicked (its state is unknown), and returns the
     /// error every waiter gets.
-    /// Counts the publishes a panic in a transport call lost: `own` (the caller's), and the
-    /// queued one being fed, if it was then.
+    /// Counts the publishes a panic in a transport call lost: `own` (the caller's, not fed),
+    /// and the queued one being fed, if it was then.
     fn lost_to_panic(&mut self, own: u64) {
         let lost = own + u64::from(std::mem::take(&mut self.feeding_queued));
         self.shared.counters.publish_failed.fetch_add(lost, Relaxed);
@@ -1075,11 +1079,17 @@ where
         let Some(waker) = self.lend_waker() else {
             return Fed::No(outgoing);
         };
+        self.own_in_hand = true;
         match self.act_as_driver(waker, |core, waker| core.publish_with(outgoing, waker)) {
-            Ok(fed) => fed,
+            Ok(fed) => {
+                self.own_in_hand = false;
+                fed
+            }
             Err(panic) => {
-                // This publish is lost, and the queued one being fed, if the panic came then.
-                self.lost_to_panic(1);
+                // This publish is lost if it was not fed yet (else the stop counts it), and
+                // the queued one being fed, if the panic came then.
+                let own = std::mem::take(&mut self.own_in_hand);
+                self.lost_to_panic(u64::from(own));
                 Fed::Panicked(self.panicked("the transport", panic.as_ref()))
             }
         }
@@ -1149,7 +1159,9 @@ where
                 return Fed::No(outgoing);
             }
         }
-        if let Err(error) = self.feed(outgoing) {
+        let fed = self.feed(outgoing);
+        self.own_in_hand = false;
+        if let Err(error) = fed {
             // Refused while this task fed it (a reconnect layer's buffer full during an
             // outage, or a fatal failure): counted, and the caller learns it at once.
             return Fed::Refused(error);

@@ -565,6 +565,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             .unwrap_or_default()
     }
 
+    /// What the sending side reports once the connection is over: its failure if that ends
+    /// connections, else (a message over the limit ended it) a lost connection for that
+    /// reason, so that every call says the connection is gone, not that one message failed.
+    fn gone(&self) -> Option<Error> {
+        let error = self.failed.as_ref()?;
+        Some(if error.is_fatal() {
+            error.clone()
+        } else {
+            Error::with_source(
+                ErrorKind::ConnectionLost,
+                format!(
+                    "the WebSocket connection{} is over: {error}",
+                    self.peer_label()
+                ),
+                error.clone(),
+            )
+        })
+    }
+
     /// Hands `frame` to tungstenite; one its full buffer refuses is held, to go out first once
     /// the buffer drains.
     fn send_frame(&mut self, frame: Message) -> Result<()> {
@@ -649,7 +668,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     fn flushed(&mut self) {
         self.drained();
         self.blocked = false;
-        self.unflushed = false;
+        // A publish held for room has not gone out with what was flushed.
+        self.unflushed = self.held.is_some();
     }
 
     /// What waited to be sent went out: the peer read.
@@ -778,8 +798,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if let Some(error) = &this.failed {
-            return Poll::Ready(Err(error.clone()));
+        if let Some(error) = this.gone() {
+            return Poll::Ready(Err(error));
         }
         crate::waker::remember(&mut this.writer, cx);
         ready!(this.poll_held(cx))?;
@@ -814,9 +834,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
 
     fn start_send(self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
         let this = self.get_mut();
-        if let Some(error) = &this.failed {
-            return Err(error.clone());
+        if let Some(error) = this.gone() {
+            return Err(error);
         }
+        // `poll_ready` is pending while a frame is held: one fed anyway would overtake it.
+        debug_assert!(
+            this.held.is_none(),
+            "start_send while a frame waits for room"
+        );
         match command {
             Command::Publish { topic, message } => {
                 // The peer would close the connection over it (1009), and a reconnect layer
@@ -860,8 +885,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        if let Some(error) = &this.failed {
-            return Poll::Ready(Err(error.clone()));
+        if let Some(error) = this.gone() {
+            return Poll::Ready(Err(error));
         }
         crate::waker::remember(&mut this.writer, cx);
         ready!(this.poll_held(cx))?;
@@ -889,9 +914,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                 .closing
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_WAIT)));
             let late = deadline.as_mut().poll(cx).is_ready();
-            if !this.close_sent && !late {
-                // A publish held for room goes before the close frame.
+            if !this.close_sent {
+                // A publish held for room goes before the close frame; one still held when
+                // time is up is lost, and the close says so.
                 match this.poll_held(cx) {
+                    Poll::Pending if late => {
+                        this.held = None;
+                        this.closed();
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "closing: the WebSocket peer{} did not read within {CLOSE_WAIT:?}: a publish waiting for room was not sent",
+                                this.peer_at()
+                            ),
+                        )));
+                    }
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     Poll::Ready(Ok(())) => {}
