@@ -1112,6 +1112,10 @@ struct Probe<T> {
     panic_on_publish: bool,
     /// Flushes panic once this is set.
     panic_on_flush: Arc<std::sync::atomic::AtomicBool>,
+    /// Once set, every `poll_ready` fails (with an error that is not fatal), counted in
+    /// `failed_readies`.
+    fail_ready: Arc<std::sync::atomic::AtomicBool>,
+    failed_readies: Arc<AtomicU64>,
     polls: u64,
     /// The tasks that fed it: the driver's, and publishers' when they feed it directly.
     feeders: Arc<Mutex<std::collections::HashSet<tokio::task::Id>>>,
@@ -1129,6 +1133,8 @@ impl<T> Probe<T> {
             stutter: false,
             panic_on_publish: false,
             panic_on_flush: Arc::default(),
+            fail_ready: Arc::default(),
+            failed_readies: Arc::default(),
             polls: 0,
             feeders: Arc::default(),
             outside_runtime: Arc::default(),
@@ -1146,7 +1152,7 @@ impl<T> Drop for Probe<T> {
 
 impl<T, M> futures::Sink<alkdev_pubsub::layers::Command<M>> for Probe<T>
 where
-    T: futures::Sink<alkdev_pubsub::layers::Command<M>> + Unpin,
+    T: futures::Sink<alkdev_pubsub::layers::Command<M>, Error = alkdev_pubsub::Error> + Unpin,
 {
     type Error = T::Error;
 
@@ -1155,6 +1161,13 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         self.polls += 1;
+        if self.fail_ready.load(Ordering::SeqCst) {
+            self.failed_readies.fetch_add(1, Ordering::SeqCst);
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
+                alkdev_pubsub::ErrorKind::Rejected,
+                "NOPERM this user has no permissions to publish",
+            )));
+        }
         if self.stutter && self.polls % 5 == 0 {
             cx.waker().wake_by_ref();
             return std::task::Poll::Pending;
@@ -2953,72 +2966,18 @@ async fn a_subscription_dropped_as_its_target_closes_is_unsubscribed_once() {
     }
 }
 
-/// A loopback whose `poll_ready` fails, with an error that is not fatal, on every call once
-/// `failing` is set (counting the calls).
-struct RefusesEveryCall {
-    inner: LocalTransport,
-    failing: Arc<std::sync::atomic::AtomicBool>,
-    calls: Arc<AtomicU64>,
-}
-
-impl futures::Sink<alkdev_pubsub::Command<Envelope>> for RefusesEveryCall {
-    type Error = alkdev_pubsub::Error;
-    fn poll_ready(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        if self.failing.load(Ordering::SeqCst) {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::new(
-                alkdev_pubsub::ErrorKind::Rejected,
-                "NOPERM this user has no permissions to publish",
-            )));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_ready(cx)
-    }
-    fn start_send(
-        mut self: std::pin::Pin<&mut Self>,
-        command: alkdev_pubsub::Command<Envelope>,
-    ) -> alkdev_pubsub::Result<()> {
-        std::pin::Pin::new(&mut self.inner).start_send(command)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_close(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_close(cx)
-    }
-}
-
-impl futures::Stream for RefusesEveryCall {
-    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope>>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.inner).poll_next(cx)
-    }
-}
-
 /// An error from `poll_ready` that is not fatal reports an earlier failure once; a transport
 /// that fails every call is taken for broken: the target stops with an error that says so,
 /// where the driver polled it for ever (a core busy, `publish_failed` counting up, nothing
 /// sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_failing_every_poll_ready_stops_the_target_rather_than_spin() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let events: EventTarget = EventTarget::new(RefusesEveryCall {
-        inner: LocalTransport::new(),
-        failing: Arc::clone(&failing),
-        calls: Arc::clone(&calls),
-    });
+    let probe = Probe::new(LocalTransport::new());
+    let (failing, calls) = (
+        Arc::clone(&probe.fail_ready),
+        Arc::clone(&probe.failed_readies),
+    );
+    let events: EventTarget = EventTarget::new(probe);
     let mut subscription = events.subscribe("t:1").await.unwrap();
     events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
     assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 0);

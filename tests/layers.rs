@@ -17,6 +17,8 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tower::ServiceBuilder;
 
+mod common;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn next_up<S>(stream: &mut S) -> S::Item
@@ -1033,6 +1035,8 @@ struct Faults {
     delivered: Arc<Mutex<Vec<Bytes>>>,
     busy_flush: Arc<std::sync::atomic::AtomicBool>,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Failures the next flushes report, in order (what they covered is lost).
+    failing_flushes: Arc<Mutex<std::collections::VecDeque<alkdev_pubsub::Error>>>,
 }
 
 struct FaultyConnection {
@@ -1079,6 +1083,11 @@ impl futures::Sink<Command<Bytes>> for FaultyConnection {
                 "LOADING: the server is loading its dataset",
             )));
         }
+        let failing = self.faults.failing_flushes.lock().unwrap().pop_front();
+        if let Some(error) = failing {
+            self.pending.clear();
+            return std::task::Poll::Ready(Err(error));
+        }
         let pending = std::mem::take(&mut self.pending);
         self.faults.delivered.lock().unwrap().extend(pending);
         std::task::Poll::Ready(Ok(()))
@@ -1091,14 +1100,38 @@ impl futures::Sink<Command<Bytes>> for FaultyConnection {
     }
 }
 
-impl futures::Stream for FaultyConnection {
-    type Item = alkdev_pubsub::Result<Up<Bytes>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
-    }
+/// The `Stream` of raw test connections whose stream never yields.
+macro_rules! stream_never_yields {
+    ($($connection:ty),*) => {$(
+        impl futures::Stream for $connection {
+            type Item = alkdev_pubsub::Result<Up<Bytes>>;
+            fn poll_next(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Self::Item>> {
+                std::task::Poll::Pending
+            }
+        }
+    )*};
+}
+
+stream_never_yields!(FaultyConnection, SlowAcks);
+
+/// The reconnect layer over connections with `faults`.
+fn reconnecting_over_faults(
+    faults: &Faults,
+) -> Reconnect<impl MakeTransport<Transport = FaultyConnection>, Bytes> {
+    use tower::Layer;
+    let faults = faults.clone();
+    ReconnectLayer::new(fast_backoff()).layer(move || {
+        let faults = faults.clone();
+        async move {
+            Ok::<_, alkdev_pubsub::Error>(FaultyConnection {
+                faults,
+                pending: Vec::new(),
+            })
+        }
+    })
 }
 
 /// A publish whose flush failed with an error the layer reported (a retryable one: the caller
@@ -1108,18 +1141,8 @@ impl futures::Stream for FaultyConnection {
 #[tokio::test]
 async fn a_publish_whose_flush_failure_was_reported_is_not_sent_again_after_a_reconnect() {
     use std::sync::atomic::Ordering;
-    use tower::Layer;
     let faults = Faults::default();
-    let make = faults.clone();
-    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(move || {
-        let faults = make.clone();
-        async move {
-            Ok::<_, alkdev_pubsub::Error>(FaultyConnection {
-                faults,
-                pending: Vec::new(),
-            })
-        }
-    });
+    let mut reconnect = reconnecting_over_faults(&faults);
     let publish = |text: &'static str| Command::Publish {
         topic: Topic::from("t"),
         message: Bytes::from(text),
@@ -2083,59 +2106,51 @@ impl futures::Sink<Command<Bytes>> for SlowAcks {
     }
 }
 
-impl futures::Stream for SlowAcks {
-    type Item = alkdev_pubsub::Result<Up<Bytes>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
-    }
-}
-
-/// Feeds publishes while `sink` is ready, up to `most`: how many it took.
+/// Feeds publishes of `x` on `q:1` while `sink` is ready, up to `most`: how many it took.
 async fn feed_while_ready<S>(sink: &mut S, most: usize) -> usize
 where
     S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
 {
-    feed_frames_while_ready(sink, &Bytes::from_static(b"x"), most).await
+    common::feed_while_ready(sink, most, || publish("x")).await
+}
+
+/// Takes `MAX_UNFLUSHED` publishes over a connection of `log`'s whose flushes complete only
+/// once the publisher pauses, then waits for a flush before it takes more: with nothing more
+/// fed, it completes (150 ms later), and the next publish goes.
+async fn takes_max_unflushed_then_waits_for_a_flush<S>(mut sink: S, log: &AckLog)
+where
+    S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
+{
+    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
+    assert_eq!(
+        feed_while_ready(&mut sink, 3 * MAX_UNFLUSHED).await,
+        MAX_UNFLUSHED
+    );
+    sink.send(publish("after")).await.unwrap();
+    assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
 }
 
 /// The reconnect layer keeps every publish until a flush completes (to send it again on the
-/// next connection): over a connection whose flushes complete only once the publisher pauses,
-/// it keeps at most `MAX_UNFLUSHED`, then waits for a flush before it takes more (it kept the
+/// next connection): it keeps at most `MAX_UNFLUSHED`, then waits for a flush (it kept the
 /// whole stream).
 #[tokio::test(start_paused = true)]
 async fn the_reconnect_layer_waits_for_a_flush_past_max_unflushed() {
-    use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
     use tower::Layer;
     let log = AckLog::default();
-    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(log.connections());
-    assert_eq!(
-        feed_while_ready(&mut reconnect, 3 * MAX_UNFLUSHED).await,
-        MAX_UNFLUSHED
-    );
-    // With nothing more fed, the flush completes (150 ms later), and the next publish goes.
-    reconnect.send(publish("after")).await.unwrap();
-    assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
+    let reconnect = ReconnectLayer::new(fast_backoff()).layer(log.connections());
+    takes_max_unflushed_then_waits_for_a_flush(reconnect, &log).await;
 }
 
 /// The retry layer, likewise (it keeps every publish until a flush completes, to send it again
 /// should the flush fail for now).
 #[tokio::test(start_paused = true)]
 async fn the_retry_layer_waits_for_a_flush_past_max_unflushed() {
-    use alkdev_pubsub::layers::retry::MAX_UNFLUSHED;
     use tower::Layer;
     let log = AckLog::default();
     let connection = log.connections()().await.unwrap();
-    let mut retry =
+    let retry =
         alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1)).layer(connection);
-    assert_eq!(
-        feed_while_ready(&mut retry, 3 * MAX_UNFLUSHED).await,
-        MAX_UNFLUSHED
-    );
-    retry.send(publish("after")).await.unwrap();
-    assert_eq!(log.fed(), MAX_UNFLUSHED + 1);
+    takes_max_unflushed_then_waits_for_a_flush(retry, &log).await;
 }
 
 /// A steady stream of dispatches to a connection acknowledged slowly (its flushes complete
@@ -2198,36 +2213,13 @@ async fn the_layers_wait_for_a_flush_past_max_unflushed_bytes() {
     let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(log.connections());
     let mut retry = alkdev_pubsub::layers::RetryLayer::new(2, Duration::from_millis(1))
         .layer(log.connections()().await.unwrap());
-    let reconnect_took = feed_frames_while_ready(&mut reconnect, &megabyte, 1_000).await;
-    let retry_took = feed_frames_while_ready(&mut retry, &megabyte, 1_000).await;
+    let frame = || Command::Publish {
+        topic: topic.clone(),
+        message: megabyte.clone(),
+    };
+    let reconnect_took = common::feed_while_ready(&mut reconnect, 1_000, frame).await;
+    let retry_took = common::feed_while_ready(&mut retry, 1_000, frame).await;
     assert_eq!((reconnect_took, retry_took), (bound, bound));
-}
-
-/// Feeds `frame` on `q:1` while `sink` is ready, up to `most` times: how many it took.
-async fn feed_frames_while_ready<S>(sink: &mut S, frame: &Bytes, most: usize) -> usize
-where
-    S: futures::Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin,
-{
-    futures::future::poll_fn(|cx| {
-        let mut taken = 0;
-        while taken < most {
-            match std::pin::Pin::new(&mut *sink).poll_ready(cx) {
-                std::task::Poll::Ready(Ok(())) => {
-                    std::pin::Pin::new(&mut *sink)
-                        .start_send(Command::Publish {
-                            topic: Topic::from("q:1"),
-                            message: frame.clone(),
-                        })
-                        .unwrap();
-                    taken += 1;
-                }
-                std::task::Poll::Ready(Err(error)) => panic!("not ready: {error}"),
-                std::task::Poll::Pending => break,
-            }
-        }
-        std::task::Poll::Ready(taken)
-    })
-    .await
 }
 
 /// A connection whose `poll_ready` fails on every call (with an error that is not
@@ -2285,46 +2277,6 @@ async fn next_up_event(subscription: &mut alkdev_pubsub::Subscription) -> Arc<En
     }
 }
 
-/// A raw connection always ready, whose flushes answer from a script (then `Ok`).
-struct ScriptedFlushes {
-    flushes: std::collections::VecDeque<alkdev_pubsub::Result<()>>,
-}
-
-impl futures::Sink<Command<Bytes>> for ScriptedFlushes {
-    type Error = alkdev_pubsub::Error;
-    fn poll_ready(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn start_send(self: std::pin::Pin<&mut Self>, _: Command<Bytes>) -> alkdev_pubsub::Result<()> {
-        Ok(())
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        std::task::Poll::Ready(self.flushes.pop_front().unwrap_or(Ok(())))
-    }
-    fn poll_close(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl futures::Stream for ScriptedFlushes {
-    type Item = alkdev_pubsub::Result<Up<Bytes>>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::task::Poll::Pending
-    }
-}
-
 /// The flush the reconnect layer makes on its own at its bound fails (kept for the next flush
 /// from above); that next flush fails with an error of its own, which answers everything it
 /// covered: the flush after it, of a publish that went through, succeeds (it failed again
@@ -2332,16 +2284,12 @@ impl futures::Stream for ScriptedFlushes {
 #[tokio::test]
 async fn a_failed_flush_answers_the_failure_of_the_layers_own_flush_too() {
     use alkdev_pubsub::layers::reconnect::MAX_UNFLUSHED;
-    use tower::Layer;
-    let mut reconnect = ReconnectLayer::new(fast_backoff()).layer(|| async {
-        Ok::<_, alkdev_pubsub::Error>(ScriptedFlushes {
-            flushes: [
-                Err(alkdev_pubsub::Error::new(ErrorKind::Busy, "BUSY")),
-                Err(alkdev_pubsub::Error::new(ErrorKind::Rejected, "NOPERM")),
-            ]
-            .into(),
-        })
-    });
+    let faults = Faults::default();
+    faults.failing_flushes.lock().unwrap().extend([
+        alkdev_pubsub::Error::new(ErrorKind::Busy, "BUSY"),
+        alkdev_pubsub::Error::new(ErrorKind::Rejected, "NOPERM"),
+    ]);
+    let mut reconnect = reconnecting_over_faults(&faults);
     // The bound is reached: taking one more flushes first (and that flush fails).
     assert_eq!(
         feed_while_ready(&mut reconnect, MAX_UNFLUSHED + 1).await,
@@ -2350,4 +2298,8 @@ async fn a_failed_flush_answers_the_failure_of_the_layers_own_flush_too() {
     let error = reconnect.flush().await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
     reconnect.send(publish("after")).await.unwrap();
+    assert_eq!(
+        *faults.delivered.lock().unwrap(),
+        vec![Bytes::from("after")]
+    );
 }

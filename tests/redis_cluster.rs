@@ -737,26 +737,9 @@ async fn publishes_waiting_on_a_paused_master_are_bounded_by_their_bytes() {
     cluster.nodes[owner].pause();
     // One buffer shared by every publish: the count is what is checked, not this test's memory.
     let megabyte = bytes::Bytes::from(vec![b'x'; 1 << 20]);
-    let taken = futures::future::poll_fn(|cx| {
-        let mut taken = 0;
-        while taken < 1_000 {
-            match futures::Sink::poll_ready(std::pin::Pin::new(&mut transport), cx) {
-                std::task::Poll::Ready(Ok(())) => {
-                    futures::Sink::start_send(
-                        std::pin::Pin::new(&mut transport),
-                        Command::Publish {
-                            topic: Topic::from("bulk:1"),
-                            message: megabyte.clone(),
-                        },
-                    )
-                    .unwrap();
-                    taken += 1;
-                }
-                std::task::Poll::Ready(Err(error)) => panic!("{error}"),
-                std::task::Poll::Pending => break,
-            }
-        }
-        std::task::Poll::Ready(taken)
+    let taken = common::feed_while_ready(&mut transport, 1_000, || Command::Publish {
+        topic: Topic::from("bulk:1"),
+        message: megabyte.clone(),
     })
     .await;
     cluster.nodes[owner].resume();

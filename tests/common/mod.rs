@@ -61,3 +61,32 @@ pub async fn output_within(
         .expect("the waiting task")
         .expect("the child's output")
 }
+
+/// Feeds the commands `command` makes to `sink` while it is ready, up to `most`: how many it
+/// took before it pushed back (`Pending`). Panics if it fails.
+pub async fn feed_while_ready<S, M>(
+    sink: &mut S,
+    most: usize,
+    mut command: impl FnMut() -> alkdev_pubsub::Command<M>,
+) -> usize
+where
+    S: futures::Sink<alkdev_pubsub::Command<M>, Error = alkdev_pubsub::Error> + Unpin,
+{
+    futures::future::poll_fn(|cx| {
+        let mut taken = 0;
+        while taken < most {
+            match std::pin::Pin::new(&mut *sink).poll_ready(cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    std::pin::Pin::new(&mut *sink)
+                        .start_send(command())
+                        .unwrap();
+                    taken += 1;
+                }
+                std::task::Poll::Ready(Err(error)) => panic!("not ready: {error}"),
+                std::task::Poll::Pending => break,
+            }
+        }
+        std::task::Poll::Ready(taken)
+    })
+    .await
+}
