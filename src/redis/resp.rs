@@ -771,10 +771,10 @@ mod tests {
         }
     }
 
-    /// A frame's elements other than a payload take at most two channels' worth together: a
-    /// third of a MiB each, under a limit of a MiB, is refused from its header, not buffered
-    /// (eight of them were, nine MiB for a frame then refused). A `pmessage` with a pattern and
-    /// a channel at the limit is still read.
+    /// A frame's elements other than a payload take at most two channels' worth together:
+    /// under a limit of a MiB, a third bulk string of a MiB after two is refused from its
+    /// header, not buffered (eight of them were, 8 MiB for a frame refused at its end). A
+    /// `pmessage` with a pattern and a channel at the limit is still read.
     #[test]
     fn what_is_not_a_payload_is_bounded_in_all() {
         let limit = 1 << 20;

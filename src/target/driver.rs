@@ -899,8 +899,6 @@ where
         }
     }
 
-    /// Stops the target after the transport panicked (its state is unknown), and returns the
-    /// error every waiter gets.
     /// Counts the publishes a panic in a transport call lost: `own` (the caller's, not fed),
     /// and the queued one being fed, if it was then.
     fn lost_to_panic(&mut self, own: u64) {
@@ -908,6 +906,8 @@ where
         self.shared.counters.publish_failed.fetch_add(lost, Relaxed);
     }
 
+    /// Stops the target after the transport panicked (its state is unknown), and returns the
+    /// error every waiter gets.
     fn panicked(&mut self, what: &str, panic: &(dyn Any + Send)) -> Error {
         let error = Error::new(
             crate::layers::ErrorKind::Other,
