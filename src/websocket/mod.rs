@@ -614,6 +614,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
                 Poll::Ready(Ok(())) => self.flushed(),
             }
             self.send_frame(frame)?;
+            // Sent, and not flushed yet.
+            self.unflushed = true;
         }
         Poll::Ready(Ok(()))
     }
