@@ -49,11 +49,13 @@ pub struct Stats {
     /// closed does not. When a flush fails, every publish it covered counts: which of them
     /// were delivered is not known. A failure the transport reports late (from `poll_ready`,
     /// for a pipeline it sent) counts once per report: a connection that fails every call
-    /// counts each, up to the 64 after which it is taken for broken. So `published - publish_failed` is not the
+    /// counts each, up to 63 (the 64th in a row ends the target or, under a reconnect layer,
+    /// replaces the connection). So `published - publish_failed` is not the
     /// number delivered: refused publishes were never counted as published.
     pub publish_failed: u64,
     /// Deliveries to listeners: one event delivered to three listeners counts three. An event
-    /// counts when it is queued for a subscription (or handed to a callback): one that a full
+    /// counts when it is queued for a subscription (or handed to a callback that returns
+    /// without panicking): one that a full
     /// [`DropOldest`](crate::Overflow::DropOldest) queue later drops for a newer one counts
     /// here and in `lagged`; one a full queue refuses on arrival counts in `lagged` only.
     pub delivered: u64,

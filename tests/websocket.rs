@@ -1341,3 +1341,49 @@ async fn timeouts_of_duration_max_do_not_panic() {
     }
     tokio::time::timeout(WAIT, client.close()).await.unwrap();
 }
+
+/// A stream given to `from_stream` whose write buffer cannot hold one message: that publish
+/// fails alone with `TooLarge` (it was held for room and retried for ever, spinning in one
+/// poll: the test runs on a thread of its own so that such a spin fails it rather than hang
+/// the run), and the next, smaller one goes.
+#[test]
+fn a_publish_that_never_fits_a_streams_write_buffer_fails_alone() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(publish_that_never_fits());
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(WAIT)
+        .expect("the publish answered, not held for ever");
+}
+
+async fn publish_that_never_fits() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig as Tungstenite};
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let small = Tungstenite::default()
+        .write_buffer_size(1024)
+        .max_write_buffer_size(4096);
+    let stream =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(ours, Role::Client, Some(small)).await;
+    let mut transport = WebSocketTransport::from_stream(stream, WebSocketConfig::new());
+    let mut peer =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+    let publish = |text: String| Command::Publish {
+        topic: Topic::from("w:1"),
+        message: bytes::Bytes::from(text),
+    };
+    let error = transport.send(publish("x".repeat(8192))).await.unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
+    assert!(
+        error.to_string().contains("max_write_buffer_size"),
+        "{error}"
+    );
+    transport.send(publish("small".into())).await.unwrap();
+    let got = tokio::time::timeout(WAIT, peer.next()).await.unwrap();
+    assert_eq!(got.unwrap().unwrap(), Message::text("small"));
+}

@@ -11,8 +11,8 @@ use crate::Topic;
 /// takes the next publish.
 pub const MAX_UNFLUSHED: usize = 16 * 1024;
 
-/// The most bytes (topics and messages) the reconnect and retry layers keep between two
-/// completed flushes (see [`MAX_UNFLUSHED`]). Raw frames are measured by their length; other
+/// The bytes (topics and messages) past which the reconnect and retry layers wait for a flush
+/// before they take the next publish (see [`MAX_UNFLUSHED`]; the last one taken may pass it). Raw frames are measured by their length; other
 /// message types only if the layer is told how to measure them (`weigh`).
 pub const MAX_UNFLUSHED_BYTES: usize = 128 << 20;
 

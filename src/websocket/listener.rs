@@ -52,10 +52,11 @@ struct Pending {
 /// of its own, as below. Handshakes started by an `accept` that was cancelled go on with the
 /// next call.
 ///
-/// Connections whose handshake is done are not capped: each holds tungstenite's read buffer
-/// (128 KiB once it has read), and one that answers pings stays as long as it likes. With
-/// untrusted peers, bound them in the accept loop (a `tokio::sync::Semaphore` permit moved
-/// into each connection's task, say).
+/// Connections whose handshake is done are not capped: each can hold about 2.3 MiB at the
+/// default 1 MiB message limit (tungstenite's 128 KiB read buffer, a message being read, and
+/// a write buffer of up to 128 KiB, one message and 64 KiB), and one that answers pings stays
+/// as long as it likes. With untrusted peers, bound them in the accept loop (a
+/// `tokio::sync::Semaphore` permit moved into each connection's task, say).
 ///
 /// ```no_run
 /// use alkdev_pubsub::websocket::WebSocketListener;

@@ -483,8 +483,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// for example one a hyper-based server upgraded (`hyper::upgrade::on`, then
     /// `WebSocketStream::from_raw_socket(io, Role::Server, None)`). axum's own `WebSocket` is
     /// another type. Its own limits stay as they were configured, and bound what it reads and
-    /// buffers (give it a `max_write_buffer_size`: tungstenite's default has none, and a
-    /// peer that pings without reading would make its pongs pile up);
+    /// buffers (give it a `max_write_buffer_size`, in the config passed where it is made rather
+    /// than `None`: tungstenite's default has none, and a peer that pings without reading
+    /// would make its pongs pile up; make it at least tungstenite's `write_buffer_size`,
+    /// 128 KiB, plus the largest message sent, plus some room, as this crate's own connections
+    /// do with 64 KiB: a publish that cannot fit fails with [`ErrorKind::TooLarge`]);
     /// `config` sets the ping interval and idle timeout, and the largest message this transport
     /// sends ([`max_message_size`](WebSocketConfig::max_message_size): a publish over it is
     /// refused, so give the stream's limit there too).
@@ -614,6 +617,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
                 Poll::Ready(Ok(())) => self.flushed(),
             }
             self.send_frame(frame)?;
+            if let Some(frame) = self.held.take() {
+                // Refused by an empty buffer: it never fits (a stream given to `from_stream`
+                // with a `max_write_buffer_size` below one message). That publish fails alone.
+                return Poll::Ready(Err(Error::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "sending{}: a frame of {} bytes does not fit the WebSocket's write buffer (its max_write_buffer_size)",
+                        self.peer_label(),
+                        frame.len()
+                    ),
+                )));
+            }
             // Sent, and not flushed yet.
             self.unflushed = true;
         }
