@@ -1283,3 +1283,27 @@ async fn the_redis_example_gets_its_statuses_back() {
         );
     }
 }
+
+/// A server that closes idle clients (`timeout 1`; subscribers are exempt) does not close the
+/// publish connection of a target that publishes rarely: it is pinged when idle. The next
+/// publish goes out on it, with no reconnect and no gap for the subscribers (the publish
+/// failed, the whole transport was rebuilt, and its subscribers heard of a gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_publish_connection_is_kept_alive_on_a_server_that_closes_idle_clients() {
+    let server = RedisServer::start_with(&["--timeout", "1"]);
+    let events = stack(&server.url(), "", 16);
+    let mut subscription = events.subscribe("idle:1").await.unwrap();
+    events
+        .dispatch_confirmed(numbered("idle", "1", 0))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(0));
+    // Idle for longer than the server lets a client be (it checks about ten times a second).
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    events
+        .dispatch_confirmed(numbered("idle", "1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_gap_or_event(&mut subscription).await, Ok(1));
+    assert_eq!(events.stats().reconnects, 0, "{:?}", events.stats());
+}

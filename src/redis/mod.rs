@@ -44,6 +44,11 @@
 //!   [`response_timeout`](RedisConfig::response_timeout), or a closed
 //!   connection fail the transport with an [unrecoverable](crate::Error::is_unrecoverable)
 //!   error, so the reconnect layer rebuilds it: a connection cannot stay "connected but deaf".
+//!   The publish connection is pinged too when no publish has used it for a ping interval, so
+//!   that a server closing idle clients (`timeout`) or a NAT forgetting idle flows does not
+//!   take it away between rare publishes (the next publish would fail, and the rebuilt
+//!   transport cost the subscriptions a gap); one that does not answer in time fails the
+//!   transport the same way.
 //!
 //! The transport fails loudly and does not recover by itself: stack it under the
 //! [reconnect layer](crate::layers::reconnect).
@@ -207,8 +212,9 @@ impl RedisConfig {
         self
     }
 
-    /// How often the subscribe connection is pinged. While messages keep coming, the ping
-    /// waits for a pause in them.
+    /// How often the subscribe connection is pinged, and how long the publish connection may
+    /// stay unused before it is pinged too. While messages keep coming, the ping waits for a
+    /// pause in them.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -590,6 +596,15 @@ pub struct RedisTransport {
     ping_refused: bool,
     /// A ping over a redis-rs `PubSub`.
     ping_reply: Option<BoxFuture<'static, Result<()>>>,
+    /// When the publish connection is next looked at: idle for a ping interval, it is pinged,
+    /// so that a server closing idle clients (its `timeout`) or a NAT forgetting idle flows
+    /// does not take it away between rare publishes (a publish failing on it fails the whole
+    /// transport, subscriptions included).
+    publisher_check: Pin<Box<Sleep>>,
+    /// A pipeline went out since the publish connection was last looked at.
+    published: bool,
+    /// The publish connection's ping, while it waits for its answer.
+    publisher_ping: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
     failed: Option<Error>,
     /// Publishes were fed since everything fed was last answered: if the connection fails
@@ -673,6 +688,9 @@ impl RedisTransport {
             ping: Box::pin(tokio::time::sleep(config.ping_interval)),
             ping_refused: false,
             ping_reply: None,
+            publisher_check: Box::pin(tokio::time::sleep(config.ping_interval)),
+            published: false,
+            publisher_ping: None,
             config,
             failed: None,
             unanswered: false,
@@ -723,6 +741,7 @@ impl RedisTransport {
             publishes += 1;
             bytes += next.bytes;
         }
+        self.published = true;
         let mut connection = self.publisher.clone();
         let timeout = self
             .publish_timeout
@@ -1260,8 +1279,64 @@ impl RedisTransport {
         Err(self.fail(error))
     }
 
-    /// Pings the subscribe connection on schedule; an error once it is declared dead.
+    /// Pings the publish connection when no pipeline used it for a ping interval (see
+    /// `publisher_check`); an error once it is found dead. Any answer, an error reply
+    /// included, shows it alive.
+    fn poll_publisher(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        loop {
+            if let Some(ping) = &mut self.publisher_ping {
+                let Poll::Ready(answered) = ping.as_mut().poll(cx) else {
+                    return Ok(());
+                };
+                self.publisher_ping = None;
+                answered.map_err(|error| self.fail(error))?;
+            }
+            if self.publisher_check.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            let next = crate::deadline_in(self.config.ping_interval);
+            self.publisher_check.as_mut().reset(next);
+            if std::mem::take(&mut self.published) || self.in_flight.is_some() {
+                // In use: a failure shows on its pipelines.
+                continue;
+            }
+            let mut connection = self.publisher.clone();
+            let timeout = self.config.ping_timeout;
+            let server = self.server.clone();
+            self.publisher_ping = Some(Box::pin(async move {
+                let at = server
+                    .map(|server| format!(" to {server}"))
+                    .unwrap_or_default();
+                let command = redis::cmd("PING");
+                let ping = command.query_async::<redis::Value>(&mut connection);
+                match tokio::time::timeout(timeout, ping).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => {
+                        let error =
+                            redis_error(&format!("pinging the publish connection{at}"), error);
+                        if error.is_unrecoverable() {
+                            Err(error)
+                        } else {
+                            // Refused (`NOPERM`, `BUSY`, ...): answered, so alive.
+                            Ok(())
+                        }
+                    }
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the publish connection{at} did not answer a PING within {timeout:?}"
+                        ),
+                    )),
+                }
+            }));
+            // Polled at once (next turn), so that the request is on its way.
+        }
+    }
+
+    /// Pings the subscribe connection on schedule; an error once it is declared dead. Also
+    /// looks after the publish connection (`poll_publisher`).
     fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        self.poll_publisher(cx)?;
         if let Subscriber::Own(_) = self.subscriber {
             self.poll_reply_timeout(cx)?;
             if self.requests.contains(&Request::Ping) || self.ping.as_mut().poll(cx).is_pending() {
@@ -1611,6 +1686,20 @@ mod tests {
             .unwrap();
     }
 
+    /// The publish end answers every PING it is sent (the transport pings its publish
+    /// connection when idle), in a task of its own.
+    fn answers_pings(mut publish: DuplexStream) {
+        tokio::spawn(async move {
+            let mut ping = [0; 14];
+            while publish.read_exact(&mut ping).await.is_ok() {
+                assert_eq!(&ping, b"*1\r\n$4\r\nPING\r\n");
+                if publish.write_all(b"+PONG\r\n").await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     /// Reads exactly `expected` at the server end.
     async fn expect(server: &mut DuplexStream, expected: &str) {
         let mut bytes = vec![0; expected.len()];
@@ -1660,6 +1749,52 @@ mod tests {
         )
     }
 
+    /// The publish connection, idle for a ping interval, is pinged (a server closing idle
+    /// clients would take it away between rare publishes); one that does not answer within the
+    /// ping timeout fails the transport, naming it. In use, it is not pinged.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_publish_connection_is_pinged_and_found_dead_when_silent() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_millis(100))
+            .ping_timeout(Duration::from_millis(300));
+        let (mut transport, mut publish, mut server) = over_pipes(config).await;
+        let reader = tokio::spawn(async move {
+            let error = loop {
+                match transport.next().await {
+                    Some(Err(error)) => break error,
+                    Some(Ok(_)) => {}
+                    None => panic!("the stream ended without an error"),
+                }
+            };
+            (transport, error)
+        });
+        // The subscribe connection's pings are answered; the publish connection's is not.
+        let subscribe_side = tokio::spawn(async move {
+            let mut ping = [0; 14];
+            while server.read_exact(&mut ping).await.is_ok() {
+                if server.write_all(b"+PONG\r\n").await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            expect(&mut publish, "*1\r\n$4\r\nPING\r\n"),
+        )
+        .await
+        .expect("the idle publish connection is pinged");
+        let (_transport, error) = reader.await.unwrap();
+        assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("the publish connection did not answer a PING within 300ms"),
+            "{error}"
+        );
+        subscribe_side.abort();
+    }
+
     /// A PING whose answer comes behind a second of messages, five times its timeout: the
     /// bytes arriving show the connection alive, and it is not declared dead.
     #[tokio::test(start_paused = true)]
@@ -1667,7 +1802,8 @@ mod tests {
         let config = RedisConfig::new()
             .ping_interval(Duration::from_millis(100))
             .ping_timeout(Duration::from_millis(200));
-        let (mut transport, _publish, mut server) = over_pipes(config).await;
+        let (mut transport, publish, mut server) = over_pipes(config).await;
+        answers_pings(publish);
         let reader = tokio::spawn(async move {
             let mut messages = 0;
             while messages < 20 {
@@ -1713,7 +1849,8 @@ mod tests {
             .ping_timeout(Duration::from_millis(1_000))
             .ping_interval(Duration::from_millis(100));
         let start = Instant::now();
-        let (transport, _publish, mut server) = over_pipes(config).await;
+        let (transport, publish, mut server) = over_pipes(config).await;
+        answers_pings(publish);
         let (mut sink, mut got) = split_with_reader(transport);
         sink.send(Command::Subscribe(Topic::from("c")))
             .await
