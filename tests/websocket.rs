@@ -1343,9 +1343,9 @@ async fn timeouts_of_duration_max_do_not_panic() {
 }
 
 /// A stream given to `from_stream` whose write buffer cannot hold one message: that publish
-/// fails alone with `TooLarge` (it was held for room and retried for ever, spinning in one
-/// poll: the test runs on a thread of its own so that such a spin fails it rather than hang
-/// the run), and the next, smaller one goes.
+/// is refused alone with `TooLarge` as it is fed (it was held for room and retried for ever,
+/// spinning in one poll: the test runs on a thread of its own so that such a spin fails it
+/// rather than hang the run), and the next, smaller one goes.
 #[test]
 fn a_publish_that_never_fits_a_streams_write_buffer_fails_alone() {
     let (done, finished) = std::sync::mpsc::channel();
@@ -1377,7 +1377,12 @@ async fn publish_that_never_fits() {
         topic: Topic::from("w:1"),
         message: bytes::Bytes::from(text),
     };
-    let error = transport.send(publish("x".repeat(8192))).await.unwrap_err();
+    futures::future::poll_fn(|cx| transport.poll_ready_unpin(cx))
+        .await
+        .unwrap();
+    let error = transport
+        .start_send_unpin(publish("x".repeat(8192)))
+        .unwrap_err();
     assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::TooLarge, "{error}");
     assert!(
         error.to_string().contains("max_write_buffer_size"),

@@ -44,11 +44,11 @@
 //!   [`response_timeout`](RedisConfig::response_timeout), or a closed
 //!   connection fail the transport with an [unrecoverable](crate::Error::is_unrecoverable)
 //!   error, so the reconnect layer rebuilds it: a connection cannot stay "connected but deaf".
-//!   The publish connection is pinged too when no publish has used it for a ping interval, so
-//!   that a server closing idle clients (`timeout`) or a NAT forgetting idle flows does not
-//!   take it away between rare publishes (the next publish would fail, and the rebuilt
-//!   transport cost the subscriptions a gap); one that does not answer in time fails the
-//!   transport the same way.
+//!   The publish connection (one it opened) is pinged too when no publish has used it for a
+//!   ping interval, so that a server closing idle clients (`timeout`) or a NAT forgetting
+//!   idle flows does not take it away between rare publishes (the next publish would fail,
+//!   and the rebuilt transport cost the subscriptions a gap); one that does not answer in
+//!   time fails the transport the same way.
 //!
 //! The transport fails loudly and does not recover by itself: stack it under the
 //! [reconnect layer](crate::layers::reconnect).
@@ -146,6 +146,10 @@ fn held_size(item: &Result<Up<Bytes>>) -> usize {
         Ok(_) => 0,
     }
 }
+
+/// The publish connection is looked at (see `RedisTransport::publisher_check`) whenever the
+/// subscribe connection has nothing more to read, and at least once per this many messages.
+const PUBLISHER_CHECK_EVERY: u32 = 1024;
 
 /// The largest message payload published or received by default: 8 MiB
 /// ([`RedisConfig::max_message_size`], [`RedisClusterTransport::max_message_size`](cluster::RedisClusterTransport::max_message_size)
@@ -599,10 +603,14 @@ pub struct RedisTransport {
     /// When the publish connection is next looked at: idle for a ping interval, it is pinged,
     /// so that a server closing idle clients (its `timeout`) or a NAT forgetting idle flows
     /// does not take it away between rare publishes (a publish failing on it fails the whole
-    /// transport, subscriptions included).
+    /// transport, subscriptions included). Not for a connection the caller opened
+    /// ([`from_clients`](Self::from_clients)): it is theirs, maybe shared and busy.
     publisher_check: Pin<Box<Sleep>>,
-    /// A pipeline went out since the publish connection was last looked at.
-    published: bool,
+    /// When a pipeline last went out on the publish connection.
+    last_published: tokio::time::Instant,
+    /// Messages read since the publish connection was last looked at: a steady stream of
+    /// messages keeps the subscribe connection from pausing, where it is looked at otherwise.
+    read_since_check: u32,
     /// The publish connection's ping, while it waits for its answer.
     publisher_ping: Option<BoxFuture<'static, Result<()>>>,
     config: RedisConfig,
@@ -654,7 +662,9 @@ impl RedisTransport {
     /// refused; a message over it is skipped, once redis-rs has read it). Publishes wait as
     /// long as `publish` was opened to wait (redis-rs's
     /// `AsyncConnectionConfig::set_response_timeout`); the connect timeout applies only to
-    /// connections this transport opens.
+    /// connections this transport opens. `publish` is yours, maybe shared and busy: it is not
+    /// pinged when idle, as a publish connection this transport opens is (keep it alive
+    /// yourself if the server closes idle clients).
     pub fn from_clients_with(
         publish: MultiplexedConnection,
         subscribe: PubSub,
@@ -689,7 +699,8 @@ impl RedisTransport {
             ping_refused: false,
             ping_reply: None,
             publisher_check: Box::pin(tokio::time::sleep(config.ping_interval)),
-            published: false,
+            last_published: tokio::time::Instant::now(),
+            read_since_check: 0,
             publisher_ping: None,
             config,
             failed: None,
@@ -741,7 +752,7 @@ impl RedisTransport {
             publishes += 1;
             bytes += next.bytes;
         }
-        self.published = true;
+        self.last_published = tokio::time::Instant::now();
         let mut connection = self.publisher.clone();
         let timeout = self
             .publish_timeout
@@ -1283,6 +1294,10 @@ impl RedisTransport {
     /// `publisher_check`); an error once it is found dead. Any answer, an error reply
     /// included, shows it alive.
     fn poll_publisher(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if self.publish_timeout.is_none() {
+            // The caller's connection (see `publisher_check`).
+            return Ok(());
+        }
         loop {
             if let Some(ping) = &mut self.publisher_ping {
                 let Poll::Ready(answered) = ping.as_mut().poll(cx) else {
@@ -1294,11 +1309,25 @@ impl RedisTransport {
             if self.publisher_check.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
+            // Pinged once unused for a whole interval; in use (a failure shows on its
+            // pipelines), looked at again an interval after the last pipeline.
             let next = crate::deadline_in(self.config.ping_interval);
-            self.publisher_check.as_mut().reset(next);
-            if std::mem::take(&mut self.published) || self.in_flight.is_some() {
-                // In use: a failure shows on its pipelines.
-                continue;
+            let idle_at = self.last_published.checked_add(self.config.ping_interval);
+            match idle_at {
+                _ if self.in_flight.is_some() => {
+                    self.publisher_check.as_mut().reset(next);
+                    continue;
+                }
+                Some(due) if due > tokio::time::Instant::now() => {
+                    self.publisher_check.as_mut().reset(due);
+                    continue;
+                }
+                // An interval too long to end: never idle.
+                None => {
+                    self.publisher_check.as_mut().reset(next);
+                    continue;
+                }
+                Some(_) => self.publisher_check.as_mut().reset(next),
             }
             let mut connection = self.publisher.clone();
             let timeout = self.config.ping_timeout;
@@ -1550,7 +1579,19 @@ impl Stream for RedisTransport {
                 return Poll::Ready(Some(signal));
             }
             match this.poll_message(cx) {
-                Poll::Ready(Ok(Some(item))) => return Poll::Ready(Some(item)),
+                Poll::Ready(Ok(Some(item))) => {
+                    this.read_since_check += 1;
+                    if this.read_since_check >= PUBLISHER_CHECK_EVERY {
+                        this.read_since_check = 0;
+                        if let Err(error) = this.poll_publisher(cx) {
+                            // After this message, which was read.
+                            let error = Err(error);
+                            this.held_bytes += held_size(&error);
+                            this.signals.push_back(error);
+                        }
+                    }
+                    return Poll::Ready(Some(item));
+                }
                 // An answer to a command: look again.
                 Poll::Ready(Ok(None)) => {}
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(this.fail(error)))),
@@ -1747,6 +1788,47 @@ mod tests {
             channel.len(),
             payload.len()
         )
+    }
+
+    /// The publish connection is pinged a ping interval after its last publish, not up to two
+    /// (the check ran on fixed ticks, and skipped the one after a publish).
+    #[tokio::test(start_paused = true)]
+    async fn the_publish_connection_is_pinged_an_interval_after_its_last_publish() {
+        let config = RedisConfig::new()
+            .response_timeout(Duration::from_secs(3600))
+            .ping_interval(Duration::from_millis(100))
+            .ping_timeout(Duration::from_secs(3600));
+        let (transport, mut publish_end, mut server) = over_pipes(config).await;
+        let (mut sink, _got) = split_with_reader(transport);
+        // The subscribe connection's pings are answered.
+        let subscribe_side = tokio::spawn(async move {
+            let mut ping = [0; 14];
+            while server.read_exact(&mut ping).await.is_ok() {
+                if server.write_all(b"+PONG\r\n").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let start = Instant::now();
+        // The first tick of the check finds the connection idle, and pings it.
+        expect(&mut publish_end, "*1\r\n$4\r\nPING\r\n").await;
+        publish_end.write_all(b"+PONG\r\n").await.unwrap();
+        // A publish between two ticks of the check.
+        tokio::time::sleep_until(start + Duration::from_millis(150)).await;
+        let flusher = tokio::spawn(async move {
+            sink.send(publish("p")).await.unwrap();
+            sink
+        });
+        answer_publish(&mut publish_end, "p", "the publish goes").await;
+        let published = Instant::now();
+        let _sink = flusher.await.unwrap();
+        expect(&mut publish_end, "*1\r\n$4\r\nPING\r\n").await;
+        let pinged = published.elapsed();
+        assert!(
+            pinged <= Duration::from_millis(110),
+            "pinged {pinged:?} after the last publish"
+        );
+        subscribe_side.abort();
     }
 
     /// The publish connection, idle for a ping interval, is pinged (a server closing idle

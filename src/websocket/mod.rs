@@ -400,6 +400,9 @@ const CLOSE_READ_BUDGET: usize = 256;
 /// headers, a ping, a close frame, some pongs.
 const WRITE_SLACK: usize = 64 * 1024;
 
+/// The longest frame header: 2 bytes, a 64-bit length, a mask key.
+const MAX_FRAME_HEADER: usize = 14;
+
 /// The WebSocket transport: see the [module](self).
 pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     stream: WebSocketStream<S>,
@@ -870,6 +873,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                             "publishing to {topic}: a message of {} bytes is over the limit of {} (WebSocketConfig::max_message_size)",
                             message.len(),
                             this.config.max_message_size
+                        ),
+                    ));
+                }
+                // A frame tungstenite's write buffer could never hold (a stream given to
+                // `from_stream` with a small `max_write_buffer_size`): refused here, alone.
+                let limit = this.stream.get_config().max_write_buffer_size;
+                if message.len().saturating_add(MAX_FRAME_HEADER) > limit {
+                    return Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "publishing to {topic}: a message of {} bytes does not fit the WebSocket's write buffer (its max_write_buffer_size, {limit} bytes)",
+                            message.len()
                         ),
                     ));
                 }
