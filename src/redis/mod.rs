@@ -1727,14 +1727,14 @@ mod tests {
             .unwrap();
     }
 
-    /// The publish end answers every PING it is sent (the transport pings its publish
-    /// connection when idle), in a task of its own.
-    fn answers_pings(mut publish: DuplexStream) {
+    /// `end` (a publish or a subscribe end) answers every PING it is sent, and nothing else
+    /// comes, in a task of its own.
+    fn answers_pings(mut end: DuplexStream) {
         tokio::spawn(async move {
             let mut ping = [0; 14];
-            while publish.read_exact(&mut ping).await.is_ok() {
+            while end.read_exact(&mut ping).await.is_ok() {
                 assert_eq!(&ping, b"*1\r\n$4\r\nPING\r\n");
-                if publish.write_all(b"+PONG\r\n").await.is_err() {
+                if end.write_all(b"+PONG\r\n").await.is_err() {
                     break;
                 }
             }
@@ -1798,17 +1798,10 @@ mod tests {
             .response_timeout(Duration::from_secs(3600))
             .ping_interval(Duration::from_millis(100))
             .ping_timeout(Duration::from_secs(3600));
-        let (transport, mut publish_end, mut server) = over_pipes(config).await;
+        let (transport, mut publish_end, server) = over_pipes(config).await;
         let (mut sink, _got) = split_with_reader(transport);
         // The subscribe connection's pings are answered.
-        let subscribe_side = tokio::spawn(async move {
-            let mut ping = [0; 14];
-            while server.read_exact(&mut ping).await.is_ok() {
-                if server.write_all(b"+PONG\r\n").await.is_err() {
-                    break;
-                }
-            }
-        });
+        answers_pings(server);
         let start = Instant::now();
         // The first tick of the check finds the connection idle, and pings it.
         expect(&mut publish_end, "*1\r\n$4\r\nPING\r\n").await;
@@ -1828,19 +1821,18 @@ mod tests {
             pinged <= Duration::from_millis(110),
             "pinged {pinged:?} after the last publish"
         );
-        subscribe_side.abort();
     }
 
     /// The publish connection, idle for a ping interval, is pinged (a server closing idle
     /// clients would take it away between rare publishes); one that does not answer within the
-    /// ping timeout fails the transport, naming it. In use, it is not pinged.
+    /// ping timeout fails the transport, naming it.
     #[tokio::test(start_paused = true)]
     async fn an_idle_publish_connection_is_pinged_and_found_dead_when_silent() {
         let config = RedisConfig::new()
             .response_timeout(Duration::from_secs(3600))
             .ping_interval(Duration::from_millis(100))
             .ping_timeout(Duration::from_millis(300));
-        let (mut transport, mut publish, mut server) = over_pipes(config).await;
+        let (mut transport, mut publish, server) = over_pipes(config).await;
         let reader = tokio::spawn(async move {
             let error = loop {
                 match transport.next().await {
@@ -1852,14 +1844,7 @@ mod tests {
             (transport, error)
         });
         // The subscribe connection's pings are answered; the publish connection's is not.
-        let subscribe_side = tokio::spawn(async move {
-            let mut ping = [0; 14];
-            while server.read_exact(&mut ping).await.is_ok() {
-                if server.write_all(b"+PONG\r\n").await.is_err() {
-                    break;
-                }
-            }
-        });
+        answers_pings(server);
         tokio::time::timeout(
             Duration::from_secs(5),
             expect(&mut publish, "*1\r\n$4\r\nPING\r\n"),
@@ -1874,7 +1859,6 @@ mod tests {
                 .contains("the publish connection did not answer a PING within 300ms"),
             "{error}"
         );
-        subscribe_side.abort();
     }
 
     /// A PING whose answer comes behind a second of messages, five times its timeout: the
