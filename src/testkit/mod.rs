@@ -158,6 +158,13 @@ async fn within<T>(what: impl std::fmt::Display, future: impl Future<Output = T>
         .unwrap_or_else(|_| panic!("{what}: not done within {WAIT:?}"))
 }
 
+/// Dispatches `envelope` on `events`, failing the check if that fails or takes over [`WAIT`].
+async fn dispatch(events: &EventTarget, envelope: Envelope) {
+    within("dispatching", events.dispatch_event(envelope))
+        .await
+        .expect("dispatching");
+}
+
 /// Runs every transport-independent check, each on a fresh pair from `make` (see the
 /// [module](self) for what they assume: per-topic order among others).
 pub async fn run_all<F, Fut>(mut make: F)
@@ -193,9 +200,7 @@ pub async fn round_trip(pair: Pair) {
         "a",
         json!({ "text": "héllo ✓", "list": [1, 2.5, null, true], "nested": { "k": "v" } }),
     );
-    within("dispatching", pair.publisher.dispatch_event(sent.clone()))
-        .await
-        .expect("dispatching");
+    dispatch(&pair.publisher, sent.clone()).await;
     assert_eq!(
         *next_event(&mut subscription).await,
         sent,
@@ -217,20 +222,9 @@ pub async fn topic_isolation(pair: Pair) {
         .await
         .expect("subscribing b");
     for n in 0..10 {
-        within(
-            "dispatching",
-            pair.publisher.dispatch_event(numbered("iso.event", "a", n)),
-        )
-        .await
-        .expect("dispatching");
+        dispatch(&pair.publisher, numbered("iso.event", "a", n)).await;
     }
-    within(
-        "dispatching",
-        pair.publisher
-            .dispatch_event(numbered("iso.event", "b", 100)),
-    )
-    .await
-    .expect("dispatching");
+    dispatch(&pair.publisher, numbered("iso.event", "b", 100)).await;
     for n in 0..10 {
         let event = next_event(&mut a).await;
         assert_eq!((event.id.as_str(), number_of(&event)), ("a", n));
@@ -279,12 +273,7 @@ pub async fn many_topics_many_listeners(
         let publisher = pair.publisher.clone();
         publishers.push(tokio::spawn(async move {
             for n in 0..messages {
-                within(
-                    "dispatching",
-                    publisher.dispatch_event(numbered("many.event", &t.to_string(), n)),
-                )
-                .await
-                .expect("dispatching");
+                dispatch(&publisher, numbered("many.event", &t.to_string(), n)).await;
             }
         }));
     }
@@ -359,13 +348,7 @@ pub async fn subscribe_then_publish_never_misses(pair: Pair, rounds: u64) {
         )
         .await
         .expect("subscribing");
-        within(
-            "dispatching",
-            pair.publisher
-                .dispatch_event(numbered("race.event", &id, round)),
-        )
-        .await
-        .expect("dispatching");
+        dispatch(&pair.publisher, numbered("race.event", &id, round)).await;
         let event = next_event(&mut subscription).await;
         assert_eq!(number_of(&event), round);
     }
@@ -381,13 +364,7 @@ pub async fn order_per_topic(pair: Pair, messages: u64) {
     .await
     .expect("subscribing");
     for n in 0..messages {
-        within(
-            "dispatching",
-            pair.publisher
-                .dispatch_event(numbered("order.event", "o", n)),
-        )
-        .await
-        .expect("dispatching");
+        dispatch(&pair.publisher, numbered("order.event", "o", n)).await;
     }
     for n in 0..messages {
         assert_eq!(
@@ -408,13 +385,7 @@ pub async fn close_loses_nothing_in_flight(pair: Pair, messages: u64) {
     .await
     .expect("subscribing");
     for n in 0..messages {
-        within(
-            "dispatching",
-            pair.publisher
-                .dispatch_event(numbered("close.event", "c", n)),
-        )
-        .await
-        .expect("dispatching");
+        dispatch(&pair.publisher, numbered("close.event", "c", n)).await;
     }
     pair.publisher.close().await;
     let error = pair
