@@ -1392,3 +1392,135 @@ async fn publish_that_never_fits() {
     let got = tokio::time::timeout(WAIT, peer.next()).await.unwrap();
     assert_eq!(got.unwrap().unwrap(), Message::text("small"));
 }
+
+/// A pipe end that counts how often it is read (`poll_read` calls).
+struct CountedReads {
+    inner: tokio::io::DuplexStream,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountedReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A task polled for other reasons (a driver woken to flush) does not read the socket again
+/// once it found nothing: tungstenite zeroes its 128 KiB read buffer before every read. Once
+/// the peer sends, the wake-up lets the frame through, and a ping is answered.
+#[tokio::test]
+async fn the_socket_is_read_again_only_after_a_wake_up() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::task::Poll;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ours = CountedReads {
+        inner: ours,
+        reads: reads.clone(),
+    };
+    let mut transport =
+        WebSocketTransport::from_raw_socket(ours, Role::Client, WebSocketConfig::new()).await;
+    let mut peer =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+    let before = reads.load(Relaxed);
+    for _ in 0..100 {
+        let polled =
+            futures::future::poll_fn(|cx| Poll::Ready(transport.poll_next_unpin(cx))).await;
+        assert!(polled.is_pending(), "nothing was sent: {polled:?}");
+    }
+    assert_eq!(
+        reads.load(Relaxed) - before,
+        1,
+        "read once, then not again before a wake-up"
+    );
+    peer.send(Message::Ping(bytes::Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
+    peer.send(Message::text(r#"{"type":"a","id":"1","payload":null}"#))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, transport.next())
+        .await
+        .expect("the frame arrives")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&got, Up::Message { message, .. } if message.starts_with(b"{\"type\":\"a\"")),
+        "{got:?}"
+    );
+    let pong = tokio::time::timeout(WAIT, peer.next()).await.unwrap();
+    assert_eq!(
+        pong.unwrap().unwrap(),
+        Message::Pong(bytes::Bytes::from_static(b"hi"))
+    );
+}
+
+/// A ping read while the socket is full: tungstenite's answer waits for room, and goes out
+/// once the peer reads, though the peer sends nothing more and nothing flushes the sink (the
+/// reading side is woken by the room, and reads again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pong_owed_while_the_socket_is_full_goes_out_once_the_peer_reads() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = WebSocketConfig::new()
+        .ping_interval(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(60));
+    let (transport, mut peer) = over_a_full_pipe(Role::Client, config).await;
+    let (_sink, mut stream) = transport.split();
+    peer.send(Message::Ping(bytes::Bytes::from_static(b"owed")))
+        .await
+        .unwrap();
+    // The reading side takes the ping and tries to answer: the pipe is full.
+    let polled =
+        futures::future::poll_fn(|cx| std::task::Poll::Ready(stream.poll_next_unpin(cx))).await;
+    assert!(polled.is_pending(), "{polled:?}");
+    // Its next poll finds nothing new; then only the room the peer makes wakes it.
+    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+    let mut frames = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match peer.next().await {
+                Some(Ok(Message::Pong(payload))) => {
+                    assert_eq!(&payload[..], b"owed");
+                    break;
+                }
+                Some(Ok(other)) => frames.push(other),
+                other => panic!("expected the pong, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the pong goes out once the peer reads");
+    assert_eq!(frames.len(), 1, "the publish, then the pong");
+    reader.abort();
+}

@@ -74,10 +74,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll, Waker};
+use std::sync::atomic::{AtomicBool, Ordering::AcqRel, Ordering::Release};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use futures::{Sink, Stream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -455,6 +458,31 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     /// Publishes were fed since the last flush: if the connection ends now, they are lost,
     /// and `poll_close` says so.
     unflushed: bool,
+    /// The waker the WebSocket reads with (see [`poll_frame`](Self::poll_frame)), and what it
+    /// wakes.
+    read_waker: Waker,
+    read_wake: Arc<ReadWake>,
+    /// Reading found nothing: the socket is not read again before a wake-up says it may have
+    /// something.
+    read_idle: bool,
+}
+
+/// Wakes the reading task, and notes that it did: see [`WebSocketTransport::poll_frame`].
+#[derive(Default)]
+struct ReadWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Release);
+        self.task.wake();
+    }
 }
 
 impl<S> fmt::Debug for WebSocketTransport<S> {
@@ -494,7 +522,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// `config` sets the ping interval and idle timeout, and the largest message this transport
     /// sends ([`max_message_size`](WebSocketConfig::max_message_size): a publish over it is
     /// refused, so give the stream's limit there too).
+    ///
+    /// The stream is read again only once it woke the task after it last had nothing to read
+    /// (as the `AsyncRead` contract has it): a stream that returns `Pending` without arranging a
+    /// wake-up, or makes data readable without waking its reader, stalls the reading side.
     pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
+        let read_wake = Arc::new(ReadWake::default());
         WebSocketTransport {
             stream,
             ping: Box::pin(tokio::time::sleep(config.ping_every())),
@@ -518,6 +551,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             failed: None,
             reported: false,
             unflushed: false,
+            read_waker: Waker::from(Arc::clone(&read_wake)),
+            read_wake,
+            read_idle: false,
         }
     }
 
@@ -536,6 +572,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
 
     /// The WebSocket underneath, mutably.
     pub fn get_mut(&mut self) -> &mut WebSocketStream<S> {
+        // Whatever is done with it, the next read looks at the socket again.
+        self.read_idle = false;
         &mut self.stream
     }
 
@@ -1047,20 +1085,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// what was buffered before it (the peer then sees a clean close, not a connection that
     /// just ends), for at most [`CLOSE_WAIT`]; then the stream ends, cleanly.
     fn poll_close_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Up<Bytes>>>> {
-        let deadline = self
-            .closing
+        self.closing
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_WAIT)));
         loop {
-            match Pin::new(&mut self.stream).poll_next(cx) {
+            match self.poll_frame(cx) {
                 // After the close frame, nothing more is delivered.
                 Poll::Ready(Some(Ok(_))) => continue,
                 Poll::Ready(Some(Err(_)) | None) => break,
-                Poll::Pending if deadline.as_mut().poll(cx).is_pending() => return Poll::Pending,
-                Poll::Pending => break,
+                Poll::Pending => {
+                    let deadline = self.closing.as_mut().expect("set above");
+                    if deadline.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    break;
+                }
             }
         }
         self.answering_close = false;
         Poll::Ready(None)
+    }
+
+    /// The next frame from tungstenite, which it reads from the socket: polled again only
+    /// once something woke the reading side since it last found nothing. (tungstenite zeroes
+    /// its whole read buffer, 128 KiB, before each read of the socket, also one that finds
+    /// nothing: a task polled for other reasons, such as a driver woken to flush, would pay
+    /// that each time.) tungstenite arranges a wake-up for whatever lets its reading go on
+    /// (the socket readable, or writable for an answer it owes the peer); what the sending
+    /// side does changes nothing it would read (a connection reset or closed under it makes
+    /// the socket readable, which wakes the reading side too).
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Message, tungstenite::Error>>> {
+        self.read_wake.task.register(cx.waker());
+        let woken = self.read_wake.woken.swap(false, AcqRel);
+        if self.read_idle && !woken {
+            return Poll::Pending;
+        }
+        let mut read_cx = Context::from_waker(&self.read_waker);
+        let frame = Pin::new(&mut self.stream).poll_next(&mut read_cx);
+        self.read_idle = frame.is_pending();
+        frame
     }
 }
 
@@ -1091,7 +1156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                     return Poll::Ready(Some(Err(error)));
                 }
             }
-            match Pin::new(&mut this.stream).poll_next(cx) {
+            match this.poll_frame(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     this.heard = true;
                     let frame = match message {
