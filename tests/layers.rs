@@ -1967,6 +1967,55 @@ async fn a_connection_ending_during_a_close_is_not_reconnected() {
     assert_eq!(*state.borrow(), ConnectionState::Closed);
 }
 
+/// A closed reconnect layer used again refuses with a `Closed` error, and does not connect
+/// anew (it made a connection nobody would close, and said it was connected).
+#[tokio::test]
+async fn a_closed_reconnect_layer_refuses_and_does_not_connect_again() {
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let layer = ReconnectLayer::new(fast_backoff());
+    let state = layer.state();
+    let mut transport = layer.layer({
+        let broker = broker.clone();
+        move || {
+            let broker = broker.clone();
+            async move { broker.connect() }
+        }
+    });
+    transport
+        .send(Command::Subscribe(Topic::from("t:1")))
+        .await
+        .unwrap();
+    assert_eq!(broker.connects(), 1);
+    tokio::time::timeout(WAIT, transport.close())
+        .await
+        .unwrap()
+        .unwrap();
+    let flushed = tokio::time::timeout(WAIT, transport.flush()).await.unwrap();
+    assert_eq!(
+        flushed.unwrap_err().kind(),
+        alkdev_pubsub::ErrorKind::Closed
+    );
+    let sent = tokio::time::timeout(
+        WAIT,
+        transport.send(Command::Publish {
+            topic: Topic::from("t:1"),
+            message: bytes::Bytes::from_static(b"{}"),
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.unwrap_err().kind(), alkdev_pubsub::ErrorKind::Closed);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(broker.connects(), 1, "no connection after the close");
+    assert_eq!(*state.borrow(), ConnectionState::Closed);
+    // Closing again is fine.
+    tokio::time::timeout(WAIT, transport.close())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// A reconnect layer dropped without a close (an event target's close that ran out of time
 /// during an outage) says it is closed.
 #[tokio::test]

@@ -7,6 +7,9 @@
 //!
 //! The error handed to a quarantine callback carries the channel and the whole raw frame
 //! ([`Error::channel`], [`Error::frame`]).
+//!
+//! It acts on what the [codec layer](crate::codec) reports, so it goes above (outside) it, as
+//! in the usual stack: below the codec, nothing it sees is a decode error, and it does nothing.
 
 use std::fmt;
 use std::pin::Pin;

@@ -77,7 +77,10 @@ impl Backoff {
         self
     }
 
-    /// After this many failed attempts in a row, give up (`None`: never).
+    /// After this many failed attempts in a row, give up (`None`: never). An attempt that
+    /// connected counts as failed when the connection did not stay up for
+    /// [`stable_after`](Self::stable_after): a server that accepts and drops every connection
+    /// is given up on as one that refuses them.
     pub fn max_attempts(mut self, max_attempts: Option<u32>) -> Self {
         self.max_attempts = max_attempts;
         self

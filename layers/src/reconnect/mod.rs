@@ -324,6 +324,7 @@ impl<F: MakeTransport, M> fmt::Debug for Reconnect<F, M> {
             Conn::Connecting(_) => "connecting",
             Conn::Waiting(_) => "waiting",
             Conn::Up(_) => "connected",
+            Conn::GaveUp(_) if self.closed => "closed",
             Conn::GaveUp(_) => "gave up",
         };
         f.debug_struct("Reconnect")
@@ -989,7 +990,8 @@ where
             this.announce_now();
         }
         this.closed = true;
-        this.conn = Conn::Idle;
+        // Used again, the layer refuses (and does not connect anew).
+        this.conn = Conn::GaveUp(Error::closed("the reconnecting transport is closed"));
         this.set_state(ConnectionState::Closed);
         Poll::Ready(result)
     }
