@@ -749,3 +749,59 @@ async fn publishes_waiting_on_a_paused_master_are_bounded_by_their_bytes() {
     );
     drop(cluster);
 }
+
+/// The answer to an unsubscribe comes after the channel's messages that arrived before it:
+/// an event target delivers those (a close drains until its unsubscribes are answered), and
+/// drops what comes after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_is_answered_after_the_messages_that_came_before_it() {
+    const MESSAGES: usize = 200;
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let mut transport = RedisClusterTransport::connect_with(cluster.urls(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let topic = Topic::from("order:1");
+    transport
+        .send(Command::Subscribe(topic.clone()))
+        .await
+        .unwrap();
+    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(
+        matches!(&confirmed, Some(Ok(Up::Subscribed(t))) if *t == topic),
+        "{confirmed:?}"
+    );
+    for n in 0..MESSAGES {
+        transport
+            .feed(Command::Publish {
+                topic: topic.clone(),
+                message: bytes::Bytes::from(n.to_string()),
+            })
+            .await
+            .unwrap();
+    }
+    transport.flush().await.unwrap();
+    transport
+        .send(Command::Unsubscribe(topic.clone()))
+        .await
+        .unwrap();
+    // The node has answered by now; nothing was read yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match transport.next().await {
+                Some(Ok(Up::Message { message, .. })) => {
+                    received.push(String::from_utf8(message.to_vec()).unwrap())
+                }
+                Some(Ok(Up::Unsubscribed(t))) if t == topic => break,
+                other => panic!("expected messages, then the answer: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the unsubscribe is answered");
+    let expected: Vec<String> = (0..MESSAGES).map(|n| n.to_string()).collect();
+    assert_eq!(received, expected, "every message, before the answer");
+}

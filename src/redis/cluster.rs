@@ -32,7 +32,11 @@
 //! one node: the transport keeps up to 32 MiB of messages for it, then drops what comes, and
 //! tells of the gap with [`Up::Reconnected`] where it is. Publishing to a shard that is down
 //! fails with an error of kind [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or
-//! a connection error; the [retry layer](crate::layers::retry) resends transient ones.
+//! a connection error; the [retry layer](crate::layers::retry) resends transient ones. The
+//! publishes to one slot go in one pipeline, and redis-rs sends a pipeline again whole when a
+//! reply in it asks for that (`MOVED`, `TRYAGAIN`, a connection that dropped partway), so a
+//! message published before that reply may be delivered twice: at least once, as with the
+//! retry layer.
 //!
 //! **JavaScript peers.** Sharded and classic pub/sub do not see each other: a `PUBLISH`
 //! reaches no `SSUBSCRIBE`, an `SPUBLISH` no `SUBSCRIBE`. The JavaScript design's Redis event
@@ -625,28 +629,35 @@ impl RedisClusterTransport {
                         Err(error) if error.is_unrecoverable() => return Err(error),
                         Err(error) => {
                             // Refused for this channel alone: the connection goes on.
-                            self.signals.push_back(match command {
+                            match command {
                                 Command::Unsubscribe(topic) => {
                                     tracing::warn!(%error, %topic, "SUNSUBSCRIBE was refused");
-                                    // No answer will come as a push.
-                                    answered(&mut self.leaving, &topic);
-                                    Up::Unsubscribed(topic)
+                                    // No answer will come as a push (unless one came
+                                    // already: then it was told).
+                                    if answered(&mut self.leaving, &topic) {
+                                        self.signals.push_back(Up::Unsubscribed(topic));
+                                    }
                                 }
                                 other => {
                                     let topic = other.topic().clone();
                                     if !subscribed_again(&self.pending, &topic) {
                                         self.active.remove(&topic);
                                     }
-                                    Up::SubscribeFailed(topic.clone(), error.on_channel(&topic))
+                                    let error = error.on_channel(&topic);
+                                    self.signals.push_back(Up::SubscribeFailed(topic, error));
                                 }
-                            });
+                            }
                             continue;
                         }
                     }
-                    self.signals.push_back(match command {
-                        Command::Unsubscribe(topic) => Up::Unsubscribed(topic),
-                        other => Up::Subscribed(other.topic().clone()),
-                    });
+                    match command {
+                        // Told when its push comes (see `handle_push`), after the channel's
+                        // messages that came before it, which an event target still delivers.
+                        Command::Unsubscribe(_) => {}
+                        other => self
+                            .signals
+                            .push_back(Up::Subscribed(other.topic().clone())),
+                    }
                 }
                 Control::Resubscribing { reply } => {
                     let Poll::Ready(result) = reply.as_mut().poll(cx) else {
@@ -696,9 +707,8 @@ impl RedisClusterTransport {
         }
     }
 
-    /// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own: see
-    /// [`own_unsubscribe`].
-    fn own_unsubscribe(&mut self, topic: &Topic) -> bool {
+    /// Whose an SUNSUBSCRIBE push for `topic` is: see [`own_unsubscribe`].
+    fn own_unsubscribe(&mut self, topic: &Topic) -> Own {
         own_unsubscribe(&mut self.leaving, &self.pending, topic)
     }
 
@@ -723,8 +733,12 @@ impl RedisClusterTransport {
                 }))
             }
             PushKind::Disconnection => {
-                // The answers that node owed will not come.
-                self.leaving.clear();
+                // The answers that node owed will not come (which node it was is not said):
+                // the unsubscribes are answered now, its connection gone.
+                for (topic, owed) in self.leaving.drain() {
+                    self.signals
+                        .extend((0..owed).map(|_| Up::Unsubscribed(topic.clone())));
+                }
                 tracing::warn!(
                     "a cluster node's connection dropped; subscribing every channel again"
                 );
@@ -737,14 +751,19 @@ impl RedisClusterTransport {
                 None
             }
             PushKind::SUnsubscribe => {
-                // Also the answer to this transport's own SUNSUBSCRIBE (confirmations are
-                // taken from the commands' answers); for an active channel that is not being
-                // left, the node dropped it: its slot moved to another master.
+                // The answer to this transport's own SUNSUBSCRIBE, told here: the channel's
+                // messages read before it came before it on the node's connection. For an
+                // active channel that is not being left, the node dropped it: its slot moved
+                // to another master.
                 let Some(Value::BulkString(name)) = push.data.into_iter().next() else {
                     return None;
                 };
                 let topic = Topic::from(String::from_utf8_lossy(&name).as_ref());
-                if !self.own_unsubscribe(&topic) && self.active.contains(&topic) {
+                let own = self.own_unsubscribe(&topic);
+                if own == Own::Answer {
+                    return Some(Ok(Up::Unsubscribed(topic)));
+                }
+                if own == Own::No && self.active.contains(&topic) {
                     tracing::warn!(
                         %topic,
                         "a cluster node dropped a subscription (its slot moved); subscribing it again"
@@ -756,27 +775,44 @@ impl RedisClusterTransport {
                 }
                 None
             }
-            // Confirmations are taken from the commands' answers.
+            // Subscribes are confirmed by the commands' answers.
             _ => None,
         }
     }
 }
 
-/// Whether an SUNSUBSCRIBE answer for `topic` is this transport's own: the answer to one it
-/// sent (taken off the count of those expected, `leaving`), or one it is about to send anyway
-/// (queued in `pending`: the node dropped the channel first, and leaving it is what comes
-/// next). The count comes first: an answer to a sent one taken for a queued one would leave
+/// Whose an SUNSUBSCRIBE push for `topic` is: the answer to one this transport sent (taken
+/// off the count of those expected, `leaving`), a node dropping a channel this transport is
+/// about to leave anyway (queued in `pending`: leaving it is what comes next), or a node
+/// dropping a channel on its own (its slot moved). The count comes first: an answer to a sent one taken for a queued one would leave
 /// the count one too high, and the next drop of the channel by a node (its slot moved) would
 /// be taken for an answer, leaving the channel deaf.
 fn own_unsubscribe(
     leaving: &mut HashMap<Topic, u32>,
     pending: &VecDeque<Command<()>>,
     topic: &Topic,
-) -> bool {
-    answered(leaving, topic)
-        || pending
-            .iter()
-            .any(|command| matches!(command, Command::Unsubscribe(left) if left == topic))
+) -> Own {
+    if answered(leaving, topic) {
+        Own::Answer
+    } else if pending
+        .iter()
+        .any(|command| matches!(command, Command::Unsubscribe(left) if left == topic))
+    {
+        Own::Queued
+    } else {
+        Own::No
+    }
+}
+
+/// Whose an SUNSUBSCRIBE push is (see [`own_unsubscribe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Own {
+    /// The answer to one this transport sent.
+    Answer,
+    /// A node dropped the channel, which this transport is about to leave anyway.
+    Queued,
+    /// A node dropped the channel on its own.
+    No,
 }
 
 /// Whether a subscribe of `topic` is queued in `pending`: a subscribe of it that failed (or a
@@ -1118,17 +1154,18 @@ mod tests {
         let mut leaving = HashMap::from([(t.clone(), 1)]);
         let mut pending = VecDeque::from([Command::Unsubscribe(t.clone())]);
         // The first one's answer, the second queued.
-        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+        assert_eq!(own_unsubscribe(&mut leaving, &pending, &t), Own::Answer);
         // The second is sent, and answered.
         pending.clear();
         *leaving.entry(t.clone()).or_default() += 1;
-        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+        assert_eq!(own_unsubscribe(&mut leaving, &pending, &t), Own::Answer);
         assert!(leaving.is_empty());
         // Subscribed again; a node drops the channel: not an answer.
-        assert!(!own_unsubscribe(&mut leaving, &pending, &t));
-        // Dropped while leaving it is queued: taken as the answer (leaving comes next).
+        assert_eq!(own_unsubscribe(&mut leaving, &pending, &t), Own::No);
+        // Dropped while leaving it is queued: not to be subscribed again (leaving comes
+        // next), and not the answer either.
         pending.push_back(Command::Unsubscribe(t.clone()));
-        assert!(own_unsubscribe(&mut leaving, &pending, &t));
+        assert_eq!(own_unsubscribe(&mut leaving, &pending, &t), Own::Queued);
     }
 
     /// A failed subscribe leaves its topic active when the user subscribed again since.
