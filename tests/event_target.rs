@@ -3024,3 +3024,51 @@ async fn events_for_no_listener_count_as_unrouted() {
     settle("the message routed", || events.stats().unrouted == 1).await;
     assert_eq!(events.stats().delivered, 0);
 }
+
+/// A publish from a thread-local's `Drop` as its thread ends, after the targets' own
+/// thread-local caches are gone (they were made later, so they go first): delivered, in
+/// process and through a driver, where it panicked (and a panic in a thread-local's
+/// destructor aborts the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_from_a_thread_locals_drop_as_the_thread_ends_is_delivered() {
+    struct Goodbye(Vec<EventTarget>);
+    impl Drop for Goodbye {
+        fn drop(&mut self) {
+            for events in self.0.drain(..) {
+                events
+                    .try_dispatch_event(numbered("bye", "1", 2))
+                    .expect("delivered");
+            }
+        }
+    }
+    thread_local! {
+        static GOODBYE: std::cell::RefCell<Goodbye> =
+            const { std::cell::RefCell::new(Goodbye(Vec::new())) };
+    }
+    let local: EventTarget = EventTarget::local();
+    let driven: EventTarget = EventTarget::new(LocalTransport::new());
+    let mut subscriptions = Vec::new();
+    for events in [&local, &driven] {
+        subscriptions.push(events.subscribe("bye:1").await.unwrap());
+    }
+    let publishers = vec![local.clone(), driven.clone()];
+    std::thread::spawn(move || {
+        // Made first, so destroyed last.
+        GOODBYE.with(|goodbye| goodbye.borrow_mut().0 = publishers.clone());
+        for events in &publishers {
+            events.try_dispatch_event(numbered("bye", "1", 1)).unwrap();
+        }
+    })
+    .join()
+    .expect("the thread ended cleanly");
+    for subscription in &mut subscriptions {
+        for expected in [1, 2] {
+            let event = tokio::time::timeout(WAIT, subscription.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(number_of(&event), expected);
+        }
+    }
+}

@@ -227,19 +227,23 @@ thread_local! {
     static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
 }
 
-/// `envelope`'s topic, reusing this thread's last one when it is the same.
+/// `envelope`'s topic, reusing this thread's last one when it is the same. (The thread-local
+/// caches here are skipped when they are gone: a publish from another thread-local's `Drop`,
+/// as the thread ends.)
 fn topic_of<P>(envelope: &Envelope<P>) -> Topic {
-    LAST_TOPIC.with(|last| {
-        let mut last = last.borrow_mut();
-        match &*last {
-            Some(topic) if envelope.has_topic(topic) => topic.clone(),
-            _ => {
-                let topic = envelope.topic();
-                *last = Some(topic.clone());
-                topic
+    LAST_TOPIC
+        .try_with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some(topic) if envelope.has_topic(topic) => topic.clone(),
+                _ => {
+                    let topic = envelope.topic();
+                    *last = Some(topic.clone());
+                    topic
+                }
             }
-        }
-    })
+        })
+        .unwrap_or_else(|_| envelope.topic())
 }
 
 impl EventTarget {
@@ -619,29 +623,34 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
         let shared = self.shared();
         shared.counters.published.fetch_add(1, Relaxed);
         let version = shared.version();
-        let remembered = LOCAL_ROUTE.with(|route| {
-            let route = route.try_borrow().ok()?;
-            let route = route.as_ref()?.downcast_ref::<LocalRoute<P>>()?;
-            if route.version == version
-                && std::ptr::eq(route.shared.as_ptr(), Arc::as_ptr(shared))
-                && envelope.has_topic(&route.topic)
-            {
-                route.listeners.upgrade()
-            } else {
-                None
-            }
-        });
+        let remembered = LOCAL_ROUTE
+            .try_with(|route| {
+                let route = route.try_borrow().ok()?;
+                let route = route.as_ref()?.downcast_ref::<LocalRoute<P>>()?;
+                if route.version == version
+                    && std::ptr::eq(route.shared.as_ptr(), Arc::as_ptr(shared))
+                    && envelope.has_topic(&route.topic)
+                {
+                    route.listeners.upgrade()
+                } else {
+                    None
+                }
+            })
+            .ok()
+            .flatten();
         let listeners = remembered.or_else(|| {
-            let (version, found) = TOPIC_KEY.with(|key| {
-                let mut key = key.borrow_mut();
-                key.clear();
-                key.push_str(&envelope.r#type);
-                key.push(':');
-                key.push_str(&envelope.id);
-                shared.listeners_of(&key)
-            });
+            let (version, found) = TOPIC_KEY
+                .try_with(|key| {
+                    let mut key = key.borrow_mut();
+                    key.clear();
+                    key.push_str(&envelope.r#type);
+                    key.push(':');
+                    key.push_str(&envelope.id);
+                    shared.listeners_of(&key)
+                })
+                .unwrap_or_else(|_| shared.listeners_of(&envelope.topic()));
             let (topic, listeners) = found?;
-            LOCAL_ROUTE.with(|route| {
+            let _ = LOCAL_ROUTE.try_with(|route| {
                 if let Ok(mut route) = route.try_borrow_mut() {
                     *route = Some(Box::new(LocalRoute {
                         shared: Arc::downgrade(shared),
