@@ -18,6 +18,16 @@
 //! builds a new one rather than a notice claiming the channel is back. TLS (`rediss://`
 //! seeds) is not supported.
 //!
+//! **Known limitation (redis-rs 1.8).** A subscribe is confirmed by the answer redis-rs
+//! hands back. During a reshard that moves several slots away from one master, that master
+//! sends an unprompted `sunsubscribe` for each channel it gives away, and redis-rs takes one
+//! that arrives while an `SSUBSCRIBE` to the same master waits for its answer as that answer
+//! (the real one, a `MOVED` redirect, is then dropped, and never followed): the channel being
+//! subscribed is reported subscribed, on a master that no longer owns it, and hears nothing
+//! until the transport subscribes everything again (a node's connection dropping, or the
+//! reconnect layer's new transport). The channel given away is subscribed again as usual.
+//! Confirming subscribes by the node's own `ssubscribe` push instead is not built yet.
+//!
 //! **Liveness.** A node that stops answering without closing its connection (a host that
 //! died, a network partition, a paused server) would leave its channels deaf with no error:
 //! the transport pings every master every 5 s ([`RedisClusterTransport::ping_interval`]), and
