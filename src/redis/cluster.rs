@@ -18,15 +18,11 @@
 //! builds a new one rather than a notice claiming the channel is back. TLS (`rediss://`
 //! seeds) is not supported.
 //!
-//! **Known limitation (redis-rs 1.8).** A subscribe is confirmed by the answer redis-rs
-//! hands back. During a reshard that moves several slots away from one master, that master
-//! sends an unprompted `sunsubscribe` for each channel it gives away, and redis-rs takes one
-//! that arrives while an `SSUBSCRIBE` to the same master waits for its answer as that answer
-//! (the real one, a `MOVED` redirect, is then dropped, and never followed): the channel being
-//! subscribed is reported subscribed, on a master that no longer owns it, and hears nothing
-//! until the transport subscribes everything again (a node's connection dropping, or the
-//! reconnect layer's new transport). The channel given away is subscribed again as usual.
-//! Confirming subscribes by the node's own `ssubscribe` push instead is not built yet.
+//! **Confirmations.** A subscribe counts once the node's own `ssubscribe` push is read, not
+//! on redis-rs's answer alone: during a reshard that moves several slots away from a master,
+//! redis-rs 1.8 can take an unprompted `sunsubscribe` from that master for the answer to a
+//! pending `SSUBSCRIBE` (and drop the real answer, a `MOVED` redirect). A subscribe answered
+//! without its push is sent again, after the response timeout.
 //!
 //! **Liveness.** A node that stops answering without closing its connection (a host that
 //! died, a network partition, a paused server) would leave its channels deaf with no error:
@@ -160,11 +156,36 @@ enum Control {
         command: Command<()>,
         reply: BoxFuture<'static, Result<()>>,
     },
-    /// Subscribing every active channel again after a node's connection dropped; resolves to
-    /// the channels refused for good.
-    Resubscribing {
-        reply: BoxFuture<'static, Result<Vec<(Topic, Error)>>>,
+    /// A subscribe the node answered: told once its `ssubscribe` push is read (see
+    /// [`RedisClusterTransport::confirmed`]); sent again if none came.
+    Confirming {
+        topic: Topic,
+        /// When to give up waiting for the push (once no push waits to be read).
+        deadline: Pin<Box<tokio::time::Sleep>>,
     },
+    /// Subscribing channels again after a node's connection dropped or a slot moved.
+    Resubscribing {
+        reply: BoxFuture<'static, Result<Resubscribed>>,
+        /// Channels refused for good by earlier passes.
+        refused: Vec<(Topic, Error)>,
+        /// When the first pass began (the attempts are bounded by [`RESUBSCRIBE_FOR`]).
+        started: tokio::time::Instant,
+    },
+    /// Subscribed again: [`Up::Reconnected`] is told once every channel's `ssubscribe` push
+    /// is read; those that got none are subscribed again.
+    ConfirmingAgain {
+        waiting: HashSet<Topic>,
+        refused: Vec<(Topic, Error)>,
+        started: tokio::time::Instant,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
+}
+
+/// What a pass of subscribing channels again did: the channels refused for good (an ACL,
+/// say), and those the nodes answered.
+struct Resubscribed {
+    refused: Vec<(Topic, Error)>,
+    answered: Vec<Topic>,
 }
 
 /// The Redis Cluster sharded pub/sub transport: see the [module](self).
@@ -183,6 +204,17 @@ pub struct RedisClusterTransport {
     /// SUNSUBSCRIBE answers still to come, per channel: this transport's own. One that comes
     /// unasked is a node dropping the channel.
     leaving: HashMap<Topic, u32>,
+    /// `ssubscribe` pushes read and not yet matched with a subscribe's answer. A subscribe
+    /// counts once its push is read, not on redis-rs's answer alone: during a reshard,
+    /// redis-rs can take a node's unprompted `sunsubscribe` for the answer to a pending
+    /// `SSUBSCRIBE` (and drop the real one, a `MOVED` redirect), and the channel would be
+    /// reported subscribed on a node that no longer owns it. The push comes before the answer
+    /// (redis-rs hands it over first), so one that has not come by the time every push queued
+    /// is read never will: the subscribe is sent again.
+    confirmed: HashMap<Topic, u32>,
+    /// When the subscribe being confirmed was first answered (attempts are bounded by
+    /// [`RESUBSCRIBE_FOR`]).
+    confirm_started: Option<tokio::time::Instant>,
     batch: Vec<(Topic, Bytes)>,
     /// The bytes of `batch`'s channels and payloads.
     batch_bytes: usize,
@@ -306,6 +338,8 @@ impl RedisClusterTransport {
             pushes,
             queue,
             leaving: HashMap::new(),
+            confirmed: HashMap::new(),
+            confirm_started: None,
             batch: Vec::new(),
             batch_bytes: 0,
             in_flight: None,
@@ -574,20 +608,23 @@ impl RedisClusterTransport {
     }
 
     /// Subscribes `channels` again, each on its (possibly new) owner. Resolves to the
-    /// channels refused for good (an ACL, say); an error once a channel could not be
-    /// subscribed again within the attempts, for the reconnect layer to rebuild the transport
-    /// (rather than tell of a reconnect that left a channel deaf).
+    /// channels refused for good (an ACL, say) and those answered; an error once a channel
+    /// could not be subscribed again within the attempts ([`RESUBSCRIBE_FOR`] from `started`),
+    /// for the reconnect layer to rebuild the transport (rather than tell of a reconnect that
+    /// left a channel deaf).
     fn resubscribe_future(
         &self,
         channels: Vec<Topic>,
-    ) -> BoxFuture<'static, Result<Vec<(Topic, Error)>>> {
+        started: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<Resubscribed>> {
         let connection = self.connection.clone();
         let timeout = self.response_timeout;
         Box::pin(async move {
             let mut refused = Vec::new();
+            let mut answered = Vec::new();
             // Until every channel is back on its (possibly new) owner: the node may still be
-            // restarting or failing over. One deadline for the whole pass.
-            let deadline = tokio::time::Instant::now() + RESUBSCRIBE_FOR;
+            // restarting or failing over. One deadline for every pass.
+            let deadline = started + RESUBSCRIBE_FOR;
             for channel in channels {
                 let mut delay = Duration::from_millis(50);
                 for attempt in 1.. {
@@ -596,7 +633,10 @@ impl RedisClusterTransport {
                         tokio::time::timeout(timeout, connection.ssubscribe(channel.as_str()))
                             .await;
                     match result {
-                        Ok(Ok(())) => break,
+                        Ok(Ok(())) => {
+                            answered.push(channel.clone());
+                            break;
+                        }
                         Ok(Err(error)) => {
                             let error = redis_error(&format!("SSUBSCRIBE {channel}"), error);
                             if !(error.is_transient() || error.is_unrecoverable()) {
@@ -618,8 +658,27 @@ impl RedisClusterTransport {
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
-            Ok(refused)
+            Ok(Resubscribed { refused, answered })
         })
+    }
+
+    /// Takes one `ssubscribe` push read for `topic`, if any.
+    fn take_confirmation(&mut self, topic: &Topic) -> bool {
+        take_one(&mut self.confirmed, topic)
+    }
+
+    /// Every channel subscribed again is confirmed: the ones refused for good are told, then
+    /// [`Up::Reconnected`].
+    fn resubscribed(&mut self, refused: Vec<(Topic, Error)>) {
+        self.control = Control::Idle;
+        for (topic, error) in refused {
+            if !subscribed_again(&self.pending, &topic) {
+                self.active.remove(&topic);
+            }
+            let error = error.on_channel(&topic);
+            self.signals.push_back(Up::SubscribeFailed(topic, error));
+        }
+        self.signals.push_back(Up::Reconnected);
     }
 
     fn poll_control(&mut self, cx: &mut Context<'_>) -> Result<()> {
@@ -664,26 +723,111 @@ impl RedisClusterTransport {
                         // Told when its push comes (see `handle_push`), after the channel's
                         // messages that came before it, which an event target still delivers.
                         Command::Unsubscribe(_) => {}
-                        other => self
-                            .signals
-                            .push_back(Up::Subscribed(other.topic().clone())),
+                        // Told once its push is read (see `confirmed`).
+                        other => {
+                            let topic = other.topic().clone();
+                            self.confirm_started
+                                .get_or_insert_with(tokio::time::Instant::now);
+                            self.control = Control::Confirming {
+                                topic,
+                                deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
+                            };
+                        }
                     }
                 }
-                Control::Resubscribing { reply } => {
+                Control::Confirming { topic, deadline } => {
+                    let topic = topic.clone();
+                    if take_one(&mut self.confirmed, &topic) {
+                        self.control = Control::Idle;
+                        self.confirm_started = None;
+                        self.signals.push_back(Up::Subscribed(topic));
+                        continue;
+                    }
+                    // Pushes still to read may hold it; a deadline passed with none left
+                    // means none came.
+                    if deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty() {
+                        return Ok(());
+                    }
+                    let started = *self
+                        .confirm_started
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if started.elapsed() >= RESUBSCRIBE_FOR {
+                        return Err(Error::connection_lost(format!(
+                            "SSUBSCRIBE {topic}: answered, but never confirmed by the node within {RESUBSCRIBE_FOR:?}"
+                        )));
+                    }
+                    tracing::warn!(
+                        %topic,
+                        "SSUBSCRIBE was answered but not confirmed by the node; sending it again"
+                    );
+                    let command = Command::Subscribe(topic);
+                    let reply = self.subscribe_future(&command);
+                    self.control = Control::InFlight { command, reply };
+                }
+                Control::Resubscribing {
+                    reply,
+                    refused,
+                    started,
+                } => {
                     let Poll::Ready(result) = reply.as_mut().poll(cx) else {
                         return Ok(());
                     };
+                    let mut refused = std::mem::take(refused);
+                    let started = *started;
                     self.control = Control::Idle;
                     // Given up on a channel: the transport fails, and the reconnect layer
                     // builds a new one (which subscribes everything again).
-                    for (topic, error) in result? {
-                        if !subscribed_again(&self.pending, &topic) {
-                            self.active.remove(&topic);
-                        }
-                        let error = error.on_channel(&topic);
-                        self.signals.push_back(Up::SubscribeFailed(topic, error));
+                    let Resubscribed {
+                        refused: refused_now,
+                        answered,
+                    } = result?;
+                    refused.extend(refused_now);
+                    let waiting: HashSet<Topic> = answered
+                        .into_iter()
+                        .filter(|topic| !self.take_confirmation(topic))
+                        .collect();
+                    if waiting.is_empty() {
+                        self.resubscribed(refused);
+                    } else {
+                        self.control = Control::ConfirmingAgain {
+                            waiting,
+                            refused,
+                            started,
+                            deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
+                        };
                     }
-                    self.signals.push_back(Up::Reconnected);
+                }
+                Control::ConfirmingAgain {
+                    waiting,
+                    refused,
+                    started,
+                    deadline,
+                } => {
+                    let confirmed = &mut self.confirmed;
+                    let active = &self.active;
+                    // Confirmed, or left since (nothing to wait for).
+                    waiting.retain(|topic| active.contains(topic) && !take_one(confirmed, topic));
+                    if waiting.is_empty() {
+                        let refused = std::mem::take(refused);
+                        self.resubscribed(refused);
+                        continue;
+                    }
+                    if deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty() {
+                        return Ok(());
+                    }
+                    tracing::warn!(
+                        channels = waiting.len(),
+                        "SSUBSCRIBE was answered but not confirmed by the node; sending it again"
+                    );
+                    let channels: Vec<Topic> = waiting.drain().collect();
+                    let started = *started;
+                    let refused = std::mem::take(refused);
+                    let reply = self.resubscribe_future(channels, started);
+                    self.control = Control::Resubscribing {
+                        reply,
+                        refused,
+                        started,
+                    };
                 }
                 Control::Idle => {
                     // Channels dropped while still active: only they, unless every channel
@@ -698,8 +842,11 @@ impl RedisClusterTransport {
                             .collect()
                     };
                     if !channels.is_empty() {
+                        let started = tokio::time::Instant::now();
                         self.control = Control::Resubscribing {
-                            reply: self.resubscribe_future(channels),
+                            reply: self.resubscribe_future(channels, started),
+                            refused: Vec::new(),
+                            started,
                         };
                         continue;
                     }
@@ -709,6 +856,8 @@ impl RedisClusterTransport {
                     if let Command::Unsubscribe(topic) = &command {
                         // Its answer comes as a push too (see `own_unsubscribe`).
                         *self.leaving.entry(topic.clone()).or_default() += 1;
+                        // A confirmation left over is not one for the next subscribe.
+                        self.confirmed.remove(topic);
                     }
                     let reply = self.subscribe_future(&command);
                     self.control = Control::InFlight { command, reply };
@@ -749,6 +898,8 @@ impl RedisClusterTransport {
                     self.signals
                         .extend((0..owed).map(|_| Up::Unsubscribed(topic.clone())));
                 }
+                // What that node confirmed is gone with it.
+                self.confirmed.clear();
                 tracing::warn!(
                     "a cluster node's connection dropped; subscribing every channel again"
                 );
@@ -785,7 +936,14 @@ impl RedisClusterTransport {
                 }
                 None
             }
-            // Subscribes are confirmed by the commands' answers.
+            PushKind::SSubscribe => {
+                // Confirms a subscribe (see `confirmed`).
+                if let Some(Value::BulkString(name)) = push.data.into_iter().next() {
+                    let topic = Topic::from(String::from_utf8_lossy(&name).as_ref());
+                    *self.confirmed.entry(topic).or_default() += 1;
+                }
+                None
+            }
             _ => None,
         }
     }
@@ -835,11 +993,16 @@ fn subscribed_again(pending: &VecDeque<Command<()>>, topic: &Topic) -> bool {
 
 /// One SUNSUBSCRIBE answer for `topic` fewer to expect; whether one was expected.
 fn answered(leaving: &mut HashMap<Topic, u32>, topic: &Topic) -> bool {
-    match leaving.get_mut(topic) {
-        Some(expected) => {
-            *expected -= 1;
-            if *expected == 0 {
-                leaving.remove(topic);
+    take_one(leaving, topic)
+}
+
+/// Takes one off `topic`'s count, if it has one.
+fn take_one(counts: &mut HashMap<Topic, u32>, topic: &Topic) -> bool {
+    match counts.get_mut(topic) {
+        Some(count) => {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(topic);
             }
             true
         }
@@ -1153,6 +1316,86 @@ mod tests {
             });
         }
         taken
+    }
+
+    /// A subscribe redis-rs answered but whose `ssubscribe` push never came is not taken for
+    /// done: it is sent again. (During a reshard, redis-rs can take a node's unprompted
+    /// `sunsubscribe` for the answer to a pending `SSUBSCRIBE`, whose own answer, a `MOVED`,
+    /// it then drops.) Simulated: the push is kept from the transport, and the channel is
+    /// left on the server behind its back before it reads the answer.
+    #[cfg(feature = "testkit")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_answered_without_its_push_is_sent_again() {
+        use futures::{SinkExt, StreamExt};
+        const WAIT: Duration = Duration::from_secs(30);
+        let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
+            .await
+            .unwrap();
+        let mut transport =
+            RedisClusterTransport::connect_with(cluster.urls(), Duration::from_millis(500))
+                .await
+                .unwrap();
+        let channel = "hidden:1";
+        let owner = &cluster.nodes[cluster.owner_of_channel(channel)];
+        // Keeps the first `ssubscribe` and `sunsubscribe` pushes of the channel from the
+        // transport.
+        let (forward, filtered) = mpsc::unbounded_channel();
+        let mut original = std::mem::replace(&mut transport.pushes, filtered);
+        tokio::spawn(async move {
+            let (mut hid_subscribe, mut hid_unsubscribe) = (false, false);
+            while let Some(pushed) = original.recv().await {
+                if let Pushed::Notice(push) = &pushed {
+                    let ours = matches!(
+                        push.data.first(),
+                        Some(Value::BulkString(name)) if name == channel.as_bytes()
+                    );
+                    if ours && push.kind == PushKind::SSubscribe && !hid_subscribe {
+                        hid_subscribe = true;
+                        continue;
+                    }
+                    if ours && push.kind == PushKind::SUnsubscribe && !hid_unsubscribe {
+                        hid_unsubscribe = true;
+                        continue;
+                    }
+                }
+                if forward.send(pushed).is_err() {
+                    return;
+                }
+            }
+        });
+        let numsub = |n: u32| format!("{channel}\n{n}");
+        let until = |n: u32| {
+            let deadline = std::time::Instant::now() + WAIT;
+            while owner.cli(&["PUBSUB", "SHARDNUMSUB", channel]) != numsub(n) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never {n} subscribers"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        // Sent (the flush starts the command), answered by the node; not read yet.
+        transport
+            .send(Command::Subscribe(Topic::from(channel)))
+            .await
+            .unwrap();
+        tokio::task::block_in_place(|| until(1));
+        // Left behind the transport's back: as if the answer it gets were another's.
+        let mut connection = transport.connection.clone();
+        connection.sunsubscribe(channel).await.unwrap();
+        tokio::task::block_in_place(|| until(0));
+        let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+        assert!(
+            matches!(&confirmed, Some(Ok(Up::Subscribed(t))) if t.as_str() == channel),
+            "{confirmed:?}"
+        );
+        tokio::task::block_in_place(|| until(1));
+        owner.cli(&["SPUBLISH", channel, "heard"]);
+        let heard = tokio::time::timeout(WAIT, transport.next()).await;
+        assert!(
+            matches!(&heard, Ok(Some(Ok(Up::Message { message, .. }))) if &message[..] == b"heard"),
+            "{heard:?}"
+        );
     }
 
     /// The answer to a sent SUNSUBSCRIBE that comes while another of the channel is queued
