@@ -40,7 +40,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .service(move || RedisTransport::connect(connect_url.clone()));
     let events: EventTarget = EventTarget::new(transport);
 
-    let mut statuses = events.subscribe("session.status:proj_123").await?;
+    // The reconnect layer tries for ever (the state changes print on stderr): without a
+    // server, say so rather than wait.
+    let mut statuses = tokio::time::timeout(
+        Duration::from_secs(10),
+        events.subscribe("session.status:proj_123"),
+    )
+    .await
+    .map_err(|_| format!("no Redis answered at {url} within 10 s: is redis-server running?"))??;
     println!("subscribed on {url} (channel alk:events:session.status:proj_123)");
     for state in ["queued", "running", "done"] {
         events

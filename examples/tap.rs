@@ -10,7 +10,9 @@
 //! `--count`. `publish` reads one envelope per line on stdin, publishes each on its topic
 //! (`type:id`), reports a bad line (not an envelope, not UTF-8, or an envelope refused on its
 //! own, such as one whose topic is over the limit) on stderr with its number and skips it, and
-//! exits 0 at the end of input once everything is flushed (for Redis: acknowledged).
+//! exits 0 at the end of input once everything is flushed (for Redis: acknowledged). An
+//! envelope not published for another reason (refused during an outage, once the reconnect
+//! layer's buffer is full) is reported the same way, and makes it exit 1 at the end of input.
 //!
 //! ```text
 //! cargo run --example tap --all-features -- listen --redis redis://127.0.0.1:6379/ --prefix alk:events: session.status:p1
@@ -20,7 +22,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer};
-use alkdev_pubsub::{Envelope, EventTarget};
+use alkdev_pubsub::{Envelope, ErrorKind, EventTarget};
 use tokio::io::AsyncBufReadExt;
 use tower::ServiceBuilder;
 
@@ -228,10 +230,18 @@ async fn publish(args: &Args) -> Result<(), String> {
     // Also after an error: what was dispatched before it is flushed.
     events.close().await;
     let tally = result?;
-    // Failures past the refusals already reported (a refusal may count as a failed publish).
-    let failed = events.stats().publish_failed.saturating_sub(tally.refused);
+    // Failures past those already reported (a refusal may count as a failed publish): what
+    // failed once dispatched (a flush the server never acknowledged).
+    let later = events
+        .stats()
+        .publish_failed
+        .saturating_sub(tally.refused + tally.failed);
+    let failed = tally.failed + later;
     if failed > 0 {
-        return Err(format!("{failed} publish(es) failed"));
+        return Err(format!(
+            "{failed} publish(es) failed ({} line(s) published)",
+            tally.sent
+        ));
     }
     eprintln!(
         "tap: published {} envelope(s), skipped {} bad line(s)",
@@ -241,12 +251,14 @@ async fn publish(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// What [`publish_lines`] did with the lines: published, not an envelope, or an envelope
-/// refused on its own.
+/// What [`publish_lines`] did with the lines: published, not an envelope, an envelope
+/// refused on its own (too large, say), or not published for another reason (the target's
+/// buffer full during an outage, say).
 struct Tally {
     sent: u64,
     unread: u64,
     refused: u64,
+    failed: u64,
 }
 
 /// Publishes each line of stdin that is an envelope. Lines are read as bytes: one that is not
@@ -258,17 +270,23 @@ async fn publish_lines(events: &EventTarget) -> Result<Tally, String> {
         sent: 0,
         unread: 0,
         refused: 0,
+        failed: 0,
     };
     let mut last: Option<(u64, Envelope)> = None;
-    // A publish refused on its own (a topic over the limit, say) is a bad line; a target that
-    // stopped ends the run.
+    // A publish refused for what it is (a topic over the limit, say) is a bad line; one that
+    // failed otherwise (the target's buffer full during an outage) fails the run, which goes
+    // on with the next lines; a target that stopped ends the run.
     let outcome = |tally: &mut Tally, line: u64, result: alkdev_pubsub::Result<()>| {
         match result {
             Ok(()) => tally.sent += 1,
             Err(error) if error.is_closed() => return Err(format!("line {line}: {error}")),
-            Err(error) => {
+            Err(error) if matches!(error.kind(), ErrorKind::TooLarge | ErrorKind::Encode) => {
                 eprintln!("tap: line {line}: not published, skipped: {error}");
                 tally.refused += 1;
+            }
+            Err(error) => {
+                eprintln!("tap: line {line}: not published: {error}");
+                tally.failed += 1;
             }
         }
         Ok(())

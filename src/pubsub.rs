@@ -13,7 +13,11 @@ use crate::{EventTarget, Stats, Subscription};
 /// Publish and subscribe to typed payloads by `type` and `id`.
 ///
 /// A thin front over an [`EventTarget<P>`](EventTarget): the payload type `P` is the
-/// envelope's, so over a transport the codec decodes each frame straight into `P`, once.
+/// envelope's, so over a transport the codec decodes each frame straight into `P`, once. A
+/// frame whose payload does not decode into `P` is not delivered and is no gap for the
+/// subscriber: it is counted in [`Stats::decode_errors`](crate::Stats::decode_errors) (and
+/// handed to a quarantine, with [`ParseErrorLayer::quarantine`](crate::layers::ParseErrorLayer::quarantine)),
+/// so a peer sending another shape goes unseen by the subscriber; watch the counter.
 ///
 /// ```
 /// use alkdev_pubsub::PubSub;

@@ -521,6 +521,69 @@ async fn tap_listens_and_publishes() {
     );
 }
 
+/// Lines refused during an outage (the reconnect buffer full) are not published: `tap publish`
+/// says so and exits with a failure, though the server came back and the rest went out (it
+/// took them for bad lines and exited 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_publish_fails_when_an_outage_refused_lines() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let mut publish = Command::new(tap_binary())
+        .args(["publish", "--redis", &url])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read as it comes: a line per refused envelope fills a pipe.
+    let mut stderr = publish.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut stdin = publish.stdin.take().unwrap();
+    let line = |n: usize| format!("{{\"type\":\"chat\",\"id\":\"1\",\"payload\":{n}}}\n");
+    stdin.write_all(line(0).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    // Connected for longer than the backoff's `stable_after` (5 s): its loss starts the count
+    // of attempts (three) anew.
+    wait_until(|| server.cli(&["CLIENT", "LIST"]).lines().count() >= 3).await;
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // More than the reconnect layer buffers (1,024) while the server is down.
+    let input: String = (1..=3_000).map(line).collect();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(input.as_bytes()).unwrap();
+        stdin
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::task::block_in_place(|| server.restart());
+    drop(tokio::task::block_in_place(|| writer.join().unwrap()));
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = publish.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = publish.kill();
+            panic!("tap publish did not finish within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stderr = tokio::task::block_in_place(|| reader.join().unwrap());
+    let tail: String = stderr.lines().rev().take(3).collect::<Vec<_>>().join("\n");
+    assert!(
+        stderr.contains("not published:"),
+        "the refused lines are reported: {tail}"
+    );
+    assert!(!status.success(), "refused lines fail the run: {tail}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscribe_fails_alone_and_the_connection_goes_on() {
     let server = RedisServer::start();
