@@ -58,7 +58,9 @@ fn fingerprint(envelope: &Envelope) -> u64 {
 }
 
 impl Spokes {
-    fn remember(&mut self, envelope: &Envelope, spoke: u64) {
+    /// Remembers that `spoke` sent `envelope`; returns the record (its fingerprint and
+    /// number), for [`Self::forget`].
+    fn remember(&mut self, envelope: &Envelope, spoke: u64) -> (u64, u64) {
         let key = fingerprint(envelope);
         self.remembered += 1;
         let seq = self.remembered;
@@ -76,6 +78,18 @@ impl Spokes {
                         self.origins.remove(&old);
                     }
                 }
+            }
+        }
+        (key, seq)
+    }
+
+    /// Forgets a record (its dispatch failed: no echo will come to take it, and the next such
+    /// event, from elsewhere, would be withheld from that spoke).
+    fn forget(&mut self, (key, seq): (u64, u64)) {
+        if let Some(origins) = self.origins.get_mut(&key) {
+            origins.retain(|(s, _)| *s != seq);
+            if origins.is_empty() {
+                self.origins.remove(&key);
             }
         }
     }
@@ -234,13 +248,17 @@ async fn serve_spoke(
         match item {
             Ok(Up::Message { message, .. }) => {
                 let envelope: Envelope = message;
-                spokes
+                let record = spokes
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remember(&envelope, id);
                 // A refusal concerns this event (a topic over the limit) or the moment (Redis
                 // down and its buffer full): the spoke stays; a stopped target ends it.
                 if let Err(error) = shared.dispatch_event(envelope).await {
+                    spokes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget(record);
                     eprintln!("hub: the shared target refused an event from spoke {id}: {error}");
                     if error.is_closed() {
                         break;
