@@ -5,6 +5,9 @@
 //! ```text
 //! cargo run --example spoke --features websocket -- --hub ws://127.0.0.1:9000/ --name alice chat:general
 //! ```
+//!
+//! `--count N` exits after hearing N events from other spokes (it runs until stopped
+//! otherwise).
 
 use std::time::Duration;
 
