@@ -22,7 +22,9 @@
 //! on redis-rs's answer alone: during a reshard that moves several slots away from a master,
 //! redis-rs 1.8 can take an unprompted `sunsubscribe` from that master for the answer to a
 //! pending `SSUBSCRIBE` (and drop the real answer, a `MOVED` redirect). A subscribe answered
-//! without its push is sent again, after the response timeout.
+//! without its push is sent again, after the response timeout. An unsubscribe is answered with
+//! its `sunsubscribe` push, after the channel's messages that came before it, or a response
+//! timeout after the node's answer if no push comes.
 //!
 //! **Liveness.** A node that stops answering without closing its connection (a host that
 //! died, a network partition, a paused server) would leave its channels deaf with no error:
@@ -156,6 +158,12 @@ enum Control {
         command: Command<()>,
         reply: BoxFuture<'static, Result<()>>,
     },
+    /// An unsubscribe the node answered: told once its `sunsubscribe` push is read (see
+    /// `handle_push`), or a response timeout after the answer if none comes.
+    Leaving {
+        topic: Topic,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
     /// A subscribe the node answered: told once its `ssubscribe` push is read (see
     /// [`RedisClusterTransport::confirmed`]); sent again if none came.
     Confirming {
@@ -204,15 +212,19 @@ pub struct RedisClusterTransport {
     /// SUNSUBSCRIBE answers still to come, per channel: this transport's own. One that comes
     /// unasked is a node dropping the channel.
     leaving: HashMap<Topic, u32>,
-    /// `ssubscribe` pushes read and not yet matched with a subscribe's answer. A subscribe
-    /// counts once its push is read, not on redis-rs's answer alone: during a reshard,
-    /// redis-rs can take a node's unprompted `sunsubscribe` for the answer to a pending
-    /// `SSUBSCRIBE` (and drop the real one, a `MOVED` redirect), and the channel would be
-    /// reported subscribed on a node that no longer owns it. The push comes before the answer
-    /// (redis-rs hands it over first), so one that has not come by the time every push queued
-    /// is read never will: the subscribe is sent again.
-    confirmed: HashMap<Topic, u32>,
-    /// When the subscribe being confirmed was first answered (attempts are bounded by
+    /// Channels this transport sent an `SSUBSCRIBE` for, not confirmed yet.
+    awaiting: HashSet<Topic>,
+    /// Those of `awaiting` whose `ssubscribe` push was read since. A subscribe counts once its
+    /// push is read, not on redis-rs's answer alone: during a reshard, redis-rs can take a
+    /// node's unprompted `sunsubscribe` for the answer to a pending `SSUBSCRIBE` (and drop the
+    /// real one, a `MOVED` redirect), and the channel would be reported subscribed on a node
+    /// that no longer owns it. A push for a channel not awaited (redis-rs subscribes channels
+    /// again on its own after a reconnect or a topology refresh) confirms nothing later. The
+    /// push travels apart from the answer (redis-rs relays pushes from a task of its own): one
+    /// that has not come a response timeout after the answer, with no push left to read, is
+    /// taken as never coming, and the subscribe is sent again.
+    confirmed: HashSet<Topic>,
+    /// When the subscribe being confirmed was first sent (attempts are bounded by
     /// [`RESUBSCRIBE_FOR`]).
     confirm_started: Option<tokio::time::Instant>,
     batch: Vec<(Topic, Bytes)>,
@@ -338,7 +350,8 @@ impl RedisClusterTransport {
             pushes,
             queue,
             leaving: HashMap::new(),
-            confirmed: HashMap::new(),
+            awaiting: HashSet::new(),
+            confirmed: HashSet::new(),
             confirm_started: None,
             batch: Vec::new(),
             batch_bytes: 0,
@@ -662,9 +675,24 @@ impl RedisClusterTransport {
         })
     }
 
-    /// Takes one `ssubscribe` push read for `topic`, if any.
+    /// Whether `topic`'s `ssubscribe` push was read since it was awaited; then it is no longer
+    /// awaited.
     fn take_confirmation(&mut self, topic: &Topic) -> bool {
-        take_one(&mut self.confirmed, topic)
+        take_confirmation(&mut self.awaiting, &mut self.confirmed, topic)
+    }
+
+    /// `channels` are subscribed (again): their pushes are awaited from now on.
+    fn await_confirmations<'a>(&mut self, channels: impl IntoIterator<Item = &'a Topic>) {
+        for topic in channels {
+            self.confirmed.remove(topic);
+            self.awaiting.insert(topic.clone());
+        }
+    }
+
+    /// `topic`'s subscribe ended unconfirmed (refused, or the channel left).
+    fn stop_awaiting(&mut self, topic: &Topic) {
+        self.awaiting.remove(topic);
+        self.confirmed.remove(topic);
     }
 
     /// Every channel subscribed again is confirmed: the ones refused for good are told, then
@@ -672,6 +700,7 @@ impl RedisClusterTransport {
     fn resubscribed(&mut self, refused: Vec<(Topic, Error)>) {
         self.control = Control::Idle;
         for (topic, error) in refused {
+            self.stop_awaiting(&topic);
             if !subscribed_again(&self.pending, &topic) {
                 self.active.remove(&topic);
             }
@@ -709,6 +738,7 @@ impl RedisClusterTransport {
                                 }
                                 other => {
                                     let topic = other.topic().clone();
+                                    self.stop_awaiting(&topic);
                                     if !subscribed_again(&self.pending, &topic) {
                                         self.active.remove(&topic);
                                     }
@@ -719,27 +749,38 @@ impl RedisClusterTransport {
                             continue;
                         }
                     }
-                    match command {
+                    let deadline = Box::pin(tokio::time::sleep(self.response_timeout));
+                    self.control = match command {
                         // Told when its push comes (see `handle_push`), after the channel's
                         // messages that came before it, which an event target still delivers.
-                        Command::Unsubscribe(_) => {}
+                        Command::Unsubscribe(topic) => Control::Leaving { topic, deadline },
                         // Told once its push is read (see `confirmed`).
-                        other => {
-                            let topic = other.topic().clone();
-                            self.confirm_started
-                                .get_or_insert_with(tokio::time::Instant::now);
-                            self.control = Control::Confirming {
-                                topic,
-                                deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
-                            };
-                        }
+                        other => Control::Confirming {
+                            topic: other.topic().clone(),
+                            deadline,
+                        },
+                    };
+                }
+                Control::Leaving { topic, deadline } => {
+                    // Answered by its push (see `handle_push`), or, if none came a response
+                    // timeout after the answer with nothing left to read, here: every
+                    // unsubscribe is answered.
+                    if self.leaving.contains_key(topic)
+                        && (deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty())
+                    {
+                        return Ok(());
+                    }
+                    let topic = topic.clone();
+                    self.control = Control::Idle;
+                    if answered(&mut self.leaving, &topic) {
+                        tracing::warn!(%topic, "SUNSUBSCRIBE was answered but not confirmed by the node");
+                        self.signals.push_back(Up::Unsubscribed(topic));
                     }
                 }
                 Control::Confirming { topic, deadline } => {
                     let topic = topic.clone();
-                    if take_one(&mut self.confirmed, &topic) {
+                    if take_confirmation(&mut self.awaiting, &mut self.confirmed, &topic) {
                         self.control = Control::Idle;
-                        self.confirm_started = None;
                         self.signals.push_back(Up::Subscribed(topic));
                         continue;
                     }
@@ -752,6 +793,7 @@ impl RedisClusterTransport {
                         .confirm_started
                         .get_or_insert_with(tokio::time::Instant::now);
                     if started.elapsed() >= RESUBSCRIBE_FOR {
+                        self.stop_awaiting(&topic);
                         return Err(Error::connection_lost(format!(
                             "SSUBSCRIBE {topic}: answered, but never confirmed by the node within {RESUBSCRIBE_FOR:?}"
                         )));
@@ -803,10 +845,17 @@ impl RedisClusterTransport {
                     started,
                     deadline,
                 } => {
-                    let confirmed = &mut self.confirmed;
+                    let (awaiting, confirmed) = (&mut self.awaiting, &mut self.confirmed);
                     let active = &self.active;
                     // Confirmed, or left since (nothing to wait for).
-                    waiting.retain(|topic| active.contains(topic) && !take_one(confirmed, topic));
+                    waiting.retain(|topic| {
+                        if !active.contains(topic) {
+                            awaiting.remove(topic);
+                            confirmed.remove(topic);
+                            return false;
+                        }
+                        !take_confirmation(awaiting, confirmed, topic)
+                    });
                     if waiting.is_empty() {
                         let refused = std::mem::take(refused);
                         self.resubscribed(refused);
@@ -814,6 +863,12 @@ impl RedisClusterTransport {
                     }
                     if deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty() {
                         return Ok(());
+                    }
+                    if started.elapsed() >= RESUBSCRIBE_FOR {
+                        return Err(Error::connection_lost(format!(
+                            "gave up subscribing {} channel(s) again after a node dropped or a slot moved: answered, but never confirmed by their nodes within {RESUBSCRIBE_FOR:?}",
+                            waiting.len()
+                        )));
                     }
                     tracing::warn!(
                         channels = waiting.len(),
@@ -843,6 +898,7 @@ impl RedisClusterTransport {
                     };
                     if !channels.is_empty() {
                         let started = tokio::time::Instant::now();
+                        self.await_confirmations(&channels);
                         self.control = Control::Resubscribing {
                             reply: self.resubscribe_future(channels, started),
                             refused: Vec::new(),
@@ -853,11 +909,16 @@ impl RedisClusterTransport {
                     let Some(command) = self.pending.pop_front() else {
                         return Ok(());
                     };
-                    if let Command::Unsubscribe(topic) = &command {
-                        // Its answer comes as a push too (see `own_unsubscribe`).
-                        *self.leaving.entry(topic.clone()).or_default() += 1;
-                        // A confirmation left over is not one for the next subscribe.
-                        self.confirmed.remove(topic);
+                    match &command {
+                        Command::Unsubscribe(topic) => {
+                            // Its answer comes as a push too (see `own_unsubscribe`).
+                            *self.leaving.entry(topic.clone()).or_default() += 1;
+                        }
+                        other => {
+                            let topic = other.topic().clone();
+                            self.await_confirmations([&topic]);
+                            self.confirm_started = Some(tokio::time::Instant::now());
+                        }
                     }
                     let reply = self.subscribe_future(&command);
                     self.control = Control::InFlight { command, reply };
@@ -898,7 +959,7 @@ impl RedisClusterTransport {
                     self.signals
                         .extend((0..owed).map(|_| Up::Unsubscribed(topic.clone())));
                 }
-                // What that node confirmed is gone with it.
+                // What that node confirmed is gone with it (the channels are subscribed again).
                 self.confirmed.clear();
                 tracing::warn!(
                     "a cluster node's connection dropped; subscribing every channel again"
@@ -937,10 +998,12 @@ impl RedisClusterTransport {
                 None
             }
             PushKind::SSubscribe => {
-                // Confirms a subscribe (see `confirmed`).
+                // Confirms a subscribe this transport awaits (see `confirmed`).
                 if let Some(Value::BulkString(name)) = push.data.into_iter().next() {
                     let topic = Topic::from(String::from_utf8_lossy(&name).as_ref());
-                    *self.confirmed.entry(topic).or_default() += 1;
+                    if self.awaiting.contains(&topic) {
+                        self.confirmed.insert(topic);
+                    }
                 }
                 None
             }
@@ -994,6 +1057,21 @@ fn subscribed_again(pending: &VecDeque<Command<()>>, topic: &Topic) -> bool {
 /// One SUNSUBSCRIBE answer for `topic` fewer to expect; whether one was expected.
 fn answered(leaving: &mut HashMap<Topic, u32>, topic: &Topic) -> bool {
     take_one(leaving, topic)
+}
+
+/// Whether `topic`'s `ssubscribe` push was read since it was awaited; then it is no longer
+/// awaited.
+fn take_confirmation(
+    awaiting: &mut HashSet<Topic>,
+    confirmed: &mut HashSet<Topic>,
+    topic: &Topic,
+) -> bool {
+    if confirmed.remove(topic) {
+        awaiting.remove(topic);
+        true
+    } else {
+        false
+    }
 }
 
 /// Takes one off `topic`'s count, if it has one.
@@ -1326,6 +1404,71 @@ mod tests {
     #[cfg(feature = "testkit")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_answered_without_its_push_is_sent_again() {
+        subscribe_whose_push_is_hidden(false).await;
+    }
+
+    /// The same, after redis-rs subscribed the channel on its own (as it does after a
+    /// reconnect or a topology refresh): that push, which nobody awaited, confirms nothing
+    /// later.
+    #[cfg(feature = "testkit")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_nobody_awaited_confirms_no_later_subscribe() {
+        subscribe_whose_push_is_hidden(true).await;
+    }
+
+    /// An unsubscribe whose `sunsubscribe` push never comes (redis-rs took another for its
+    /// answer, say) is answered all the same, a response timeout after the node's answer:
+    /// every unsubscribe is answered.
+    #[cfg(feature = "testkit")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unsubscribe_whose_push_never_comes_is_answered() {
+        use futures::{SinkExt, StreamExt};
+        const WAIT: Duration = Duration::from_secs(30);
+        let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
+            .await
+            .unwrap();
+        let mut transport =
+            RedisClusterTransport::connect_with(cluster.urls(), Duration::from_millis(500))
+                .await
+                .unwrap();
+        let topic = Topic::from("left:1");
+        let (forward, filtered) = mpsc::unbounded_channel();
+        let mut original = std::mem::replace(&mut transport.pushes, filtered);
+        tokio::spawn(async move {
+            while let Some(pushed) = original.recv().await {
+                if matches!(&pushed, Pushed::Notice(push) if push.kind == PushKind::SUnsubscribe) {
+                    continue;
+                }
+                if forward.send(pushed).is_err() {
+                    return;
+                }
+            }
+        });
+        transport
+            .send(Command::Subscribe(topic.clone()))
+            .await
+            .unwrap();
+        let subscribed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+        assert!(
+            matches!(&subscribed, Some(Ok(Up::Subscribed(t))) if *t == topic),
+            "{subscribed:?}"
+        );
+        transport
+            .send(Command::Unsubscribe(topic.clone()))
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+        assert!(
+            matches!(&answered, Some(Ok(Up::Unsubscribed(t))) if *t == topic),
+            "{answered:?}"
+        );
+    }
+
+    /// Subscribes a channel whose `ssubscribe` push is kept from the transport, the channel
+    /// then left behind its back: it must be sent again, and heard. With `unawaited`, redis-rs
+    /// subscribed it first, on its own (that push reaches the transport).
+    #[cfg(feature = "testkit")]
+    async fn subscribe_whose_push_is_hidden(unawaited: bool) {
         use futures::{SinkExt, StreamExt};
         const WAIT: Duration = Duration::from_secs(30);
         let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
@@ -1337,21 +1480,24 @@ mod tests {
                 .unwrap();
         let channel = "hidden:1";
         let owner = &cluster.nodes[cluster.owner_of_channel(channel)];
-        // Keeps the first `ssubscribe` and `sunsubscribe` pushes of the channel from the
-        // transport.
+        // Keeps the transport's first `ssubscribe` push of the channel (the second, when
+        // redis-rs subscribes it first) and the first `sunsubscribe` push from it.
+        let hide_subscribe = if unawaited { 2 } else { 1 };
         let (forward, filtered) = mpsc::unbounded_channel();
         let mut original = std::mem::replace(&mut transport.pushes, filtered);
         tokio::spawn(async move {
-            let (mut hid_subscribe, mut hid_unsubscribe) = (false, false);
+            let (mut subscribes, mut hid_unsubscribe) = (0, false);
             while let Some(pushed) = original.recv().await {
                 if let Pushed::Notice(push) = &pushed {
                     let ours = matches!(
                         push.data.first(),
                         Some(Value::BulkString(name)) if name == channel.as_bytes()
                     );
-                    if ours && push.kind == PushKind::SSubscribe && !hid_subscribe {
-                        hid_subscribe = true;
-                        continue;
+                    if ours && push.kind == PushKind::SSubscribe {
+                        subscribes += 1;
+                        if subscribes == hide_subscribe {
+                            continue;
+                        }
                     }
                     if ours && push.kind == PushKind::SUnsubscribe && !hid_unsubscribe {
                         hid_unsubscribe = true;
@@ -1374,6 +1520,13 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
         };
+        let mut connection = transport.connection.clone();
+        if unawaited {
+            connection.ssubscribe(channel).await.unwrap();
+            // Its push is read (and tells nothing).
+            let nothing = tokio::time::timeout(Duration::from_millis(300), transport.next()).await;
+            assert!(nothing.is_err(), "{nothing:?}");
+        }
         // Sent (the flush starts the command), answered by the node; not read yet.
         transport
             .send(Command::Subscribe(Topic::from(channel)))
@@ -1381,7 +1534,6 @@ mod tests {
             .unwrap();
         tokio::task::block_in_place(|| until(1));
         // Left behind the transport's back: as if the answer it gets were another's.
-        let mut connection = transport.connection.clone();
         connection.sunsubscribe(channel).await.unwrap();
         tokio::task::block_in_place(|| until(0));
         let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
