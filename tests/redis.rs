@@ -554,7 +554,9 @@ async fn tap_publish_fails_when_an_outage_refused_lines() {
     wait_until(|| server.cli(&["CLIENT", "LIST"]).lines().count() >= 3).await;
     tokio::time::sleep(Duration::from_millis(5_500)).await;
     server.kill();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Time to notice the loss (then the layer tries at once, and again after about 100 ms and
+    // 300 ms; should the server come back after that, the run fails all the same).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // More than the reconnect layer buffers (1,024) while the server is down.
     let input: String = (1..=3_000).map(line).collect();
     let writer = std::thread::spawn(move || {
