@@ -1971,17 +1971,8 @@ async fn a_connection_ending_during_a_close_is_not_reconnected() {
 /// anew (it made a connection nobody would close, and said it was connected).
 #[tokio::test]
 async fn a_closed_reconnect_layer_refuses_and_does_not_connect_again() {
-    use tower::Layer;
     let broker = MemoryBroker::new();
-    let layer = ReconnectLayer::new(fast_backoff());
-    let state = layer.state();
-    let mut transport = layer.layer({
-        let broker = broker.clone();
-        move || {
-            let broker = broker.clone();
-            async move { broker.connect() }
-        }
-    });
+    let mut transport = reconnecting(&broker);
     transport
         .send(Command::Subscribe(Topic::from("t:1")))
         .await
@@ -2008,7 +1999,7 @@ async fn a_closed_reconnect_layer_refuses_and_does_not_connect_again() {
     assert_eq!(sent.unwrap_err().kind(), alkdev_pubsub::ErrorKind::Closed);
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(broker.connects(), 1, "no connection after the close");
-    assert_eq!(*state.borrow(), ConnectionState::Closed);
+    assert_eq!(transport.state(), ConnectionState::Closed);
     // Closing again is fine.
     tokio::time::timeout(WAIT, transport.close())
         .await

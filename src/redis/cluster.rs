@@ -85,7 +85,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -162,14 +162,13 @@ enum Control {
     /// `handle_push`), or a response timeout after the answer if none comes.
     Leaving {
         topic: Topic,
-        deadline: Pin<Box<tokio::time::Sleep>>,
+        wait: Wait,
     },
     /// A subscribe the node answered: told once its `ssubscribe` push is read (see
     /// [`RedisClusterTransport::confirmed`]); sent again if none came.
     Confirming {
         topic: Topic,
-        /// When to give up waiting for the push (once no push waits to be read).
-        deadline: Pin<Box<tokio::time::Sleep>>,
+        wait: Wait,
     },
     /// Subscribing channels again after a node's connection dropped or a slot moved.
     Resubscribing {
@@ -185,8 +184,33 @@ enum Control {
         waiting: HashSet<Topic>,
         refused: Vec<(Topic, Error)>,
         started: tokio::time::Instant,
-        deadline: Pin<Box<tokio::time::Sleep>>,
+        wait: Wait,
     },
+}
+
+/// A wait for a push that may never come: over once the deadline has passed and every push
+/// handed over by then has been read (the one waited for, had it come, among them).
+struct Wait {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// [`PushQueue::sent`] when the deadline had passed.
+    mark: Option<u64>,
+}
+
+impl Wait {
+    fn new(timeout: Duration) -> Self {
+        Wait {
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            mark: None,
+        }
+    }
+
+    /// Whether the wait is over, `read` items having been read from `queue`.
+    fn over(&mut self, cx: &mut Context<'_>, queue: &PushQueue, read: u64) -> bool {
+        if self.deadline.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        read >= *self.mark.get_or_insert_with(|| queue.sent.load(Acquire))
+    }
 }
 
 /// What a pass of subscribing channels again did: the channels refused for good (an ACL,
@@ -221,12 +245,16 @@ pub struct RedisClusterTransport {
     /// that no longer owns it. A push for a channel not awaited (redis-rs subscribes channels
     /// again on its own after a reconnect or a topology refresh) confirms nothing later. The
     /// push travels apart from the answer (redis-rs relays pushes from a task of its own): one
-    /// that has not come a response timeout after the answer, with no push left to read, is
-    /// taken as never coming, and the subscribe is sent again.
+    /// that has not come a response timeout after the answer, once everything handed over by
+    /// then is read, is taken as never coming, and the subscribe is sent again.
     confirmed: HashSet<Topic>,
     /// When the subscribe being confirmed was first sent (attempts are bounded by
     /// [`RESUBSCRIBE_FOR`]).
     confirm_started: Option<tokio::time::Instant>,
+    /// Items read from `pushes`. A wait for a push ends (see [`Wait`]) once its deadline has
+    /// passed and everything handed over by then is read: a reader behind a steady stream
+    /// never finds the queue empty.
+    read: u64,
     batch: Vec<(Topic, Bytes)>,
     /// The bytes of `batch`'s channels and payloads.
     batch_bytes: usize,
@@ -353,6 +381,7 @@ impl RedisClusterTransport {
             awaiting: HashSet::new(),
             confirmed: HashSet::new(),
             confirm_started: None,
+            read: 0,
             batch: Vec::new(),
             batch_bytes: 0,
             in_flight: None,
@@ -704,6 +733,15 @@ impl RedisClusterTransport {
             if !subscribed_again(&self.pending, &topic) {
                 self.active.remove(&topic);
             }
+            let left = self
+                .pending
+                .iter()
+                .any(|command| matches!(command, Command::Unsubscribe(t) if *t == topic));
+            if left {
+                // Left since: no subscriber to tell, and the notice would be taken for the
+                // answer to a subscribe queued after the unsubscribe.
+                continue;
+            }
             let error = error.on_channel(&topic);
             self.signals.push_back(Up::SubscribeFailed(topic, error));
         }
@@ -749,25 +787,22 @@ impl RedisClusterTransport {
                             continue;
                         }
                     }
-                    let deadline = Box::pin(tokio::time::sleep(self.response_timeout));
+                    let wait = Wait::new(self.response_timeout);
                     self.control = match command {
                         // Told when its push comes (see `handle_push`), after the channel's
                         // messages that came before it, which an event target still delivers.
-                        Command::Unsubscribe(topic) => Control::Leaving { topic, deadline },
+                        Command::Unsubscribe(topic) => Control::Leaving { topic, wait },
                         // Told once its push is read (see `confirmed`).
                         other => Control::Confirming {
                             topic: other.topic().clone(),
-                            deadline,
+                            wait,
                         },
                     };
                 }
-                Control::Leaving { topic, deadline } => {
-                    // Answered by its push (see `handle_push`), or, if none came a response
-                    // timeout after the answer with nothing left to read, here: every
+                Control::Leaving { topic, wait } => {
+                    // Answered by its push (see `handle_push`), or, if none came, here: every
                     // unsubscribe is answered.
-                    if self.leaving.contains_key(topic)
-                        && (deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty())
-                    {
+                    if self.leaving.contains_key(topic) && !wait.over(cx, &self.queue, self.read) {
                         return Ok(());
                     }
                     let topic = topic.clone();
@@ -777,17 +812,23 @@ impl RedisClusterTransport {
                         self.signals.push_back(Up::Unsubscribed(topic));
                     }
                 }
-                Control::Confirming { topic, deadline } => {
+                Control::Confirming { topic, wait } => {
                     let topic = topic.clone();
                     if take_confirmation(&mut self.awaiting, &mut self.confirmed, &topic) {
                         self.control = Control::Idle;
                         self.signals.push_back(Up::Subscribed(topic));
                         continue;
                     }
-                    // Pushes still to read may hold it; a deadline passed with none left
-                    // means none came.
-                    if deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty() {
+                    if !wait.over(cx, &self.queue, self.read) {
                         return Ok(());
+                    }
+                    if !self.active.contains(&topic) {
+                        // Left since (its unsubscribe is queued): nothing to send again. The
+                        // node answered; the unsubscribe follows.
+                        self.stop_awaiting(&topic);
+                        self.control = Control::Idle;
+                        self.signals.push_back(Up::Subscribed(topic));
+                        continue;
                     }
                     let started = *self
                         .confirm_started
@@ -835,7 +876,7 @@ impl RedisClusterTransport {
                             waiting,
                             refused,
                             started,
-                            deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
+                            wait: Wait::new(self.response_timeout),
                         };
                     }
                 }
@@ -843,7 +884,7 @@ impl RedisClusterTransport {
                     waiting,
                     refused,
                     started,
-                    deadline,
+                    wait,
                 } => {
                     let (awaiting, confirmed) = (&mut self.awaiting, &mut self.confirmed);
                     let active = &self.active;
@@ -861,7 +902,7 @@ impl RedisClusterTransport {
                         self.resubscribed(refused);
                         continue;
                     }
-                    if deadline.as_mut().poll(cx).is_pending() || !self.pushes.is_empty() {
+                    if !wait.over(cx, &self.queue, self.read) {
                         return Ok(());
                     }
                     if started.elapsed() >= RESUBSCRIBE_FOR {
@@ -1108,6 +1149,8 @@ struct PushQueue {
     bytes: AtomicUsize,
     /// Messages dropped and not yet reported.
     dropped: AtomicU64,
+    /// Items handed to the reader so far (see [`RedisClusterTransport::read`]).
+    sent: AtomicU64,
 }
 
 impl PushQueue {
@@ -1116,6 +1159,7 @@ impl PushQueue {
     /// else drops it.
     fn offer(&self, push: PushInfo, queue: &mpsc::UnboundedSender<Pushed>) {
         if !matches!(push.kind, PushKind::SMessage | PushKind::Message) {
+            self.sent.fetch_add(1, Release);
             let _ = queue.send(Pushed::Notice(push));
             return;
         }
@@ -1135,9 +1179,11 @@ impl PushQueue {
         }
         let dropped = self.dropped.swap(0, Relaxed);
         if dropped > 0 {
+            self.sent.fetch_add(1, Release);
             let _ = queue.send(Pushed::Dropped(dropped));
         }
         self.bytes.fetch_add(size, Relaxed);
+        self.sent.fetch_add(1, Release);
         let _ = queue.send(Pushed::Message(push, size));
     }
 }
@@ -1292,7 +1338,11 @@ impl Stream for RedisClusterTransport {
                     return Poll::Ready(Some(Err(error)));
                 }
             }
-            match this.pushes.poll_recv(cx) {
+            let pushed = this.pushes.poll_recv(cx);
+            if let Poll::Ready(Some(_)) = &pushed {
+                this.read += 1;
+            }
+            match pushed {
                 Poll::Ready(Some(Pushed::Message(push, size))) => {
                     this.queue.bytes.fetch_sub(size, Relaxed);
                     if let Some(error) = oversized(&push, this.max_message_size) {
@@ -1416,6 +1466,37 @@ mod tests {
         subscribe_whose_push_is_hidden(true).await;
     }
 
+    /// A 3-master cluster and a transport over it (a response timeout of 2 s), whose pushes
+    /// pass through `keep` first: those it refuses never reach the transport (as if redis-rs
+    /// never handed them over).
+    #[cfg(feature = "testkit")]
+    async fn with_pushes_filtered(
+        mut keep: impl FnMut(&Pushed) -> bool + Send + 'static,
+    ) -> (crate::testkit::RedisCluster, RedisClusterTransport) {
+        let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
+            .await
+            .unwrap();
+        let mut transport =
+            RedisClusterTransport::connect_with(cluster.urls(), Duration::from_secs(2))
+                .await
+                .unwrap();
+        let (forward, filtered) = mpsc::unbounded_channel();
+        let mut original = std::mem::replace(&mut transport.pushes, filtered);
+        let queue = Arc::clone(&transport.queue);
+        tokio::spawn(async move {
+            while let Some(pushed) = original.recv().await {
+                if !keep(&pushed) {
+                    queue.sent.fetch_sub(1, Release);
+                    continue;
+                }
+                if forward.send(pushed).is_err() {
+                    return;
+                }
+            }
+        });
+        (cluster, transport)
+    }
+
     /// An unsubscribe whose `sunsubscribe` push never comes (redis-rs took another for its
     /// answer, say) is answered all the same, a response timeout after the node's answer:
     /// every unsubscribe is answered.
@@ -1424,26 +1505,11 @@ mod tests {
     async fn an_unsubscribe_whose_push_never_comes_is_answered() {
         use futures::{SinkExt, StreamExt};
         const WAIT: Duration = Duration::from_secs(30);
-        let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
-            .await
-            .unwrap();
-        let mut transport =
-            RedisClusterTransport::connect_with(cluster.urls(), Duration::from_millis(500))
-                .await
-                .unwrap();
+        let (_cluster, mut transport) = with_pushes_filtered(
+            |pushed| !matches!(pushed, Pushed::Notice(push) if push.kind == PushKind::SUnsubscribe),
+        )
+        .await;
         let topic = Topic::from("left:1");
-        let (forward, filtered) = mpsc::unbounded_channel();
-        let mut original = std::mem::replace(&mut transport.pushes, filtered);
-        tokio::spawn(async move {
-            while let Some(pushed) = original.recv().await {
-                if matches!(&pushed, Pushed::Notice(push) if push.kind == PushKind::SUnsubscribe) {
-                    continue;
-                }
-                if forward.send(pushed).is_err() {
-                    return;
-                }
-            }
-        });
         transport
             .send(Command::Subscribe(topic.clone()))
             .await
@@ -1471,44 +1537,32 @@ mod tests {
     async fn subscribe_whose_push_is_hidden(unawaited: bool) {
         use futures::{SinkExt, StreamExt};
         const WAIT: Duration = Duration::from_secs(30);
-        let cluster = tokio::task::spawn_blocking(|| crate::testkit::RedisCluster::start(3))
-            .await
-            .unwrap();
-        let mut transport =
-            RedisClusterTransport::connect_with(cluster.urls(), Duration::from_millis(500))
-                .await
-                .unwrap();
         let channel = "hidden:1";
-        let owner = &cluster.nodes[cluster.owner_of_channel(channel)];
         // Keeps the transport's first `ssubscribe` push of the channel (the second, when
         // redis-rs subscribes it first) and the first `sunsubscribe` push from it.
         let hide_subscribe = if unawaited { 2 } else { 1 };
-        let (forward, filtered) = mpsc::unbounded_channel();
-        let mut original = std::mem::replace(&mut transport.pushes, filtered);
-        tokio::spawn(async move {
-            let (mut subscribes, mut hid_unsubscribe) = (0, false);
-            while let Some(pushed) = original.recv().await {
-                if let Pushed::Notice(push) = &pushed {
-                    let ours = matches!(
-                        push.data.first(),
-                        Some(Value::BulkString(name)) if name == channel.as_bytes()
-                    );
-                    if ours && push.kind == PushKind::SSubscribe {
-                        subscribes += 1;
-                        if subscribes == hide_subscribe {
-                            continue;
-                        }
-                    }
-                    if ours && push.kind == PushKind::SUnsubscribe && !hid_unsubscribe {
-                        hid_unsubscribe = true;
-                        continue;
-                    }
-                }
-                if forward.send(pushed).is_err() {
-                    return;
-                }
+        let subscribes = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&subscribes);
+        let mut hid_unsubscribe = false;
+        let (cluster, mut transport) = with_pushes_filtered(move |pushed| {
+            let Pushed::Notice(push) = pushed else {
+                return true;
+            };
+            let ours = matches!(
+                push.data.first(),
+                Some(Value::BulkString(name)) if name == channel.as_bytes()
+            );
+            if ours && push.kind == PushKind::SSubscribe {
+                return counted.fetch_add(1, Relaxed) + 1 != hide_subscribe;
             }
-        });
+            if ours && push.kind == PushKind::SUnsubscribe && !hid_unsubscribe {
+                hid_unsubscribe = true;
+                return false;
+            }
+            true
+        })
+        .await;
+        let owner = &cluster.nodes[cluster.owner_of_channel(channel)];
         let numsub = |n: u32| format!("{channel}\n{n}");
         let until = |n: u32| {
             let deadline = std::time::Instant::now() + WAIT;
@@ -1527,11 +1581,17 @@ mod tests {
             let nothing = tokio::time::timeout(Duration::from_millis(300), transport.next()).await;
             assert!(nothing.is_err(), "{nothing:?}");
         }
-        // Sent (the flush starts the command), answered by the node; not read yet.
+        // Sent (the flush starts the command), answered by the node (its push, kept from the
+        // transport, came); not read yet.
         transport
             .send(Command::Subscribe(Topic::from(channel)))
             .await
             .unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while subscribes.load(Relaxed) < hide_subscribe {
+            assert!(std::time::Instant::now() < deadline, "never answered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::task::block_in_place(|| until(1));
         // Left behind the transport's back: as if the answer it gets were another's.
         connection.sunsubscribe(channel).await.unwrap();
@@ -1547,6 +1607,33 @@ mod tests {
         assert!(
             matches!(&heard, Ok(Some(Ok(Up::Message { message, .. }))) if &message[..] == b"heard"),
             "{heard:?}"
+        );
+    }
+
+    /// A wait for a push ends once its deadline has passed and what was handed over by then is
+    /// read, though more keeps coming (a reader behind a steady stream never finds the queue
+    /// empty).
+    #[tokio::test]
+    async fn a_wait_for_a_push_ends_behind_a_steady_stream() {
+        let queue = PushQueue::default();
+        queue.sent.store(5, Relaxed);
+        let mut wait = Wait::new(Duration::ZERO);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            !wait.over(&mut cx, &queue, 3),
+            "two handed over before are unread"
+        );
+        queue.sent.store(1_000, Relaxed);
+        assert!(
+            wait.over(&mut cx, &queue, 5),
+            "what came after does not count"
+        );
+        let mut early = Wait::new(Duration::from_secs(60));
+        assert!(
+            !early.over(&mut cx, &queue, 1_000),
+            "the deadline has not passed"
         );
     }
 
