@@ -1056,9 +1056,9 @@ impl RedisClusterTransport {
 /// Whose an SUNSUBSCRIBE push for `topic` is: the answer to one this transport sent (taken
 /// off the count of those expected, `leaving`), a node dropping a channel this transport is
 /// about to leave anyway (queued in `pending`: leaving it is what comes next), or a node
-/// dropping a channel on its own (its slot moved). The count comes first: an answer to a sent one taken for a queued one would leave
-/// the count one too high, and the next drop of the channel by a node (its slot moved) would
-/// be taken for an answer, leaving the channel deaf.
+/// dropping a channel on its own (its slot moved). The count comes first: an answer to a sent
+/// one taken for a queued one would leave the count one too high, and the next drop of the
+/// channel by a node (its slot moved) would be taken for an answer, leaving the channel deaf.
 fn own_unsubscribe(
     leaving: &mut HashMap<Topic, u32>,
     pending: &VecDeque<Command<()>>,
