@@ -1229,6 +1229,30 @@ async fn a_burst_before_the_first_connection_waits_for_it_and_loses_nothing() {
     assert_eq!(delivered, (0..=1_000).collect::<Vec<_>>());
 }
 
+/// At the cap, the jitter still spreads the delays: they do not pile up at exactly `max` (half
+/// of them did, so clients of a restarted server came back in lockstep), and none exceeds it.
+#[test]
+fn jittered_delays_at_the_cap_do_not_pile_up_at_max() {
+    let max = Duration::from_secs(1);
+    let backoff = Backoff::new()
+        .initial(Duration::from_millis(100))
+        .max(max)
+        .jitter(0.2);
+    let delays: Vec<Duration> = (0..1_000).map(|_| backoff.delay(30)).collect();
+    assert!(delays.iter().all(|d| *d <= max), "none over max");
+    assert!(
+        delays.iter().all(|d| *d >= max.mul_f64(0.8)),
+        "within the jitter below max"
+    );
+    let at_max = delays.iter().filter(|d| **d == max).count();
+    assert!(at_max < 10, "{at_max} of 1,000 delays were exactly max");
+    let below_middle = delays.iter().filter(|d| **d < max.mul_f64(0.9)).count();
+    assert!(
+        (350..650).contains(&below_middle),
+        "spread evenly: {below_middle} of 1,000 under 0.9 max"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
     let broker = MemoryBroker::new();

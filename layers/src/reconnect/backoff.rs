@@ -3,8 +3,9 @@ use std::time::Duration;
 /// Exponential backoff with jitter, for the [reconnect layer](super).
 ///
 /// The delay before attempt `n` (counting from 1 after a failure) is
-/// `initial * multiplier^(n-1)`, capped at `max`, then spread by ±`jitter` so that many
-/// clients of one restarted server do not come back in lockstep. A connection that stayed up
+/// `initial * multiplier^(n-1)`, capped at `max`, then spread by ±`jitter` (never past `max`:
+/// at the cap, downward only) so that many clients of one restarted server do not come back in
+/// lockstep. A connection that stayed up
 /// for `stable_after` resets the count, and its loss is answered by an attempt at once (a
 /// dropped connection to a live server is mended without a wait); if that attempt fails too,
 /// attempt 1 waits `initial`, spread by the jitter, and so on.
@@ -102,17 +103,17 @@ impl Backoff {
         self.stable_after
     }
 
-    /// The delay before attempt `attempt` (from 1), with jitter.
+    /// The delay before attempt `attempt` (from 1), with jitter: uniform over the jitter's
+    /// range around the exponential delay capped at `max`, the part of that range above `max`
+    /// cut off (so that clients at the cap do not all wait exactly `max`, and come back in
+    /// lockstep).
     pub fn delay(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let base = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
-        let capped = base.min(self.max.as_secs_f64());
-        let spread = if self.jitter > 0.0 {
-            1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0)
-        } else {
-            1.0
-        };
-        Duration::try_from_secs_f64((capped * spread).min(self.max.as_secs_f64()).max(0.0))
-            .unwrap_or(self.max)
+        let max = self.max.as_secs_f64();
+        let capped = (self.initial.as_secs_f64() * self.multiplier.powi(exponent)).min(max);
+        let high = (capped * (1.0 + self.jitter)).min(max);
+        let low = capped * (1.0 - self.jitter);
+        let delay = low + (high - low) * fastrand::f64();
+        Duration::try_from_secs_f64(delay.max(0.0)).unwrap_or(self.max)
     }
 }
