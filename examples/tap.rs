@@ -239,8 +239,8 @@ async fn publish(args: &Args) -> Result<(), String> {
     let failed = tally.failed + later;
     if failed > 0 {
         return Err(format!(
-            "{failed} publish(es) failed ({} line(s) published)",
-            tally.sent
+            "{failed} of {} envelope(s) not published",
+            tally.sent + tally.failed + tally.refused
         ));
     }
     eprintln!(
