@@ -1417,6 +1417,10 @@ fn message_parts(data: Vec<Value>) -> Result<(Vec<u8>, Bytes)> {
 mod tests {
     use super::*;
 
+    /// How long the tests over a real cluster wait for what must come.
+    #[cfg(feature = "testkit")]
+    const WAIT: Duration = Duration::from_secs(30);
+
     fn message(bytes: usize) -> PushInfo {
         PushInfo {
             kind: PushKind::SMessage,
@@ -1504,7 +1508,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unsubscribe_whose_push_never_comes_is_answered() {
         use futures::{SinkExt, StreamExt};
-        const WAIT: Duration = Duration::from_secs(30);
         let (_cluster, mut transport) = with_pushes_filtered(
             |pushed| !matches!(pushed, Pushed::Notice(push) if push.kind == PushKind::SUnsubscribe),
         )
@@ -1536,7 +1539,6 @@ mod tests {
     #[cfg(feature = "testkit")]
     async fn subscribe_whose_push_is_hidden(unawaited: bool) {
         use futures::{SinkExt, StreamExt};
-        const WAIT: Duration = Duration::from_secs(30);
         let channel = "hidden:1";
         // Keeps the transport's first `ssubscribe` push of the channel (the second, when
         // redis-rs subscribes it first) and the first `sunsubscribe` push from it.
