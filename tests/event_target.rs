@@ -223,6 +223,43 @@ async fn a_callback_holding_a_weak_handle_answers_and_lets_the_target_close() {
     testkit::next_end(&mut pongs).await;
 }
 
+/// A gap listener that holds a strong handle of its own target (to resync after a reconnect,
+/// say) is let go by `close`, with what it captured: it stayed, and with it the target, a cycle
+/// nothing broke. One added to a closed target is dropped at once.
+async fn gap_listeners_are_let_go_at_close(events: EventTarget) {
+    let captured = Arc::new(());
+    let (held, handle) = (Arc::clone(&captured), events.clone());
+    events.add_gap_listener(move |_| {
+        let _ = (&held, &handle);
+    });
+    let weak = events.downgrade();
+    events.close().await;
+    drop(events);
+    settle("the gap listener to be dropped", || {
+        Arc::strong_count(&captured) == 1
+    })
+    .await;
+    assert!(weak.upgrade().is_none(), "the target is still referenced");
+
+    let late = Arc::clone(&captured);
+    let events: EventTarget = EventTarget::local();
+    events.close().await;
+    events.add_gap_listener(move |_| {
+        let _ = &late;
+    });
+    assert_eq!(Arc::strong_count(&captured), 1, "kept by a closed target");
+}
+
+#[tokio::test]
+async fn gap_listeners_are_let_go_at_close_in_process() {
+    gap_listeners_are_let_go_at_close(EventTarget::local()).await;
+}
+
+#[tokio::test]
+async fn gap_listeners_are_let_go_at_close_through_the_driver() {
+    gap_listeners_are_let_go_at_close(EventTarget::new(LocalTransport::new())).await;
+}
+
 /// A drop-newest subscription hears of each run of dropped events where it was: after the
 /// events that came before it, before those that came after.
 #[tokio::test]

@@ -326,6 +326,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// connection (events published meanwhile may be missing). Subscriptions get it in their
     /// stream; callback listeners learn of it here. Runs where inbound messages are routed
     /// (see [`add_event_listener`](Self::add_event_listener)); must not block.
+    ///
+    /// The target holds the callback until it is removed or the target closes (a callback
+    /// added to a closed target is dropped at once, never called). As with event listeners, a
+    /// callback that holds an [`EventTarget`] of its own target keeps it open after every other
+    /// handle is dropped (until [`close`](Self::close)): give it a [`WeakEventTarget`] instead.
     pub fn add_gap_listener<F>(&self, callback: F) -> ListenerId
     where
         F: Fn(crate::Gap) + Send + Sync + 'static,

@@ -460,12 +460,18 @@ impl<P> Shared<P> {
         self.read().keys().cloned().collect()
     }
 
+    /// Registers a gap listener; on a closed target, the callback is dropped at once (it
+    /// would never be called, and it may hold a handle of the target).
     pub(crate) fn add_gap_listener(&self, callback: Arc<GapCallback>) -> ListenerId {
         let id = self.next_id();
-        self.gap_listeners
+        let mut listeners = self
+            .gap_listeners
             .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, callback));
+            .unwrap_or_else(|p| p.into_inner());
+        // `end_all` marks the target closed before it empties the list under this lock.
+        if !self.is_closed() {
+            listeners.push((id, callback));
+        }
         id
     }
 
@@ -517,6 +523,15 @@ impl<P> Shared<P> {
     /// topics that had listeners.
     pub(crate) fn end_all(&self, reason: Option<Error>) -> Vec<Topic> {
         self.mark_closed(reason);
+        // Gap listeners are dropped with the event listeners: one may hold a handle of this
+        // target, a cycle that would keep both alive for ever.
+        let gap_listeners = std::mem::take(
+            &mut *self
+                .gap_listeners
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        drop(gap_listeners);
         let map = std::mem::take(&mut *self.write());
         let error = self.closed_error("subscribing");
         let mut topics = Vec::with_capacity(map.len());
