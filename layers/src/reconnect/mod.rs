@@ -21,6 +21,12 @@
 //! at-most-once for inbound messages (what was published while the subscriber was away is
 //! gone; `Reconnected` says so).
 //!
+//! Closing delivers what waits first: a close during an outage, with publishes buffered or
+//! not yet flushed, waits for a connection to send them on, for as long as [`Backoff`] keeps
+//! trying (for ever by default). Bound it with a timeout (`tokio::time::timeout` around
+//! `SinkExt::close`) or drop the transport to give them up; an `EventTarget`'s close has a
+//! timeout of its own.
+//!
 //! The connection's state can be watched without polling the transport:
 //! [`ReconnectLayer::state`].
 //!
