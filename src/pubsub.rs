@@ -92,14 +92,16 @@ impl<P: Send + Sync + 'static> PubSub<P> {
         Ok(TypedSubscription {
             subscription,
             gaps: 0,
+            lagged: 0,
         })
     }
 }
 
 /// The payloads of one topic, from [`PubSub::subscribe`].
 ///
-/// Gap notices ([`Gap`](crate::Gap)) are not items here: they are counted ([`gaps`](Self::gaps)); use
-/// [`EventTarget::subscribe`] to see them in place. It is a stream when `P: Clone`: a
+/// Gap notices ([`Gap`](crate::Gap)) are not items here: they are counted
+/// ([`gaps`](Self::gaps), and the events they say were dropped, [`lagged`](Self::lagged));
+/// use [`EventTarget::subscribe`] to see them in place. It is a stream when `P: Clone`: a
 /// payload is moved out of its envelope when this subscription holds the envelope's last
 /// handle (a lone listener reading on the publishing thread), and cloned otherwise (other
 /// listeners share the envelope, or the queue keeps a handle to free it on the thread that
@@ -107,12 +109,21 @@ impl<P: Send + Sync + 'static> PubSub<P> {
 pub struct TypedSubscription<P> {
     subscription: Subscription<P>,
     gaps: u64,
+    lagged: u64,
 }
 
 impl<P: Send + Sync + 'static> TypedSubscription<P> {
-    /// How many gap notices (lagged, reconnected) were passed over so far.
+    /// How many gap notices (lagged, reconnected) were passed over so far: notices, not
+    /// events (one [`Gap::Lagged`](crate::Gap::Lagged) notice may stand for many events).
     pub fn gaps(&self) -> u64 {
         self.gaps
+    }
+
+    /// How many events this subscription's queue dropped before it read them, so far: the sum
+    /// of the [`Gap::Lagged`](crate::Gap::Lagged) notices passed over. What a reconnect lost
+    /// is not known, and not counted here (see [`gaps`](Self::gaps)).
+    pub fn lagged(&self) -> u64 {
+        self.lagged
     }
 
     /// The subscription underneath.
@@ -142,6 +153,9 @@ impl<P: Clone> Stream for TypedSubscription<P> {
                 }
                 Poll::Ready(Some(Err(gap))) => {
                     this.gaps += 1;
+                    if let crate::Gap::Lagged(dropped) = &gap {
+                        this.lagged += dropped;
+                    }
                     tracing::debug!(%gap, "typed subscription passed over a gap");
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -156,6 +170,7 @@ impl<P> fmt::Debug for TypedSubscription<P> {
         f.debug_struct("TypedSubscription")
             .field("subscription", &self.subscription)
             .field("gaps", &self.gaps)
+            .field("lagged", &self.lagged)
             .finish()
     }
 }

@@ -142,7 +142,9 @@ impl SubscribeOptions {
 ///
 /// Returned by [`EventTarget::subscribe`](crate::EventTarget::subscribe) once the transport
 /// has confirmed the subscription. Items are `Ok(event)` (shared with every other listener of
-/// the topic) or `Err(`[`Gap`]`)` notices; the stream ends when the target closes, when its
+/// the topic) or `Err(`[`Gap`]`)` notices; the stream ends when the target closes (also when
+/// its last [`EventTarget`](crate::EventTarget) handle is dropped: a subscription does not
+/// keep its target open), when its
 /// transport fails for good, or when the transport drops the topic for good (its server
 /// refused it when it was subscribed again after a reconnect: an access rule changed, say;
 /// logged as an error). Dropping the subscription leaves the topic: the last listener to

@@ -942,6 +942,23 @@ async fn a_stream_that_ends_while_the_transport_closes_is_not_polled_again() {
     assert_eq!(polled_after_end.load(Ordering::SeqCst), 0);
 }
 
+/// A typed subscription passes over gap notices and counts them, and the events they stand for.
+#[tokio::test]
+async fn typed_subscription_counts_the_events_its_gaps_dropped() {
+    let pubsub: PubSub<u64> = PubSub::local();
+    let mut numbers = pubsub.subscribe("n", "1").await.unwrap();
+    let capacity = alkdev_pubsub::DEFAULT_CAPACITY as u64;
+    for n in 0..capacity + 6 {
+        pubsub.publish("n", "1", n).await.unwrap();
+    }
+    assert_eq!(numbers.next().await, Some(6), "the six oldest were dropped");
+    assert_eq!((numbers.gaps(), numbers.lagged()), (1, 6));
+    for n in 7..capacity + 6 {
+        assert_eq!(numbers.next().await, Some(n));
+    }
+    assert_eq!((numbers.gaps(), numbers.lagged()), (1, 6));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_pubsub_round_trip() {
     #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -94,7 +94,8 @@ pub enum ErrorKind {
     /// The settings cannot work: an invalid URL or address, or one the transport does not
     /// support. Retrying with the same settings cannot succeed.
     Config,
-    /// The transport is down and its publish buffer is full, or retries ran out.
+    /// A publish found no room and no connection: the transport is down and its publish
+    /// buffer is full, an event target's publish queue is full, or retries ran out.
     Unavailable,
     /// The event target or transport is closed.
     Closed,
@@ -116,7 +117,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Busy => "peer busy",
             ErrorKind::Rejected => "refused by the peer",
             ErrorKind::Config => "invalid settings",
-            ErrorKind::Unavailable => "transport unavailable",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::Closed => "closed",
             ErrorKind::Other => "error",
         })
@@ -234,9 +235,11 @@ impl Error {
         self.inner.frame.as_ref()
     }
 
-    /// Whether the connection is gone and must be rebuilt: [`Connect`](ErrorKind::Connect),
+    /// Whether the *connection* is gone and must be rebuilt: [`Connect`](ErrorKind::Connect),
     /// [`ConnectionLost`](ErrorKind::ConnectionLost), [`Timeout`](ErrorKind::Timeout) and
-    /// [`Protocol`](ErrorKind::Protocol). The reconnect layer acts on these.
+    /// [`Protocol`](ErrorKind::Protocol). The reconnect layer recovers from these by
+    /// connecting anew; they say nothing about whether a new connection can succeed. For an
+    /// error that no retry can mend, see [`is_permanent`](Self::is_permanent).
     pub fn is_unrecoverable(&self) -> bool {
         matches!(
             self.kind(),

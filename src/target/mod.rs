@@ -37,9 +37,10 @@ pub struct ListenerId(pub(crate) u64);
 /// An event target keeps the listener map: the first listener of a topic subscribes on the
 /// transport, the last one to leave unsubscribes. Each inbound message is decoded once and
 /// shared, as one `Arc`, by every listener of its topic, in arrival order. Listeners are
-/// callbacks ([`add_event_listener`](Self::add_event_listener)) or [`Subscription`] streams
-/// ([`subscribe`](Self::subscribe)), each with a bounded queue (shared by the subscriptions
-/// of a topic that have the same queue settings, each reading at its own pace).
+/// callbacks ([`add_event_listener`](Self::add_event_listener)), called where the event is
+/// delivered, or [`Subscription`] streams ([`subscribe`](Self::subscribe)), each with a
+/// bounded queue (shared by the subscriptions of a topic that have the same queue settings,
+/// each reading at its own pace).
 ///
 /// Handles are cheap to clone. Over a transport, one driver task owns it: it feeds every queued
 /// command down and flushes once, and routes what comes up. Two shortcuts skip the hand-off to
@@ -247,7 +248,8 @@ fn topic_of<P>(envelope: &Envelope<P>) -> Topic {
 }
 
 impl EventTarget {
-    /// A builder, to set queue sizes and timeouts; it builds targets of any payload type.
+    /// A builder, to set queue sizes and timeouts; it builds targets of any payload type
+    /// (`EventTarget::builder().local::<MyPayload>()`).
     pub fn builder() -> Builder {
         Builder::new()
     }
@@ -256,6 +258,16 @@ impl EventTarget {
 impl<P: Send + Sync + 'static> EventTarget<P> {
     /// An in-process event target: what it dispatches reaches its own listeners, in every task
     /// and thread that holds a handle. Envelopes are never serialized.
+    ///
+    /// Name the payload type where nothing else fixes it (a side that only subscribes, say):
+    /// Rust does not fall back to the default `serde_json::Value` in an expression.
+    ///
+    /// ```
+    /// use alkdev_pubsub::EventTarget;
+    ///
+    /// let events: EventTarget = EventTarget::local(); // payloads are `serde_json::Value`
+    /// # drop(events);
+    /// ```
     pub fn local() -> Self {
         Builder::new().local()
     }
@@ -703,6 +715,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///     }
     /// })?;
     /// // Dropping `events` closes the target: the callback does not keep it open.
+    /// let watcher = events.downgrade();
+    /// drop(events);
+    /// assert!(watcher.upgrade().is_none());
     /// # Ok::<(), alkdev_pubsub::Error>(())
     /// ```
     pub fn downgrade(&self) -> WeakEventTarget<P> {
@@ -759,11 +774,20 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
 /// ```
 /// use alkdev_pubsub::{EventTarget, Overflow, SubscribeOptions};
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), alkdev_pubsub::Error> {
 /// let events: EventTarget = EventTarget::builder()
 ///     .subscribe_options(SubscribeOptions::new().capacity(256).overflow(Overflow::DropNewest))
 ///     .local();
-/// # drop(events);
+/// let subscription = events.subscribe("session.status:p1").await?;
+/// assert_eq!(subscription.capacity(), 256);
+/// assert_eq!(subscription.overflow(), Overflow::DropNewest);
+/// # Ok(())
+/// # }
 /// ```
+///
+/// Targets of another payload type: `EventTarget::builder().local::<MyPayload>()`, or
+/// `.build::<MyPayload, _>(transport)`.
 #[derive(Clone, Debug)]
 pub struct Builder {
     publish_capacity: usize,
