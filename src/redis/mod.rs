@@ -1573,7 +1573,14 @@ impl Stream for RedisTransport {
             }
             crate::waker::remember(&mut this.reader, cx);
             if let Err(error) = this.poll_control(cx) {
-                return Poll::Ready(Some(Err(error)));
+                if this.signals.is_empty() {
+                    return Poll::Ready(Some(Err(error)));
+                }
+                // After the messages read before it (reading for an answer), which go first.
+                let error = Err(error);
+                this.held_bytes += held_size(&error);
+                this.signals.push_back(error);
+                continue;
             }
             if let Some(signal) = this.take_signal() {
                 return Poll::Ready(Some(signal));
@@ -2208,6 +2215,48 @@ mod tests {
                 closed.expect("nothing was lost");
             }
         }
+    }
+
+    /// Messages read while a subscribe waited for its answer come before the failure that
+    /// ended the connection after them, and nothing comes after it: the error came first, and
+    /// the messages after it (a reconnect layer, replacing the connection at the error, lost
+    /// them).
+    #[tokio::test]
+    async fn messages_read_before_a_failure_come_before_it() {
+        let (mut transport, _publish_server, mut server) = over_pipes(quiet()).await;
+        transport
+            .send(Command::Subscribe(Topic::from("a")))
+            .await
+            .unwrap();
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n").await;
+        server
+            .write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n")
+            .await
+            .unwrap();
+        let confirmed = transport.next().await.unwrap().unwrap();
+        assert!(matches!(confirmed, Up::Subscribed(_)), "{confirmed:?}");
+        // A second subscribe waits for its answer when messages on `a` come, then the end.
+        transport
+            .send(Command::Subscribe(Topic::from("b")))
+            .await
+            .unwrap();
+        expect(&mut server, "*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nb\r\n").await;
+        for payload in ["1", "2"] {
+            server
+                .write_all(message("a", payload).as_bytes())
+                .await
+                .unwrap();
+        }
+        drop(server);
+        let mut got = Vec::new();
+        while let Some(up) = transport.next().await {
+            got.push(match up {
+                Ok(Up::Message { message, .. }) => String::from_utf8_lossy(&message).into_owned(),
+                Ok(other) => format!("{other:?}"),
+                Err(error) => format!("error: {:?}", error.kind()),
+            });
+        }
+        assert_eq!(got, ["1", "2", "error: ConnectionLost"]);
     }
 
     /// A server at its client limit writes `-ERR max number of clients reached` as it accepts
