@@ -536,6 +536,71 @@ async fn a_refused_handshake_or_a_bad_url_is_given_up_at_once_and_a_busy_server_
     );
 }
 
+/// A server that checks the handshake's `Origin` refuses a page of another origin (a browser
+/// would let it connect): the client gets `403` with the reason, and the server's `accept`
+/// fails naming it; the allowed origin and a client that sends none (not a browser) connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_check_refuses_a_foreign_origin() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let config = WebSocketConfig::new().check_request(|request| {
+        match request.headers().get("origin").map(|o| o.as_bytes()) {
+            None | Some(b"https://app.example") => Ok(()),
+            Some(other) => Err(format!(
+                "origin {} not allowed",
+                String::from_utf8_lossy(other)
+            )),
+        }
+    });
+    let listener =
+        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let from = |origin: &'static str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+
+    let refused = tokio::spawn(from("https://evil.example"));
+    let error = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .map(|(_, peer)| peer)
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("origin https://evil.example not allowed"),
+        "{error}"
+    );
+    match refused.await.unwrap() {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(body.contains("not allowed"), "{body}");
+        }
+        other => panic!("the foreign page connected: {:?}", other.map(|_| ())),
+    }
+
+    let allowed = tokio::spawn(from("https://app.example"));
+    let (_server, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .expect("the allowed origin connects");
+    allowed.await.unwrap().expect("the allowed origin connects");
+    let no_origin = tokio::spawn(WebSocketTransport::connect(url.clone()));
+    let (_server, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .expect("a client without an origin connects");
+    no_origin
+        .await
+        .unwrap()
+        .expect("a client without an origin");
+}
+
 #[tokio::test]
 async fn a_listener_that_cannot_bind_names_the_address() {
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -54,7 +54,9 @@ struct Pending {
 ///
 /// Connections whose handshake is done are not capped: each can hold about 2.3 MiB at the
 /// default 1 MiB message limit (tungstenite's 128 KiB read buffer, a message being read, and
-/// a write buffer of up to 128 KiB, one message and 64 KiB), and one that answers pings stays
+/// a write buffer of up to 128 KiB, one message and 64 KiB; a peer sending a message in
+/// fragments can make the one being read about twice the limit before it is refused), and one
+/// that answers pings stays
 /// as long as it likes. With untrusted peers, bound them in the accept loop (a
 /// `tokio::sync::Semaphore` permit moved into each connection's task, say).
 ///

@@ -8,8 +8,13 @@
 //! it publishes, and the event target keeps what has listeners; subscribes are confirmed at
 //! once.
 //!
+//! - **Handshakes**: a server can check each request before it answers
+//!   ([`check_request`](WebSocketConfig::check_request): its `Origin`, when browsers can reach
+//!   it).
 //! - **Limits**: a message over [`max_message_size`](WebSocketConfig::max_message_size)
-//!   (1 MiB by default) is refused while its header is read, without buffering it: the
+//!   (1 MiB by default) is refused while its header is read, without buffering it (one sent
+//!   in fragments is refused at the fragment that takes it over the limit, once that fragment
+//!   is read: up to about twice the limit is buffered): the
 //!   connection is closed with code 1009 and the stream reports an error of kind
 //!   [`TooLarge`](crate::ErrorKind::TooLarge). A publish over the limit is refused before it is
 //!   sent, with the same kind of error; the connection goes on. What waits to be sent is
@@ -119,6 +124,23 @@ pub struct WebSocketConfig {
     ping_interval: Duration,
     idle_timeout: Duration,
     handshake_timeout: Duration,
+    check: Option<RequestCheck>,
+}
+
+/// The opening handshake's HTTP request, as a [`WebSocketConfig::check_request`] hook sees it:
+/// method, URI (path and query), headers.
+pub type HandshakeRequest = tungstenite::handshake::server::Request;
+
+/// A [`WebSocketConfig::check_request`] hook.
+#[derive(Clone)]
+struct RequestCheck(Arc<CheckFn>);
+
+type CheckFn = dyn Fn(&HandshakeRequest) -> std::result::Result<(), String> + Send + Sync;
+
+impl fmt::Debug for RequestCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RequestCheck(..)")
+    }
 }
 
 impl Default for WebSocketConfig {
@@ -129,6 +151,7 @@ impl Default for WebSocketConfig {
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             handshake_timeout: Duration::from_secs(10),
+            check: None,
         }
     }
 }
@@ -169,6 +192,37 @@ impl WebSocketConfig {
     /// How long the opening handshake may take.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Checks each opening handshake this side accepts ([`accept`](Self::accept), and so a
+    /// [`WebSocketListener`]) before answering it: `Err(reason)` refuses the connection with
+    /// `403 Forbidden` and the reason as the response body, and `accept` fails with an error
+    /// of kind [`ErrorKind::Rejected`] that gives the reason. Runs on the accepting task; must
+    /// not block. Clients ([`connect`](Self::connect)) ignore it.
+    ///
+    /// A browser tells the origin of the page that opens a WebSocket in the `Origin` header,
+    /// and does not stop a page of any origin from connecting: a server that browsers can
+    /// reach (also one on `127.0.0.1`) should check it, or any page its users open can read
+    /// and publish its events (cross-site WebSocket hijacking). Clients other than browsers
+    /// usually send no `Origin`.
+    ///
+    /// ```
+    /// use alkdev_pubsub::websocket::WebSocketConfig;
+    ///
+    /// let config = WebSocketConfig::new().check_request(|request| {
+    ///     match request.headers().get("origin").map(|origin| origin.as_bytes()) {
+    ///         None | Some(b"https://app.example.com") => Ok(()),
+    ///         Some(other) => Err(format!("origin {} not allowed", String::from_utf8_lossy(other))),
+    ///     }
+    /// });
+    /// # drop(config);
+    /// ```
+    pub fn check_request<F>(mut self, check: F) -> Self
+    where
+        F: Fn(&HandshakeRequest) -> std::result::Result<(), String> + Send + Sync + 'static,
+    {
+        self.check = Some(RequestCheck(Arc::new(check)));
         self
     }
 
@@ -276,8 +330,26 @@ impl WebSocketConfig {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let accepting =
-            tokio_tungstenite::accept_async_with_config(stream, Some(self.tungstenite()));
+        // Why the check refused the request, for the error.
+        let refused = std::sync::Mutex::new(None);
+        // tungstenite's `Callback` answers with an `ErrorResponse`, whatever its size.
+        #[allow(clippy::result_large_err)]
+        let check = |request: &HandshakeRequest, response| {
+            let Some(RequestCheck(check)) = &self.check else {
+                return Ok(response);
+            };
+            check(request).map(|()| response).map_err(|reason| {
+                *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                let mut refusal = tungstenite::handshake::server::ErrorResponse::new(Some(reason));
+                *refusal.status_mut() = tungstenite::http::StatusCode::FORBIDDEN;
+                refusal
+            })
+        };
+        let accepting = tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            check,
+            Some(self.tungstenite()),
+        );
         let stream = tokio::time::timeout(self.handshake_timeout, accepting)
             .await
             .map_err(|_| {
@@ -289,7 +361,13 @@ impl WebSocketConfig {
                     ),
                 )
             })?
-            .map_err(|e| handshake_error("accepting a WebSocket".to_owned(), e))?;
+            .map_err(|e| {
+                let what = match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(reason) => format!("accepting a WebSocket: refused ({reason})"),
+                    None => "accepting a WebSocket".to_owned(),
+                };
+                handshake_error(what, e)
+            })?;
         Ok(WebSocketTransport::from_stream(stream, self))
     }
 }
