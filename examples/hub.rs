@@ -58,10 +58,10 @@ fn fingerprint(envelope: &Envelope) -> u64 {
 }
 
 impl Spokes {
-    /// Remembers that `spoke` sent `envelope`; returns the record (its fingerprint and
+    /// Remembers that `spoke` sent the event of fingerprint `key` (computed before the lock
+    /// is taken: it serializes the payload); returns the record (the fingerprint and its
     /// number), for [`Self::forget`].
-    fn remember(&mut self, envelope: &Envelope, spoke: u64) -> (u64, u64) {
-        let key = fingerprint(envelope);
+    fn remember(&mut self, key: u64, spoke: u64) -> (u64, u64) {
         self.remembered += 1;
         let seq = self.remembered;
         self.origins.entry(key).or_default().push_back((seq, spoke));
@@ -94,8 +94,8 @@ impl Spokes {
         }
     }
 
-    fn origin_of(&mut self, envelope: &Envelope) -> Option<u64> {
-        let key = fingerprint(envelope);
+    /// Which spoke sent the event of fingerprint `key`, if one did (taking that record).
+    fn origin_of(&mut self, key: u64) -> Option<u64> {
         let origins = self.origins.get_mut(&key)?;
         let (_, origin) = origins.pop_front()?;
         if origins.is_empty() {
@@ -173,9 +173,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for topic in &args.topics {
         let spokes = Arc::clone(&spokes);
         shared.add_event_listener(topic.as_str(), move |event| {
+            let key = fingerprint(event);
             let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
-            let origin = spokes.origin_of(event);
-            let mut sent = 0;
+            let origin = spokes.origin_of(key);
+            let (mut sent, mut dropped) = (0, Vec::new());
             for (id, sender) in &spokes.senders {
                 if Some(*id) == origin {
                     continue;
@@ -183,8 +184,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if sender.try_send(Arc::clone(event)).is_ok() {
                     sent += 1;
                 } else {
-                    eprintln!("hub: spoke {id} is too slow or gone; an event to it was dropped");
+                    dropped.push(*id);
                 }
+            }
+            // Printed with the lock released: every spoke's reader takes it.
+            drop(spokes);
+            for id in dropped {
+                eprintln!("hub: spoke {id} is too slow or gone; an event to it was dropped");
             }
             println!("{} -> {sent} spoke(s) (from {origin:?})", event.topic());
         })?;
@@ -248,10 +254,11 @@ async fn serve_spoke(
         match item {
             Ok(Up::Message { message, .. }) => {
                 let envelope: Envelope = message;
+                let key = fingerprint(&envelope);
                 let record = spokes
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remember(&envelope, id);
+                    .remember(key, id);
                 // A refusal concerns this event (a topic over the limit) or the moment (Redis
                 // down and its buffer full): the spoke stays; a stopped target ends it.
                 if let Err(error) = shared.dispatch_event(envelope).await {
