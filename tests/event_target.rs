@@ -1164,6 +1164,8 @@ struct Probe<T> {
     inner: T,
     stutter: bool,
     panic_on_publish: bool,
+    /// Once set, every publish fails as the connection being gone would (`ConnectionLost`).
+    lose_on_publish: Arc<std::sync::atomic::AtomicBool>,
     /// Flushes panic once this is set.
     panic_on_flush: Arc<std::sync::atomic::AtomicBool>,
     /// Once set, every `poll_ready` fails (with an error that is not fatal), counted in
@@ -1186,6 +1188,7 @@ impl<T> Probe<T> {
             inner,
             stutter: false,
             panic_on_publish: false,
+            lose_on_publish: Arc::default(),
             panic_on_flush: Arc::default(),
             fail_ready: Arc::default(),
             failed_readies: Arc::default(),
@@ -1243,6 +1246,11 @@ where
         if self.panic_on_publish && publish {
             panic!("this transport cannot publish");
         }
+        if publish && self.lose_on_publish.load(Ordering::SeqCst) {
+            return Err(alkdev_pubsub::Error::connection_lost(
+                "the other side of the channel was dropped",
+            ));
+        }
         std::pin::Pin::new(&mut self.inner).start_send(item)
     }
 
@@ -1274,6 +1282,41 @@ impl<T: futures::Stream + Unpin> futures::Stream for Probe<T> {
     ) -> std::task::Poll<Option<T::Item>> {
         std::pin::Pin::new(&mut self.inner).poll_next(cx)
     }
+}
+
+/// A publish the transport refuses because its connection is gone stops the target, and its
+/// caller hears what every later caller hears: `Closed`, the transport's failure as its source
+/// (it got the transport's own `ConnectionLost`, so that the kind depended on who fed it).
+#[tokio::test]
+async fn a_publish_that_finds_the_connection_gone_fails_as_closed() {
+    let probe = Probe::new(LocalTransport::new());
+    let lose = Arc::clone(&probe.lose_on_publish);
+    let events: EventTarget = EventTarget::new(probe);
+    // A publish that goes, and the driver at rest: the next publish is fed by its caller.
+    events
+        .dispatch_event(Envelope::new("t", "1", serde_json::json!(0)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    lose.store(true, Ordering::SeqCst);
+    let first = events
+        .dispatch_event(Envelope::new("t", "1", serde_json::json!(1)))
+        .await
+        .expect_err("fed at once, and refused");
+    assert!(first.is_closed(), "{first}");
+    let source = std::error::Error::source(&first).expect("why it stopped");
+    assert!(
+        source
+            .to_string()
+            .contains("the other side of the channel was dropped"),
+        "{first}"
+    );
+    let later = events
+        .dispatch_event(Envelope::new("t", "1", serde_json::json!(2)))
+        .await
+        .unwrap_err();
+    assert!(later.is_closed(), "{later}");
+    assert_eq!(events.stats().publish_failed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1163,7 +1163,13 @@ where
         self.own_in_hand = false;
         if let Err(error) = fed {
             // Refused while this task fed it (a reconnect layer's buffer full during an
-            // outage, or a fatal failure): counted, and the caller learns it at once.
+            // outage, or a fatal failure): counted, and the caller learns it at once. A fatal
+            // one stopped the target: the caller hears what any later caller hears (and what
+            // it would have heard had the driver seen the failure first), `Closed` with the
+            // failure as its source.
+            if error.is_fatal() {
+                return Fed::Refused(self.shared.closed_error("publishing"));
+            }
             return Fed::Refused(error);
         }
         if self.unflushed && !self.flush_wanted {

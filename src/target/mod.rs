@@ -448,8 +448,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     ///
     /// [`ErrorKind::TooLarge`] for a topic over
     /// [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN) bytes; [`ErrorKind::Closed`] once the
-    /// target is closed or stopped (its `source()` says why it stopped); the transport's
-    /// refusal of the envelope as this task fed it ([`ErrorKind::Unavailable`] from the
+    /// target is closed or stopped (its `source()` says why it stopped), also when this
+    /// publish is what found the transport's connection gone; the transport's other
+    /// refusals of the envelope as this task fed it ([`ErrorKind::Unavailable`] from the
     /// reconnect layer during an outage, [`ErrorKind::TooLarge`] for a message over a
     /// transport's size limit, [`ErrorKind::Encode`] for a payload the codec cannot encode).
     ///
