@@ -441,6 +441,8 @@ struct ConnFaults {
     reader: Option<std::task::Waker>,
     /// Subscribes to these are refused by `start_send` (an error of kind `Rejected`).
     refused: std::collections::HashSet<Topic>,
+    /// The next flush finds the connection gone (only the writing side learns of it).
+    cut_flush: bool,
 }
 
 /// A broker connection with [`ConnFaults`].
@@ -502,6 +504,11 @@ impl futures::Sink<Command<Bytes>> for Faulty {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        if std::mem::take(&mut self.faults.lock().unwrap().cut_flush) {
+            return std::task::Poll::Ready(Err(alkdev_pubsub::Error::connection_lost(
+                "the flush found the connection gone",
+            )));
+        }
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_close(
@@ -539,6 +546,62 @@ impl futures::Stream for Faulty {
             }
         }
     }
+}
+
+/// Split between a reading task and a writing one (`StreamExt::split`), the layer goes on when
+/// the writing side finds the connection gone: the reader, which waited on the connection the
+/// writer replaced (dropped, with its waker), is woken and reads the new one, and hears what is
+/// published on it. It heard nothing more.
+#[tokio::test]
+async fn split_a_connection_the_writer_replaced_is_read_by_the_reader() {
+    let tasks = tokio::task::LocalSet::new();
+    tasks.run_until(split_a_connection_replaced(&tasks)).await;
+}
+
+async fn split_a_connection_replaced(tasks: &tokio::task::LocalSet) {
+    let broker = MemoryBroker::new();
+    let faults = Arc::new(Mutex::new(ConnFaults::default()));
+    let (mut sink, mut stream) = faulty(&broker, &faults).split();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tasks.spawn_local(async move {
+        while let Some(up) = stream.next().await {
+            let up = match up {
+                Ok(Up::Message { message, .. }) => {
+                    format!("message {}", String::from_utf8_lossy(&message))
+                }
+                Ok(up) => format!("{up:?}"),
+                Err(error) => format!("error {error}"),
+            };
+            if got_tx.send(up).is_err() {
+                break;
+            }
+        }
+    });
+    async fn next(got: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+        tokio::time::timeout(WAIT, got.recv())
+            .await
+            .expect("the reader hears on")
+            .expect("the reader is there")
+    }
+    sink.send(Command::Subscribe(Topic::from("t:1")))
+        .await
+        .unwrap();
+    assert!(next(&mut got).await.starts_with("Subscribed"));
+    faults.lock().unwrap().cut_flush = true;
+    // The flush finds the connection gone: the layer connects anew, replays the subscription,
+    // and sends the publish on the new connection.
+    sink.send(Command::Publish {
+        topic: Topic::from("t:1"),
+        message: Bytes::from_static(b"after"),
+    })
+    .await
+    .unwrap();
+    let mut heard = Vec::new();
+    while !heard.iter().any(|up: &String| up.starts_with("message")) {
+        heard.push(next(&mut got).await);
+    }
+    assert!(heard.iter().any(|up| up == "Reconnected"), "{heard:?}");
+    assert_eq!(heard.last().unwrap(), "message after", "{heard:?}");
 }
 
 /// Subscribes `topics` through `transport`, then kills the broker's connections with the

@@ -27,6 +27,11 @@
 //! `SinkExt::close`) or drop the transport to give them up; an `EventTarget`'s close has a
 //! timeout of its own.
 //!
+//! It can be split (`StreamExt::split`) between a reading task and a writing task: what one
+//! side changes under the other (a connection it replaced, answers it queued for the reader, a
+//! close) wakes the other, and what both wait on (the connection being made, the backoff)
+//! wakes both.
+//!
 //! The connection's state can be watched without polling the transport:
 //! [`ReconnectLayer::state`].
 //!
@@ -50,7 +55,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures::{Sink, Stream};
@@ -251,6 +256,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             flush_backlog: false,
             ready_failures: 0,
             failed_on_its_own: None,
+            tasks: Tasks::default(),
         }
     }
 }
@@ -261,6 +267,93 @@ enum Conn<F: MakeTransport> {
     Waiting(Pin<Box<Sleep>>),
     Up(Pin<Box<F::Transport>>),
     GaveUp(Error),
+}
+
+/// The tasks that use a [`Reconnect`]: one (an event target's driver, say), or, when it is
+/// split (`StreamExt::split`), a reading task and a writing one. Both wait on what the layer
+/// shares (the connection being made, the backoff's sleep, the connection itself, which one
+/// side may replace under the other): what either side polls there wakes both, and what one
+/// side changes for the other (a connection replaced, answers for the reader) wakes the other.
+#[derive(Default)]
+struct Tasks {
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    /// The last waker made to wake both, with the two it wakes.
+    both: Option<Arc<Both>>,
+}
+
+struct Both(Waker, Waker);
+
+impl Wake for Both {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake_by_ref();
+        self.1.wake_by_ref();
+    }
+}
+
+impl Tasks {
+    /// Remembers `cx`'s task as the reader (or the writer), and returns a waker that also
+    /// wakes the other side, when that is another task (`None`: `cx`'s waker does).
+    fn joint(&mut self, cx: &Context<'_>, reading: bool) -> Option<Waker> {
+        self.remember(cx, reading);
+        let other = if reading { &self.writer } else { &self.reader };
+        let other = other
+            .as_ref()
+            .filter(|other| !other.will_wake(cx.waker()))?;
+        let fits = self.both.as_ref().is_some_and(|both| {
+            let (a, b) = (&both.0, &both.1);
+            (a.will_wake(cx.waker()) && b.will_wake(other))
+                || (b.will_wake(cx.waker()) && a.will_wake(other))
+        });
+        if !fits {
+            self.both = Some(Arc::new(Both(cx.waker().clone(), other.clone())));
+        }
+        self.both.clone().map(Waker::from)
+    }
+
+    /// Remembers `cx`'s task as the reader (or the writer).
+    fn remember(&mut self, cx: &Context<'_>, reading: bool) {
+        let mine = if reading {
+            &mut self.reader
+        } else {
+            &mut self.writer
+        };
+        if !mine.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *mine = Some(cx.waker().clone());
+        }
+    }
+
+    /// Wakes the reading side, if it is another task than `writer`'s (with no `writer`: if
+    /// there is one).
+    fn wake_reader(&self, writer: Option<&Waker>) {
+        if let Some(reader) = &self.reader {
+            if !writer.is_some_and(|w| reader.will_wake(w)) {
+                reader.wake_by_ref();
+            }
+        }
+    }
+
+    /// Wakes both sides (what they waited on is gone).
+    fn wake_all(&self) {
+        for task in self.reader.iter().chain(&self.writer) {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Runs `f` with `cx`, or with a context of `joint`'s waker when there is one.
+fn with_joint<R>(
+    cx: &mut Context<'_>,
+    joint: Option<Waker>,
+    f: impl FnOnce(&mut Context<'_>) -> R,
+) -> R {
+    match joint {
+        Some(waker) => f(&mut Context::from_waker(&waker)),
+        None => f(cx),
+    }
 }
 
 /// A transport that reconnects; made by [`ReconnectLayer`] from a factory.
@@ -297,6 +390,8 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     /// A failure of a publish this layer sent on its own (from the backlog), or of flushing
     /// them: the next flush from above reports it, so that it is not lost.
     failed_on_its_own: Option<Error>,
+    /// The tasks that read and write, when they are two (see [`Tasks`]).
+    tasks: Tasks,
     signals: VecDeque<Up<M>>,
     state: Arc<watch::Sender<ConnectionState>>,
     unavailable: Counter,
@@ -407,6 +502,9 @@ where
             self.attempt = 0;
         }
         tracing::warn!(%error, "transport connection lost; reconnecting");
+        // A side waiting on the connection lost (its stream, its sink) is woken to see the
+        // next one.
+        self.tasks.wake_all();
         if !self.held.is_empty() {
             // Messages of the connection now lost, which were waiting for its replay: they go
             // after the notice of that reconnect (the next one is told again).
@@ -471,6 +569,7 @@ where
     /// Stops reconnecting: every command fails from now on with `why` and the last failure.
     fn give_up(&mut self, why: String, error: Error) {
         tracing::error!(%error, attempts = self.attempt, "giving up reconnecting: {why}");
+        self.tasks.wake_all();
         self.set_state(ConnectionState::GaveUp);
         self.conn = Conn::GaveUp(Error::with_source(
             ErrorKind::Connect,
@@ -759,16 +858,14 @@ where
     }
 }
 
-impl<F, M> Sink<Command<M>> for Reconnect<F, M>
+impl<F, M> Reconnect<F, M>
 where
     F: MakeTransport,
     F::Transport: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>>>,
     M: Clone,
 {
-    type Error = Error;
-
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let this = self.get_mut();
+    fn poll_ready_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self;
         loop {
             match this.poll_drained(cx) {
                 // The first connection is still being made and the buffer is full: wait for
@@ -827,8 +924,70 @@ where
         }
     }
 
-    fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
-        let this = self.get_mut();
+    fn poll_flush_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self;
+        loop {
+            if !matches!(this.conn, Conn::Up(_)) && this.buffered == 0 && this.unacked.is_empty() {
+                // Nothing waits to be delivered; keep the connection moving.
+                if let Poll::Ready(Err(error)) = this.poll_connected(cx) {
+                    return Poll::Ready(Err(error));
+                }
+                if !matches!(this.conn, Conn::Up(_)) {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            ready!(this.poll_drained(cx))?;
+            let Conn::Up(transport) = &mut this.conn else {
+                continue;
+            };
+            match ready!(transport.as_mut().poll_flush(cx)) {
+                Ok(()) => {
+                    this.unacked.clear();
+                    this.flush_backlog = false;
+                    if let Some(error) = this.failed_on_its_own.take() {
+                        return Poll::Ready(Err(error));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.is_unrecoverable() => this.lost(error),
+                Err(error) => {
+                    // Reported above, which owns the outcome now (a retry layer sends them
+                    // again, a confirmed dispatch learns of it): not to be sent again by the
+                    // next connection too. It answers everything since the last flush, what
+                    // failed on the layer's own initiative included.
+                    this.unacked.clear();
+                    this.failed_on_its_own = None;
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+    }
+
+    fn poll_close_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self;
+        this.closing = true;
+        // Deliver what waits first, then close the connection. Closed either way: a failure is
+        // reported, and the layer does not connect again.
+        let mut result = Ok(());
+        if this.buffered > 0 || !this.unacked.is_empty() {
+            result = ready!(this.poll_flush_now(cx));
+        }
+        if let (Ok(()), Conn::Up(transport)) = (&result, &mut this.conn) {
+            result = ready!(transport.as_mut().poll_close(cx));
+        }
+        if !this.held.is_empty() {
+            // Messages already read, held for a reconnect notice: they are still told.
+            this.announce_now();
+        }
+        this.closed = true;
+        // Used again, the layer refuses (and does not connect anew).
+        this.conn = Conn::GaveUp(Error::closed("the reconnecting transport is closed"));
+        this.set_state(ConnectionState::Closed);
+        Poll::Ready(result)
+    }
+
+    fn start_send_now(&mut self, command: Command<M>) -> Result<()> {
+        let this = self;
         if let Conn::GaveUp(error) = &this.conn {
             return Err(error.clone());
         }
@@ -940,66 +1099,52 @@ where
         }
     }
 
+    /// After a writing call: the reading side learns what it has to tell (answers queued
+    /// for it), or that the layer closed, if it is another task.
+    fn told_reader(&self) {
+        if !self.signals.is_empty() || self.closed {
+            self.tasks.wake_reader(self.tasks.writer.as_ref());
+        }
+    }
+}
+
+impl<F, M> Sink<Command<M>> for Reconnect<F, M>
+where
+    F: MakeTransport,
+    F::Transport: Sink<Command<M>, Error = Error> + Stream<Item = Result<Up<M>>>,
+    M: Clone,
+{
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let joint = this.tasks.joint(cx, false);
+        let result = with_joint(cx, joint, |cx| this.poll_ready_now(cx));
+        this.told_reader();
+        result
+    }
+
+    fn start_send(self: Pin<&mut Self>, command: Command<M>) -> Result<()> {
+        let this = self.get_mut();
+        let result = this.start_send_now(command);
+        this.told_reader();
+        result
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !matches!(this.conn, Conn::Up(_)) && this.buffered == 0 && this.unacked.is_empty() {
-                // Nothing waits to be delivered; keep the connection moving.
-                if let Poll::Ready(Err(error)) = this.poll_connected(cx) {
-                    return Poll::Ready(Err(error));
-                }
-                if !matches!(this.conn, Conn::Up(_)) {
-                    return Poll::Ready(Ok(()));
-                }
-            }
-            ready!(this.poll_drained(cx))?;
-            let Conn::Up(transport) = &mut this.conn else {
-                continue;
-            };
-            match ready!(transport.as_mut().poll_flush(cx)) {
-                Ok(()) => {
-                    this.unacked.clear();
-                    this.flush_backlog = false;
-                    if let Some(error) = this.failed_on_its_own.take() {
-                        return Poll::Ready(Err(error));
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Err(error) if error.is_unrecoverable() => this.lost(error),
-                Err(error) => {
-                    // Reported above, which owns the outcome now (a retry layer sends them
-                    // again, a confirmed dispatch learns of it): not to be sent again by the
-                    // next connection too. It answers everything since the last flush, what
-                    // failed on the layer's own initiative included.
-                    this.unacked.clear();
-                    this.failed_on_its_own = None;
-                    return Poll::Ready(Err(error));
-                }
-            }
-        }
+        let joint = this.tasks.joint(cx, false);
+        let result = with_joint(cx, joint, |cx| this.poll_flush_now(cx));
+        this.told_reader();
+        result
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        this.closing = true;
-        // Deliver what waits first, then close the connection. Closed either way: a failure is
-        // reported, and the layer does not connect again.
-        let mut result = Ok(());
-        if this.buffered > 0 || !this.unacked.is_empty() {
-            result = ready!(Pin::new(&mut *this).poll_flush(cx));
-        }
-        if let (Ok(()), Conn::Up(transport)) = (&result, &mut this.conn) {
-            result = ready!(transport.as_mut().poll_close(cx));
-        }
-        if !this.held.is_empty() {
-            // Messages already read, held for a reconnect notice: they are still told.
-            this.announce_now();
-        }
-        this.closed = true;
-        // Used again, the layer refuses (and does not connect anew).
-        this.conn = Conn::GaveUp(Error::closed("the reconnecting transport is closed"));
-        this.set_state(ConnectionState::Closed);
-        Poll::Ready(result)
+        let joint = this.tasks.joint(cx, false);
+        let result = with_joint(cx, joint, |cx| this.poll_close_now(cx));
+        this.told_reader();
+        result
     }
 }
 
@@ -1013,6 +1158,10 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // Remembered for the writing side (see `Tasks`); what only this side waits on (the
+        // connection's stream) is polled with this task's waker alone.
+        this.tasks.remember(cx, true);
+        let mut joint = None;
         loop {
             if let Some(signal) = this.signals.pop_front() {
                 return Poll::Ready(Some(Ok(signal)));
@@ -1023,7 +1172,10 @@ where
             // Sending the backlog may be pending while reading goes on. Connected with no
             // backlog (every message of a steady stream), there is nothing to drive.
             if !(matches!(this.conn, Conn::Up(_)) && this.backlog.is_empty()) {
-                match this.poll_drained(cx) {
+                let waker = joint
+                    .get_or_insert_with(|| this.tasks.joint(cx, true))
+                    .clone();
+                match with_joint(cx, waker, |cx| this.poll_drained(cx)) {
                     Poll::Ready(Err(error)) => {
                         this.closed = true;
                         return Poll::Ready(Some(Err(error)));
@@ -1035,11 +1187,14 @@ where
                     _ => {}
                 }
             }
-            let Conn::Up(transport) = &mut this.conn else {
-                continue;
-            };
             if this.flush_backlog && this.backlog.is_empty() {
-                match transport.as_mut().poll_flush(cx) {
+                let waker = joint
+                    .get_or_insert_with(|| this.tasks.joint(cx, true))
+                    .clone();
+                let Conn::Up(transport) = &mut this.conn else {
+                    continue;
+                };
+                match with_joint(cx, waker, |cx| transport.as_mut().poll_flush(cx)) {
                     Poll::Ready(Ok(())) => {
                         this.unacked.clear();
                         this.flush_backlog = false;
@@ -1058,6 +1213,9 @@ where
                     Poll::Pending => {}
                 }
             }
+            let Conn::Up(transport) = &mut this.conn else {
+                continue;
+            };
             match ready!(transport.as_mut().poll_next(cx)) {
                 Some(Ok(Up::Subscribed(topic))) => this.answer_subscribed(topic),
                 // A replay refused for now connects again later (see `subscribe_refused`).
