@@ -1200,6 +1200,57 @@ async fn a_transport_over_a_redis_rs_pubsub_still_works() {
     wait_until(|| server.cli(&["PUBSUB", "NUMSUB", "rs:1"]).ends_with("\n0")).await;
 }
 
+/// Over a redis-rs `PubSub` too, an unsubscribe is answered after the channel's messages that
+/// came before it: the answer came first (redis-rs had read them; the transport told its answer
+/// before reading them), and an event target then dropped them as unrouted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_redis_rs_pubsub_an_unsubscribe_is_answered_after_the_messages_before_it() {
+    use alkdev_pubsub::{Command, Up};
+    use futures::SinkExt;
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let publish = client.get_multiplexed_async_connection().await.unwrap();
+    let subscribe = client.get_async_pubsub().await.unwrap();
+    let mut transport = RedisTransport::from_clients_with(publish, subscribe, config());
+    let topic = Topic::from("order:1");
+    transport
+        .send(Command::Subscribe(topic.clone()))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(matches!(answer, Some(Ok(Up::Subscribed(_)))), "{answer:?}");
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for n in 0..200 {
+        pipe.cmd("PUBLISH")
+            .arg("order:1")
+            .arg(n.to_string())
+            .ignore();
+    }
+    let () = pipe.query_async(&mut publisher).await.unwrap();
+    transport
+        .send(Command::Unsubscribe(topic.clone()))
+        .await
+        .unwrap();
+    // The reader comes once the answer is in too (a busy event target's driver, say).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut messages = 0;
+    loop {
+        match tokio::time::timeout(WAIT, transport.next()).await.unwrap() {
+            Some(Ok(Up::Message { message, .. })) => {
+                assert_eq!(message, messages.to_string().as_bytes());
+                messages += 1;
+            }
+            Some(Ok(Up::Unsubscribed(_))) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        messages, 200,
+        "messages read before the unsubscribe's answer"
+    );
+}
+
 /// A listener that stops reading its `Block` subscription: the target stops reading the
 /// subscribe connection, so the backlog waits in the socket and in Redis, which closes the
 /// connection once its output buffer for a pub/sub client is over the limit (set low here).

@@ -897,6 +897,10 @@ impl RedisTransport {
                     else {
                         unreachable!("matched above");
                     };
+                    // redis-rs resolves the answer once it has read it, after the messages
+                    // that came before it, which wait in its channel: they go first (an
+                    // unsubscribed channel's messages would otherwise come after its answer).
+                    self.take_messages_read(cx)?;
                     self.control_answered(subscribe, topics, result)?;
                 }
                 Control::Sent { .. } => {
@@ -1058,6 +1062,35 @@ impl RedisTransport {
             }
         }
         Ok(())
+    }
+
+    /// Keeps for the reading side the messages redis-rs has read and not handed over yet
+    /// (over a redis-rs `PubSub`; our own connection's answers are read in order already), up
+    /// to [`MAX_HELD_BYTES`] held.
+    fn take_messages_read(&mut self, cx: &mut Context<'_>) -> Result<()> {
+        if !matches!(self.subscriber, Subscriber::RedisRs { .. }) {
+            return Ok(());
+        }
+        // All of them: tokio's cooperative budget would make the channel say "nothing" part
+        // way (after 128 in one turn of the task), and those after would follow the answer.
+        let mut take = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+            while self.held_bytes < MAX_HELD_BYTES {
+                match self.poll_message(cx) {
+                    Poll::Ready(Ok(Some(item))) => {
+                        self.held_bytes += held_size(&item);
+                        self.signals.push_back(item);
+                    }
+                    Poll::Ready(Ok(None)) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
+                    Poll::Pending => break,
+                }
+            }
+            Poll::Ready(Ok(()))
+        }));
+        match Pin::new(&mut take).poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => unreachable!("never pending"),
+        }
     }
 
     /// The next signal kept for the reading side.
