@@ -911,7 +911,13 @@ async fn closing_waits_for_the_peers_close_frame_and_resets_nothing() {
         }
         server.close().await;
         let (texts, end) = reader.await.unwrap();
-        assert!(end.is_ok(), "round {round}: after {texts} frames: {end:?}");
+        let frame = end.unwrap_or_else(|end| panic!("round {round}: after {texts} frames: {end}"));
+        // A normal closure, as a browser would report it (1000, not 1005 "no status").
+        assert_eq!(
+            frame.map(|frame| frame.code),
+            Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal),
+            "round {round}"
+        );
         assert_eq!(texts, 200, "round {round}");
         sender.abort();
     }

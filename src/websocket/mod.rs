@@ -517,6 +517,8 @@ pub struct WebSocketTransport<S = MaybeTlsStream<TcpStream>> {
     closing: Option<Pin<Box<Sleep>>>,
     /// Our close frame is sent (flushed).
     close_sent: bool,
+    /// Our close frame is queued (see [`poll_close`](Sink::poll_close)).
+    close_fed: bool,
     /// The peer's close frame came, and tungstenite's answer to it may still wait for the
     /// socket: the stream goes on driving it (see [`poll_close_reply`](Self::poll_close_reply)).
     answering_close: bool,
@@ -622,6 +624,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
             read_since_check: 0,
             closing: None,
             close_sent: false,
+            close_fed: false,
             answering_close: false,
             peer: None,
             blocked: false,
@@ -1080,6 +1083,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     Poll::Ready(Ok(())) => {}
+                }
+            }
+            if !this.close_fed {
+                // Our close frame says "normal closure" (1000), which a browser reports as
+                // such (one without a code reads 1005 there). Queued once what was sent
+                // before is flushed, so that it finds room.
+                match Pin::new(&mut this.stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        this.flushed();
+                        let normal = Message::Close(Some(CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: Utf8Bytes::default(),
+                        }));
+                        // A failure shows again in the close below, which reports it.
+                        let _ = Pin::new(&mut this.stream).start_send(normal);
+                        this.close_fed = true;
+                    }
+                    // Reported by the close below (or its time is up there).
+                    Poll::Ready(Err(_)) => this.close_fed = true,
+                    Poll::Pending if late => this.close_fed = true,
+                    Poll::Pending => return Poll::Pending,
                 }
             }
             if !this.close_sent {
