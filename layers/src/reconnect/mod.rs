@@ -297,7 +297,25 @@ impl Wake for Both {
 impl Tasks {
     /// Remembers `cx`'s task as the reader (or the writer), and returns a waker that also
     /// wakes the other side, when that is another task (`None`: `cx`'s waker does).
+    #[inline]
     fn joint(&mut self, cx: &Context<'_>, reading: bool) -> Option<Waker> {
+        // One task (an event target's driver): remembered already, and no other to wake.
+        let (mine, other) = if reading {
+            (&self.reader, &self.writer)
+        } else {
+            (&self.writer, &self.reader)
+        };
+        let me = cx.waker();
+        if mine.as_ref().is_some_and(|w| w.will_wake(me))
+            && other.as_ref().is_none_or(|w| w.will_wake(me))
+        {
+            return None;
+        }
+        self.joint_slow(cx, reading)
+    }
+
+    #[cold]
+    fn joint_slow(&mut self, cx: &Context<'_>, reading: bool) -> Option<Waker> {
         self.remember(cx, reading);
         let other = if reading { &self.writer } else { &self.reader };
         let other = other
@@ -315,6 +333,7 @@ impl Tasks {
     }
 
     /// Remembers `cx`'s task as the reader (or the writer).
+    #[inline]
     fn remember(&mut self, cx: &Context<'_>, reading: bool) {
         let mine = if reading {
             &mut self.reader
