@@ -1251,6 +1251,56 @@ async fn over_a_redis_rs_pubsub_an_unsubscribe_is_answered_after_the_messages_be
     );
 }
 
+/// The reconnect layer over Redis, split between a reading task and a writing one: publishes
+/// fed and not flushed yet (the writer is busy elsewhere) leave the reader asleep. The layer
+/// gave the transport a waker of both tasks for the writer's calls, which the transport wakes
+/// while publishes wait for a flush, each time the reader polled it: the reader spun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_over_redis_publishes_waiting_for_a_flush_leave_the_reader_asleep() {
+    use alkdev_pubsub::{Command, Up};
+    use futures::SinkExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tower::Layer;
+    let server = RedisServer::start();
+    let url = server.url();
+    let transport = ReconnectLayer::new(backoff()).layer(move || config().connect(url.clone()));
+    let (mut sink, mut stream) = transport.split();
+    let polls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&polls);
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            stream.poll_next_unpin(cx)
+        });
+        while let Some(up) = stream.next().await {
+            if got_tx.send(up.map(|up| matches!(up, Up::Subscribed(_)))).is_err() {
+                break;
+            }
+        }
+    });
+    sink.send(Command::Subscribe(Topic::from("quiet:1")))
+        .await
+        .unwrap();
+    let confirmed = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert!(matches!(confirmed, Some(Ok(true))), "{confirmed:?}");
+    for n in 0..2 {
+        sink.feed(Command::Publish {
+            topic: Topic::from("quiet:1"),
+            message: bytes::Bytes::from(n.to_string()),
+        })
+        .await
+        .unwrap();
+    }
+    let before = polls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spun = polls.load(Ordering::SeqCst) - before;
+    assert!(spun < 20, "the reader was polled {spun} times while nothing came");
+    sink.flush().await.unwrap();
+    reader.abort();
+}
+
 /// A listener that stops reading its `Block` subscription: the target stops reading the
 /// subscribe connection, so the backlog waits in the socket and in Redis, which closes the
 /// connection once its output buffer for a pub/sub client is over the limit (set low here).

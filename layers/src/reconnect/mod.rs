@@ -355,10 +355,14 @@ impl Tasks {
         }
     }
 
-    /// Wakes both sides (what they waited on is gone).
+    /// Wakes both sides (what they waited on is gone), when they are two tasks: one task
+    /// is the caller, which goes on.
     fn wake_all(&self) {
-        for task in self.reader.iter().chain(&self.writer) {
-            task.wake_by_ref();
+        if let (Some(reader), Some(writer)) = (&self.reader, &self.writer) {
+            if !reader.will_wake(writer) {
+                reader.wake_by_ref();
+                writer.wake_by_ref();
+            }
         }
     }
 }
@@ -670,6 +674,20 @@ where
         }
     }
 
+    /// [`poll_drained`](Self::poll_drained) for the reading (or writing) side: what it polls
+    /// there (the connection being made, the backoff, the backlog's sending) wakes the other
+    /// side too, if that is another task (see [`Tasks`]).
+    fn poll_drained_shared(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Result<()>> {
+        let joint = self.tasks.joint(cx, reading);
+        with_joint(cx, joint, |cx| self.poll_drained(cx))
+    }
+
+    /// [`poll_connected`](Self::poll_connected), as [`poll_drained_shared`](Self::poll_drained_shared).
+    fn poll_connected_shared(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Result<()>> {
+        let joint = self.tasks.joint(cx, reading);
+        with_joint(cx, joint, |cx| self.poll_connected(cx))
+    }
+
     /// Drives the connection until it is up (`Ready(Ok)`), or has given up (`Ready(Err)`).
     fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
@@ -886,7 +904,7 @@ where
     fn poll_ready_now(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self;
         loop {
-            match this.poll_drained(cx) {
+            match this.poll_drained_shared(cx, false) {
                 // The first connection is still being made and the buffer is full: wait for
                 // it (woken by the attempt). No outage has begun, so refusing would only lose
                 // the start of a burst published right after the transport was built.
@@ -948,14 +966,14 @@ where
         loop {
             if !matches!(this.conn, Conn::Up(_)) && this.buffered == 0 && this.unacked.is_empty() {
                 // Nothing waits to be delivered; keep the connection moving.
-                if let Poll::Ready(Err(error)) = this.poll_connected(cx) {
+                if let Poll::Ready(Err(error)) = this.poll_connected_shared(cx, false) {
                     return Poll::Ready(Err(error));
                 }
                 if !matches!(this.conn, Conn::Up(_)) {
                     return Poll::Ready(Ok(()));
                 }
             }
-            ready!(this.poll_drained(cx))?;
+            ready!(this.poll_drained_shared(cx, false))?;
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
@@ -1137,8 +1155,8 @@ where
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        let joint = this.tasks.joint(cx, false);
-        let result = with_joint(cx, joint, |cx| this.poll_ready_now(cx));
+        this.tasks.remember(cx, false);
+        let result = this.poll_ready_now(cx);
         this.told_reader();
         result
     }
@@ -1152,16 +1170,16 @@ where
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        let joint = this.tasks.joint(cx, false);
-        let result = with_joint(cx, joint, |cx| this.poll_flush_now(cx));
+        this.tasks.remember(cx, false);
+        let result = this.poll_flush_now(cx);
         this.told_reader();
         result
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        let joint = this.tasks.joint(cx, false);
-        let result = with_joint(cx, joint, |cx| this.poll_close_now(cx));
+        this.tasks.remember(cx, false);
+        let result = this.poll_close_now(cx);
         this.told_reader();
         result
     }
@@ -1180,7 +1198,6 @@ where
         // Remembered for the writing side (see `Tasks`); what only this side waits on (the
         // connection's stream) is polled with this task's waker alone.
         this.tasks.remember(cx, true);
-        let mut joint = None;
         loop {
             if let Some(signal) = this.signals.pop_front() {
                 return Poll::Ready(Some(Ok(signal)));
@@ -1191,10 +1208,7 @@ where
             // Sending the backlog may be pending while reading goes on. Connected with no
             // backlog (every message of a steady stream), there is nothing to drive.
             if !(matches!(this.conn, Conn::Up(_)) && this.backlog.is_empty()) {
-                let waker = joint
-                    .get_or_insert_with(|| this.tasks.joint(cx, true))
-                    .clone();
-                match with_joint(cx, waker, |cx| this.poll_drained(cx)) {
+                match this.poll_drained_shared(cx, true) {
                     Poll::Ready(Err(error)) => {
                         this.closed = true;
                         return Poll::Ready(Some(Err(error)));
@@ -1207,13 +1221,12 @@ where
                 }
             }
             if this.flush_backlog && this.backlog.is_empty() {
-                let waker = joint
-                    .get_or_insert_with(|| this.tasks.joint(cx, true))
-                    .clone();
+                // The reader flushes what it sent: the writer, flushing too, waits on it.
+                let joint = this.tasks.joint(cx, true);
                 let Conn::Up(transport) = &mut this.conn else {
                     continue;
                 };
-                match with_joint(cx, waker, |cx| transport.as_mut().poll_flush(cx)) {
+                match with_joint(cx, joint, |cx| transport.as_mut().poll_flush(cx)) {
                     Poll::Ready(Ok(())) => {
                         this.unacked.clear();
                         this.flush_backlog = false;
