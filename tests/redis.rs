@@ -1275,7 +1275,10 @@ async fn split_over_redis_publishes_waiting_for_a_flush_leave_the_reader_asleep(
             stream.poll_next_unpin(cx)
         });
         while let Some(up) = stream.next().await {
-            if got_tx.send(up.map(|up| matches!(up, Up::Subscribed(_)))).is_err() {
+            if got_tx
+                .send(up.map(|up| matches!(up, Up::Subscribed(_))))
+                .is_err()
+            {
                 break;
             }
         }
@@ -1296,9 +1299,53 @@ async fn split_over_redis_publishes_waiting_for_a_flush_leave_the_reader_asleep(
     let before = polls.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spun = polls.load(Ordering::SeqCst) - before;
-    assert!(spun < 20, "the reader was polled {spun} times while nothing came");
+    assert!(
+        spun < 20,
+        "the reader was polled {spun} times while nothing came"
+    );
     sink.flush().await.unwrap();
     reader.abort();
+}
+
+/// One task that feeds publishes, does not flush them yet, and reads: the transport does not
+/// wake it again and again while they wait for the flush (it woke "the task that flushes",
+/// this one, at each poll: a busy loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_waiting_for_a_flush_do_not_keep_their_reader_busy() {
+    use alkdev_pubsub::{Command, Up};
+    use futures::SinkExt;
+    let server = RedisServer::start();
+    let mut transport = config().connect(server.url()).await.unwrap();
+    transport
+        .send(Command::Subscribe(Topic::from("quiet:2")))
+        .await
+        .unwrap();
+    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
+    assert!(
+        matches!(confirmed, Some(Ok(Up::Subscribed(_)))),
+        "{confirmed:?}"
+    );
+    for n in 0..2 {
+        transport
+            .feed(Command::Publish {
+                topic: Topic::from("other:2"),
+                message: bytes::Bytes::from(n.to_string()),
+            })
+            .await
+            .unwrap();
+    }
+    let mut polls = 0;
+    let reading = futures::future::poll_fn(|cx| {
+        polls += 1;
+        transport.poll_next_unpin(cx)
+    });
+    let read = tokio::time::timeout(Duration::from_millis(300), reading).await;
+    assert!(read.is_err(), "nothing was published on quiet:2: {read:?}");
+    assert!(
+        polls < 20,
+        "the reader was polled {polls} times while nothing came"
+    );
+    transport.flush().await.unwrap();
 }
 
 /// A listener that stops reading its `Block` subscription: the target stops reading the

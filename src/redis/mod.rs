@@ -618,6 +618,9 @@ pub struct RedisTransport {
     /// Publishes were fed since everything fed was last answered: if the connection fails
     /// now, they are lost, and `poll_close` says so.
     unanswered: bool,
+    /// A flush waits for publishes held behind subscribes (see `poll_publishes`): the answer
+    /// that frees them wakes it.
+    flush_waits: bool,
     /// A pipeline's failure that concerned only its publishes, reported by the next flush.
     deferred: Option<Error>,
     /// The last channel a message came on: traffic mostly repeats channels, and reusing the
@@ -705,6 +708,7 @@ impl RedisTransport {
             config,
             failed: None,
             unanswered: false,
+            flush_waits: false,
             deferred: None,
             last_channel: None,
             frames: Frames::default(),
@@ -805,6 +809,7 @@ impl RedisTransport {
             let Some(in_flight) = self.in_flight.as_mut() else {
                 if self.unsent() > 0 {
                     // Held behind a subscribe; its answer wakes this task (the writer).
+                    self.flush_waits = true;
                     return Poll::Pending;
                 }
                 // Everything fed so far is answered: report a failure among it now.
@@ -913,9 +918,12 @@ impl RedisTransport {
                 }
                 Control::Idle => {
                     let Some(first) = self.pending.pop_front() else {
-                        if self.unsent() > 0 && self.in_flight.is_none() {
+                        if self.flush_waits && self.unsent() > 0 && self.in_flight.is_none() {
                             // Publishes held behind the subscriptions can go now: wake the
-                            // task that flushes.
+                            // flush waiting for them, once (publishes fed and not flushed
+                            // yet wait for a flush, not for this: waking at each poll kept
+                            // a task that reads, and flushes later, busy).
+                            self.flush_waits = false;
                             self.writer.as_ref().unwrap_or(cx.waker()).wake_by_ref();
                         }
                         return Ok(());
