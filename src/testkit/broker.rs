@@ -15,7 +15,9 @@ use crate::layers::{Command, Error, ErrorKind, Result, Topic, Up};
 /// Each [`connect`](Self::connect) makes a [`BrokerConnection`], a raw transport (`Bytes`
 /// frames, messages carry their channel, subscribes are confirmed). Like a socket, a
 /// connection sends its publishes when flushed; they then reach every connection subscribed
-/// to their channel, in order. [`kill_connections`](Self::kill_connections)
+/// to their channel, in order. Unlike a socket, its subscribes and unsubscribes take effect
+/// as they are fed: a publish fed before an unsubscribe, and flushed after it, no longer
+/// reaches that connection itself. [`kill_connections`](Self::kill_connections)
 /// fails every live connection (their streams yield an unrecoverable error, their sinks refuse);
 /// [`set_accepting`](Self::set_accepting)`(false)` makes new connects fail, like a server that
 /// is down.

@@ -20,7 +20,8 @@ pub enum Recorded {
 }
 
 pin_project! {
-    /// Wraps a transport and records every command that reaches it, in order.
+    /// Wraps a transport and records every command it passes on, in order (one the inner
+    /// transport refuses in `start_send` is not recorded).
     ///
     /// ```
     /// use alkdev_pubsub::testkit::{Recorded, Recorder};
