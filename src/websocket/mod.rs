@@ -198,8 +198,9 @@ impl WebSocketConfig {
     /// Checks each opening handshake this side accepts ([`accept`](Self::accept), and so a
     /// [`WebSocketListener`]) before answering it: `Err(reason)` refuses the connection with
     /// `403 Forbidden` and the reason as the response body, and `accept` fails with an error
-    /// of kind [`ErrorKind::Rejected`] that gives the reason. Runs on the accepting task; must
-    /// not block. Clients ([`connect`](Self::connect)) ignore it.
+    /// of kind [`ErrorKind::Rejected`] that gives the reason. Runs on the accepting task (for a
+    /// [`WebSocketListener`], the one calling `accept`): it must not block, and a panic in it
+    /// unwinds there. Clients ([`connect`](Self::connect)) ignore it.
     ///
     /// A browser tells the origin of the page that opens a WebSocket in the `Origin` header,
     /// and does not stop a page of any origin from connecting: a server that browsers can
