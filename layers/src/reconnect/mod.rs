@@ -677,7 +677,12 @@ where
     /// [`poll_drained`](Self::poll_drained) for the reading (or writing) side: what it polls
     /// there (the connection being made, the backoff, the backlog's sending) wakes the other
     /// side too, if that is another task (see [`Tasks`]).
+    #[inline]
     fn poll_drained_shared(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Result<()>> {
+        if matches!(self.conn, Conn::Up(_)) && self.backlog.is_empty() {
+            // Drained: nothing to poll (every publish of a steady stream).
+            return Poll::Ready(Ok(()));
+        }
         let joint = self.tasks.joint(cx, reading);
         with_joint(cx, joint, |cx| self.poll_drained(cx))
     }
