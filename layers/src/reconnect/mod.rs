@@ -271,9 +271,11 @@ enum Conn<F: MakeTransport> {
 
 /// The tasks that use a [`Reconnect`]: one (an event target's driver, say), or, when it is
 /// split (`StreamExt::split`), a reading task and a writing one. Both wait on what the layer
-/// shares (the connection being made, the backoff's sleep, the connection itself, which one
-/// side may replace under the other): what either side polls there wakes both, and what one
-/// side changes for the other (a connection replaced, answers for the reader) wakes the other.
+/// shares: the connection being made, the backoff's sleep and the sending of the backlog wake
+/// both, whichever side polled them; the flush of a replayed backlog, which the reader does,
+/// wakes the writer when it is done, and a writer's flush meanwhile wakes the reader too; and
+/// what one side changes for the other (a connection replaced or ended, answers for the reader,
+/// a close) wakes the other. Each side's own calls on the connection use its own waker.
 #[derive(Default)]
 struct Tasks {
     reader: Option<Waker>,
@@ -351,6 +353,15 @@ impl Tasks {
         if let Some(reader) = &self.reader {
             if !writer.is_some_and(|w| reader.will_wake(w)) {
                 reader.wake_by_ref();
+            }
+        }
+    }
+
+    /// Wakes the writing side, if it is another task than `reader`'s.
+    fn wake_writer(&self, reader: &Waker) {
+        if let Some(writer) = &self.writer {
+            if !writer.will_wake(reader) {
+                writer.wake_by_ref();
             }
         }
     }
@@ -494,6 +505,8 @@ where
     fn ended_or_lost(&mut self, error: Error) {
         if self.closing {
             self.closed = true;
+            // A writer closing waits on the connection that ended.
+            self.tasks.wake_all();
         } else {
             self.lost(error);
         }
@@ -979,10 +992,20 @@ where
                 }
             }
             ready!(this.poll_drained_shared(cx, false))?;
+            // The reader flushes the replayed backlog too: what wakes this flush wakes it as
+            // well (this flush replaces its wake-up, and may be dropped before it is done).
+            let joint = if this.flush_backlog {
+                this.tasks.joint(cx, false)
+            } else {
+                None
+            };
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
-            match ready!(transport.as_mut().poll_flush(cx)) {
+            match ready!(with_joint(cx, joint, |cx| transport
+                .as_mut()
+                .poll_flush(cx)))
+            {
                 Ok(()) => {
                     this.unacked.clear();
                     this.flush_backlog = false;
@@ -1226,12 +1249,17 @@ where
                 }
             }
             if this.flush_backlog && this.backlog.is_empty() {
-                // The reader flushes what it sent: the writer, flushing too, waits on it.
-                let joint = this.tasks.joint(cx, true);
                 let Conn::Up(transport) = &mut this.conn else {
                     continue;
                 };
-                match with_joint(cx, joint, |cx| transport.as_mut().poll_flush(cx)) {
+                // With this task's waker (a joint one would make a transport that wakes "the
+                // reader, if another" wake this task at each poll); a writer flushing too, whose
+                // wake-up this replaces, is woken once the flush is done.
+                let flushed = transport.as_mut().poll_flush(cx);
+                if flushed.is_ready() {
+                    this.tasks.wake_writer(cx.waker());
+                }
+                match flushed {
                     Poll::Ready(Ok(())) => {
                         this.unacked.clear();
                         this.flush_backlog = false;
