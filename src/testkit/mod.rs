@@ -396,8 +396,19 @@ pub async fn order_per_topic(pair: Pair, messages: u64) {
             "out of order"
         );
     }
-    // Nothing more: a transport that sent its last ones twice fails here.
-    assert_quiet(&mut subscription, Duration::from_millis(100)).await;
+    no_more_events(&mut subscription, "order").await;
+}
+
+/// Nothing more comes on `subscription` for 100 ms but its end or a reconnect notice: a
+/// transport that sent its last events twice fails here.
+async fn no_more_events(subscription: &mut Subscription, check: &str) {
+    match tokio::time::timeout(Duration::from_millis(100), subscription.next()).await {
+        Err(_) | Ok(None) | Ok(Some(Err(Gap::Reconnected))) => {}
+        Ok(Some(other)) => panic!(
+            "{check}: {:?} after every event came: {other:?}",
+            subscription.topic()
+        ),
+    }
 }
 
 /// Events dispatched before `close()` all arrive; after it, calls fail with `Closed`.
@@ -434,12 +445,8 @@ pub async fn close_loses_nothing_in_flight(pair: Pair, messages: u64) {
         (0..messages).collect::<Vec<_>>(),
         "close lost or reordered events"
     );
-    // Nothing more (the publisher is closed): a transport that sent its last ones twice as
-    // it closed fails here.
-    match tokio::time::timeout(Duration::from_millis(100), subscription.next()).await {
-        Err(_) | Ok(None) | Ok(Some(Err(Gap::Reconnected))) => {}
-        Ok(Some(other)) => panic!("close: after all {messages} events, {other:?}"),
-    }
+    // The publisher is closed: nothing more.
+    no_more_events(&mut subscription, "close").await;
 }
 
 /// Frames injected raw by `inject` (each a malformed frame, then a good envelope) are
