@@ -184,6 +184,36 @@ async fn malformed_frames_are_skipped_and_counted_and_the_connection_stays() {
     assert_eq!(number_of(&testkit::next_event(&mut subscription).await), 4);
 }
 
+/// A text message that is not UTF-8 breaks the WebSocket protocol (a binary frame with the
+/// same bytes is only undecodable, above): the connection ends, and the peer is told why with
+/// code 1007 (it saw the socket drop, 1006 in a browser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_that_is_not_utf8_is_answered_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let (server, mut raw) = server_and_raw_peer(WebSocketConfig::new()).await;
+    let mut subscription = server.subscribe("u:1").await.unwrap();
+    let bad = Frame::message(
+        &b"{\"type\":\"u\",\"id\":\"\xff\"}"[..],
+        OpCode::Data(Data::Text),
+        true,
+    );
+    raw.send(Message::Frame(bad)).await.unwrap();
+    let close = loop {
+        match tokio::time::timeout(WAIT, raw.next())
+            .await
+            .expect("the server answers")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|frame| frame.code), Some(CloseCode::Invalid));
+    // The server's side ends, saying why.
+    testkit::next_end(&mut subscription).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_is_refused_with_1009() {
     let listener = WebSocketListener::from_listener(

@@ -8,6 +8,10 @@
 //! it publishes, and the event target keeps what has listeners; subscribes are confirmed at
 //! once.
 //!
+//! - **Protocol errors**: a frame that breaks the WebSocket protocol, or a text message that
+//!   is not UTF-8, ends the connection (an error of kind
+//!   [`Protocol`](crate::ErrorKind::Protocol)); the peer is told why, best effort, with code
+//!   1002 or 1007. (A binary frame that does not decode is only skipped, by the layers above.)
 //! - **Handshakes**: a server can check each request before it answers
 //!   ([`check_request`](WebSocketConfig::check_request): its `Origin`, when browsers can reach
 //!   it).
@@ -780,12 +784,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
         self.fail(error)
     }
 
-    /// Refuses an oversized message: close with 1009, without waiting on a peer that is
-    /// likely still sending.
-    fn refuse_oversized(&mut self, cx: &mut Context<'_>) {
+    /// Tells the peer why the connection ends (1009 for a message over the limit, 1002 for a
+    /// frame that breaks the protocol, 1007 for a text message that is not UTF-8), best
+    /// effort: without waiting on a peer that is likely still sending.
+    fn close_with(&mut self, cx: &mut Context<'_>, code: CloseCode, reason: &'static str) {
         let close = Message::Close(Some(CloseFrame {
-            code: CloseCode::Size,
-            reason: Utf8Bytes::from_static("message too big"),
+            code,
+            reason: Utf8Bytes::from_static(reason),
         }));
         let waker = crate::waker::also_waking(cx, self.writer.as_ref());
         let cx = &mut Context::from_waker(&waker);
@@ -1296,9 +1301,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                             tungstenite::error::CapacityError::MessageTooLong { .. }
                         )
                     );
+                    // The peer is told why, when it broke the protocol (a browser then reports
+                    // the code rather than 1006).
+                    let told = match &error {
+                        tungstenite::Error::Utf8(_) => {
+                            Some((CloseCode::Invalid, "text message is not UTF-8"))
+                        }
+                        tungstenite::Error::Protocol(
+                            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                        ) => None,
+                        tungstenite::Error::Protocol(_) => {
+                            Some((CloseCode::Protocol, "protocol error"))
+                        }
+                        _ => None,
+                    };
                     let error = this.ws_error("receiving", error);
+                    if let Some((code, reason)) = told {
+                        this.close_with(cx, code, reason);
+                    }
                     if oversized {
-                        this.refuse_oversized(cx);
+                        this.close_with(cx, CloseCode::Size, "message too big");
                         // Report the refused message, then the end of the connection.
                         this.failed = Some(Error::connection_lost(format!(
                             "the WebSocket was closed with code 1009: {}",
