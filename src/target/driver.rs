@@ -1342,8 +1342,10 @@ impl<T, P> Drop for Core<T, P> {
         if matches!(self.phase, Phase::Finished) {
             // A publish that had its place in the queue as the target stopped and went in
             // once the queue had been emptied: failed and counted, not lost silently.
-            let error = self.shared.closed_error("publishing");
-            self.drop_unsent(&error);
+            if !self.publishes.is_empty() {
+                let error = self.shared.closed_error("publishing");
+                self.drop_unsent(&error);
+            }
             return;
         }
         let error = Error::closed(
