@@ -1917,6 +1917,14 @@ async fn an_inbound_envelope_with_a_topic_over_the_limit_is_a_decode_error() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+    // It says what the caller passed and what the prefix adds, and quotes the topic's start
+    // only (it quoted the whole topic, however long).
+    let message = error.to_string();
+    assert!(
+        message.contains("(4091 bytes) with") && message.contains("(20 bytes)"),
+        "{message}"
+    );
+    assert!(message.len() < 300, "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

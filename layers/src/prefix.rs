@@ -184,7 +184,14 @@ where
         let this = self.project();
         let prefix: &str = this.prefix;
         crate::check_topic_len(prefix.len() + command.topic().len(), || {
-            format!("prefixing {} with {prefix:?}", command.topic())
+            let topic = command.topic();
+            let shown: String = topic.chars().take(32).collect();
+            let cut = if shown.len() < topic.len() { "..." } else { "" };
+            format!(
+                "prefixing {shown:?}{cut} ({} bytes) with {prefix:?} ({} bytes): the channel is too long",
+                topic.len(),
+                prefix.len()
+            )
         })?;
         let command = match command {
             Command::Publish { topic, message } => {

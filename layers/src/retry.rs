@@ -7,7 +7,11 @@
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
-//! of them.
+//! of them. Nor is their order kept across a retried flush: it sends again every publish since
+//! the last flush that completed, in order, after those of them that got through (a transport
+//! that sends as it goes, Redis in pipelines, may have delivered later ones before the failure
+//! of earlier ones was known): a topic may see `4 5 1 2 3 4 5`. Where order matters more than
+//! riding out a busy server, leave this layer out: the failure then reaches the publisher.
 
 use std::collections::VecDeque;
 use std::fmt;
