@@ -7,11 +7,12 @@
 //! | up | nothing |
 //!
 //! Retried publishes are delivered at least once: a flush that failed may have delivered some
-//! of them. Nor is their order kept across a retried flush: it sends again every publish since
-//! the last flush that completed, in order, after those of them that got through (a transport
-//! that sends as it goes, Redis in pipelines, may have delivered later ones before the failure
-//! of earlier ones was known): a topic may see `4 5 1 2 3 4 5`. Where order matters more than
-//! riding out a busy server, leave this layer out: the failure then reaches the publisher.
+//! of them. Their order is kept only if the transport below sends nothing more once a send
+//! was refused, until the flush that reports it: the retried flush sends again every publish
+//! since the last flush that completed, in order, after whatever of them got through; over a
+//! transport that sends as it goes and does not hold back, a topic may see `4 5 1 2 3 4 5`.
+//! The Redis transports hold back. Where order matters more than riding out a busy server,
+//! leave this layer out: the failure then reaches the publisher.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -44,9 +44,10 @@
 //! publishes to one slot go in one pipeline, and redis-rs sends a pipeline again whole when a
 //! reply in it asks for that (`MOVED`, `TRYAGAIN`, a connection that dropped partway), so a
 //! message published before that reply may be delivered twice: at least once, as with the
-//! retry layer. Once a pipeline has failed, the publishes fed after it are not sent: the next
-//! flush fails, answering all of them, and a layer above that sends them again does so in
-//! order (sent, they would have arrived before the failed ones they follow).
+//! retry layer. Once a pipeline has failed for now or for want of a connection, the publishes
+//! fed after it are not sent: the next flush fails, answering all of them, and a layer above
+//! that sends them again does so in order (sent, they would have arrived before the failed
+//! ones they follow).
 //!
 //! **JavaScript peers.** Sharded and classic pub/sub do not see each other: a `PUBLISH`
 //! reaches no `SSUBSCRIBE`, an `SPUBLISH` no `SUBSCRIBE`. The JavaScript design's Redis event
@@ -508,10 +509,15 @@ impl RedisClusterTransport {
         if self.in_flight.is_some() || self.batch.is_empty() {
             return;
         }
-        if self.deferred.is_some() {
-            // A batch since the last flush failed: that flush fails, answering everything fed
-            // since the one before (a layer above sends it again, in order). Sent now, these
-            // would arrive before the failed ones they follow.
+        if self
+            .deferred
+            .as_ref()
+            .is_some_and(|e| e.is_transient() || e.is_unrecoverable())
+        {
+            // A batch since the last flush failed in a way a layer above sends it again (the
+            // retry layer, the reconnect layer): that flush fails, answering everything fed
+            // since the one before, which is then sent again in order. Sent now, these would
+            // arrive before the failed ones they follow.
             self.batch.clear();
             self.batch_bytes = 0;
             return;

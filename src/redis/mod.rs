@@ -736,6 +736,15 @@ impl RedisTransport {
         if self.in_flight.is_some() {
             return;
         }
+        if self.deferred.as_ref().is_some_and(Error::is_transient) && !self.unsent.is_empty() {
+            // A pipeline since the last flush was refused for now (`BUSY`, `LOADING`): that
+            // flush fails, answering everything fed since the one before, which the retry
+            // layer sends again in order. Sent now, these would arrive before the refused
+            // ones they follow.
+            self.unsent.clear();
+            self.unsent_bytes = 0;
+            return;
+        }
         let answered = self.control_answered_count();
         if self
             .unsent
