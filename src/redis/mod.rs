@@ -1527,6 +1527,10 @@ impl Sink<Command<Bytes>> for RedisTransport {
         this.poll_control(cx)?;
         this.send_pipeline();
         let Some(in_flight) = this.in_flight.as_mut() else {
+            if this.unsent() < MAX_PIPELINE && this.unsent_bytes < MAX_UNSENT_BYTES {
+                // Room again: what waited was given up (see `send_pipeline`).
+                return Poll::Ready(Ok(()));
+            }
             // Still held behind a subscribe: its answer wakes this task (the writer) when it is
             // answered.
             return Poll::Pending;
@@ -2177,6 +2181,44 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("the full pipeline of {count} is sent"));
         }
+    }
+
+    /// A full pipeline refused for now (`BUSY`): the publishes fed after it are not sent
+    /// before the flush that reports the refusal, which answers them too (a retry layer then
+    /// sends everything again, in order). They went out, and arrived before the refused ones.
+    #[tokio::test]
+    async fn publishes_after_a_pipeline_refused_for_now_wait_for_the_flush() {
+        let (mut transport, mut publish_server, _server) = over_pipes(quiet()).await;
+        let publish = || Command::Publish {
+            topic: Topic::from("c"),
+            message: Bytes::from_static(b"x"),
+        };
+        for _ in 0..=MAX_PIPELINE {
+            transport.feed(publish()).await.unwrap();
+        }
+        // The full pipeline went: refused, its last command with BUSY.
+        let one = publish_on_c("x");
+        let mut sent = vec![0; one.len() * MAX_PIPELINE];
+        tokio::time::timeout(Duration::from_secs(5), publish_server.read_exact(&mut sent))
+            .await
+            .expect("the full pipeline is sent")
+            .unwrap();
+        let mut replies = ":1\r\n".repeat(MAX_PIPELINE - 1);
+        replies.push_str("-BUSY Redis is busy running a script\r\n");
+        publish_server.write_all(replies.as_bytes()).await.unwrap();
+        // A second pipeline's worth: it used to go out as the first one's failure came in.
+        for _ in 0..MAX_PIPELINE {
+            transport.feed(publish()).await.unwrap();
+        }
+        let mut more = [0; 1];
+        let read =
+            tokio::time::timeout(Duration::from_millis(300), publish_server.read(&mut more)).await;
+        assert!(
+            read.is_err(),
+            "publishes after the refused pipeline were sent"
+        );
+        let error = transport.flush().await.unwrap_err();
+        assert!(error.is_transient(), "{error}");
     }
 
     /// Publishes that waited behind different subscribes, all answered by the time a
