@@ -11,8 +11,10 @@
 //! was refused, until the flush that reports it: the retried flush sends again every publish
 //! since the last flush that completed, in order, after whatever of them got through; over a
 //! transport that sends as it goes and does not hold back, a topic may see `4 5 1 2 3 4 5`.
-//! The Redis transports hold back. Where order matters more than riding out a busy server,
-//! leave this layer out: the failure then reaches the publisher.
+//! The Redis transports hold back what follows a failed pipeline, until that flush; within
+//! one pipeline, Redis may still run commands after a refused one (a script that ended
+//! meanwhile), so a topic may see `1 2 5 6 1 2 3 4 5 6`. Where order matters more than riding
+//! out a busy server, leave this layer out: the failure then reaches the publisher.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -271,11 +271,11 @@ enum Conn<F: MakeTransport> {
 
 /// The tasks that use a [`Reconnect`]: one (an event target's driver, say), or, when it is
 /// split (`StreamExt::split`), a reading task and a writing one. Both wait on what the layer
-/// shares: the connection being made, the backoff's sleep and the sending of the backlog wake
-/// both, whichever side polled them; the flush of a replayed backlog, which the reader does,
-/// wakes the writer when it is done, and a writer's flush meanwhile wakes the reader too; and
-/// what one side changes for the other (a connection replaced or ended, answers for the reader,
-/// a close) wakes the other. Each side's own calls on the connection use its own waker.
+/// shares: the connection being made, the backoff's sleep, the sending of the backlog and the
+/// flush of a replayed backlog (which either side may poll) wake both, whichever side polled
+/// them; and what one side changes for the other (a connection replaced or ended, answers for
+/// the reader, a close) wakes the other. Each side's other calls on the connection use its own
+/// waker.
 #[derive(Default)]
 struct Tasks {
     reader: Option<Waker>,
@@ -353,15 +353,6 @@ impl Tasks {
         if let Some(reader) = &self.reader {
             if !writer.is_some_and(|w| reader.will_wake(w)) {
                 reader.wake_by_ref();
-            }
-        }
-    }
-
-    /// Wakes the writing side, if it is another task than `reader`'s.
-    fn wake_writer(&self, reader: &Waker) {
-        if let Some(writer) = &self.writer {
-            if !writer.will_wake(reader) {
-                writer.wake_by_ref();
             }
         }
     }
@@ -1249,17 +1240,16 @@ where
                 }
             }
             if this.flush_backlog && this.backlog.is_empty() {
+                // With a waker of both tasks: a writer waiting on the connection (for room, or
+                // for its own flush), whose wake-up this poll replaces, is woken with it. (Over
+                // Redis, which wakes "the reader, if another" when another waker reads for an
+                // answer, this task is woken again at each poll until the replayed subscribes
+                // are answered: a round trip of busy polling, in split use only.)
+                let joint = this.tasks.joint(cx, true);
                 let Conn::Up(transport) = &mut this.conn else {
                     continue;
                 };
-                // With this task's waker (a joint one would make a transport that wakes "the
-                // reader, if another" wake this task at each poll); a writer flushing too, whose
-                // wake-up this replaces, is woken once the flush is done.
-                let flushed = transport.as_mut().poll_flush(cx);
-                if flushed.is_ready() {
-                    this.tasks.wake_writer(cx.waker());
-                }
-                match flushed {
+                match with_joint(cx, joint, |cx| transport.as_mut().poll_flush(cx)) {
                     Poll::Ready(Ok(())) => {
                         this.unacked.clear();
                         this.flush_backlog = false;
@@ -1307,6 +1297,8 @@ where
                 Some(Err(error)) if error.is_unrecoverable() => {
                     if this.closing {
                         this.closed = true;
+                        // A writer closing waits on the connection that failed.
+                        this.tasks.wake_all();
                         return Poll::Ready(Some(Err(error)));
                     }
                     this.lost(error);
