@@ -275,7 +275,7 @@ enum Conn<F: MakeTransport> {
 /// flush of a replayed backlog (which either side may poll) wake both, whichever side polled
 /// them; and what one side changes for the other (a connection replaced or ended, answers for
 /// the reader, a close) wakes the other. Each side's other calls on the connection use its own
-/// waker.
+/// waker, the writer's too but while a replayed backlog's flush is under way.
 #[derive(Default)]
 struct Tasks {
     reader: Option<Waker>,
@@ -926,13 +926,23 @@ where
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Ready(Ok(())) => {}
             }
+            // While the reader flushes a replayed backlog, what wakes this task on the
+            // connection wakes it too (this poll replaces its wake-up there).
+            let joint = if this.flush_backlog {
+                this.tasks.joint(cx, false)
+            } else {
+                None
+            };
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
             if this.unacked.full() {
                 // Kept to be sent again: wait for a flush before keeping more (see
                 // `MAX_UNFLUSHED`). With nothing more fed, it completes.
-                match ready!(transport.as_mut().poll_flush(cx)) {
+                match ready!(with_joint(cx, joint, |cx| transport
+                    .as_mut()
+                    .poll_flush(cx)))
+                {
                     Ok(()) => {
                         this.unacked.clear();
                         this.flush_backlog = false;
@@ -947,7 +957,7 @@ where
                 }
                 continue;
             }
-            match transport.as_mut().poll_ready(cx) {
+            match with_joint(cx, joint, |cx| transport.as_mut().poll_ready(cx)) {
                 Poll::Pending => {
                     this.ready_failures = 0;
                     return Poll::Pending;
