@@ -691,6 +691,17 @@ where
         with_joint(cx, joint, |cx| self.poll_drained(cx))
     }
 
+    /// The waker for the writer's own calls on the connection: its own, but while the reader
+    /// flushes a replayed backlog, one that wakes the reader too (the writer's poll replaces
+    /// the reader's wake-up there, and may be dropped before it is done).
+    fn writer_joint(&mut self, cx: &Context<'_>) -> Option<Waker> {
+        if self.flush_backlog {
+            self.tasks.joint(cx, false)
+        } else {
+            None
+        }
+    }
+
     /// [`poll_connected`](Self::poll_connected), as [`poll_drained_shared`](Self::poll_drained_shared).
     fn poll_connected_shared(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Result<()>> {
         let joint = self.tasks.joint(cx, reading);
@@ -926,13 +937,7 @@ where
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Ready(Ok(())) => {}
             }
-            // While the reader flushes a replayed backlog, what wakes this task on the
-            // connection wakes it too (this poll replaces its wake-up there).
-            let joint = if this.flush_backlog {
-                this.tasks.joint(cx, false)
-            } else {
-                None
-            };
+            let joint = this.writer_joint(cx);
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
@@ -993,13 +998,7 @@ where
                 }
             }
             ready!(this.poll_drained_shared(cx, false))?;
-            // The reader flushes the replayed backlog too: what wakes this flush wakes it as
-            // well (this flush replaces its wake-up, and may be dropped before it is done).
-            let joint = if this.flush_backlog {
-                this.tasks.joint(cx, false)
-            } else {
-                None
-            };
+            let joint = this.writer_joint(cx);
             let Conn::Up(transport) = &mut this.conn else {
                 continue;
             };
