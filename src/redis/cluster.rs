@@ -922,9 +922,17 @@ impl RedisClusterTransport {
                         return Ok(());
                     }
                     if started.elapsed() >= RESUBSCRIBE_FOR {
+                        let mut named: Vec<&str> =
+                            waiting.iter().take(3).map(Topic::as_str).collect();
+                        named.sort_unstable();
+                        let more = match waiting.len().saturating_sub(named.len()) {
+                            0 => String::new(),
+                            more => format!(" and {more} more"),
+                        };
                         return Err(Error::connection_lost(format!(
-                            "gave up subscribing {} channel(s) again after a node dropped or a slot moved: answered, but never confirmed by their nodes within {RESUBSCRIBE_FOR:?}",
-                            waiting.len()
+                            "gave up subscribing {} channel(s) again ({}{more}) after a node dropped or a slot moved: answered, but never confirmed by their nodes within {RESUBSCRIBE_FOR:?}",
+                            waiting.len(),
+                            named.join(", ")
                         )));
                     }
                     tracing::warn!(
