@@ -1213,12 +1213,7 @@ async fn over_a_redis_rs_pubsub_an_unsubscribe_is_answered_after_the_messages_be
     let subscribe = client.get_async_pubsub().await.unwrap();
     let mut transport = RedisTransport::from_clients_with(publish, subscribe, config());
     let topic = Topic::from("order:1");
-    transport
-        .send(Command::Subscribe(topic.clone()))
-        .await
-        .unwrap();
-    let answer = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
-    assert!(matches!(answer, Some(Ok(Up::Subscribed(_)))), "{answer:?}");
+    common::subscribe_confirmed(&mut transport, &topic).await;
     let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
     let mut pipe = redis::pipe();
     for n in 0..200 {
@@ -1312,19 +1307,11 @@ async fn split_over_redis_publishes_waiting_for_a_flush_leave_the_reader_asleep(
 /// this one, at each poll: a busy loop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_waiting_for_a_flush_do_not_keep_their_reader_busy() {
-    use alkdev_pubsub::{Command, Up};
+    use alkdev_pubsub::Command;
     use futures::SinkExt;
     let server = RedisServer::start();
     let mut transport = config().connect(server.url()).await.unwrap();
-    transport
-        .send(Command::Subscribe(Topic::from("quiet:2")))
-        .await
-        .unwrap();
-    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
-    assert!(
-        matches!(confirmed, Some(Ok(Up::Subscribed(_)))),
-        "{confirmed:?}"
-    );
+    common::subscribe_confirmed(&mut transport, "quiet:2").await;
     for n in 0..2 {
         transport
             .feed(Command::Publish {

@@ -602,15 +602,7 @@ async fn a_silent_master_is_found_by_the_ping() {
         .await
         .unwrap()
         .ping_interval(Duration::from_millis(200));
-    transport
-        .send(Command::Subscribe(Topic::from("silent:1")))
-        .await
-        .unwrap();
-    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
-    assert!(
-        matches!(confirmed, Some(Ok(Up::Subscribed(_)))),
-        "{confirmed:?}"
-    );
+    common::subscribe_confirmed(&mut transport, "silent:1").await;
     // Quiet and healthy: no error for a while (pings answered).
     let quiet = tokio::time::timeout(Duration::from_millis(800), transport.next()).await;
     assert!(quiet.is_err(), "{quiet:?}");
@@ -763,15 +755,7 @@ async fn an_unsubscribe_is_answered_after_the_messages_that_came_before_it() {
         .await
         .unwrap();
     let topic = Topic::from("order:1");
-    transport
-        .send(Command::Subscribe(topic.clone()))
-        .await
-        .unwrap();
-    let confirmed = tokio::time::timeout(WAIT, transport.next()).await.unwrap();
-    assert!(
-        matches!(&confirmed, Some(Ok(Up::Subscribed(t))) if *t == topic),
-        "{confirmed:?}"
-    );
+    common::subscribe_confirmed(&mut transport, &topic).await;
     for n in 0..MESSAGES {
         transport
             .feed(Command::Publish {

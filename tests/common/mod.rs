@@ -90,3 +90,25 @@ where
     })
     .await
 }
+
+/// Subscribes `topic` through a raw transport and waits (20 s at most) for the next item,
+/// which must be its answer, `Up::Subscribed(topic)`.
+pub async fn subscribe_confirmed<T>(transport: &mut T, topic: &str)
+where
+    T: futures::Sink<alkdev_pubsub::Command<bytes::Bytes>, Error = alkdev_pubsub::Error>
+        + futures::Stream<Item = alkdev_pubsub::Result<alkdev_pubsub::Up<bytes::Bytes>>>
+        + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    transport
+        .send(alkdev_pubsub::Command::Subscribe(topic.into()))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), transport.next())
+        .await
+        .unwrap_or_else(|_| panic!("no answer to the subscribe of {topic}"));
+    assert!(
+        matches!(&answer, Some(Ok(alkdev_pubsub::Up::Subscribed(t))) if t.as_str() == topic),
+        "{answer:?}"
+    );
+}
