@@ -347,11 +347,10 @@ impl Tasks {
         }
     }
 
-    /// Wakes the reading side, if it is another task than `writer`'s (with no `writer`: if
-    /// there is one).
-    fn wake_reader(&self, writer: Option<&Waker>) {
+    /// Wakes the reading side, if it is another task than the writer.
+    fn wake_reader(&self) {
         if let Some(reader) = &self.reader {
-            if !writer.is_some_and(|w| reader.will_wake(w)) {
+            if !self.writer.as_ref().is_some_and(|w| reader.will_wake(w)) {
                 reader.wake_by_ref();
             }
         }
@@ -1168,7 +1167,7 @@ where
     /// for it), or that the layer closed, if it is another task.
     fn told_reader(&self) {
         if !self.signals.is_empty() || self.closed {
-            self.tasks.wake_reader(self.tasks.writer.as_ref());
+            self.tasks.wake_reader();
         }
     }
 }
