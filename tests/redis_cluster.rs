@@ -789,3 +789,50 @@ async fn an_unsubscribe_is_answered_after_the_messages_that_came_before_it() {
     let expected: Vec<String> = (0..MESSAGES).map(|n| n.to_string()).collect();
     assert_eq!(received, expected, "every message, before the answer");
 }
+
+/// A password the cluster refuses is refused for good (kind `Rejected`, as on one node), the
+/// error not printing it: a reconnect layer gives up at once rather than retry for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_is_permanent_and_not_printed() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(1))
+        .await
+        .unwrap();
+    let node = &cluster.nodes[0];
+    assert_eq!(node.cli(&["CONFIG", "SET", "requirepass", "s3cret"]), "OK");
+    let seed = |password: &str| format!("redis://:{password}@127.0.0.1:{}/", node.port());
+
+    let error = RedisClusterTransport::connect([seed("wrong")])
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), alkdev_pubsub::ErrorKind::Rejected, "{error}");
+    assert!(error.is_permanent(), "{error}");
+    assert!(!error.to_string().contains("wrong"), "{error}");
+
+    // So the reconnect layer gives up at once, with that error.
+    let wrong = vec![seed("wrong")];
+    let events: EventTarget = EventTarget::new(
+        ServiceBuilder::new()
+            .layer(CodecLayer::json())
+            .layer(ReconnectLayer::new(Backoff::default()))
+            .service(move || RedisClusterTransport::connect(wrong.clone())),
+    );
+    let error = tokio::time::timeout(WAIT, events.subscribe("auth:1"))
+        .await
+        .expect("not retried for ever")
+        .unwrap_err();
+    assert!(error.is_closed(), "{error}");
+    assert!(!error.to_string().contains("wrong"), "{error}");
+
+    // The right password connects.
+    let mut transport = RedisClusterTransport::connect([seed("s3cret")])
+        .await
+        .unwrap();
+    transport
+        .send(Command::Subscribe(Topic::from("auth:2")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, transport.next()).await.unwrap(),
+        Some(Ok(Up::Subscribed(_)))
+    ));
+}

@@ -303,8 +303,9 @@ impl RedisClusterTransport {
     /// # Errors
     ///
     /// [`ErrorKind::Config`] for seeds redis-rs cannot read or that ask for TLS
-    /// (`rediss://`); [`ErrorKind::Connect`] when no seed leads to a cluster in time (a
-    /// refused password included). Each names the seeds, without their passwords.
+    /// (`rediss://`); [`ErrorKind::Rejected`] when a seed refuses the user or password
+    /// (retrying cannot mend that: a reconnect layer gives up at once); [`ErrorKind::Connect`]
+    /// when no seed leads to a cluster in time. Each names the seeds, without their passwords.
     pub async fn connect<S: AsRef<str>>(seeds: impl IntoIterator<Item = S>) -> Result<Self> {
         Self::connect_with(seeds, Duration::from_secs(5)).await
     }
@@ -356,8 +357,16 @@ impl RedisClusterTransport {
             .build()
             .map_err(config_error)?;
         let connect_error = |e: redis::RedisError| {
+            // redis-rs reports a seed's refusal of the password as an I/O error ("Failed to
+            // create initial connections"), the refusal in its detail: retrying cannot mend
+            // it, so it is `Rejected`, as on one node, not a connection failure.
+            let kind = if refused_credentials(&e) {
+                ErrorKind::Rejected
+            } else {
+                ErrorKind::Connect
+            };
             Error::with_source(
-                ErrorKind::Connect,
+                kind,
                 format!("connecting to the cluster {printed:?}: {e}"),
                 e,
             )
@@ -1404,6 +1413,18 @@ impl Stream for RedisClusterTransport {
             }
         }
     }
+}
+
+/// Whether `error` is a server's refusal of the user or password (`WRONGPASS`, `NOAUTH`,
+/// `NOPERM`), however redis-rs wrapped it.
+fn refused_credentials(error: &redis::RedisError) -> bool {
+    if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        return true;
+    }
+    let text = error.to_string();
+    ["WRONGPASS", "NOAUTH", "NOPERM"]
+        .iter()
+        .any(|code| text.contains(code))
 }
 
 /// The channel and the payload of a message push. Anything else is skipped, and told as a
