@@ -195,6 +195,37 @@ impl<P> State<P> {
         }
     }
 
+    /// Makes room in a full [`Overflow::DropOldest`] queue: the slowest readers lose their
+    /// oldest slot (out of the queue if it is still there, else it is in their batch already
+    /// and they keep it), and are told (a lag, or the reconnect notice they missed). Returns
+    /// the slot that left the queue, to be dropped once the lock is released.
+    fn drop_oldest(&mut self, counters: &Counters) -> Option<Slot<P>> {
+        let oldest = self.oldest;
+        let mut dropped = None;
+        if self.head == oldest {
+            dropped = self.items.pop_front();
+            self.head += 1;
+        }
+        let mut lagging = 0;
+        for reader in self.readers.iter_mut().filter(|r| r.next == oldest) {
+            reader.next = oldest + 1;
+            if reader.taken == oldest {
+                reader.taken = oldest + 1;
+                match dropped {
+                    Some(Slot::Event(_)) => {
+                        reader.lagged += 1;
+                        lagging += 1;
+                    }
+                    Some(Slot::Reconnected) => reader.missed_reconnect = true,
+                    None => unreachable!("an untaken slot is in the queue"),
+                }
+            }
+        }
+        self.oldest = oldest + 1;
+        counters.lagged.fetch_add(lagging, Relaxed);
+        dropped
+    }
+
     /// The wakers of every waiting reader.
     fn take_readers(&mut self) -> Vec<Waker> {
         if self.waiting == 0 {
@@ -436,35 +467,12 @@ impl<P> Queue<P> {
         } else {
             match (self.overflow, cx) {
                 (Overflow::DropOldest, _) => {
-                    // The slowest readers lose their oldest slot: out of the queue if it is
-                    // still there, else it is in their batch already and they keep it.
-                    let oldest = state.oldest;
-                    if state.head == oldest {
-                        dropped = state.items.pop_front();
-                        state.head += 1;
-                    }
-                    let mut lagging = 0;
-                    for reader in state.readers.iter_mut().filter(|r| r.next == oldest) {
-                        reader.next = oldest + 1;
-                        if reader.taken == oldest {
-                            reader.taken = oldest + 1;
-                            match dropped {
-                                Some(Slot::Event(_)) => {
-                                    reader.lagged += 1;
-                                    lagging += 1;
-                                }
-                                Some(Slot::Reconnected) => reader.missed_reconnect = true,
-                                None => unreachable!("an untaken slot is in the queue"),
-                            }
-                        }
-                    }
-                    state.oldest = oldest + 1;
+                    dropped = state.drop_oldest(counters);
                     state
                         .items
                         .push_back(Slot::Event(event.take().expect("not pushed yet")));
                     state.reconnect_last = false;
                     counters.delivered.fetch_add(readers, Relaxed);
-                    counters.lagged.fetch_add(lagging, Relaxed);
                 }
                 (Overflow::Block, Some(cx)) => {
                     if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -500,8 +508,12 @@ impl<P> Queue<P> {
 
     /// Tells the readers that the transport reconnected. Never blocks; two notices in a row
     /// are one while no reader has taken the first (a reader that has must hear of the second
-    /// reconnect: what was published during it is lost to it too).
-    pub(crate) fn push_reconnected(&self) {
+    /// reconnect: what was published during it is lost to it too). The notice takes a slot:
+    /// a full [`Overflow::DropOldest`] queue drops its oldest for it, as for an event (else
+    /// each reconnect would leave the queue a slot larger, for as long as a reader does not
+    /// read); a full queue of another policy holds it beyond its capacity, one notice at most
+    /// (new events are dropped or wait there, so the next notice is the same one).
+    pub(crate) fn push_reconnected(&self, counters: &Counters) {
         let mut state = self.lock();
         if state.closed {
             return;
@@ -510,6 +522,11 @@ impl<P> Queue<P> {
         if state.reconnect_last && state.readers.iter().all(|reader| reader.taken < tail) {
             return;
         }
+        let dropped = if self.overflow == Overflow::DropOldest && state.is_full(self.capacity) {
+            state.drop_oldest(counters)
+        } else {
+            None
+        };
         state.items.push_back(Slot::Reconnected);
         state.reconnect_last = true;
         self.changed();
@@ -517,6 +534,9 @@ impl<P> Queue<P> {
         let garbage = std::mem::take(&mut state.garbage);
         drop(state);
         wake_all(wake);
+        if dropped.is_some() {
+            drop_guarded(dropped);
+        }
         drop_released(garbage);
     }
 

@@ -3169,3 +3169,47 @@ async fn a_publish_from_a_thread_locals_drop_as_the_thread_ends_is_delivered() {
         }
     }
 }
+
+/// A subscriber that never reads stays bounded through reconnects: each notice used to take a
+/// slot beyond a full `DropOldest` queue's capacity and keep it, one more per reconnect (and
+/// the event it held), for as long as the subscriber did not read. (A `Block` queue that is
+/// not read holds the driver back instead.)
+#[tokio::test(start_paused = true)]
+async fn reconnect_notices_keep_a_full_queue_within_its_capacity() {
+    for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+        let (silent, events, mut a) =
+            silent_target_with(SubscribeOptions::new().capacity(4).overflow(overflow)).await;
+        for n in 0..100 {
+            silent
+                .inbound
+                .lock()
+                .unwrap()
+                .push_back(alkdev_pubsub::Up::Reconnected);
+            silent.put("a:1", n);
+        }
+        silent.wake();
+        settle("the driver routed everything", || {
+            silent.inbound.lock().unwrap().is_empty() && events.stats().reconnects == 100
+        })
+        .await;
+        // Up to its capacity of slots (events, or a notice), and the lag notice and a
+        // reconnect notice it does not hold a slot for.
+        assert!(a.len() <= 4 + 2, "{overflow:?}: {} held", a.len());
+        // What it holds still reads: the newest under DropOldest, the oldest otherwise, and
+        // the gaps are told.
+        let mut read = Vec::new();
+        let mut gaps = 0;
+        while !a.is_empty() {
+            match a.next().await.unwrap() {
+                Ok(event) => read.push(number_of(&event)),
+                Err(_) => gaps += 1,
+            }
+        }
+        assert!(gaps >= 1, "{overflow:?}: the gaps are told");
+        // Four slots: a notice and an event, twice; the newest ones, or the oldest.
+        match overflow {
+            Overflow::DropOldest => assert_eq!(read, [98, 99]),
+            _ => assert_eq!(read, [0, 1]),
+        }
+    }
+}

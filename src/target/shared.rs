@@ -504,7 +504,7 @@ impl<P> Shared<P> {
         for entry in self.read().values() {
             for listener in entry.listeners.iter() {
                 if let Listener::Queue { queue } = listener {
-                    queue.push_reconnected();
+                    queue.push_reconnected(&self.counters);
                 }
             }
         }
