@@ -506,6 +506,15 @@ impl<P> Queue<P> {
         Ok(())
     }
 
+    /// Takes back the waker a producer left waiting for room ([`push`](Self::push)), its wait
+    /// cancelled. True if it was there.
+    pub(crate) fn forget_producer(&self, waker: &Waker) -> bool {
+        let mut state = self.lock();
+        let before = state.producers.len();
+        state.producers.retain(|w| !w.will_wake(waker));
+        state.producers.len() != before
+    }
+
     /// Tells the readers that the transport reconnected. Never blocks; two notices in a row
     /// are one while no reader has taken the first (a reader that has must hear of the second
     /// reconnect: what was published during it is lost to it too). The notice takes a slot:

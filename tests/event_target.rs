@@ -3213,3 +3213,79 @@ async fn reconnect_notices_keep_a_full_queue_within_its_capacity() {
         }
     }
 }
+
+/// A waker that counts nothing: its handle count says who keeps it.
+struct Unwoken;
+
+impl std::task::Wake for Unwoken {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// In-process dispatches cancelled while they wait for room in a full `Block` queue leave no
+/// waker there: each kept its task's memory until the reader read, one more per cancelled
+/// dispatch (a `timeout` around each, and a reader stuck). A dispatch of the same task still
+/// waiting there is woken to register again.
+#[tokio::test]
+async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let events: EventTarget = EventTarget::local();
+    let mut stuck = events
+        .subscribe_with(
+            "t:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
+    for n in 1..=100 {
+        let probe = Arc::new(Unwoken);
+        let waker = Waker::from(Arc::clone(&probe));
+        let mut dispatch = Box::pin(events.dispatch_event(numbered("t", "1", n)));
+        assert!(dispatch
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        drop(dispatch);
+        drop(waker);
+        assert_eq!(
+            Arc::strong_count(&probe),
+            1,
+            "the queue kept dispatch {n}'s waker"
+        );
+    }
+    // Each cancelled one was counted as dropped for the reader, which goes on.
+    assert_eq!(events.stats().lagged, 100);
+    assert_eq!(number_of(&stuck.next().await.unwrap().unwrap()), 0);
+    assert!(matches!(stuck.next().await, Some(Err(Gap::Lagged(100)))));
+
+    // Two dispatches of one task wait with one waker; one cancelled, the other is woken, and
+    // delivered once there is room.
+    let (woken_tx, woken) = std::sync::mpsc::channel();
+    struct Tells(std::sync::mpsc::Sender<()>);
+    impl std::task::Wake for Tells {
+        fn wake(self: Arc<Self>) {
+            let _ = self.0.send(());
+        }
+    }
+    let waker = Waker::from(Arc::new(Tells(woken_tx)));
+    let mut cx = Context::from_waker(&waker);
+    events
+        .dispatch_event(numbered("t", "1", 101))
+        .await
+        .unwrap();
+    let mut first = Box::pin(events.dispatch_event(numbered("t", "1", 102)));
+    let mut second = Box::pin(events.dispatch_event(numbered("t", "1", 103)));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    drop(first);
+    woken
+        .try_recv()
+        .expect("the task is woken for the other dispatch");
+    assert!(second.as_mut().poll(&mut cx).is_pending(), "still full");
+    assert_eq!(number_of(&stuck.next().await.unwrap().unwrap()), 101);
+    woken.try_recv().expect("room wakes the one still waiting");
+    assert!(second.as_mut().poll(&mut cx).is_ready());
+}

@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -191,6 +191,10 @@ struct Undelivered<P> {
     listeners: Arc<[Listener<P>]>,
     from: usize,
     event: Option<Arc<Envelope<P>>>,
+    /// The waker the full queue at `from` keeps for this dispatch, to take back if it is
+    /// cancelled (else a queue whose reader is stuck would keep one per cancelled dispatch,
+    /// each holding its task's memory, until the reader reads).
+    waiting: Option<Waker>,
 }
 
 impl<P> Undelivered<P> {
@@ -206,6 +210,13 @@ impl<P> Undelivered<P> {
             Err((blocked, back)) => {
                 self.from = blocked;
                 self.event = Some(back);
+                if !self
+                    .waiting
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.waiting = Some(cx.waker().clone());
+                }
                 Poll::Pending
             }
         }
@@ -215,6 +226,15 @@ impl<P> Undelivered<P> {
 impl<P> Drop for Undelivered<P> {
     fn drop(&mut self) {
         if let Some(event) = self.event.take() {
+            if let (Some(waker), Some(Listener::Queue { queue })) =
+                (self.waiting.take(), self.listeners.get(self.from))
+            {
+                // Another dispatch of the same task may wait on this queue with the same
+                // waker: it is woken to register again.
+                if queue.forget_producer(&waker) {
+                    waker.wake();
+                }
+            }
             let _ = self
                 .shared
                 .deliver_from(&self.listeners, event, self.from, None);
@@ -626,6 +646,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
             listeners,
             from: 0,
             event: Some(event),
+            waiting: None,
         };
         poll_fn(|cx| rest.poll_deliver(cx)).await;
         Ok(())
