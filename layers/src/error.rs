@@ -115,7 +115,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::ForeignChannel => "message outside the prefix",
             ErrorKind::TooLarge => "over the size limit",
             ErrorKind::Busy => "peer busy",
-            ErrorKind::Rejected => "refused by the peer",
+            ErrorKind::Rejected => "refused",
             ErrorKind::Config => "invalid settings",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Closed => "closed",
@@ -151,6 +151,31 @@ impl Error {
         error
     }
 
+    /// An error of `kind` saying that `context` failed because of `cause`, which is its
+    /// [`source()`](StdError::source). The message is `"{context}: {cause}"`, the cause's kind
+    /// left out when it is `kind` (no `connect failed: … : connect failed: …`).
+    ///
+    /// ```
+    /// use alkdev_pubsub_layers::{Error, ErrorKind};
+    ///
+    /// let cause = Error::new(ErrorKind::Connect, "no answer within 5s");
+    /// let error = Error::wrap(ErrorKind::Connect, "from 127.0.0.1:9", cause.clone());
+    /// assert_eq!(error.to_string(), "connect failed: from 127.0.0.1:9: no answer within 5s");
+    /// let error = Error::wrap(ErrorKind::Closed, "publishing", cause);
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "closed: publishing: connect failed: no answer within 5s"
+    /// );
+    /// ```
+    pub fn wrap(kind: ErrorKind, context: impl fmt::Display, cause: Error) -> Self {
+        let message = if cause.kind() == kind {
+            format!("{context}: {}", cause.message())
+        } else {
+            format!("{context}: {cause}")
+        };
+        Error::with_source(kind, message, cause)
+    }
+
     /// An inbound `frame` (from `channel`, where the wire has one) that could not be decoded.
     ///
     /// The message quotes the frame's first bytes; [`frame`](Error::frame) gives all of it.
@@ -162,8 +187,8 @@ impl Error {
     pub fn decode_frame(channel: Option<&Topic>, frame: Bytes, cause: impl fmt::Display) -> Self {
         let message = match channel {
             Some(channel) => format!(
-                "frame on channel {:?} ({} bytes, starts {}): {cause}",
-                channel.as_str(),
+                "frame on channel {} ({} bytes, starts {}): {cause}",
+                quote(channel.as_bytes()),
                 frame.len(),
                 quote(&frame)
             ),
@@ -287,7 +312,18 @@ impl Error {
     }
 }
 
-fn quote(frame: &[u8]) -> String {
+/// Quotes bytes a peer sent, for an error message or a log line: their first 64 bytes as
+/// text (invalid UTF-8 replaced), escaped as a Rust string literal, with `…` when cut. A peer
+/// chooses what it sends (a channel name megabytes long, control characters): a message that
+/// quotes it whole would be as large, and could forge log lines.
+///
+/// ```
+/// let long = "x".repeat(1_000);
+/// let quoted = alkdev_pubsub_layers::quote(long.as_bytes());
+/// assert_eq!(quoted, format!("{:?}…", "x".repeat(64)));
+/// assert_eq!(alkdev_pubsub_layers::quote(b"a\nb"), r#""a\nb""#);
+/// ```
+pub fn quote(frame: &[u8]) -> String {
     let head = &frame[..frame.len().min(QUOTED_BYTES)];
     let text = String::from_utf8_lossy(head);
     let mut quoted = format!("{text:?}");

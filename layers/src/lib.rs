@@ -106,7 +106,7 @@ mod transport;
 
 pub use command::{Command, Up};
 pub use envelope::Envelope;
-pub use error::{Error, ErrorKind};
+pub use error::{quote, Error, ErrorKind};
 pub use topic::{check_topic_len, Topic, MAX_TOPIC_LEN};
 pub use transport::Transport;
 

@@ -259,7 +259,10 @@ where
                     tracing::debug!(%channel, prefix, count, "dropped a message outside the prefix");
                     Up::Skipped(Error::new(
                         ErrorKind::ForeignChannel,
-                        format!("message on channel {channel:?}, outside the prefix {prefix:?}"),
+                        format!(
+                            "message on channel {}, outside the prefix {prefix:?}",
+                            crate::quote(channel.as_bytes())
+                        ),
                     ))
                 }
             },

@@ -602,7 +602,10 @@ impl RedisClusterTransport {
                 0 => worst,
                 more => Error::with_source(
                     worst.kind(),
-                    format!("{worst} (and the pipelines of {more} more slots failed)"),
+                    format!(
+                        "{} (and the pipelines of {more} more slots failed)",
+                        worst.message()
+                    ),
                     worst,
                 ),
             })
@@ -1231,9 +1234,9 @@ fn oversized(push: &PushInfo, limit: usize) -> Option<Error> {
         Error::new(
             ErrorKind::TooLarge,
             format!(
-                "a message of {} bytes on the channel {:?} is over the limit of {limit} bytes (RedisClusterTransport::max_message_size): skipped",
+                "a message of {} bytes on the channel {} is over the limit of {limit} bytes (RedisClusterTransport::max_message_size): skipped",
                 payload.len(),
-                String::from_utf8_lossy(channel),
+                crate::layers::quote(channel),
             ),
         )
     })

@@ -1177,8 +1177,8 @@ impl RedisTransport {
         Error::new(
             ErrorKind::TooLarge,
             format!(
-                "a message of {len} bytes on the channel {:?} from {} is over the limit of {} bytes (RedisConfig::max_message_size): skipped",
-                String::from_utf8_lossy(channel),
+                "a message of {len} bytes on the channel {} from {} is over the limit of {} bytes (RedisConfig::max_message_size): skipped",
+                crate::layers::quote(channel),
                 self.peer(),
                 self.config.max_message_size
             ),
@@ -1193,8 +1193,9 @@ impl RedisTransport {
             Error::new(
                 ErrorKind::Protocol,
                 format!(
-                    "the Redis subscribe connection to {} was sent {frame:?}, which it did not ask for",
-                    this.peer()
+                    "the Redis subscribe connection to {} was sent {}, which it did not ask for",
+                    this.peer(),
+                    crate::layers::quote(format!("{frame:?}").as_bytes())
                 ),
             )
         };
@@ -1919,6 +1920,46 @@ mod tests {
                 .to_string()
                 .contains("the publish connection did not answer a PING within 300ms"),
             "{error}"
+        );
+    }
+
+    /// What a server sends is quoted, not copied whole, in the errors that tell of it: a
+    /// message over the limit on a channel 60,000 bytes long, and a frame nobody asked for.
+    #[tokio::test]
+    async fn errors_quote_what_the_server_sent_without_copying_it_whole() {
+        let (mut transport, _publish, mut server) =
+            over_pipes(RedisConfig::new().max_message_size(100)).await;
+        let channel = "c".repeat(60_000);
+        server
+            .write_all(message(&channel, &"x".repeat(200)).as_bytes())
+            .await
+            .unwrap();
+        let error = match transport.next().await {
+            Some(Err(error)) => error,
+            other => panic!("expected the oversized message's error, got {other:?}"),
+        };
+        assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+        assert!(
+            error.to_string().len() < 400,
+            "{} bytes",
+            error.to_string().len()
+        );
+        assert!(error
+            .to_string()
+            .contains("a message of 200 bytes on the channel \"ccc"));
+        server
+            .write_all(format!("+{}\r\n", "y".repeat(60_000)).as_bytes())
+            .await
+            .unwrap();
+        let error = match transport.next().await {
+            Some(Err(error)) => error,
+            other => panic!("expected the unexpected frame's error, got {other:?}"),
+        };
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
+        assert!(
+            error.to_string().len() < 400,
+            "{} bytes",
+            error.to_string().len()
         );
     }
 

@@ -146,8 +146,9 @@ impl SubscribeConnection {
             other => Err(Error::new(
                 ErrorKind::Protocol,
                 format!(
-                    "the subscribe connection to {} answered AUTH with {other:?}",
-                    self.peer
+                    "the subscribe connection to {} answered AUTH with {}",
+                    self.peer,
+                    crate::layers::quote(format!("{other:?}").as_bytes())
                 ),
             )),
         }
@@ -301,7 +302,7 @@ mod tests {
         assert_eq!(error.kind(), ErrorKind::Rejected);
         assert_eq!(
             error.to_string(),
-            "refused by the peer: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
+            "refused: authenticating the subscribe connection to redis://fake/: WRONGPASS invalid username-password pair"
         );
     }
 

@@ -574,7 +574,8 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Among publishes that never pause, this is answered all the same: once 4,096 publishes
     /// were fed since the last completed flush, the next ones wait for that flush (which a
     /// transport answered asynchronously, as Redis is, would otherwise complete only once the
-    /// publishers paused).
+    /// publishers paused), for up to 100 ms: a flush slower than that (a slow peer, an outage
+    /// the reconnect layer buffers through) lets another 4,096 go, and is waited for again.
     ///
     /// In-process, the same as [`dispatch_event`](Self::dispatch_event).
     ///

@@ -189,9 +189,9 @@ impl<P> Shared<P> {
     pub(crate) fn closed_error(&self, what: &str) -> Error {
         let reason = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
         match &*reason {
-            Some(reason) => Error::with_source(
+            Some(reason) => Error::wrap(
                 ErrorKind::Closed,
-                format!("{what}: the event target stopped: {reason}"),
+                format_args!("{what}: the event target stopped"),
                 reason.clone(),
             ),
             None => Error::closed(format!("{what}: the event target is closed")),
@@ -533,7 +533,6 @@ impl<P> Shared<P> {
         );
         drop(gap_listeners);
         let map = std::mem::take(&mut *self.write());
-        let error = self.closed_error("subscribing");
         let mut topics = Vec::with_capacity(map.len());
         for (topic, entry) in map {
             for listener in entry.listeners.iter() {
@@ -541,8 +540,11 @@ impl<P> Shared<P> {
                     queue.close();
                 }
             }
-            for waiter in entry.waiters {
-                let _ = waiter.send(Err(error.clone()));
+            if !entry.waiters.is_empty() {
+                let error = self.closed_error(&format!("subscribing to {topic:?}"));
+                for waiter in entry.waiters {
+                    let _ = waiter.send(Err(error.clone()));
+                }
             }
             topics.push(topic);
         }

@@ -233,7 +233,7 @@ impl Pending {
             let mut transport = config
                 .accept(stream)
                 .await
-                .map_err(|e| Error::with_source(e.kind(), format!("from {peer}: {e}"), e))?;
+                .map_err(|e| Error::wrap(e.kind(), format_args!("from {peer}"), e))?;
             transport.peer = Some(peer);
             Ok((transport, peer))
         });

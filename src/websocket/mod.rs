@@ -1129,7 +1129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Command<Bytes>> for WebSocketTransp
                         let error = Error::new(
                             ErrorKind::Timeout,
                             format!(
-                                "closing: the WebSocket peer did not read our close frame within {CLOSE_WAIT:?}"
+                                "closing: the WebSocket peer{} did not read our close frame within {CLOSE_WAIT:?}",
+                                this.peer_at()
                             ),
                         );
                         this.closed();
@@ -1273,13 +1274,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                         // Pings are answered by tungstenite; pongs only prove liveness.
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                         Message::Close(frame) => {
+                            let at = this.peer_at();
                             let why = match frame {
+                                Some(frame) if frame.reason.is_empty() => format!(
+                                    "the peer closed the WebSocket{at} (code {})",
+                                    u16::from(frame.code)
+                                ),
                                 Some(frame) => format!(
-                                    "the peer closed the WebSocket ({}: {})",
+                                    "the peer closed the WebSocket{at} (code {}: {})",
                                     u16::from(frame.code),
                                     frame.reason
                                 ),
-                                None => "the peer closed the WebSocket".to_owned(),
+                                None => format!("the peer closed the WebSocket{at}"),
                             };
                             // A clean end: the stream ends without an error (the sink's
                             // calls fail with this one), once tungstenite's answer has gone.
@@ -1333,7 +1339,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                 }
                 Poll::Ready(None) => {
                     if this.failed.is_none() {
-                        this.fail(Error::connection_lost("the WebSocket connection ended"));
+                        let why = format!("the WebSocket connection{} ended", this.peer_label());
+                        this.fail(Error::connection_lost(why));
                     }
                     this.reported = true;
                     return Poll::Ready(match &this.failed {

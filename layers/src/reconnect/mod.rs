@@ -597,11 +597,7 @@ where
         tracing::error!(%error, attempts = self.attempt, "giving up reconnecting: {why}");
         self.tasks.wake_all();
         self.set_state(ConnectionState::GaveUp);
-        self.conn = Conn::GaveUp(Error::with_source(
-            ErrorKind::Connect,
-            format!("{why}: {error}"),
-            error,
-        ));
+        self.conn = Conn::GaveUp(Error::wrap(ErrorKind::Connect, why, error));
     }
 
     fn retry_later(&mut self, error: Error) {
