@@ -635,18 +635,19 @@ async fn replaying_with_slow_unconfirmed<S>(
 }
 
 /// After a reconnect, a message on a topic whose replay is confirmed, while another topic's is
-/// not, waits for the reconnect notice and follows it; past 1,024 such messages the notice
-/// goes at once, and every message after it in order.
+/// not, waits for the reconnect notice and follows it; past 1,024 such messages (or 32 MiB of
+/// them) the notice goes at once, and every message after it in order.
 #[tokio::test]
 async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_notice() {
-    for messages in [1u64, 1_025] {
+    for (messages, pad) in [(1u64, 0), (1_025, 0), (3, 16 << 20)] {
+        let payload = |n: u64| format!("{n}{}", "x".repeat(pad));
         let broker = MemoryBroker::new();
         let faults = Arc::new(Mutex::new(ConnFaults::default()));
         let mut transport = faulty(&broker, &faults);
         replaying_with_slow_unconfirmed(&mut transport, &broker, &faults, &["fast", "slow"], 2)
             .await;
         for n in 0..messages {
-            broker.inject("fast", n.to_string());
+            broker.inject("fast", payload(n));
         }
         let early = tokio::time::timeout(Duration::from_millis(100), transport.next()).await;
         if messages == 1 {
@@ -666,7 +667,7 @@ async fn messages_that_come_before_the_replay_is_confirmed_follow_the_reconnect_
         }
         for n in 0..messages {
             match next_up(&mut transport).await {
-                Ok(Up::Message { message, .. }) => assert_eq!(message, n.to_string()),
+                Ok(Up::Message { message, .. }) => assert!(message == payload(n), "message {n}"),
                 other => panic!("message {n}: {other:?}"),
             }
         }

@@ -607,7 +607,10 @@ async fn a_handshake_check_refuses_a_foreign_origin() {
     );
     // The kind is said once (it said "refused by the peer: from …: refused by the peer: …",
     // of a refusal this side made).
-    assert!(error.to_string().starts_with("refused: from 127.0.0.1:"), "{error}");
+    assert!(
+        error.to_string().starts_with("refused: from 127.0.0.1:"),
+        "{error}"
+    );
     assert_eq!(error.to_string().matches("refused:").count(), 1, "{error}");
     match refused.await.unwrap() {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {

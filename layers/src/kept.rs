@@ -41,7 +41,12 @@ impl<M> Kept<M> {
     }
 
     fn size(&self, topic: &Topic, message: &M) -> usize {
-        topic.len() + self.weigh.map_or(0, |weigh| weigh(message))
+        self.size_of(Some(topic), message)
+    }
+
+    /// What an inbound message on `channel` weighs, measured as a kept publish is.
+    pub(crate) fn size_of(&self, channel: Option<&Topic>, message: &M) -> usize {
+        channel.map_or(0, Topic::len) + self.weigh.map_or(0, |weigh| weigh(message))
     }
 
     pub(crate) fn push(&mut self, topic: Topic, message: M) {

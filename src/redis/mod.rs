@@ -142,7 +142,9 @@ fn held_size(item: &Result<Up<Bytes>>) -> usize {
         Ok(Up::Message { channel, message }) => {
             HELD_OVERHEAD + message.len() + channel.as_ref().map_or(0, |c| c.len())
         }
-        Err(_) => HELD_OVERHEAD,
+        // Its message (a few hundred bytes: it quotes the channel's first bytes only) and the
+        // error's allocation.
+        Err(error) => HELD_OVERHEAD + error.message().len(),
         Ok(_) => 0,
     }
 }

@@ -5,7 +5,7 @@
 //! | way | what it does |
 //! |---|---|
 //! | down | forwards commands to the current connection, remembering the active subscriptions; during an outage, subscribes and unsubscribes only update that set, and publishes wait in a bounded buffer (then fail at once with an error of kind [`Unavailable`](crate::ErrorKind::Unavailable)); while the first connection is being made, publishes past the bound wait for it instead (no outage has begun), and are refused only once that attempt has failed; publishes handed to a connection that failed before they were flushed are sent again on the next one (not those of a flush that failed with an error this layer passed up: that error answered them), so the layer keeps each until a flush completes: past [`MAX_UNFLUSHED`] kept (or [`MAX_UNFLUSHED_BYTES`]), it waits for a flush before it takes the next |
-//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`]; messages that come on the new connection before then (on topics already confirmed again) are held to follow the notice, up to 1,024, past which the notice goes at once |
+//! | up | passes messages through; when the connection fails (an [unrecoverable](crate::Error::is_unrecoverable) error, or the end of the stream) it reconnects with [`Backoff`], replays every active subscription before anything else (a replay refused for now, with a [transient](crate::Error::is_transient) error, makes it connect again after the backoff, counted as a failed attempt toward [`Backoff::max_attempts`]; subscribes made while it was down wait for that too; a replay refused for good ends that topic), sends the buffered publishes in order, and once the replayed subscriptions are confirmed sends [`Up::Reconnected`]; messages that come on the new connection before then (on topics already confirmed again) are held to follow the notice, up to 1,024 (and 32 MiB), past which the notice goes at once |
 //!
 //! A first connection that fails in a way no retry can mend ([`Error::is_permanent`]: an
 //! invalid URL, a scheme the transport does not support, credentials the server refused) is
@@ -75,6 +75,12 @@ pub use crate::kept::{MAX_UNFLUSHED, MAX_UNFLUSHED_BYTES};
 /// confirmed are held back, to follow the [`Up::Reconnected`] notice rather than come before
 /// it. Past this, the notice goes at once, the held messages after it.
 const HOLD_MAX: usize = 1024;
+
+/// The bytes of held messages past which the notice goes at once too (measured as the
+/// layer measures publishes: raw frames by their length, other message types once
+/// [`ReconnectLayer::weigh`] says how): a new connection whose replay is slow to be confirmed
+/// must not gather up to [`HOLD_MAX`] messages of the largest size a transport reads.
+const HOLD_MAX_BYTES: usize = 32 << 20;
 
 /// How many `poll_ready` calls in a row a connection may fail (with errors that are not
 /// unrecoverable) before it is taken for lost. Such an error reports an earlier failure, once:
@@ -240,6 +246,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             ever_connected: false,
             announce: false,
             held: VecDeque::new(),
+            held_bytes: 0,
             active: HashSet::new(),
             pending_up: HashMap::new(),
             replaying: HashMap::new(),
@@ -394,6 +401,8 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     /// Messages that came before that (on topics whose replay is confirmed): they follow it
     /// (see [`HOLD_MAX`]).
     held: VecDeque<Up<M>>,
+    /// The bytes of the messages in `held` (see [`HOLD_MAX_BYTES`]).
+    held_bytes: usize,
     /// Topics subscribed from above and not unsubscribed.
     active: HashSet<Topic>,
     /// Subscribes from above sent on the current connection and not yet confirmed.
@@ -660,12 +669,19 @@ where
         self.announce = false;
         self.signals.push_back(Up::Reconnected);
         self.signals.extend(self.held.drain(..));
+        self.held_bytes = 0;
     }
 
     /// A message that came on a new connection before its replay was confirmed: it waits for
-    /// the reconnect notice, or it brings the notice forward once [`HOLD_MAX`] wait.
+    /// the reconnect notice, or it brings the notice forward once [`HOLD_MAX`] wait, or
+    /// [`HOLD_MAX_BYTES`].
     fn hold(&mut self, message: Up<M>) {
-        if self.held.len() < HOLD_MAX {
+        let size = match &message {
+            Up::Message { channel, message } => self.unacked.size_of(channel.as_ref(), message),
+            _ => 0,
+        };
+        if self.held.len() < HOLD_MAX && self.held_bytes + size <= HOLD_MAX_BYTES {
+            self.held_bytes += size;
             self.held.push_back(message);
         } else {
             self.announce_now();
