@@ -1194,20 +1194,18 @@ impl PushQueue {
     /// larger than the bound alone is kept), after a report of what was dropped before it;
     /// else drops it.
     fn offer(&self, push: PushInfo, queue: &mpsc::UnboundedSender<Pushed>) {
-        if !matches!(push.kind, PushKind::SMessage | PushKind::Message) {
-            self.sent.fetch_add(1, Release);
-            let _ = queue.send(Pushed::Notice(push));
-            return;
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {}
+            PushKind::Disconnection | PushKind::SSubscribe | PushKind::SUnsubscribe => {
+                self.sent.fetch_add(1, Release);
+                let _ = queue.send(Pushed::Notice(push));
+                return;
+            }
+            // Nothing this transport asked for or acts on (a pattern's message, say): not
+            // queued, so that a node sending such pushes cannot grow the queue.
+            _ => return,
         }
-        let size: usize = QUEUED_OVERHEAD
-            + push
-                .data
-                .iter()
-                .map(|value| match value {
-                    Value::BulkString(bytes) => bytes.len(),
-                    _ => 0,
-                })
-                .sum::<usize>();
+        let size = QUEUED_OVERHEAD + push.data.iter().map(value_size).sum::<usize>();
         let queued = self.bytes.load(Relaxed);
         if queued > 0 && queued + size > MAX_QUEUED_BYTES {
             self.dropped.fetch_add(1, Relaxed);
@@ -1222,6 +1220,29 @@ impl PushQueue {
         self.sent.fetch_add(1, Release);
         let _ = queue.send(Pushed::Message(push, size));
     }
+}
+
+/// About what `value` holds, in bytes (its strings, and a little for each value), for the
+/// bound on queued messages: a malformed message may nest anything.
+fn value_size(value: &Value) -> usize {
+    const VALUE: usize = 16;
+    let pairs = |pairs: &[(Value, Value)]| -> usize {
+        pairs
+            .iter()
+            .map(|(key, value)| value_size(key) + value_size(value))
+            .sum()
+    };
+    VALUE
+        + match value {
+            Value::BulkString(bytes) => bytes.len(),
+            Value::SimpleString(text) | Value::VerbatimString { text, .. } => text.len(),
+            Value::Array(values) | Value::Set(values) | Value::Push { data: values, .. } => {
+                values.iter().map(value_size).sum()
+            }
+            Value::Map(map) => pairs(map),
+            Value::Attribute { data, attributes } => value_size(data) + pairs(attributes),
+            _ => 0,
+        }
 }
 
 /// The error item for a message whose payload is over `limit`, skipped; `None` for any other
@@ -1762,6 +1783,39 @@ mod tests {
         assert_eq!(take(&mut pushes, &queue), [format!("message {half}")]);
         assert_eq!(queue.dropped.load(Relaxed), 1);
         assert_eq!(queue.bytes.load(Relaxed), 0);
+    }
+
+    /// What a node pushes that the transport never asked for is not queued; a malformed
+    /// message counts for what it nests (it counted for nothing past its overhead).
+    #[test]
+    fn pushes_nobody_asked_for_are_not_queued_and_malformed_ones_count_their_bytes() {
+        let queue = PushQueue::default();
+        let (sender, mut pushes) = mpsc::unbounded_channel();
+        let big = || Value::BulkString(vec![b'x'; 1 << 20]);
+        for kind in [
+            PushKind::PMessage,
+            PushKind::Invalidate,
+            PushKind::Subscribe,
+        ] {
+            queue.offer(
+                PushInfo {
+                    kind,
+                    data: vec![big(), big(), big()],
+                },
+                &sender,
+            );
+        }
+        assert!(take(&mut pushes, &queue).is_empty());
+        let malformed = PushInfo {
+            kind: PushKind::SMessage,
+            data: vec![Value::Array(vec![big(), big()]), big()],
+        };
+        for _ in 0..(MAX_QUEUED_BYTES >> 20) {
+            queue.offer(malformed.clone(), &sender);
+        }
+        let queued = take(&mut pushes, &queue);
+        assert_eq!(queued.len(), MAX_QUEUED_BYTES / (3 << 20), "{queued:?}");
+        assert!(queue.dropped.load(Relaxed) > 0);
     }
 
     #[test]
