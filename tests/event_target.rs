@@ -3289,3 +3289,57 @@ async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
     woken.try_recv().expect("room wakes the one still waiting");
     assert!(second.as_mut().poll(&mut cx).is_ready());
 }
+
+/// A subscription dropped while it reads the transport for the driver (it was handed a burst)
+/// gives the reading back at once: the other topics' delivery waited for the end of its
+/// lease, a millisecond or two, each time (a request and reply that drops its reply's
+/// subscription after one event, under a burst).
+#[tokio::test(start_paused = true)]
+async fn a_subscription_dropped_while_it_reads_for_the_driver_hands_the_reading_back() {
+    let (silent, events, mut a) = silent_target().await;
+    // A callback has no task to read the transport for it: the driver routes its events.
+    let heard = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&heard);
+    events
+        .add_event_listener("b:1", move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        assert_eq!(number_of(&testkit::next_event(&mut a).await), 0);
+        // Dropped with the rest of its burst unread.
+        drop(a);
+        tokio::task::id()
+    });
+    // Let the reader find the transport drained and wait.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    silent.readers.lock().unwrap().clear();
+    // Items of a topic nobody listens to first: the driver routes a few itself, then hands the
+    // burst to the waiting subscription.
+    for n in 0..8 {
+        silent.put("x:1", n);
+    }
+    for n in 0..100 {
+        silent.put("a:1", n);
+    }
+    for n in 0..10 {
+        silent.put("b:1", n);
+    }
+    silent.wake();
+    let reader = reader.await.unwrap();
+    let readers = silent.readers.lock().unwrap().clone();
+    assert!(
+        readers.get(&Some(reader)) >= Some(&1),
+        "the burst was handed over: {readers:?}"
+    );
+    let dropped = tokio::time::Instant::now();
+    settle("the callback heard b:1's events", || {
+        heard.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    assert!(
+        dropped.elapsed() < Duration::from_micros(500),
+        "waited {:?} for the lease to end",
+        dropped.elapsed()
+    );
+}

@@ -1013,8 +1013,9 @@ where
         self.stalled.is_none() && self.running()
     }
 
-    /// Whether a subscription holds the lease. Written only under the core's lock, so exact
-    /// when read under it.
+    /// Whether a subscription holds the lease. Written under the core's lock, but for a
+    /// dropped holder ending its own lease when it finds the lock taken
+    /// ([`Direct::drop_lease`]).
     fn leased(&self) -> bool {
         self.shared.lease_holder.load(Relaxed) != 0
     }
@@ -1429,6 +1430,11 @@ pub(crate) trait Direct<P>: Send + Sync {
         id: ListenerId,
         batch: &mut VecDeque<Slot<P>>,
     ) -> Pulled;
+
+    /// Subscription `id` is dropped: if it holds the [`Lease`], the driver reads again now
+    /// (it would wait for the lease's end, a millisecond or two with every topic's delivery
+    /// held up).
+    fn drop_lease(&self, id: ListenerId);
 }
 
 impl<T, P> Direct<P> for Mutex<Core<T, P>>
@@ -1454,6 +1460,19 @@ where
         match self.try_lock() {
             Ok(mut core) => core.try_pull(waker, queue, id, batch),
             Err(_) => Pulled::Busy,
+        }
+    }
+
+    fn drop_lease(&self, id: ListenerId) {
+        // Never waits for the lock: the subscription may be dropped where it is held (in a
+        // callback the driver runs, say). Then the caller ends the lease without the lock,
+        // and the driver finds it ended when it next looks (or, if it does not look before,
+        // when the lease's timer fires, as it would have).
+        if let Ok(mut core) = self.try_lock() {
+            if core.shared.lease_holder.load(Relaxed) == id.0 {
+                core.end_lease();
+                core.wake_driver();
+            }
         }
     }
 }
