@@ -3256,10 +3256,27 @@ async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
             "the queue kept dispatch {n}'s waker"
         );
     }
+    // Polled with one waker, then another (moved to another task), then cancelled: neither
+    // is kept.
+    let (a, b) = (Arc::new(Unwoken), Arc::new(Unwoken));
+    let mut dispatch = Box::pin(events.dispatch_event(numbered("t", "1", 101)));
+    for probe in [&a, &b] {
+        let waker = Waker::from(Arc::clone(probe));
+        assert!(dispatch
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+    }
+    drop(dispatch);
+    assert_eq!(
+        (Arc::strong_count(&a), Arc::strong_count(&b)),
+        (1, 1),
+        "the queue kept a waker"
+    );
     // Each cancelled one was counted as dropped for the reader, which goes on.
-    assert_eq!(events.stats().lagged, 100);
+    assert_eq!(events.stats().lagged, 101);
     assert_eq!(number_of(&stuck.next().await.unwrap().unwrap()), 0);
-    assert!(matches!(stuck.next().await, Some(Err(Gap::Lagged(100)))));
+    assert!(matches!(stuck.next().await, Some(Err(Gap::Lagged(101)))));
 
     // Two dispatches of one task wait with one waker; one cancelled, the other is woken, and
     // delivered once there is room.
@@ -3273,11 +3290,11 @@ async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
     let waker = Waker::from(Arc::new(Tells(woken_tx)));
     let mut cx = Context::from_waker(&waker);
     events
-        .dispatch_event(numbered("t", "1", 101))
+        .dispatch_event(numbered("t", "1", 201))
         .await
         .unwrap();
-    let mut first = Box::pin(events.dispatch_event(numbered("t", "1", 102)));
-    let mut second = Box::pin(events.dispatch_event(numbered("t", "1", 103)));
+    let mut first = Box::pin(events.dispatch_event(numbered("t", "1", 202)));
+    let mut second = Box::pin(events.dispatch_event(numbered("t", "1", 203)));
     assert!(first.as_mut().poll(&mut cx).is_pending());
     assert!(second.as_mut().poll(&mut cx).is_pending());
     drop(first);
@@ -3285,7 +3302,7 @@ async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
         .try_recv()
         .expect("the task is woken for the other dispatch");
     assert!(second.as_mut().poll(&mut cx).is_pending(), "still full");
-    assert_eq!(number_of(&stuck.next().await.unwrap().unwrap()), 101);
+    assert_eq!(number_of(&stuck.next().await.unwrap().unwrap()), 201);
     woken.try_recv().expect("room wakes the one still waiting");
     assert!(second.as_mut().poll(&mut cx).is_ready());
 }

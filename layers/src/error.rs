@@ -88,8 +88,9 @@ pub enum ErrorKind {
     /// The peer refused a command for now (for example Redis `LOADING`, `TRYAGAIN`, `BUSY`);
     /// retrying may succeed.
     Busy,
-    /// The peer refused a command for good (for example a Redis `NOPERM` or `ERR` reply), or
-    /// refused a connection's credentials.
+    /// Refused for good: the peer refused a command (for example a Redis `NOPERM` or `ERR`
+    /// reply) or a connection's credentials or handshake, or this side refused a peer's
+    /// handshake (a WebSocket server's `check_request`).
     Rejected,
     /// The settings cannot work: an invalid URL or address, or one the transport does not
     /// support. Retrying with the same settings cannot succeed.

@@ -306,6 +306,8 @@ impl RedisClusterTransport {
     /// (`rediss://`); [`ErrorKind::Rejected`] when a seed refuses the user or password
     /// (retrying cannot mend that: a reconnect layer gives up at once); [`ErrorKind::Connect`]
     /// when no seed leads to a cluster in time. Each names the seeds, without their passwords.
+    /// With several seeds, redis-rs reports the failure of the seed that answered last: a
+    /// refused password with another seed down may be either.
     pub async fn connect<S: AsRef<str>>(seeds: impl IntoIterator<Item = S>) -> Result<Self> {
         Self::connect_with(seeds, Duration::from_secs(5)).await
     }
@@ -1241,7 +1243,10 @@ fn value_size(value: &Value) -> usize {
             }
             Value::Map(map) => pairs(map),
             Value::Attribute { data, attributes } => value_size(data) + pairs(attributes),
-            _ => 0,
+            Value::Nil | Value::Int(_) | Value::Okay | Value::Double(_) | Value::Boolean(_) => 0,
+            // A server error's text, a big number's digits, or a kind added since: what it
+            // prints as, measured only for such (malformed) pushes.
+            other => format!("{other:?}").len(),
         }
 }
 

@@ -1433,7 +1433,8 @@ pub(crate) trait Direct<P>: Send + Sync {
 
     /// Subscription `id` is dropped: if it holds the [`Lease`], the driver reads again now
     /// (it would wait for the lease's end, a millisecond or two with every topic's delivery
-    /// held up).
+    /// held up). Only if the core's lock is free: else the caller ends the lease without it,
+    /// and the driver reads again when it next looks, or when the lease's timer fires.
     fn drop_lease(&self, id: ListenerId);
 }
 
@@ -1469,6 +1470,10 @@ where
         // and the driver finds it ended when it next looks (or, if it does not look before,
         // when the lease's timer fires, as it would have).
         if let Ok(mut core) = self.try_lock() {
+            // Not handed the reading again while it goes.
+            if core.puller.as_ref().is_some_and(|puller| puller.id == id) {
+                core.puller = None;
+            }
             if core.shared.lease_holder.load(Relaxed) == id.0 {
                 core.end_lease();
                 core.wake_driver();

@@ -215,6 +215,15 @@ impl<P> Undelivered<P> {
                     .as_ref()
                     .is_some_and(|w| w.will_wake(cx.waker()))
                 {
+                    // Polled with another waker (the future moved to another task): the
+                    // queue keeps both; the old one is taken back.
+                    if let (Some(old), Some(Listener::Queue { queue })) =
+                        (self.waiting.take(), self.listeners.get(blocked))
+                    {
+                        if queue.forget_producer(&old) {
+                            old.wake();
+                        }
+                    }
                     self.waiting = Some(cx.waker().clone());
                 }
                 Poll::Pending

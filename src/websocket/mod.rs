@@ -1280,10 +1280,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocketTransport<S> {
                                     "the peer closed the WebSocket{at} (code {})",
                                     u16::from(frame.code)
                                 ),
+                                // The reason is the peer's text: quoted (escaped).
                                 Some(frame) => format!(
                                     "the peer closed the WebSocket{at} (code {}: {})",
                                     u16::from(frame.code),
-                                    frame.reason
+                                    crate::layers::quote(frame.reason.as_bytes())
                                 ),
                                 None => format!("the peer closed the WebSocket{at}"),
                             };
