@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cargo run --example hub --features websocket -- --listen 127.0.0.1:9000 chat:general
+//! cargo run --example hub --features websocket -- --allow-origin http://localhost:8080 chat:general
 //! cargo run --example hub --all-features -- --listen 127.0.0.1:9000 --redis redis://127.0.0.1:6379/ chat:general
 //! ```
 //!
@@ -16,23 +17,54 @@
 //! what it heard from Redis back into Redis.
 //!
 //! The hub forwards the topics named on its command line (pattern subscriptions, which would
-//! let it forward every topic of a type, are planned).
+//! let it forward every topic of a type, are planned); what a spoke sends on another topic is
+//! dropped, and counted.
+//!
+//! What it guards against, as a service built from it must:
+//! - **Browser pages.** A browser lets a page of any origin open a WebSocket to a server on
+//!   `127.0.0.1`: the hub refuses a handshake whose `Origin` is not named with
+//!   `--allow-origin` (clients that send none, as spokes do, are not browsers).
+//! - **Too many connections.** At most [`MAX_SPOKES`] at once; past that, a new one is closed.
+//! - **A slow spoke.** Each spoke's queue holds 1,024 events; a spoke that falls that far
+//!   behind is disconnected, so that its reconnect layer tells it of the gap
+//!   (`Gap::Reconnected`), rather than lose events silently. A gap in the shared target (Redis
+//!   reconnected) disconnects every spoke, for the same reason.
+//! - **A blocked stdout.** Nothing is printed per event (the shared target's callbacks run in
+//!   its driver); a report each second says what was forwarded and dropped.
+//! - **Shutdown.** Ctrl-C stops accepting, and closes the shared target (which flushes what the
+//!   spokes sent into it).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use alkdev_pubsub::layers::{CodecLayer, ParseErrorLayer};
-use alkdev_pubsub::websocket::WebSocketListener;
-use alkdev_pubsub::{Command, Envelope, EventTarget, Up};
+use alkdev_pubsub::websocket::{WebSocketConfig, WebSocketListener};
+use alkdev_pubsub::{Command, Envelope, EventTarget, Topic, Up};
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tower::ServiceBuilder;
 
 /// How many recent spoke events the hub remembers the origin of.
 const REMEMBERED: usize = 65_536;
+
+/// How many spokes may be connected at once.
+const MAX_SPOKES: usize = 1024;
+
+/// How many events wait for a spoke's writer before the spoke is taken for too slow.
+const SPOKE_QUEUE: usize = 1024;
+
+/// What the hub did since its last report.
+#[derive(Default)]
+struct Counts {
+    forwarded: AtomicU64,
+    slow_spokes: AtomicU64,
+    unbridged: AtomicU64,
+}
 
 /// What the hub shares between its connections.
 #[derive(Default)]
@@ -109,6 +141,8 @@ struct Args {
     listen: String,
     redis: Option<String>,
     topics: Vec<String>,
+    /// The origins whose pages may connect (`Origin` header, as `https://app.example`).
+    origins: HashSet<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -116,12 +150,17 @@ fn parse_args() -> Result<Args, String> {
         listen: "127.0.0.1:9000".into(),
         redis: None,
         topics: Vec::new(),
+        origins: HashSet::new(),
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--listen" => args.listen = argv.next().ok_or("--listen needs ADDR")?,
             "--redis" => args.redis = Some(argv.next().ok_or("--redis needs URL")?),
+            "--allow-origin" => {
+                args.origins
+                    .insert(argv.next().ok_or("--allow-origin needs ORIGIN")?);
+            }
             flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
             // Once each: a second listener on a topic would forward its events twice.
             topic if args.topics.iter().any(|t| t == topic) => {}
@@ -164,124 +203,221 @@ fn redis_target(_: &str) -> EventTarget {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()
-        .map_err(|e| format!("{e}\nusage: hub [--listen ADDR] [--redis URL] TOPIC..."))?;
+    let args = parse_args().map_err(|e| {
+        format!("{e}\nusage: hub [--listen ADDR] [--redis URL] [--allow-origin ORIGIN]... TOPIC...")
+    })?;
     let shared = shared_target(args.redis.as_deref());
     let spokes = Arc::new(Mutex::new(Spokes::default()));
+    let counts = Arc::new(Counts::default());
 
-    // Out of the shared target: to every spoke but the event's origin.
+    // Out of the shared target: to every spoke but the event's origin. A spoke whose queue is
+    // full is let go (its writer ends, and closes its connection).
     for topic in &args.topics {
-        let spokes = Arc::clone(&spokes);
+        let (spokes, counts) = (Arc::clone(&spokes), Arc::clone(&counts));
         shared.add_event_listener(topic.as_str(), move |event| {
             let key = fingerprint(event);
             let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
             let origin = spokes.origin_of(key);
-            let (mut sent, mut dropped) = (0, Vec::new());
+            let mut slow = Vec::new();
             for (id, sender) in &spokes.senders {
                 if Some(*id) == origin {
                     continue;
                 }
                 if sender.try_send(Arc::clone(event)).is_ok() {
-                    sent += 1;
+                    counts.forwarded.fetch_add(1, Relaxed);
                 } else {
-                    dropped.push(*id);
+                    slow.push(*id);
                 }
             }
-            // Printed with the lock released: every spoke's reader takes it.
-            drop(spokes);
-            for id in dropped {
-                eprintln!("hub: spoke {id} is too slow or gone; an event to it was dropped");
+            for id in slow {
+                spokes.senders.remove(&id);
+                counts.slow_spokes.fetch_add(1, Relaxed);
             }
-            println!("{} -> {sent} spoke(s) (from {origin:?})", event.topic());
         })?;
         drop(shared.subscribe(topic.as_str()).await?);
     }
+    // Events the shared target lost (Redis reconnected): every spoke is let go, to hear of it
+    // from its own reconnect layer.
+    {
+        let spokes = Arc::clone(&spokes);
+        shared.add_gap_listener(move |_| {
+            spokes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .senders
+                .clear();
+        });
+    }
+    tokio::spawn(report(Arc::clone(&counts)));
 
-    let listener = WebSocketListener::bind(args.listen.as_str()).await?;
+    let origins = args.origins;
+    let config = WebSocketConfig::new().check_request(move |request| {
+        match request.headers().get("origin") {
+            // Not a browser.
+            None => Ok(()),
+            Some(origin) if origin.to_str().is_ok_and(|o| origins.contains(o)) => Ok(()),
+            Some(origin) => Err(format!(
+                "origin {} not allowed (hub --allow-origin ORIGIN)",
+                String::from_utf8_lossy(origin.as_bytes())
+            )),
+        }
+    });
+    let listener = WebSocketListener::from_listener(
+        tokio::net::TcpListener::bind(args.listen.as_str()).await?,
+        config,
+    );
     println!(
         "hub listening on ws://{}/ for {:?}",
         listener.local_addr()?,
         args.topics
     );
+    let bridged: Arc<[Topic]> = args
+        .topics
+        .iter()
+        .map(|t| Topic::from(t.as_str()))
+        .collect();
+    let places = Arc::new(Semaphore::new(MAX_SPOKES));
     loop {
         // `accept` runs the handshakes concurrently: a slow client never holds up the next.
         // An error concerns one connection; the hub goes on.
-        let (transport, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let (mut transport, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 eprintln!("hub: {error}");
                 continue;
             }
         };
-        let (shared, spokes) = (shared.clone(), Arc::clone(&spokes));
-        tokio::spawn(serve_spoke(transport, peer, shared, spokes));
+        let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+            eprintln!("hub: {MAX_SPOKES} spokes connected; closing the connection from {peer}");
+            tokio::spawn(async move { transport.close().await });
+            continue;
+        };
+        let spoke = Spoke {
+            shared: shared.clone(),
+            spokes: Arc::clone(&spokes),
+            bridged: Arc::clone(&bridged),
+            counts: Arc::clone(&counts),
+        };
+        tokio::spawn(async move {
+            spoke.serve(transport, peer).await;
+            drop(place);
+        });
+    }
+    println!("hub stopping: closing the shared target");
+    shared.close().await;
+    Ok(())
+}
+
+/// Prints, each second something happened, what the hub forwarded and dropped.
+async fn report(counts: Arc<Counts>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let forwarded = counts.forwarded.swap(0, Relaxed);
+        let slow = counts.slow_spokes.swap(0, Relaxed);
+        let unbridged = counts.unbridged.swap(0, Relaxed);
+        if forwarded + slow + unbridged > 0 {
+            println!(
+                "hub: {forwarded} event(s) forwarded to spokes, {slow} spoke(s) let go for falling {SPOKE_QUEUE} events behind, {unbridged} event(s) on topics not bridged dropped"
+            );
+        }
     }
 }
 
-async fn serve_spoke(
-    transport: alkdev_pubsub::websocket::WebSocketTransport<tokio::net::TcpStream>,
-    peer: SocketAddr,
+/// What serving one spoke needs.
+struct Spoke {
     shared: EventTarget,
     spokes: Arc<Mutex<Spokes>>,
-) {
-    let (sender, mut outgoing) = mpsc::channel::<Arc<Envelope>>(1024);
-    let id = {
-        let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
-        spokes.next_id += 1;
-        let id = spokes.next_id;
-        spokes.senders.insert(id, sender);
-        id
-    };
-    println!("spoke {id} connected from {peer}");
-    let (mut to_spoke, mut from_spoke) = ServiceBuilder::new()
-        .layer(ParseErrorLayer::skip())
-        .layer(CodecLayer::json())
-        .service(transport)
-        .split();
-    let writer = tokio::spawn(async move {
-        while let Some(envelope) = outgoing.recv().await {
-            let command = Command::Publish {
-                topic: envelope.topic(),
-                message: Arc::unwrap_or_clone(envelope),
-            };
-            if to_spoke.send(command).await.is_err() {
-                break;
-            }
-        }
-    });
-    // Into the shared target, remembering the origin.
-    while let Some(item) = from_spoke.next().await {
-        match item {
-            Ok(Up::Message { message, .. }) => {
-                let envelope: Envelope = message;
-                let key = fingerprint(&envelope);
-                let record = spokes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remember(key, id);
-                // A refusal concerns this event (a topic over the limit) or the moment (Redis
-                // down and its buffer full): the spoke stays; a stopped target ends it.
-                if let Err(error) = shared.dispatch_event(envelope).await {
-                    spokes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .forget(record);
-                    eprintln!("hub: the shared target refused an event from spoke {id}: {error}");
-                    if error.is_closed() {
-                        break;
-                    }
+    bridged: Arc<[Topic]>,
+    counts: Arc<Counts>,
+}
+
+impl Spoke {
+    async fn serve(
+        self,
+        transport: alkdev_pubsub::websocket::WebSocketTransport<tokio::net::TcpStream>,
+        peer: SocketAddr,
+    ) {
+        let Spoke {
+            shared,
+            spokes,
+            bridged,
+            counts,
+        } = self;
+        let (sender, mut outgoing) = mpsc::channel::<Arc<Envelope>>(SPOKE_QUEUE);
+        let id = {
+            let mut spokes = spokes.lock().unwrap_or_else(|p| p.into_inner());
+            spokes.next_id += 1;
+            let id = spokes.next_id;
+            spokes.senders.insert(id, sender);
+            id
+        };
+        println!("spoke {id} connected from {peer}");
+        let (mut to_spoke, mut from_spoke) = ServiceBuilder::new()
+            .layer(ParseErrorLayer::skip())
+            .layer(CodecLayer::json())
+            .service(transport)
+            .split();
+        // Sends what the shared target gave this spoke. Let go (its queue taken from it: too
+        // slow, or a gap), it closes the connection once what was queued is sent.
+        let writer = tokio::spawn(async move {
+            while let Some(envelope) = outgoing.recv().await {
+                let command = Command::Publish {
+                    topic: envelope.topic(),
+                    message: Arc::unwrap_or_clone(envelope),
+                };
+                if to_spoke.send(command).await.is_err() {
+                    return;
                 }
             }
-            Ok(_) => {}
-            Err(error) if error.is_fatal() => break,
-            Err(error) => eprintln!("spoke {id}: {error}"),
+            println!("spoke {id}: let go (too slow, or the shared target lost events); closing");
+            let _ = to_spoke.close().await;
+        });
+        // Into the shared target, remembering the origin.
+        while let Some(item) = from_spoke.next().await {
+            match item {
+                Ok(Up::Message { message, .. }) => {
+                    let envelope: Envelope = message;
+                    if !bridged.iter().any(|topic| envelope.has_topic(topic)) {
+                        counts.unbridged.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    let key = fingerprint(&envelope);
+                    let record = spokes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remember(key, id);
+                    // A refusal concerns this event or the moment (Redis down and its buffer
+                    // full): the spoke stays; a stopped target ends it.
+                    if let Err(error) = shared.dispatch_event(envelope).await {
+                        spokes
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .forget(record);
+                        eprintln!(
+                            "hub: the shared target refused an event from spoke {id}: {error}"
+                        );
+                        if error.is_closed() {
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(error) if error.is_fatal() => break,
+                Err(error) => eprintln!("spoke {id}: {error}"),
+            }
         }
+        // The writer first: let go now, it would say so.
+        writer.abort();
+        spokes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .senders
+            .remove(&id);
+        println!("spoke {id} ({peer}) left");
     }
-    spokes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .senders
-        .remove(&id);
-    writer.abort();
-    println!("spoke {id} ({peer}) left");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use alkdev_pubsub::layers::reconnect::{Backoff, ReconnectLayer};
 use alkdev_pubsub::layers::{CodecLayer, ParseErrorLayer, PrefixLayer};
-use alkdev_pubsub::redis::RedisTransport;
+use alkdev_pubsub::redis::{redact, RedisTransport};
 use alkdev_pubsub::{Envelope, EventTarget, Gap};
 use futures::StreamExt;
 use serde_json::json;
@@ -47,8 +47,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         events.subscribe("session.status:proj_123"),
     )
     .await
-    .map_err(|_| format!("no Redis answered at {url} within 10 s: is redis-server running?"))??;
-    println!("subscribed on {url} (channel alk:events:session.status:proj_123)");
+    .map_err(|_| {
+        format!(
+            "no Redis answered at {} within 10 s: is redis-server running?",
+            redact(&url)
+        )
+    })??;
+    // Printed without its password.
+    println!(
+        "subscribed on {} (channel alk:events:session.status:proj_123)",
+        redact(&url)
+    );
     for state in ["queued", "running", "done"] {
         events
             .dispatch_event(Envelope::new(
@@ -58,15 +67,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ))
             .await?;
     }
-    for _ in 0..3 {
-        match tokio::time::timeout(Duration::from_secs(5), statuses.next()).await? {
-            Some(Ok(event)) => println!("{} -> {}", event.topic(), event.payload),
-            Some(Err(Gap::Reconnected)) => println!("reconnected: events may have been missed"),
-            Some(Err(gap)) => println!("{gap}"),
-            None => break,
+    let mut heard = 0;
+    while heard < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), statuses.next()).await {
+            Ok(Some(Ok(event))) => {
+                println!("{} -> {}", event.topic(), event.payload);
+                heard += 1;
+            }
+            Ok(Some(Err(Gap::Reconnected))) => {
+                println!("reconnected: events may have been missed")
+            }
+            Ok(Some(Err(gap))) => println!("{gap}"),
+            Ok(None) => break,
+            // Still closed below: what was published is flushed, whatever happened.
+            Err(_) => {
+                eprintln!("no event within 5 s");
+                break;
+            }
         }
     }
     println!("{:?}", events.stats());
     events.close().await;
+    if heard < 3 {
+        return Err(format!("heard {heard} of the 3 statuses").into());
+    }
     Ok(())
 }

@@ -1457,12 +1457,17 @@ async fn a_confirmed_dispatch_is_answered_while_a_publisher_never_pauses() {
 }
 
 /// The Redis example (`examples/redis.rs`), run as a user would against a server: its three
-/// statuses come back through the full stack.
+/// statuses come back through the full stack. Its URL's password is never printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_example_gets_its_statuses_back() {
     let server = RedisServer::start();
+    assert_eq!(
+        server.cli(&["CONFIG", "SET", "requirepass", "s3cret"]),
+        "OK"
+    );
+    let url = format!("redis://:s3cret@127.0.0.1:{}/", server.port());
     let example = std::process::Command::new(common::example_binary("redis"))
-        .arg(server.url())
+        .arg(&url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1482,6 +1487,15 @@ async fn the_redis_example_gets_its_statuses_back() {
             "{stdout}"
         );
     }
+    assert!(
+        stdout.contains("subscribed on redis://:***@127.0.0.1:"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stdout.contains("s3cret") && !stderr.contains("s3cret"),
+        "{stdout}{stderr}"
+    );
 }
 
 /// A server that closes idle clients (`timeout 1`; subscribers are exempt) does not close the

@@ -1279,7 +1279,11 @@ async fn a_clean_close_by_the_server_is_the_targets_reason() {
         .dispatch_event(numbered("t", "1", 0))
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("1001: shutting down"), "{error}");
+    // The peer's reason is quoted (escaped: it is the peer's text).
+    assert!(
+        error.to_string().contains("(code 1001: \"shutting down\")"),
+        "{error}"
+    );
     tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
 }
 
@@ -1301,7 +1305,13 @@ async fn the_hub_forwards_a_spokes_event_to_the_other_spokes_only() {
 
     let address = format!("127.0.0.1:{}", testkit::free_port());
     let mut hub = Hub(Process::new(common::example_binary("hub"))
-        .args(["--listen", &address, "chat:general"])
+        .args([
+            "--listen",
+            &address,
+            "--allow-origin",
+            "http://localhost:8080",
+            "chat:general",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1317,17 +1327,18 @@ async fn the_hub_forwards_a_spokes_event_to_the_other_spokes_only() {
             }
         }
     });
-    async fn wait_for_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, prefix: &str) {
+    /// Waits for a line that has `text` in it.
+    async fn wait_for_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, text: &str) {
         tokio::time::timeout(WAIT, async {
             while let Some(line) = lines.recv().await {
-                if line.starts_with(prefix) {
+                if line.contains(text) {
                     return;
                 }
             }
-            panic!("the hub ended before printing {prefix:?}");
+            panic!("the hub ended before printing {text:?}");
         })
         .await
-        .unwrap_or_else(|_| panic!("the hub did not print {prefix:?} in time"));
+        .unwrap_or_else(|_| panic!("the hub did not print {text:?} in time"));
     }
     wait_for_line(&mut lines, "hub listening").await;
     let url = format!("ws://{address}/");
@@ -1366,6 +1377,43 @@ async fn the_hub_forwards_a_spokes_event_to_the_other_spokes_only() {
     // Alice's first event is Bob's: her own did not come back to her.
     let got = tokio::time::timeout(WAIT, alice.next()).await.unwrap();
     assert_eq!(next_message(got), from_bob);
+
+    // A topic the hub does not bridge goes nowhere: Bob hears Alice's next bridged event
+    // first.
+    let unbridged = Envelope::new("call.requested", "w0", json!({ "input": 1 }));
+    let bridged = Envelope::new("chat", "general", json!({ "from": "alice", "n": 2 }));
+    for envelope in [&unbridged, &bridged] {
+        alice
+            .send(Command::Publish {
+                topic: envelope.topic(),
+                message: envelope.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let got = tokio::time::timeout(WAIT, bob.next()).await.unwrap();
+    assert_eq!(next_message(got), bridged);
+    // Counted, and reported.
+    wait_for_line(&mut lines, "1 event(s) on topics not bridged dropped").await;
+
+    // A browser page of an origin not allowed is refused; one allowed connects.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let page = |origin: &str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    match page("https://evil.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("a foreign page connected: {:?}", other.map(|_| ())),
+    }
+    page("http://localhost:8080")
+        .await
+        .expect("the allowed origin connects");
     drop(hub);
 }
 

@@ -376,9 +376,17 @@ fn tls_unsupported(url: &str) -> Error {
     )
 }
 
-/// A URL without its password (`user:password@`, or a `pass=` query parameter as in
-/// `redis+unix:///path?pass=...`), for messages.
-fn redact(url: &str) -> String {
+/// A Redis URL without its password (`user:password@`, or a `pass=` query parameter as in
+/// `redis+unix:///path?pass=...`), for messages and logs: what this crate's errors print.
+///
+/// ```
+/// use alkdev_pubsub::redis::redact;
+///
+/// assert_eq!(redact("redis://app:s3cret@10.0.0.5:6379/0"), "redis://app:***@10.0.0.5:6379/0");
+/// assert_eq!(redact("redis+unix:///run/redis.sock?pass=s3cret"), "redis+unix:///run/redis.sock?pass=***");
+/// assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+/// ```
+pub fn redact(url: &str) -> String {
     // The user info runs from after `://` (or the start, when the scheme is missing or
     // mistyped) to the last `@`.
     let start = url.find("://").map_or(0, |scheme| scheme + 3);
