@@ -21,7 +21,9 @@ use tower::ServiceBuilder;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut hub = "ws://127.0.0.1:9000/".to_owned();
-    let mut name = "spoke".to_owned();
+    // Unique by default: a spoke skips what carries its own name (the hub never echoes, but
+    // two spokes of one name would not hear each other).
+    let mut name = format!("spoke-{}", std::process::id());
     let mut count: Option<u64> = None;
     let mut topic = None;
     let mut argv = std::env::args().skip(1);

@@ -21,7 +21,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer};
+use alkdev_pubsub::layers::{
+    check_topic_len, Backoff, CodecLayer, ParseErrorLayer, PrefixLayer, ReconnectLayer,
+};
 use alkdev_pubsub::{Envelope, ErrorKind, EventTarget};
 use tokio::io::AsyncBufReadExt;
 use tower::ServiceBuilder;
@@ -197,6 +199,8 @@ async fn listen(args: &Args) -> Result<(), String> {
         );
     }
     drop(tx);
+    // A reconnect may have lost events: said on stderr, where it does not mix with the output.
+    events.add_gap_listener(|gap| eprintln!("tap: {gap}"));
     eprintln!("tap: listening on {} topic(s)", args.topics.len());
     let mut stdout = std::io::stdout().lock();
     let mut printed = 0u64;
@@ -314,6 +318,14 @@ async fn publish_lines(events: &EventTarget) -> Result<Tally, String> {
                 continue;
             }
         };
+        // Checked here: the target refuses such a topic before it counts a publish, and the
+        // tally of what failed once dispatched (below, in `publish`) rests on those counts.
+        let topic_len = envelope.r#type.len() + 1 + envelope.id.len();
+        if let Err(error) = check_topic_len(topic_len, || format!("line {number}")) {
+            eprintln!("tap: not an envelope this tool publishes, skipped: {error}");
+            tally.unread += 1;
+            continue;
+        }
         // Each line is published once the next is read (the last one is confirmed), so an
         // error names the line of the envelope that failed.
         if let Some((line, previous)) = last.replace((number, envelope)) {

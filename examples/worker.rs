@@ -36,7 +36,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let Ok(call) = next else { continue };
                 let call_id = call.payload["call"].as_str().unwrap_or_default().to_owned();
                 let input = call.payload["input"].as_u64().unwrap_or_default();
-                let answer = json!({ "output": input * input, "worker": w });
+                // The input is the caller's: one too large to square is answered with an error,
+                // not a panic that would end this worker.
+                let answer = match input.checked_mul(input) {
+                    Some(output) => json!({ "output": output, "worker": w }),
+                    None => json!({ "error": format!("{input} squared is over u64"), "worker": w }),
+                };
                 if events
                     .dispatch_event(Envelope::new("call.responded", call_id, answer))
                     .await
