@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# CI: run every fuzz target for a bounded time on the stable toolchain (no sanitizer).
+# CI: run every fuzz target for a bounded time on the stable toolchain (no sanitizer), built
+# with debug assertions (`-a`): an arithmetic overflow or a failed `debug_assert!` is a crash.
 #
 #   FUZZ_SECONDS   seconds per target (default 25)
 #   FUZZ_TARGETS   space-separated targets (default: all of `cargo fuzz list`)
 #   FUZZ_SEED      libFuzzer's random seed (default 1, so that a CI run is reproducible;
 #                  set it to 0 for a fresh random seed each run)
 #
-# A crash, a panic, a leak or a hang (an input running over 10 s) fails the run with a non-zero
+# A crash, a panic or a hang (an input running over 10 s) fails the run with a non-zero
 # exit; the reproducer is left in fuzz/artifacts/<target>/ and its path printed, with the
 # commands that replay and show it.
 set -euo pipefail
@@ -22,7 +23,7 @@ fi
 targets="${FUZZ_TARGETS:-$(cargo fuzz list)}"
 
 # Build once up front, so each target's time budget is spent fuzzing.
-cargo fuzz build --sanitizer none
+cargo fuzz build --sanitizer none -a
 
 failed=()
 for target in $targets; do
@@ -36,7 +37,7 @@ for target in $targets; do
   corpora=("$corpus")
   [[ -d "$seeds" ]] && corpora+=("$seeds")
   echo "=== fuzzing $target for ${seconds}s (log: $log)"
-  if cargo fuzz run --sanitizer none "$target" "${corpora[@]}" -- \
+  if cargo fuzz run --sanitizer none -a "$target" "${corpora[@]}" -- \
     -max_total_time="$seconds" -seed="${FUZZ_SEED:-1}" -timeout=10 -dict=fuzz/json.dict -print_final_stats=1 \
     2>&1 | tee "$log" | { grep -E '^(#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs|stat::number_of_executed_units)' || true; }; then
     echo "=== $target: no crash"
@@ -46,8 +47,8 @@ for target in $targets; do
     tail -n 60 "$log" >&2
     while read -r unit; do
       echo "reproducer: $unit" >&2
-      echo "  replay: cargo fuzz run --sanitizer none $target $unit" >&2
-      echo "  show:   cargo fuzz fmt --sanitizer none $target $unit" >&2
+      echo "  replay: cargo fuzz run --sanitizer none -a $target $unit" >&2
+      echo "  show:   cargo fuzz fmt --sanitizer none -a $target $unit" >&2
     done < <(grep -o 'Test unit written to [^ ]*' "$log" | sed 's/^Test unit written to //')
   fi
 done

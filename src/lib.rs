@@ -73,6 +73,7 @@ pub mod worker;
 pub mod redis;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
 #[cfg(feature = "websocket")]
 pub mod websocket;
 
@@ -84,3 +85,9 @@ pub use target::{
     Builder, EventTarget, ListenerId, WeakEventTarget, DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_PUBLISH_CAPACITY,
 };
+
+/// The README's Rust examples, compiled (and the first one run) as doc tests, so that they
+/// stay true to the API.
+#[cfg(all(doctest, feature = "redis", feature = "testkit"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1807,6 +1807,19 @@ async fn silent_target_with(
     (silent, events, a)
 }
 
+/// Once a reader has found `silent` drained and waits (and with the record of who read
+/// cleared), puts `count` items of each topic in `burst`, in order, and wakes the driver.
+async fn burst_once_the_reader_waits(silent: &Silent, burst: &[(&str, u64)]) {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    silent.readers.lock().unwrap().clear();
+    for &(topic, count) in burst {
+        for n in 0..count {
+            silent.put(topic, n);
+        }
+    }
+    silent.wake();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_waiting_subscription_reads_what_arrives_itself() {
     let (silent, _events, mut a) = silent_target().await;
@@ -1816,18 +1829,9 @@ async fn a_waiting_subscription_reads_what_arrives_itself() {
         }
         tokio::task::id()
     });
-    // Let the reader find the transport drained and wait.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    silent.readers.lock().unwrap().clear();
     // The burst starts with items of a topic nobody listens to: what the driver routes first
     // wakes no reader, so only its hand-over can.
-    for n in 0..8 {
-        silent.put("b:1", n);
-    }
-    for n in 0..100 {
-        silent.put("a:1", n);
-    }
-    silent.wake();
+    burst_once_the_reader_waits(&silent, &[("b:1", 8), ("a:1", 100)]).await;
     let reader = reader.await.unwrap();
     // The driver, woken by the transport, routed the first few and left the rest of the burst
     // to the waiting subscription: decoded and routed in the task that consumed them.
@@ -3328,21 +3332,9 @@ async fn a_subscription_dropped_while_it_reads_for_the_driver_hands_the_reading_
         drop(a);
         tokio::task::id()
     });
-    // Let the reader find the transport drained and wait.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    silent.readers.lock().unwrap().clear();
     // Items of a topic nobody listens to first: the driver routes a few itself, then hands the
     // burst to the waiting subscription.
-    for n in 0..8 {
-        silent.put("x:1", n);
-    }
-    for n in 0..100 {
-        silent.put("a:1", n);
-    }
-    for n in 0..10 {
-        silent.put("b:1", n);
-    }
-    silent.wake();
+    burst_once_the_reader_waits(&silent, &[("x:1", 8), ("a:1", 100), ("b:1", 10)]).await;
     let reader = reader.await.unwrap();
     let readers = silent.readers.lock().unwrap().clone();
     assert!(

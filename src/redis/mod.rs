@@ -1944,16 +1944,18 @@ mod tests {
             .write_all(message(&channel, &"x".repeat(200)).as_bytes())
             .await
             .unwrap();
-        let error = match transport.next().await {
-            Some(Err(error)) => error,
-            other => panic!("expected the oversized message's error, got {other:?}"),
-        };
-        assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
-        assert!(
-            error.to_string().len() < 400,
-            "{} bytes",
-            error.to_string().len()
-        );
+        // The next item: an error of `kind`, its message short.
+        async fn short_error(transport: &mut RedisTransport, kind: ErrorKind) -> Error {
+            let error = match transport.next().await {
+                Some(Err(error)) => error,
+                other => panic!("expected an error of kind {kind:?}, got {other:?}"),
+            };
+            assert_eq!(error.kind(), kind, "{error}");
+            let len = error.to_string().len();
+            assert!(len < 400, "{len} bytes");
+            error
+        }
+        let error = short_error(&mut transport, ErrorKind::TooLarge).await;
         assert!(error
             .to_string()
             .contains("a message of 200 bytes on the channel \"ccc"));
@@ -1961,16 +1963,7 @@ mod tests {
             .write_all(format!("+{}\r\n", "y".repeat(60_000)).as_bytes())
             .await
             .unwrap();
-        let error = match transport.next().await {
-            Some(Err(error)) => error,
-            other => panic!("expected the unexpected frame's error, got {other:?}"),
-        };
-        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
-        assert!(
-            error.to_string().len() < 400,
-            "{} bytes",
-            error.to_string().len()
-        );
+        short_error(&mut transport, ErrorKind::Protocol).await;
     }
 
     /// A PING whose answer comes behind a second of messages, five times its timeout: the

@@ -278,10 +278,11 @@ impl RedisServer {
     }
 
     fn signal_pid(&self, pid: u32, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
+        // The shell's own `kill`: the program (Debian's `procps`) may not be installed.
+        let status = Command::new("sh")
+            .args(["-c", "kill \"$1\" \"$2\"", "sh", signal, &pid.to_string()])
             .status()
-            .expect("running kill");
+            .expect("running sh -c kill");
         assert!(status.success(), "kill {signal} {pid} failed");
     }
 
