@@ -20,6 +20,12 @@
 //! the subscriber's, is the last. A lone reader on the publisher's thread (a subscription
 //! reading its transport for the target) moves its slots out and frees as it goes.
 //!
+//! With many readers (more than [`TRIM_BY_READERS_MAX`]), finding the slowest reader costs
+//! their number: it is done at each push (and when a producer waits for room), not at each
+//! reader's release, so that an event costs about the number of readers, not its square (each
+//! reader of a topic with thousands, taking every event as it came, found itself the slowest
+//! and looked at all the others). The slots they released leave the queue at the next push.
+//!
 //! What waits for the next push is bounded in number, not in time: at most the queue's
 //! capacity (and 1,024) events, kept until the next event is published on the topic, the
 //! queue is closed, or its last reader leaves. `tokio::sync::broadcast` keeps more: every
@@ -43,6 +49,13 @@ const READ_BATCH: usize = 64;
 
 /// The most released slots a queue keeps for its next push to drop (see `State::garbage`).
 const GARBAGE_MAX: usize = 1024;
+
+/// Up to this many readers, a reader that was the slowest and releases slots trims the queue
+/// at once (see [`State::trim`], which looks at every reader). Past it, that is left to the
+/// next push, and to a producer waiting for room: with every reader taking each event as it
+/// comes, each of them found itself at the oldest slot and looked at all the others, the
+/// square of the readers for each event (a topic with thousands of subscriptions).
+const TRIM_BY_READERS_MAX: usize = 16;
 
 /// Identifies the calling thread, cheaply: the address of a thread-local. A thread that
 /// exited may leave its address to a new one; that only decides which thread frees an event.
@@ -144,6 +157,20 @@ impl<P> State<P> {
         self.readers.iter_mut().find(|r| r.id == id)
     }
 
+    /// The index of reader `id`: `*hint` if it is still there (readers move only when one
+    /// leaves), else found and remembered in `hint`. A subscription keeps its hint, so that a
+    /// queue of many readers is not searched at each read.
+    fn index_of(&self, id: ListenerId, hint: &mut usize) -> Option<usize> {
+        if self.readers.get(*hint).is_some_and(|r| r.id == id) {
+            return Some(*hint);
+        }
+        let index = self.readers.iter().position(|r| r.id == id)?;
+        #[cfg(test)]
+        tests::READERS_VISITED.with(|v| v.set(v.get() + index + 1));
+        *hint = index;
+        Some(index)
+    }
+
     fn is_full(&self, capacity: usize) -> bool {
         self.tail() - self.oldest >= capacity as u64
     }
@@ -154,6 +181,8 @@ impl<P> State<P> {
     /// which should not keep the publisher waiting); else they go to the garbage. Also returns
     /// the producers to wake if that made room.
     fn trim(&mut self, capacity: usize) -> (Vec<Slot<P>>, Vec<Waker>) {
+        #[cfg(test)]
+        tests::READERS_VISITED.with(|v| v.set(v.get() + self.readers.len()));
         let Some(oldest) = self.readers.iter().map(|r| r.next).min() else {
             return (Vec::new(), Vec::new());
         };
@@ -188,11 +217,21 @@ impl<P> State<P> {
     ) -> (Vec<Slot<P>>, Vec<Waker>) {
         let reader = &mut self.readers[index];
         let was = std::mem::replace(&mut reader.next, next);
-        if was == self.oldest && next > was {
+        let trims = self.readers.len() <= TRIM_BY_READERS_MAX || !self.producers.is_empty();
+        if was == self.oldest && next > was && trims {
             self.trim(capacity)
         } else {
             (Vec::new(), Vec::new())
         }
+    }
+
+    /// With more readers than [`TRIM_BY_READERS_MAX`], `oldest` is brought up to date here, by
+    /// a push (their reads leave it behind): the slots every reader released leave the queue,
+    /// and the queue is full only if its slowest reader holds `capacity` slots. `None` with
+    /// fewer readers (they trim as they release).
+    #[inline]
+    fn trim_for_push(&mut self, capacity: usize) -> Option<(Vec<Slot<P>>, Vec<Waker>)> {
+        (self.readers.len() > TRIM_BY_READERS_MAX).then(|| self.trim(capacity))
     }
 
     /// Makes room in a full [`Overflow::DropOldest`] queue: the slowest readers lose their
@@ -455,6 +494,7 @@ impl<P> Queue<P> {
             return Ok(());
         }
         state.publisher = this_thread();
+        let trimmed = state.trim_for_push(self.capacity);
         let readers = state.readers.len() as u64;
         let mut dropped = None;
         let mut event = Some(event);
@@ -477,6 +517,12 @@ impl<P> Queue<P> {
                 (Overflow::Block, Some(cx)) => {
                     if !state.producers.iter().any(|w| w.will_wake(cx.waker())) {
                         state.producers.push(cx.waker().clone());
+                    }
+                    drop(state);
+                    // Others waiting for room (the trim made some): they try again.
+                    if let Some((slots, room)) = trimmed {
+                        wake_all(room);
+                        drop_released(slots);
                     }
                     return Err(event.take().expect("not pushed yet"));
                 }
@@ -503,6 +549,10 @@ impl<P> Queue<P> {
             drop_guarded((dropped, event));
         }
         drop_released(garbage);
+        if let Some((slots, room)) = trimmed {
+            wake_all(room);
+            drop_released(slots);
+        }
         Ok(())
     }
 
@@ -531,6 +581,7 @@ impl<P> Queue<P> {
         if state.reconnect_last && state.readers.iter().all(|reader| reader.taken < tail) {
             return;
         }
+        let trimmed = state.trim_for_push(self.capacity);
         let dropped = if self.overflow == Overflow::DropOldest && state.is_full(self.capacity) {
             state.drop_oldest(counters)
         } else {
@@ -547,6 +598,10 @@ impl<P> Queue<P> {
             drop_guarded(dropped);
         }
         drop_released(garbage);
+        if let Some((slots, room)) = trimmed {
+            wake_all(room);
+            drop_released(slots);
+        }
     }
 
     /// Gives an event to `reader` directly (the caller puts it in the reader's batch) rather
@@ -600,6 +655,7 @@ impl<P> Queue<P> {
     pub(crate) fn poll_read(
         &self,
         reader: ListenerId,
+        hint: &mut usize,
         batch: &mut VecDeque<Slot<P>>,
         cx: Option<&mut Context<'_>>,
         seen: &mut u64,
@@ -611,7 +667,7 @@ impl<P> Queue<P> {
         let mut guard = self.lock();
         *seen = self.version.load(Relaxed);
         let state = &mut *guard;
-        let Some(index) = state.readers.iter().position(|r| r.id == reader) else {
+        let Some(index) = state.index_of(reader, hint) else {
             return Poll::Ready(None);
         };
         let head = state.head;
@@ -695,9 +751,9 @@ impl<P> Queue<P> {
     }
 
     /// `reader` has yielded its whole batch: what it held is released.
-    pub(crate) fn release(&self, reader: ListenerId) {
+    pub(crate) fn release(&self, reader: ListenerId, hint: &mut usize) {
         let mut state = self.lock();
-        let Some(index) = state.readers.iter().position(|r| r.id == reader) else {
+        let Some(index) = state.index_of(reader, hint) else {
             return;
         };
         let taken = state.readers[index].taken;
@@ -719,5 +775,59 @@ impl<P> Queue<P> {
         drop(state);
         wake_all(wake);
         drop_released(garbage);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    thread_local! {
+        /// Readers looked at on this thread, to find one or the slowest.
+        pub(super) static READERS_VISITED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Many readers of one queue, each taking every event as it comes: each event costs about
+    /// the number of readers, not its square (each reader looked itself up among all of them,
+    /// and each one at the oldest slot looked at all of them to find the new oldest: 2,000
+    /// readers, about 6 million visits per event).
+    #[test]
+    fn many_readers_taking_each_event_cost_each_event_about_their_number() {
+        const READERS: u64 = 2_000;
+        let counters = Counters::default();
+        let queue: Queue<serde_json::Value> = Queue::new(1024, Overflow::Block, ListenerId(0));
+        for id in 1..READERS {
+            assert!(queue.add_reader(ListenerId(id)));
+        }
+        let mut hints = vec![0; READERS as usize];
+        let mut batch = VecDeque::new();
+        let mut seen = 0;
+        READERS_VISITED.with(|v| v.set(0));
+        for n in 0..20 {
+            let event = Arc::new(Envelope::new("t", "1", json!(n)));
+            assert!(queue.push(None, event, &counters).is_ok());
+            for (id, hint) in (0..READERS).zip(&mut hints) {
+                match queue.poll_read(ListenerId(id), hint, &mut batch, None, &mut seen) {
+                    Poll::Ready(Some(Ok(event))) => assert_eq!(event.payload, json!(n)),
+                    other => panic!("reader {id}, event {n}: {other:?}"),
+                }
+                assert!(batch.is_empty());
+                queue.release(ListenerId(id), hint);
+            }
+        }
+        let visited = READERS_VISITED.with(|v| v.get());
+        // Each reader is found once (its hint holds after that), and each push finds the oldest.
+        assert!(
+            visited <= 20 * 2 * READERS as usize + READERS as usize * READERS as usize / 2,
+            "{visited} readers visited for 20 events"
+        );
+        assert_eq!(
+            counters.delivered.load(Relaxed),
+            20 * READERS,
+            "every reader counted"
+        );
+        // Nothing released is kept beyond the next push.
+        assert!(queue.lock().items.len() <= 1);
     }
 }

@@ -182,6 +182,8 @@ pub struct Subscription<P = serde_json::Value> {
     yielded: u8,
     /// The queue's version at this subscription's last read.
     seen: u64,
+    /// Where this subscription was among its queue's readers at its last read.
+    hint: usize,
     topic: Topic,
     id: ListenerId,
     shared: Arc<Shared<P>>,
@@ -203,6 +205,7 @@ impl<P: Send + Sync + 'static> Subscription<P> {
             batch: VecDeque::new(),
             yielded: 0,
             seen: u64::MAX,
+            hint: 0,
             topic,
             id,
             shared,
@@ -251,10 +254,13 @@ impl<P> Stream for Subscription<P> {
             return Poll::Ready(Some(item));
         }
         if let Some(direct) = &this.direct {
-            if let Poll::Ready(item) =
-                this.queue
-                    .poll_read(this.id, &mut this.batch, None, &mut this.seen)
-            {
+            if let Poll::Ready(item) = this.queue.poll_read(
+                this.id,
+                &mut this.hint,
+                &mut this.batch,
+                None,
+                &mut this.seen,
+            ) {
                 this.yielded = 0;
                 return Poll::Ready(item);
             }
@@ -273,10 +279,13 @@ impl<P> Stream for Subscription<P> {
                 // More is ready, and this task reads it for the target: once it has yielded
                 // what it routed to itself, or at once if that was nothing.
                 Some(Pulled::More) => {
-                    if let Poll::Ready(item) =
-                        this.queue
-                            .poll_read(this.id, &mut this.batch, None, &mut this.seen)
-                    {
+                    if let Poll::Ready(item) = this.queue.poll_read(
+                        this.id,
+                        &mut this.hint,
+                        &mut this.batch,
+                        None,
+                        &mut this.seen,
+                    ) {
                         return Poll::Ready(item);
                     }
                     cx.waker().wake_by_ref();
@@ -307,6 +316,7 @@ impl<P> Stream for Subscription<P> {
         }
         let item = this.queue.poll_read(
             this.id,
+            &mut this.hint,
             &mut this.batch,
             sleep.then_some(&mut *cx),
             &mut this.seen,
@@ -328,7 +338,7 @@ impl<P> Subscription<P> {
         let slot = self.batch.pop_front()?;
         // Yielded in full: what the batch held no longer counts against the capacity.
         if self.batch.is_empty() {
-            self.queue.release(self.id);
+            self.queue.release(self.id, &mut self.hint);
         }
         Some(slot.into_item())
     }

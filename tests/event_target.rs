@@ -3352,3 +3352,40 @@ async fn a_subscription_dropped_while_it_reads_for_the_driver_hands_the_reading_
         dropped.elapsed()
     );
 }
+
+/// A topic with thousands of subscriptions sharing its queue, each taking every event as it
+/// comes, gets every event to each in order. (Its queue trims at its pushes past a few readers:
+/// see `queue::tests` for what an event costs there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_with_two_thousand_subscriptions_in_step_gets_every_event_to_each() {
+    const READERS: usize = 2_000;
+    const EVENTS: u64 = 100;
+    let events: EventTarget = EventTarget::local();
+    let read = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        let mut subscription = events.subscribe("wide:1").await.unwrap();
+        let read = Arc::clone(&read);
+        readers.push(tokio::spawn(async move {
+            for n in 0..EVENTS {
+                assert_eq!(number_of(&testkit::next_event(&mut subscription).await), n);
+                read.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for n in 0..EVENTS {
+        events
+            .dispatch_event(numbered("wide", "1", n))
+            .await
+            .unwrap();
+        // In step: every reader takes each event before the next (the costly case: all of
+        // them at the oldest slot, each releasing one).
+        while read.load(Ordering::SeqCst) < READERS as u64 * (n + 1) {
+            tokio::task::yield_now().await;
+        }
+    }
+    for reader in readers {
+        tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    }
+    assert_eq!(events.stats().delivered, READERS as u64 * EVENTS);
+}

@@ -94,6 +94,20 @@ pub(crate) struct Reader {
     /// How far the scans of the incomplete frame's nested arrays got (at most one per
     /// element of the frame).
     nested: Vec<Nested>,
+    /// How far the scan of the incomplete frame's top-level array got.
+    top: Option<Resume>,
+}
+
+/// How far the scan of a frame's top-level array got before the frame ran out: its element
+/// count, the elements read, and where the next one starts. Without it, each read of a frame
+/// whose last element is still coming would read its first ones again: up to seven lines of
+/// 64 KiB each, for every piece of a payload of megabytes sent in small pieces.
+#[derive(Debug)]
+struct Resume {
+    count: usize,
+    done: usize,
+    at: usize,
+    elements: [Element; MAX_ELEMENTS],
 }
 
 /// How far the scan of a nested array got before the frame ran out (all of it, when a later
@@ -118,6 +132,7 @@ impl Reader {
             limit: limit.min(MAX_BULK),
             skipping: 0,
             nested: Vec::new(),
+            top: None,
         }
     }
 
@@ -131,11 +146,12 @@ impl Reader {
                 return Ok(None);
             }
         }
-        let scanned = scan(buffer, self.limit, &mut self.nested);
+        let scanned = scan(buffer, self.limit, &mut self.nested, &mut self.top);
         let Some((len, top)) = scanned? else {
             return Ok(None);
         };
         self.nested.clear();
+        self.top = None;
         if let Top::Oversized(_, _, payload) = top {
             self.skipping = payload + 2;
         }
@@ -167,12 +183,13 @@ impl Reader {
 
 /// Finds the frame at the start of `bytes`: its length and its elements. No bulk string over
 /// `limit` is waited for.
-/// `nested` is how far earlier scans of the same bytes got in its nested arrays; this one
-/// updates it.
+/// `nested` is how far earlier scans of the same bytes got in its nested arrays, and `top` in
+/// its top-level array; this one updates them.
 fn scan(
     bytes: &[u8],
     limit: usize,
     nested: &mut Vec<Nested>,
+    top: &mut Option<Resume>,
 ) -> Result<Option<(usize, Top)>, ProtocolError> {
     let mut at = 0;
     let Some(&kind) = bytes.first() else {
@@ -183,19 +200,27 @@ fn scan(
     let other = limit.max(MIN_OTHER_LIMIT);
     let others = 2 * other + 1024;
     if kind == b'*' || kind == b'>' {
-        let Some(line) = line(bytes, &mut at)? else {
-            return Ok(None);
+        let (count, first, mut elements) = match top.take() {
+            Some(resume) => {
+                at = resume.at;
+                (resume.count, resume.done, resume.elements)
+            }
+            None => {
+                let Some(line) = line(bytes, &mut at)? else {
+                    return Ok(None);
+                };
+                let count = length(
+                    &bytes[line],
+                    MAX_ELEMENTS,
+                    "an array of {} elements, where a subscribe connection reads at most {}",
+                )?
+                .ok_or_else(|| {
+                    ProtocolError("a null array, where a subscribe connection reads a frame".into())
+                })?;
+                (count, 0, Default::default())
+            }
         };
-        let count = length(
-            &bytes[line],
-            MAX_ELEMENTS,
-            "an array of {} elements, where a subscribe connection reads at most {}",
-        )?
-        .ok_or_else(|| {
-            ProtocolError("a null array, where a subscribe connection reads a frame".into())
-        })?;
-        let mut elements: [Element; MAX_ELEMENTS] = Default::default();
-        for i in 0..count {
+        for i in first..count {
             // The payload is the last element of a `message` or `pmessage` (whose first
             // element, its kind, is read by then).
             let payload = i + 1 == count && is_message(bytes, &elements[0], count);
@@ -204,6 +229,7 @@ fn scan(
             } else {
                 other.min(others.saturating_sub(at))
             };
+            let start = at;
             match element(bytes, &mut at, Some(&mut *nested), limit)? {
                 // Skipped as it arrives.
                 Some(Element::Over(len)) if payload => {
@@ -211,7 +237,15 @@ fn scan(
                 }
                 Some(Element::Over(len)) => return Err(over_the_limit(len, limit)),
                 Some(element) => elements[i] = element,
-                None => return Ok(None),
+                None => {
+                    *top = Some(Resume {
+                        count,
+                        done: i,
+                        at: start,
+                        elements,
+                    });
+                    return Ok(None);
+                }
             }
         }
         return Ok(Some((at, Top::Array(count, elements))));
@@ -564,6 +598,27 @@ mod tests {
                 "{kind}: {scanned} elements read for nested arrays of {elements} in {reads} reads"
             );
         }
+    }
+
+    /// A frame whose last element is still coming is not read again from its start at each
+    /// read: its first elements (long lines here) are read once, not once per read.
+    #[test]
+    fn a_frames_first_elements_are_read_once_while_its_last_one_comes() {
+        let mut wire = b"*3\r\n".to_vec();
+        for _ in 0..2 {
+            wire.extend_from_slice(format!("+{}\r\n", "x".repeat(60_000)).as_bytes());
+        }
+        wire.extend_from_slice(format!("${}\r\n{}\r\n", 100_000, "y".repeat(100_000)).as_bytes());
+        let cuts: Vec<usize> = (1_000..wire.len()).step_by(1_000).collect();
+        ELEMENTS_READ.with(|read| read.set(0));
+        let read = parse_in_pieces(&wire, &cuts, MAX_BULK);
+        let scanned = ELEMENTS_READ.with(|read| read.get());
+        assert_eq!(read, parse_in_pieces(&wire, &[], MAX_BULK));
+        let reads = cuts.len() + 1;
+        assert!(
+            scanned <= 3 + reads,
+            "{scanned} elements read for a frame of 3 in {reads} reads"
+        );
     }
 
     /// One frame, read with Redis's own limit.
