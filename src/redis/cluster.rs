@@ -47,7 +47,11 @@
 //! retry layer. Once a pipeline has failed for now or for want of a connection, the publishes
 //! fed after it are not sent: the next flush fails, answering all of them, and a layer above
 //! that sends them again does so in order (sent, they would have arrived before the failed
-//! ones they follow).
+//! ones they follow). A flush whose pipeline to one master failed for want of a connection
+//! fails whole, its other masters' pipelines delivered: under a reconnect layer, that rebuilds
+//! the whole transport, which sends every publish the failed flush covered again (the healthy
+//! masters' too), once per rebuild until the master is back or replaced, and every subscriber
+//! hears [`Up::Reconnected`].
 //!
 //! **JavaScript peers.** Sharded and classic pub/sub do not see each other: a `PUBLISH`
 //! reaches no `SSUBSCRIBE`, an `SPUBLISH` no `SUBSCRIBE`. The JavaScript design's Redis event

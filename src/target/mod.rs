@@ -397,7 +397,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     }
 
     /// Subscribes to `topic` with the default queue settings. Resolves once the transport has
-    /// confirmed the subscription: nothing published after that is missed.
+    /// confirmed the subscription: nothing published after that is missed. Made during an
+    /// outage a reconnect layer rides out, it resolves once the layer has connected again
+    /// (for as long as its [`Backoff`](crate::layers::Backoff) tries: for ever by default;
+    /// bound it with a timeout), and the subscription's first item may then be the
+    /// reconnect's [`Gap::Reconnected`](crate::Gap::Reconnected).
     ///
     /// # Errors
     ///
@@ -591,9 +595,11 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// # Errors
     ///
     /// Those of [`dispatch_event`](Self::dispatch_event), and the transport's failure to
-    /// send or flush it: a connection error, a [`Timeout`](ErrorKind::Timeout), a Redis
-    /// refusal ([`Busy`](ErrorKind::Busy) for `BUSY` or `LOADING` behind no
-    /// [retry layer](crate::layers::retry), [`Rejected`](ErrorKind::Rejected) otherwise).
+    /// send or flush it (or one of the publishes the same flush covered): a connection error,
+    /// a [`Timeout`](ErrorKind::Timeout), a Redis refusal ([`Busy`](ErrorKind::Busy) for
+    /// `BUSY`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MOVED` behind no
+    /// [retry layer](crate::layers::retry), [`Unavailable`](ErrorKind::Unavailable) once a
+    /// retry layer gave up, [`Rejected`](ErrorKind::Rejected) otherwise).
     ///
     /// # Cancellation safety
     ///
@@ -761,8 +767,9 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Closes the target and drains it: publishes already queued are sent and flushed, every
     /// topic is unsubscribed, and every subscription ends once it has yielded what it had
     /// queued. Later calls fail with an error of kind [`ErrorKind::Closed`]. Closing twice is
-    /// harmless. A transport that has not taken every queued publish by the close timeout
-    /// ([`Builder::close_timeout`]) is given up on: the publishes left count in
+    /// harmless. A transport that has not taken and flushed every queued publish by the close
+    /// timeout ([`Builder::close_timeout`]) is given up on (a reconnect layer in an outage
+    /// holds what it took until it connects again): the publishes left count in
     /// [`Stats::publish_failed`].
     pub async fn close(&self) {
         match self.shared().control() {

@@ -16,10 +16,14 @@
 //! refuse for a while). Any other failure is retried with [`Backoff`] (for ever, unless
 //! [`Backoff::max_attempts`] says otherwise).
 //!
-//! Delivery through an outage is at-least-once for publishes (a publish may be sent twice if
-//! the connection died after the peer got it and before it acknowledged it), and
-//! at-most-once for inbound messages (what was published while the subscriber was away is
-//! gone; `Reconnected` says so).
+//! Delivery through an outage is at-least-once for publishes where a completed flush means
+//! the peer acknowledged them (Redis: a publish may be sent twice if the connection died after
+//! the peer got it and before it acknowledged it); over a transport whose flush only writes
+//! (a WebSocket), a publish flushed just before the connection died may be lost with it: only
+//! what was not flushed yet is sent again. Inbound messages are at-most-once (what was
+//! published while the subscriber was away is gone; `Reconnected` says so). A publish the new
+//! connection refuses on its own (too large, say) fails the next flush, and with it every
+//! publish that flush covers, for the caller to tell: the layer cannot tell which.
 //!
 //! Closing delivers what waits first: a close during an outage, with publishes buffered or
 //! not yet flushed, waits for a connection to send them on, for as long as [`Backoff`] keeps
@@ -208,7 +212,9 @@ impl<M> ReconnectLayer<M> {
 
     /// How many publishes may wait during an outage. While the first connection is being
     /// made, more wait for it (the publisher is held back, nothing is refused) until that
-    /// attempt fails.
+    /// attempt fails. The publishes the lost connection had not acknowledged (up to
+    /// [`MAX_UNFLUSHED`]) are sent again on top of these: right after a connection is lost, the
+    /// buffer may hold more than this, and refuse new publishes at once.
     pub fn buffer(mut self, publishes: usize) -> Self {
         self.buffer = publishes;
         self
