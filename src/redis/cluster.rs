@@ -542,13 +542,22 @@ impl RedisClusterTransport {
         // One pipeline per hash slot (a pipeline may not cross slots), in feed order within
         // each: a channel lives in one slot, so its order is kept; slots go out concurrently.
         let mut pipelines: Vec<(u16, redis::Pipeline, usize, usize)> = Vec::new();
+        // Each slot's pipeline, found by its slot (a batch of many topics spans thousands of
+        // slots: a search of the list for each publish was quadratic), the last one first (a
+        // publisher repeats its topics).
+        let mut by_slot: HashMap<u16, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut last: Option<(u16, usize)> = None;
         for (channel, frame) in &batch {
             let slot = hash_slot(channel.as_bytes());
-            let index = match pipelines.iter().position(|(s, ..)| *s == slot) {
-                Some(index) => index,
-                None => {
-                    pipelines.push((slot, redis::pipe(), 0, 0));
-                    pipelines.len() - 1
+            let index = match last {
+                Some((last_slot, index)) if last_slot == slot => index,
+                _ => {
+                    let index = *by_slot.entry(slot).or_insert_with(|| {
+                        pipelines.push((slot, redis::pipe(), 0, 0));
+                        pipelines.len() - 1
+                    });
+                    last = Some((slot, index));
+                    index
                 }
             };
             let (_, pipeline, count, bytes) = &mut pipelines[index];
