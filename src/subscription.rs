@@ -114,8 +114,9 @@ impl SubscribeOptions {
     /// It also bounds how many events the queue keeps after its subscribers are done with
     /// them: events read on another thread than the publisher's are freed by the next publish
     /// on the topic, on the publishing thread (where the allocator reuses their memory best),
-    /// so up to `capacity` of them (1,024 at most) stay allocated until then, or until the
-    /// subscription is dropped. A payload's `Drop` runs then.
+    /// so up to `capacity` of them (1,024 at most, for a topic of up to 16 subscriptions that
+    /// share their queue) stay allocated until then, or until the subscription is dropped. A
+    /// payload's `Drop` runs then.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self

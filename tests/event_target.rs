@@ -3380,9 +3380,10 @@ async fn a_topic_with_two_thousand_subscriptions_in_step_gets_every_event_to_eac
             .unwrap();
         // In step: every reader takes each event before the next (the costly case: all of
         // them at the oldest slot, each releasing one).
-        while read.load(Ordering::SeqCst) < READERS as u64 * (n + 1) {
-            tokio::task::yield_now().await;
-        }
+        settle("every reader to take the event", || {
+            read.load(Ordering::SeqCst) >= READERS as u64 * (n + 1)
+        })
+        .await;
     }
     for reader in readers {
         tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();

@@ -597,7 +597,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Those of [`dispatch_event`](Self::dispatch_event), and the transport's failure to
     /// send or flush it (or one of the publishes the same flush covered): a connection error,
     /// a [`Timeout`](ErrorKind::Timeout), a Redis refusal ([`Busy`](ErrorKind::Busy) for
-    /// `BUSY`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MOVED` behind no
+    /// `BUSY`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MOVED` and the like behind no
     /// [retry layer](crate::layers::retry), [`Unavailable`](ErrorKind::Unavailable) once a
     /// retry layer gave up, [`Rejected`](ErrorKind::Rejected) otherwise).
     ///
