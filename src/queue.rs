@@ -29,10 +29,11 @@
 //!
 //! What waits for the next push is bounded in number, not in time: at most the queue's
 //! capacity (and, with up to [`TRIM_BY_READERS_MAX`] readers, 1,024) events, kept until the
-//! next event is published on the topic, the queue is closed, or its last reader leaves. `tokio::sync::broadcast` keeps more: every
-//! value stays until its slot is written again, `capacity` sends later. Freeing it when a
-//! reader goes to wait instead (the publisher is quiet then) was measured, and gave back
-//! most of the gain: readers that keep up wait after almost every batch.
+//! next event is published on the topic, the queue is closed, or its last reader leaves.
+//! `tokio::sync::broadcast` keeps more: every value stays until its slot is written again,
+//! `capacity` sends later. Freeing it when a reader goes to wait instead (the publisher is
+//! quiet then) was measured, and gave back most of the gain: readers that keep up wait after
+//! almost every batch.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
