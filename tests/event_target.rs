@@ -593,15 +593,7 @@ async fn a_payload_that_panics_when_a_full_queue_drops_it_does_not_fail_the_publ
 async fn a_close_releasing_an_in_process_dispatch_waiting_for_a_full_block_queue_reports_the_drop()
 {
     let events: EventTarget = EventTarget::local();
-    let mut subscription = events
-        .subscribe_with(
-            "t:1",
-            SubscribeOptions::new()
-                .capacity(1)
-                .overflow(Overflow::Block),
-        )
-        .await
-        .unwrap();
+    let mut subscription = block_of_one(&events).await;
     events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
     let waiting = tokio::spawn({
         let events = events.clone();
@@ -622,6 +614,20 @@ async fn a_close_releasing_an_in_process_dispatch_waiting_for_a_full_block_queue
     event_then_drop_then_end(&mut subscription).await;
     assert!(subscription.next().await.is_none(), "no later notice");
     assert_eq!(events.stats().lagged, 1);
+}
+
+/// A subscription of `t:1` whose queue holds one event and makes a publisher wait for room
+/// (`Overflow::Block`).
+async fn block_of_one(events: &EventTarget) -> alkdev_pubsub::Subscription {
+    events
+        .subscribe_with(
+            "t:1",
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap()
 }
 
 /// `subscription` yields event 0, then hears that the event after it was dropped
@@ -2476,15 +2482,7 @@ async fn publishes_go_on_while_a_flush_does_not_come() {
 #[tokio::test]
 async fn a_callback_removed_while_a_dispatch_waits_ahead_of_it_is_not_called() {
     let events: EventTarget = EventTarget::local();
-    let mut subscription = events
-        .subscribe_with(
-            "t:1",
-            SubscribeOptions::new()
-                .capacity(1)
-                .overflow(Overflow::Block),
-        )
-        .await
-        .unwrap();
+    let mut subscription = block_of_one(&events).await;
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
     let callback = events
@@ -2791,15 +2789,7 @@ async fn a_close_that_times_out_on_a_full_block_subscription_reports_the_drop() 
     let events: EventTarget = EventTarget::builder()
         .close_timeout(Duration::from_millis(100))
         .build(LocalTransport::new());
-    let mut subscription = events
-        .subscribe_with(
-            "t:1",
-            SubscribeOptions::new()
-                .capacity(1)
-                .overflow(Overflow::Block),
-        )
-        .await
-        .unwrap();
+    let mut subscription = block_of_one(&events).await;
     for n in 0..2 {
         events.dispatch_event(numbered("t", "1", n)).await.unwrap();
     }
@@ -3234,15 +3224,7 @@ async fn a_cancelled_dispatch_takes_its_waker_back_from_a_full_queue() {
     use std::future::Future;
     use std::task::{Context, Waker};
     let events: EventTarget = EventTarget::local();
-    let mut stuck = events
-        .subscribe_with(
-            "t:1",
-            SubscribeOptions::new()
-                .capacity(1)
-                .overflow(Overflow::Block),
-        )
-        .await
-        .unwrap();
+    let mut stuck = block_of_one(&events).await;
     events.dispatch_event(numbered("t", "1", 0)).await.unwrap();
     for n in 1..=100 {
         let probe = Arc::new(Unwoken);
