@@ -1223,6 +1223,62 @@ async fn a_publish_whose_flush_failure_was_reported_is_not_sent_again_after_a_re
     );
 }
 
+/// Once a send of the layer's own was refused for now (the replayed backlog's flush, driven by
+/// the reading side, answered `BUSY`), publishes fed before the flush that reports it are not
+/// sent: sent, they would arrive before the refused ones a retry layer sends again (it resends
+/// everything since the last flush, in order), and then again after them.
+#[tokio::test]
+async fn publishes_after_a_refused_backlog_flush_wait_for_the_flush_that_reports_it() {
+    use std::sync::atomic::Ordering;
+    let faults = Faults::default();
+    let mut reconnect = reconnecting_over_faults(&faults);
+    let publish = |text: &'static str| Command::Publish {
+        topic: Topic::from("t"),
+        message: Bytes::from(text),
+    };
+    reconnect.send(publish("a")).await.unwrap();
+    reconnect.feed(publish("b")).await.unwrap();
+    // The connection is lost with `b` unflushed: the next connection gets it from the backlog.
+    faults.cut.store(true, Ordering::SeqCst);
+    // Finds the connection lost (and takes publishes into its buffer while it is down), then,
+    // after the backoff, connects again and hands the new connection `b`.
+    for wait in [0, 50] {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        futures::future::poll_fn(|cx| {
+            futures::Sink::poll_ready(std::pin::Pin::new(&mut reconnect), cx)
+        })
+        .await
+        .unwrap();
+    }
+    // The reading side flushes the replayed backlog: refused for now.
+    faults.busy_flush.store(true, Ordering::SeqCst);
+    loop {
+        match futures::poll!(reconnect.next()) {
+            std::task::Poll::Ready(Some(Ok(Up::Reconnected))) => {}
+            std::task::Poll::Pending => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        !faults.busy_flush.load(Ordering::SeqCst),
+        "the backlog was flushed"
+    );
+    reconnect.feed(publish("c")).await.unwrap();
+    let error = reconnect.flush().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Busy, "{error}");
+    assert_eq!(
+        *faults.delivered.lock().unwrap(),
+        vec![Bytes::from("a")],
+        "`c` went out before `b` is sent again"
+    );
+    // Answered by that flush: what comes next goes out.
+    reconnect.send(publish("d")).await.unwrap();
+    assert_eq!(
+        *faults.delivered.lock().unwrap(),
+        vec![Bytes::from("a"), Bytes::from("d")]
+    );
+}
+
 /// During an outage, a plain `dispatch_event` past the reconnect layer's buffer gets the
 /// refusal itself, not `Ok` and a count: it fed the transport from its own task, so the error
 /// is known when the call returns. (On one thread the driver never holds the transport when

@@ -13,12 +13,10 @@
 //! transport that sends as it goes and does not hold back, a topic may see `4 5 1 2 3 4 5`.
 //! The Redis transports hold back what follows a failed pipeline, until that flush; within
 //! one pipeline, Redis may still run commands after a refused one (a script that ended
-//! meanwhile), so a topic may see `1 2 5 6 1 2 3 4 5 6`. Over a reconnect layer, a refusal of
-//! what that layer sends on its own (its outage buffer, once connected again) is reported by
-//! the next flush from above, but what is fed before that flush is sent: those publishes may
-//! come before the refused ones are sent again, and again after them. Where order matters
-//! more than riding out a busy server, leave this layer out: the failure then reaches the
-//! publisher.
+//! meanwhile), so a topic may see `1 2 5 6 1 2 3 4 5 6`. The reconnect layer holds back the
+//! same way once what it sent on its own (its outage buffer, once connected again) was refused
+//! for now. Where order matters more than riding out a busy server, leave this layer out: the
+//! failure then reaches the publisher.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -1122,6 +1122,18 @@ where
                     this.backlog.push_back(command);
                     return Ok(());
                 }
+                if this
+                    .failed_on_its_own
+                    .as_ref()
+                    .is_some_and(Error::is_transient)
+                {
+                    // A send of this layer's own was refused for now (the replayed backlog):
+                    // the next flush from above reports it, answering everything fed since
+                    // the last one, this publish too. Sent now, it would arrive before the
+                    // refused ones a retry layer sends again, and again after them: as the
+                    // Redis transports do after a refused pipeline, it is not sent.
+                    return Ok(());
+                }
             }
         }
         let Conn::Up(transport) = &mut this.conn else {
