@@ -1198,6 +1198,14 @@ fn reconnecting_over_faults(
     })
 }
 
+/// A publish of `text` on topic `t`.
+fn publish_on_t(text: &'static str) -> Command<Bytes> {
+    Command::Publish {
+        topic: Topic::from("t"),
+        message: Bytes::from(text),
+    }
+}
+
 /// A publish whose flush failed with an error the layer reported (a retryable one: the caller
 /// learnt of the failure, and may publish it again, or a retry layer does) is not sent again
 /// on its own by the next connection: it was answered, and sending it again would deliver what
@@ -1207,16 +1215,12 @@ async fn a_publish_whose_flush_failure_was_reported_is_not_sent_again_after_a_re
     use std::sync::atomic::Ordering;
     let faults = Faults::default();
     let mut reconnect = reconnecting_over_faults(&faults);
-    let publish = |text: &'static str| Command::Publish {
-        topic: Topic::from("t"),
-        message: Bytes::from(text),
-    };
-    reconnect.send(publish("a")).await.unwrap();
+    reconnect.send(publish_on_t("a")).await.unwrap();
     faults.busy_flush.store(true, Ordering::SeqCst);
-    let error = reconnect.send(publish("b")).await.unwrap_err();
+    let error = reconnect.send(publish_on_t("b")).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Busy, "{error}");
     faults.cut.store(true, Ordering::SeqCst);
-    reconnect.send(publish("c")).await.unwrap();
+    reconnect.send(publish_on_t("c")).await.unwrap();
     assert_eq!(
         *faults.delivered.lock().unwrap(),
         vec![Bytes::from("a"), Bytes::from("c")]
@@ -1232,12 +1236,8 @@ async fn publishes_after_a_refused_backlog_flush_wait_for_the_flush_that_reports
     use std::sync::atomic::Ordering;
     let faults = Faults::default();
     let mut reconnect = reconnecting_over_faults(&faults);
-    let publish = |text: &'static str| Command::Publish {
-        topic: Topic::from("t"),
-        message: Bytes::from(text),
-    };
-    reconnect.send(publish("a")).await.unwrap();
-    reconnect.feed(publish("b")).await.unwrap();
+    reconnect.send(publish_on_t("a")).await.unwrap();
+    reconnect.feed(publish_on_t("b")).await.unwrap();
     // The connection is lost with `b` unflushed: the next connection gets it from the backlog.
     faults.cut.store(true, Ordering::SeqCst);
     // Finds the connection lost (and takes publishes into its buffer while it is down), then,
@@ -1263,7 +1263,7 @@ async fn publishes_after_a_refused_backlog_flush_wait_for_the_flush_that_reports
         !faults.busy_flush.load(Ordering::SeqCst),
         "the backlog was flushed"
     );
-    reconnect.feed(publish("c")).await.unwrap();
+    reconnect.feed(publish_on_t("c")).await.unwrap();
     let error = reconnect.flush().await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Busy, "{error}");
     assert_eq!(
@@ -1272,7 +1272,7 @@ async fn publishes_after_a_refused_backlog_flush_wait_for_the_flush_that_reports
         "`c` went out before `b` is sent again"
     );
     // Answered by that flush: what comes next goes out.
-    reconnect.send(publish("d")).await.unwrap();
+    reconnect.send(publish_on_t("d")).await.unwrap();
     assert_eq!(
         *faults.delivered.lock().unwrap(),
         vec![Bytes::from("a"), Bytes::from("d")]
