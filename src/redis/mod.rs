@@ -376,6 +376,37 @@ fn tls_unsupported(url: &str) -> Error {
     )
 }
 
+/// The start of `value`'s debug form, for an error message about what a server sent: at most
+/// [`DEBUG_HEAD`] bytes of it, with `…` when cut, without formatting the rest (a frame's
+/// strings can be megabytes long).
+fn debug_head(value: &impl fmt::Debug) -> String {
+    /// Keeps what is written up to the limit, then stops the formatting.
+    struct Head(String);
+    impl fmt::Write for Head {
+        fn write_str(&mut self, text: &str) -> fmt::Result {
+            let room = DEBUG_HEAD - self.0.len();
+            if text.len() <= room {
+                self.0.push_str(text);
+                return Ok(());
+            }
+            let mut end = room;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.0.push_str(&text[..end]);
+            Err(fmt::Error)
+        }
+    }
+    let mut head = Head(String::new());
+    if fmt::write(&mut head, format_args!("{value:?}")).is_err() {
+        head.0.push('…');
+    }
+    head.0
+}
+
+/// How much of a server's frame an error message shows ([`debug_head`]).
+const DEBUG_HEAD: usize = 128;
+
 /// A Redis URL without its password (`user:password@`, or a `pass=` query parameter as in
 /// `redis+unix:///path?pass=...`), for messages and logs: what this crate's errors print.
 ///
@@ -1205,7 +1236,7 @@ impl RedisTransport {
                 format!(
                     "the Redis subscribe connection to {} was sent {}, which it did not ask for",
                     this.peer(),
-                    crate::layers::quote(format!("{frame:?}").as_bytes())
+                    debug_head(frame)
                 ),
             )
         };
@@ -1931,6 +1962,19 @@ mod tests {
                 .contains("the publish connection did not answer a PING within 300ms"),
             "{error}"
         );
+    }
+
+    /// Only the start of a value's debug form is formatted and kept; a short one whole.
+    #[test]
+    fn debug_head_keeps_the_start_of_a_long_value_only() {
+        let long = vec!["é".repeat(1_000_000)];
+        let head = debug_head(&long);
+        assert!(head.starts_with("[\"ééé"), "{head}");
+        assert!(
+            head.ends_with('…') && head.len() <= DEBUG_HEAD + '…'.len_utf8(),
+            "{head}"
+        );
+        assert_eq!(debug_head(&Some(3)), "Some(3)");
     }
 
     /// What a server sends is quoted, not copied whole, in the errors that tell of it: a

@@ -148,7 +148,7 @@ impl SubscribeConnection {
                 format!(
                     "the subscribe connection to {} answered AUTH with {}",
                     self.peer,
-                    crate::layers::quote(format!("{other:?}").as_bytes())
+                    super::debug_head(&other)
                 ),
             )),
         }
