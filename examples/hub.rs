@@ -223,15 +223,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if Some(*id) == origin {
                     continue;
                 }
-                if sender.try_send(Arc::clone(event)).is_ok() {
-                    counts.forwarded.fetch_add(1, Relaxed);
-                } else {
-                    slow.push(*id);
+                match sender.try_send(Arc::clone(event)) {
+                    Ok(()) => {
+                        counts.forwarded.fetch_add(1, Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        counts.slow_spokes.fetch_add(1, Relaxed);
+                        slow.push(*id);
+                    }
+                    // Left: its task takes it out.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
             for id in slow {
                 spokes.senders.remove(&id);
-                counts.slow_spokes.fetch_add(1, Relaxed);
             }
         })?;
         drop(shared.subscribe(topic.as_str()).await?);
