@@ -254,22 +254,17 @@ impl<P> Stream for Subscription<P> {
         if let Some(item) = this.pop_batch() {
             return Poll::Ready(Some(item));
         }
-        if let Some(direct) = &this.direct {
-            if let Poll::Ready(item) = this.queue.poll_read(
-                this.id,
-                &mut this.hint,
-                &mut this.batch,
-                None,
-                &mut this.seen,
-            ) {
+        if this.direct.is_some() {
+            if let Poll::Ready(item) = this.read_now() {
                 this.yielded = 0;
                 return Poll::Ready(item);
             }
             // Empty: rather than wait for the driver task to route what the transport has
             // ready and wake this task, route it from here (unless the driver is at it).
-            let pulled = direct
-                .upgrade()
-                .map(|direct| direct.try_pull(cx.waker(), &this.queue, this.id, &mut this.batch));
+            let pulled =
+                this.direct.as_ref().and_then(Weak::upgrade).map(|direct| {
+                    direct.try_pull(cx.waker(), &this.queue, this.id, &mut this.batch)
+                });
             // The pull's events for this subscription alone came straight to it, ahead of
             // whatever it left in the queue.
             if let Some(item) = this.pop_batch() {
@@ -280,13 +275,7 @@ impl<P> Stream for Subscription<P> {
                 // More is ready, and this task reads it for the target: once it has yielded
                 // what it routed to itself, or at once if that was nothing.
                 Some(Pulled::More) => {
-                    if let Poll::Ready(item) = this.queue.poll_read(
-                        this.id,
-                        &mut this.hint,
-                        &mut this.batch,
-                        None,
-                        &mut this.seen,
-                    ) {
+                    if let Poll::Ready(item) = this.read_now() {
                         return Poll::Ready(item);
                     }
                     cx.waker().wake_by_ref();
@@ -334,6 +323,17 @@ impl<P> Stream for Subscription<P> {
 }
 
 impl<P> Subscription<P> {
+    /// Reads the queue without registering to be woken (see [`Queue::poll_read`]).
+    fn read_now(&mut self) -> Poll<Option<Result<Arc<Envelope<P>>, Gap>>> {
+        self.queue.poll_read(
+            self.id,
+            &mut self.hint,
+            &mut self.batch,
+            None,
+            &mut self.seen,
+        )
+    }
+
     /// The next item of the batch, if any.
     fn pop_batch(&mut self) -> Option<Result<Arc<Envelope<P>>, Gap>> {
         let slot = self.batch.pop_front()?;
