@@ -223,6 +223,80 @@ async fn a_callback_holding_a_weak_handle_answers_and_lets_the_target_close() {
     testkit::next_end(&mut pongs).await;
 }
 
+/// A callback may use its own target's synchronous API while the event is delivered: add and
+/// remove listeners (itself included, and the last listener of a topic, which unsubscribes it),
+/// drop a subscription, publish, read the counters. None of it deadlocks or loses an event,
+/// in-process (the callback runs in the dispatching task) and through a driver (it runs where
+/// inbound messages are routed, under the driver's lock).
+async fn a_callback_may_use_its_own_target(events: EventTarget) {
+    let weak = events.downgrade();
+    let calls = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(Mutex::new(Vec::<alkdev_pubsub::Subscription>::new()));
+    let own = Arc::new(Mutex::new(None));
+    let (counted, dropping, me) = (Arc::clone(&calls), Arc::clone(&held), Arc::clone(&own));
+    let mut echoes = events.subscribe("echo:1").await.unwrap();
+    let id = events
+        .add_event_listener("t:1", move |event| {
+            let n = number_of(event);
+            counted.fetch_add(1, Ordering::SeqCst);
+            let events = weak.upgrade().expect("the test holds the target");
+            let other = events.add_event_listener(format!("x:{n}"), |_| {}).unwrap();
+            let gap = events.add_gap_listener(|_| {});
+            assert!(events.remove_gap_listener(gap));
+            let _ = (
+                events.stats(),
+                events.topic_count(),
+                events.listener_count("t:1"),
+            );
+            events.try_dispatch_event(numbered("echo", "1", n)).unwrap();
+            events
+                .try_dispatch_event(numbered("x", &n.to_string(), n))
+                .unwrap();
+            assert!(events.remove_event_listener(&format!("x:{n}"), other));
+            // The last subscription of its topic: dropping it unsubscribes the topic.
+            dropping.lock().unwrap().clear();
+            let twin = events.add_event_listener("t:1", |_| {}).unwrap();
+            assert!(events.remove_event_listener("t:1", twin));
+            if n == 5 {
+                let id = me.lock().unwrap().expect("set before the first event");
+                assert!(events.remove_event_listener("t:1", id), "removes itself");
+            }
+        })
+        .unwrap();
+    *own.lock().unwrap() = Some(id);
+    let mut all = events.subscribe("t:1").await.unwrap();
+    for n in 0..10 {
+        let subscription = events.subscribe(format!("held:{n}")).await.unwrap();
+        held.lock().unwrap().push(subscription);
+        events.dispatch_event(numbered("t", "1", n)).await.unwrap();
+    }
+    for n in 0..10 {
+        assert_eq!(number_of(&testkit::next_event(&mut all).await), n);
+    }
+    for n in 0..=5 {
+        assert_eq!(number_of(&testkit::next_event(&mut echoes).await), n);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        6,
+        "called until it removed itself"
+    );
+    assert_eq!(events.listener_count("t:1"), 1);
+    tokio::time::timeout(WAIT, events.close())
+        .await
+        .expect("closes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_may_use_its_own_target_in_process() {
+    a_callback_may_use_its_own_target(EventTarget::local()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_may_use_its_own_target_through_the_driver() {
+    a_callback_may_use_its_own_target(EventTarget::new(LocalTransport::new())).await;
+}
+
 /// A gap listener that holds a strong handle of its own target (to resync after a reconnect,
 /// say) is let go by `close`, with what it captured: it stayed, and with it the target, a cycle
 /// nothing broke. One added to a closed target is dropped at once.
