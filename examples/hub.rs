@@ -267,10 +267,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )),
         }
     });
-    let listener = WebSocketListener::from_listener(
-        tokio::net::TcpListener::bind(args.listen.as_str()).await?,
-        config,
-    );
+    let listener = WebSocketListener::bind_with(args.listen.as_str(), config).await?;
     println!(
         "hub listening on ws://{}/ for {:?}",
         listener.local_addr()?,

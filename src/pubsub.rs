@@ -44,6 +44,13 @@ impl<P> Clone for PubSub<P> {
     }
 }
 
+impl<P: Send + Sync + 'static> Default for PubSub<P> {
+    /// A typed front over a new in-process target, as [`PubSub::local`].
+    fn default() -> Self {
+        PubSub::local()
+    }
+}
+
 impl<P> fmt::Debug for PubSub<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PubSub")
@@ -106,6 +113,7 @@ impl<P: Send + Sync + 'static> PubSub<P> {
 /// handle (a lone listener reading on the publishing thread), and cloned otherwise (other
 /// listeners share the envelope, or the queue keeps a handle to free it on the thread that
 /// allocated it).
+#[must_use = "dropping a `TypedSubscription` leaves its topic (the last listener to leave unsubscribes it)"]
 pub struct TypedSubscription<P> {
     subscription: Subscription<P>,
     gaps: u64,

@@ -26,6 +26,7 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 ///
 /// A [`Subscription`] yields `Err(Gap)` items between events; the stream goes on after them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Gap {
     /// This many events were dropped because the subscriber's queue was full: policy
     /// [`Overflow::DropOldest`] or [`Overflow::DropNewest`], or a full [`Overflow::Block`] queue
@@ -57,6 +58,7 @@ impl std::error::Error for Gap {}
 
 /// What a full subscription queue does with the next event.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Overflow {
     /// Drop the oldest queued event and tell the subscriber with [`Gap::Lagged`], as
     /// `tokio::sync::broadcast` does. Other subscribers are not slowed (behind a transport, one
@@ -117,12 +119,14 @@ impl SubscribeOptions {
     /// so up to `capacity` of them (1,024 at most, for a topic of up to 16 subscriptions that
     /// share their queue) stay allocated until then, or until the subscription is dropped. A
     /// payload's `Drop` runs then.
+    #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self
     }
 
     /// Sets what a full queue does.
+    #[must_use]
     pub fn overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self
@@ -173,6 +177,7 @@ impl SubscribeOptions {
 /// # Cancellation safety
 ///
 /// `next()` is cancellation safe: an event is taken off the queue only when it is returned.
+#[must_use = "dropping a `Subscription` leaves its topic (the last listener to leave unsubscribes it)"]
 pub struct Subscription<P = serde_json::Value> {
     /// The queue this subscription reads (as reader `id`), maybe with others of the topic.
     queue: Arc<Queue<P>>,

@@ -1562,7 +1562,7 @@ async fn publishes_from_outside_the_runtime_are_fed_by_the_driver() {
     let log = transport.log();
     let events: EventTarget = EventTarget::new(transport);
     // Let the driver run once, so that direct feeding would be possible.
-    events.subscribe("warm:up").await.unwrap();
+    drop(events.subscribe("warm:up").await.unwrap());
     let publisher = {
         let events = events.clone();
         std::thread::spawn(move || {

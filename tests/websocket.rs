@@ -581,8 +581,9 @@ async fn a_handshake_check_refuses_a_foreign_origin() {
             )),
         }
     });
-    let listener =
-        WebSocketListener::from_listener(TcpListener::bind("127.0.0.1:0").await.unwrap(), config);
+    let listener = WebSocketListener::bind_with("127.0.0.1:0", config)
+        .await
+        .unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let from = |origin: &'static str| {
         let mut request = url.as_str().into_client_request().unwrap();

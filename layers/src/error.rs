@@ -221,6 +221,7 @@ impl Error {
     }
 
     /// Returns this error with `channel` recorded (and named in the message if it was not).
+    #[must_use]
     pub fn on_channel(self, channel: &Topic) -> Self {
         let mut inner = match Arc::try_unwrap(self.inner) {
             Ok(inner) => inner,

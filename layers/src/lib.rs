@@ -110,11 +110,16 @@ pub use error::{quote, Error, ErrorKind};
 pub use topic::{check_topic_len, Topic, MAX_TOPIC_LEN};
 pub use transport::Transport;
 
-pub use codec::{CodecLayer, Json};
+pub use codec::{Codec, CodecLayer, Json};
 pub use parse_error::ParseErrorLayer;
-pub use prefix::PrefixLayer;
+pub use prefix::{Counter, PrefixLayer};
 pub use reconnect::{Backoff, ReconnectLayer};
 pub use retry::RetryLayer;
+
+/// The `tower` these layers implement [`tower::Layer`] for: stack them with its
+/// `ServiceBuilder` at this version (`alkdev_pubsub::layers::tower::ServiceBuilder`), whatever
+/// `tower` the application itself depends on.
+pub use tower;
 
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

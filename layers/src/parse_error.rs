@@ -28,6 +28,7 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// What to do with a frame that does not decode.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum Policy {
     /// Skip it: count it, trace it (rate-limited), report it as [`Up::Skipped`].
     Skip,

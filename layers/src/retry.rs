@@ -109,6 +109,7 @@ impl<M> RetryLayer<M> {
     /// How to measure a message, in bytes, for the bound on the publishes kept to send again
     /// ([`MAX_UNFLUSHED_BYTES`]). Raw frames are measured by their length
     /// ([`RetryLayer::new`]).
+    #[must_use]
     pub fn weigh(mut self, weigh: fn(&M) -> usize) -> Self {
         self.weigh = Some(weigh);
         self

@@ -437,6 +437,7 @@ impl RedisClusterTransport {
     /// # Ok(())
     /// # }
     /// ```
+    #[must_use]
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         let interval = interval.max(Duration::from_millis(1));
         self.ping_interval = interval;
@@ -515,6 +516,7 @@ impl RedisClusterTransport {
     /// # Ok(())
     /// # }
     /// ```
+    #[must_use]
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes.min(super::resp::MAX_BULK);
         self

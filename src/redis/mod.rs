@@ -202,6 +202,7 @@ impl RedisConfig {
     }
 
     /// How long connecting may take.
+    #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -213,6 +214,7 @@ impl RedisConfig {
     /// publishes, timed from when it is handed to the connection (its sending included), is
     /// given this long again for each whole MiB it carries: a large pipeline on a slow link is
     /// not taken for a dead connection.
+    #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -221,6 +223,7 @@ impl RedisConfig {
     /// How often the subscribe connection is pinged, and how long the publish connection may
     /// stay unused before it is pinged too. While messages keep coming, the ping waits for a
     /// pause in them.
+    #[must_use]
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -228,6 +231,7 @@ impl RedisConfig {
 
     /// How long a ping may go unanswered before the connection is declared dead; bytes still
     /// arriving ahead of the answer give it this long again.
+    #[must_use]
     pub fn ping_timeout(mut self, timeout: Duration) -> Self {
         self.ping_timeout = timeout;
         self
@@ -245,6 +249,7 @@ impl RedisConfig {
     /// message. Over a redis-rs `PubSub` ([`RedisTransport::from_clients_with`]) the message
     /// has been read whole by redis-rs before it is skipped. Channel names are read up to
     /// 64 KiB, or this limit if it is higher.
+    #[must_use]
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes.min(resp::MAX_BULK);
         self

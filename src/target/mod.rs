@@ -121,6 +121,16 @@ impl<P> WeakEventTarget<P> {
     }
 }
 
+impl<P> Default for WeakEventTarget<P> {
+    /// A handle of no target: [`upgrade`](WeakEventTarget::upgrade) always gives `None` (as
+    /// `std::sync::Weak::new`), for a field set once a target exists.
+    fn default() -> Self {
+        WeakEventTarget {
+            handle: Weak::new(),
+        }
+    }
+}
+
 impl<P> Clone for WeakEventTarget<P> {
     fn clone(&self) -> Self {
         WeakEventTarget {
@@ -856,18 +866,21 @@ impl Builder {
     /// waits for room beyond that. At least 1, and at most `usize::MAX >> 3` (Tokio's
     /// channel limit, [`tokio::sync::Semaphore::MAX_PERMITS`]): a larger value is taken as
     /// that, rather than panic.
+    #[must_use]
     pub fn publish_capacity(mut self, capacity: usize) -> Self {
         self.publish_capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
     /// The queue settings of subscriptions made with [`EventTarget::subscribe`].
+    #[must_use]
     pub fn subscribe_options(mut self, options: SubscribeOptions) -> Self {
         self.options = options;
         self
     }
 
     /// How long a close waits for the transport ([`DEFAULT_CLOSE_TIMEOUT`]).
+    #[must_use]
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
@@ -884,6 +897,7 @@ impl Builder {
     /// and [`WorkerTransport::into_event_target`](crate::worker::WorkerTransport::into_event_target)
     /// do). A flush that cannot complete at once is still left to the driver. No effect on
     /// [`local`](Self::local) targets, which have no transport.
+    #[must_use]
     pub fn flush_each_publish(mut self, yes: bool) -> Self {
         self.flush_each_publish = yes;
         self

@@ -110,11 +110,40 @@ impl fmt::Debug for WebSocketListener {
 }
 
 impl WebSocketListener {
-    /// Listens on `address` with the default [`WebSocketConfig`]. An error names the
-    /// address it could not bind (for a host name, the addresses it resolved to); a name that
-    /// did not resolve fails with the resolver's error, of kind
-    /// [`Connect`](crate::ErrorKind::Connect).
+    /// Listens on `address` with the default [`WebSocketConfig`]: see
+    /// [`bind_with`](Self::bind_with).
+    ///
+    /// # Errors
+    ///
+    /// As [`bind_with`](Self::bind_with).
     pub async fn bind(address: impl ToSocketAddrs) -> Result<Self> {
+        Self::bind_with(address, WebSocketConfig::default()).await
+    }
+
+    /// Listens on `address`, accepting with `config`: its limits, timeouts and handshake
+    /// check ([`WebSocketConfig::check_request`], which a server that browsers can reach needs
+    /// to refuse pages of other origins).
+    ///
+    /// ```no_run
+    /// use alkdev_pubsub::websocket::{WebSocketConfig, WebSocketListener};
+    ///
+    /// # async fn run() -> Result<(), alkdev_pubsub::Error> {
+    /// let config = WebSocketConfig::new().check_request(|request| {
+    ///     match request.headers().get("origin").map(|o| o.as_bytes()) {
+    ///         None | Some(b"https://app.example") => Ok(()),
+    ///         Some(_) => Err("origin not allowed".to_owned()),
+    ///     }
+    /// });
+    /// let listener = WebSocketListener::bind_with("127.0.0.1:9000", config).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Connect`](crate::ErrorKind::Connect), naming the address it could not bind (for a
+    /// host name, the addresses it resolved to); a name that did not resolve fails with the
+    /// resolver's error.
+    pub async fn bind_with(address: impl ToSocketAddrs, config: WebSocketConfig) -> Result<Self> {
         let failed = |on: String, e: std::io::Error| {
             Error::with_source(
                 ErrorKind::Connect,
@@ -129,7 +158,7 @@ impl WebSocketListener {
         let listener = TcpListener::bind(&addresses[..])
             .await
             .map_err(|e| failed(format!("{addresses:?}"), e))?;
-        Ok(Self::from_listener(listener, WebSocketConfig::default()))
+        Ok(Self::from_listener(listener, config))
     }
 
     /// Accepts on `listener` with `config`.
@@ -144,6 +173,7 @@ impl WebSocketListener {
 
     /// How many handshakes run at once ([`MAX_PENDING_HANDSHAKES`] by default, at least 1);
     /// past that, each connection accepted drops the oldest handshake still under way.
+    #[must_use]
     pub fn max_pending_handshakes(mut self, handshakes: usize) -> Self {
         self.max_pending = handshakes.max(1);
         self

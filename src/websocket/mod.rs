@@ -169,6 +169,7 @@ impl WebSocketConfig {
     /// The largest message (and frame) accepted, in bytes. Also the largest one sent: a
     /// bigger publish fails alone with an error of kind [`ErrorKind::TooLarge`], and the
     /// connection goes on.
+    #[must_use]
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
@@ -176,6 +177,7 @@ impl WebSocketConfig {
 
     /// How often to ping the peer; at least twice per [`idle_timeout`](Self::idle_timeout),
     /// and at most once a millisecond.
+    #[must_use]
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -188,19 +190,22 @@ impl WebSocketConfig {
     /// long duration (`Duration::MAX` works). Liveness is judged by whole messages received
     /// and flushes completed, so a peer that reads, or uploads one message, slower than about
     /// 128 KiB (or that message's size) per timeout counts as silent.
+    #[must_use]
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
     /// How long the opening handshake may take.
+    #[must_use]
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self
     }
 
     /// Checks each opening handshake this side accepts ([`accept`](Self::accept), and so a
-    /// [`WebSocketListener`]) before answering it: `Err(reason)` refuses the connection with
+    /// [`WebSocketListener`] given this config: [`WebSocketListener::bind_with`]) before
+    /// answering it: `Err(reason)` refuses the connection with
     /// `403 Forbidden` and the reason as the response body, and `accept` fails with an error
     /// of kind [`ErrorKind::Rejected`] that gives the reason. Runs on the accepting task (for a
     /// [`WebSocketListener`], the one calling `accept`): it must not block, and a panic in it
@@ -223,6 +228,7 @@ impl WebSocketConfig {
     /// });
     /// # drop(config);
     /// ```
+    #[must_use]
     pub fn check_request<F>(mut self, check: F) -> Self
     where
         F: Fn(&HandshakeRequest) -> std::result::Result<(), String> + Send + Sync + 'static,

@@ -55,24 +55,28 @@ impl Backoff {
     }
 
     /// The delay before the first retry.
+    #[must_use]
     pub fn initial(mut self, initial: Duration) -> Self {
         self.initial = initial;
         self
     }
 
     /// The longest delay.
+    #[must_use]
     pub fn max(mut self, max: Duration) -> Self {
         self.max = max;
         self
     }
 
     /// How much each failed attempt multiplies the delay (at least 1).
+    #[must_use]
     pub fn multiplier(mut self, multiplier: f64) -> Self {
         self.multiplier = multiplier.max(1.0);
         self
     }
 
     /// The spread of each delay, as a fraction of it (0 to 1).
+    #[must_use]
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.jitter = jitter.clamp(0.0, 1.0);
         self
@@ -82,12 +86,14 @@ impl Backoff {
     /// connected counts as failed when the connection did not stay up for
     /// [`stable_after`](Self::stable_after): a server that accepts and drops every connection
     /// is given up on as one that refuses them.
+    #[must_use]
     pub fn max_attempts(mut self, max_attempts: Option<u32>) -> Self {
         self.max_attempts = max_attempts;
         self
     }
 
     /// How long a connection must stay up for the attempt count to start over.
+    #[must_use]
     pub fn stable_after(mut self, stable_after: Duration) -> Self {
         self.stable_after = stable_after;
         self

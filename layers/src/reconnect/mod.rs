@@ -215,6 +215,7 @@ impl<M> ReconnectLayer<M> {
     /// attempt fails. The publishes the lost connection had not acknowledged (up to
     /// [`MAX_UNFLUSHED`]) are sent again on top of these: right after a connection is lost, the
     /// buffer may hold more than this, and refuse new publishes at once.
+    #[must_use]
     pub fn buffer(mut self, publishes: usize) -> Self {
         self.buffer = publishes;
         self
@@ -223,6 +224,7 @@ impl<M> ReconnectLayer<M> {
     /// How to measure a message, in bytes, for the bound on the publishes kept to send again
     /// ([`MAX_UNFLUSHED_BYTES`]). Raw frames are measured by their length
     /// ([`ReconnectLayer::new`]).
+    #[must_use]
     pub fn weigh(mut self, weigh: fn(&M) -> usize) -> Self {
         self.weigh = Some(weigh);
         self
