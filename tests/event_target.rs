@@ -3446,3 +3446,122 @@ async fn a_topic_with_two_thousand_subscriptions_in_step_gets_every_event_to_eac
     }
     assert_eq!(events.stats().delivered, READERS as u64 * EVENTS);
 }
+
+/// A transport the test scripts: what it is sent is answered at once (subscribes confirmed,
+/// publishes looped back), and the test puts in items of its own ([`Echoing::up`]).
+struct Echoing<P> {
+    up: futures::channel::mpsc::UnboundedSender<alkdev_pubsub::Up<Envelope<P>>>,
+    items: futures::channel::mpsc::UnboundedReceiver<alkdev_pubsub::Up<Envelope<P>>>,
+}
+
+impl<P> Echoing<P> {
+    fn new() -> Self {
+        let (up, items) = futures::channel::mpsc::unbounded();
+        Echoing { up, items }
+    }
+}
+
+impl<P> futures::Sink<alkdev_pubsub::Command<Envelope<P>>> for Echoing<P> {
+    type Error = alkdev_pubsub::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn start_send(
+        self: std::pin::Pin<&mut Self>,
+        command: alkdev_pubsub::Command<Envelope<P>>,
+    ) -> alkdev_pubsub::Result<()> {
+        use alkdev_pubsub::{Command, Up};
+        let _ = self.up.unbounded_send(match command {
+            Command::Publish { message, .. } => Up::Message {
+                channel: None,
+                message,
+            },
+            Command::Subscribe(topic) => Up::Subscribed(topic),
+            Command::Unsubscribe(topic) => Up::Unsubscribed(topic),
+        });
+        Ok(())
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<alkdev_pubsub::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<P> futures::Stream for Echoing<P> {
+    type Item = alkdev_pubsub::Result<alkdev_pubsub::Up<Envelope<P>>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.items.poll_next_unpin(cx).map(|item| item.map(Ok))
+    }
+}
+
+/// A payload that holds a subscription of its own target, dropped with it.
+struct Holder {
+    _held: alkdev_pubsub::Subscription<Holder>,
+}
+
+/// A reconnect notice that makes a full queue drop an event runs that event's `Drop` (the
+/// application's code) without holding the listener map's lock: a payload that held a
+/// subscription of the target, and dropped it (which takes the map's write lock), deadlocked
+/// the routing task, and with it the whole target. Run on a runtime of its own, on a thread
+/// of its own: a deadlocked worker would hang the runtime's drop, and this test with it.
+#[test]
+fn a_payload_dropped_by_a_reconnect_notice_may_use_its_target() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let transport = Echoing::new();
+            let up = transport.up.clone();
+            let events: EventTarget<Holder> = EventTarget::new(transport);
+            let held = events.subscribe("held:1").await.unwrap();
+            let options = SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::DropOldest);
+            let mut full = events.subscribe_with("t:1", options).await.unwrap();
+            up.unbounded_send(alkdev_pubsub::Up::Message {
+                channel: None,
+                message: Envelope::new("t", "1", Holder { _held: held }),
+            })
+            .unwrap();
+            settle("the event queued", || full.len() == 1).await;
+            // The queue is full: the notice takes the event's place, and drops its last
+            // handle, which drops the subscription it holds.
+            up.unbounded_send(alkdev_pubsub::Up::Reconnected).unwrap();
+            settle("the notice routed", || events.stats().reconnects == 1).await;
+            for expected in [Gap::Lagged(1), Gap::Reconnected] {
+                let item = tokio::time::timeout(WAIT, full.next()).await.unwrap();
+                assert_eq!(item.unwrap().err(), Some(expected));
+            }
+            settle("the held subscription to leave", || {
+                events.listener_count("held:1") == 0
+            })
+            .await;
+            let _after = tokio::time::timeout(WAIT, events.subscribe("after:1"))
+                .await
+                .expect("the target still answers")
+                .unwrap();
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(WAIT)
+        .expect("the target answered (its routing task did not deadlock)");
+}

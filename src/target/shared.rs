@@ -501,12 +501,20 @@ impl<P> Shared<P> {
                 tracing::error!("a gap listener panicked");
             }
         }
-        for entry in self.read().values() {
-            for listener in entry.listeners.iter() {
-                if let Listener::Queue { queue } = listener {
-                    queue.push_reconnected(&self.counters);
-                }
-            }
+        // The queues are pushed to once the map's lock is released: a notice can make a full
+        // queue drop an event, whose payload's `Drop` (the application's code) may use the
+        // target, and a subscription it drops takes the map's write lock.
+        let queues: Vec<Arc<Queue<P>>> = self
+            .read()
+            .values()
+            .flat_map(|entry| entry.listeners.iter())
+            .filter_map(|listener| match listener {
+                Listener::Queue { queue } => Some(Arc::clone(queue)),
+                Listener::Callback { .. } => None,
+            })
+            .collect();
+        for queue in queues {
+            queue.push_reconnected(&self.counters);
         }
     }
 
