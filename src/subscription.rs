@@ -352,20 +352,24 @@ impl<P> Subscription<P> {
 
 impl<P> Drop for Subscription<P> {
     fn drop(&mut self) {
-        if self.direct.is_some() && self.shared.lease_holder.load(Relaxed) == self.id.0 {
-            // It reads the transport for the driver: the driver reads again at once.
-            if let Some(direct) = self.direct.as_ref().and_then(Weak::upgrade) {
-                direct.drop_lease(self.id);
-            }
-            let _ = self
-                .shared
-                .lease_holder
-                .compare_exchange(self.id.0, 0, Relaxed, Relaxed);
-        }
         if !self.shared.remove_listener(&self.topic, self.id) {
             // Not in the map (the target ended, or the subscription was removed by its id):
             // leave the queue all the same, which frees what this reader held.
             drop(self.queue.remove_reader(self.id));
+        }
+        // No longer its queue's reader, it is not handed the reading from now on (the driver
+        // hands it only to a subscription whose queue waits for it). If it holds it, or is
+        // the one the driver remembers to hand it to, the driver reads again at once. (Done
+        // before leaving the queue, the driver could hand it the reading in between, and
+        // every topic waited for the lease's timer.)
+        if let Some(direct) = self.direct.as_ref().and_then(Weak::upgrade) {
+            direct.drop_lease(self.id);
+        }
+        if self.direct.is_some() {
+            let _ = self
+                .shared
+                .lease_holder
+                .compare_exchange(self.id.0, 0, Relaxed, Relaxed);
         }
     }
 }
