@@ -87,6 +87,10 @@ impl<P: Send + Sync + 'static> PubSub<P> {
 
     /// Publishes `payload` as the envelope `{ type, id, payload }`; see
     /// [`EventTarget::dispatch_event`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EventTarget::dispatch_event`].
     pub async fn publish(&self, event_type: &str, id: &str, payload: P) -> Result<()> {
         self.events
             .dispatch_event(Envelope::new(event_type, id, payload))
@@ -94,6 +98,10 @@ impl<P: Send + Sync + 'static> PubSub<P> {
     }
 
     /// The payloads published on `"{type}:{id}"` from now on; see [`EventTarget::subscribe`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EventTarget::subscribe`].
     pub async fn subscribe(&self, event_type: &str, id: &str) -> Result<TypedSubscription<P>> {
         let subscription = self.events.subscribe(Topic::of(event_type, id)).await?;
         Ok(TypedSubscription {

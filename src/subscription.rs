@@ -174,6 +174,37 @@ impl SubscribeOptions {
 /// layer's work, if it is reconnecting) and the callbacks of other listeners of the target,
 /// on the polling task; they run one message at a time, in arrival order, wherever they run.
 ///
+/// ```
+/// use alkdev_pubsub::{Envelope, EventTarget, Gap, Overflow, SubscribeOptions};
+/// use futures::StreamExt;
+/// use serde_json::json;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), alkdev_pubsub::Error> {
+/// let events = EventTarget::local();
+/// // Room for two events; a third drops the oldest, and the reader is told.
+/// let options = SubscribeOptions::new().capacity(2).overflow(Overflow::DropOldest);
+/// let mut orders = events.subscribe_with("order.created:eu", options).await?;
+/// for n in 0..3 {
+///     events.dispatch_event(Envelope::new("order.created", "eu", json!({ "n": n }))).await?;
+/// }
+/// let mut seen = Vec::new();
+/// while let Some(item) = orders.next().await {
+///     match item {
+///         Ok(event) => seen.push(event.payload["n"].as_u64().unwrap()),
+///         // Resynchronise from the source of truth, or just note it.
+///         Err(Gap::Lagged(dropped)) => assert_eq!(dropped, 1),
+///         Err(gap) => println!("{gap}"), // `Gap::Reconnected`, or a kind to come
+///     }
+///     if seen.len() == 2 {
+///         break;
+///     }
+/// }
+/// assert_eq!(seen, [1, 2]);
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Cancellation safety
 ///
 /// `next()` is cancellation safe: an event is taken off the queue only when it is returned.

@@ -319,6 +319,10 @@ impl RedisClusterTransport {
     /// Like [`connect`](Self::connect), with a timeout for connecting and for each answer (a
     /// slot's pipeline of publishes, timed with its sending, is given as long again for each
     /// whole MiB it carries). Publishes go over a cluster connection of their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
     pub async fn connect_with<S: AsRef<str>>(
         seeds: impl IntoIterator<Item = S>,
         timeout: Duration,

@@ -689,8 +689,11 @@ impl fmt::Debug for RedisTransport {
 
 impl RedisTransport {
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`) with the default
-    /// [`RedisConfig`]: opens the publish connection and the subscribe connection. Errors:
-    /// as [`RedisConfig::connect`].
+    /// [`RedisConfig`]: opens the publish connection and the subscribe connection.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisConfig::connect`].
     pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
         RedisConfig::default().connect(url).await
     }
@@ -700,6 +703,10 @@ impl RedisTransport {
     /// transport's own. (Messages then come through redis-rs's `PubSub`, its task and its
     /// parser; [`connect`](Self::connect) opens a subscribe connection that this transport
     /// reads itself, which costs about half as much per message.)
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime with its timer enabled (the transport arms its timers here).
     pub fn from_clients(publish: MultiplexedConnection, subscribe: PubSub) -> Self {
         Self::from_clients_with(publish, subscribe, RedisConfig::default())
     }
@@ -714,6 +721,10 @@ impl RedisTransport {
     /// connections this transport opens. `publish` is yours, maybe shared and busy: it is not
     /// pinged when idle, as a publish connection this transport opens is (keep it alive
     /// yourself if the server closes idle clients).
+    ///
+    /// # Panics
+    ///
+    /// As [`from_clients`](Self::from_clients).
     pub fn from_clients_with(
         publish: MultiplexedConnection,
         subscribe: PubSub,

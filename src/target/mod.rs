@@ -547,6 +547,14 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// queue is full, fails at once with an error of kind [`ErrorKind::Unavailable`] that says
     /// so. In-process, a full `Block` subscription drops the event (counted as lagged), for
     /// every subscription sharing its queue.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unavailable`] when the driver's queue is full; otherwise as
+    /// [`dispatch_event`](Self::dispatch_event): [`ErrorKind::TooLarge`] for a topic over
+    /// [`MAX_TOPIC_LEN`](crate::layers::MAX_TOPIC_LEN) bytes, [`ErrorKind::Closed`] once the
+    /// target is closed or stopped, and the transport's refusals of the envelope when this call
+    /// fed it itself.
     pub fn try_dispatch_event(&self, envelope: Envelope<P>) -> Result<()> {
         check_envelope(&envelope)?;
         match &self.handle.publish {

@@ -285,6 +285,10 @@ impl WebSocketConfig {
 
     /// Connects to a `wss://` `url` with a TLS configuration of the caller's (for example one
     /// that trusts a private CA); plain [`connect`](Self::connect) trusts the webpki roots.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
     #[cfg(feature = "websocket-rustls")]
     pub async fn connect_with_tls(
         self,
@@ -337,6 +341,14 @@ impl WebSocketConfig {
     }
 
     /// Performs the server side of the handshake on `stream` with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Rejected`] when [`check_request`](Self::check_request) refused the request
+    /// (the error gives its reason; the client got `403`); [`ErrorKind::Connect`] when the
+    /// client sent no valid handshake within the [handshake
+    /// timeout](Self::handshake_timeout), or the connection failed during it. Each concerns
+    /// this one connection.
     pub async fn accept<S>(self, stream: S) -> Result<WebSocketTransport<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -587,7 +599,10 @@ impl<S> fmt::Debug for WebSocketTransport<S> {
 
 impl WebSocketTransport {
     /// Connects to `url` (`ws://host:port/path`) with the default [`WebSocketConfig`].
-    /// Errors: as [`WebSocketConfig::connect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`WebSocketConfig::connect`].
     pub async fn connect(url: impl AsRef<str>) -> Result<Self> {
         WebSocketConfig::default().connect(url).await
     }
@@ -596,6 +611,10 @@ impl WebSocketTransport {
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// Performs the server side of the handshake on an accepted stream (for example a
     /// `TcpStream`), with the default [`WebSocketConfig`].
+    ///
+    /// # Errors
+    ///
+    /// As [`WebSocketConfig::accept`].
     pub async fn accept(stream: S) -> Result<Self> {
         WebSocketConfig::default().accept(stream).await
     }
@@ -617,6 +636,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketTransport<S> {
     /// The stream is read again only once it woke the task after it last had nothing to read
     /// (as the `AsyncRead` contract has it): a stream that returns `Pending` without arranging a
     /// wake-up, or makes data readable without waking its reader, stalls the reading side.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime with its timer enabled (the transport arms its ping timer
+    /// here).
     pub fn from_stream(stream: WebSocketStream<S>, config: WebSocketConfig) -> Self {
         let read_wake = Arc::new(ReadWake::default());
         WebSocketTransport {
