@@ -1,5 +1,6 @@
 //! Arbitrary raw WebSocket frames from a client, into the server side of
-//! [`WebSocketTransport`] under the parse-error and codec layers, as a hub would read a spoke.
+//! [`WebSocketTransport`] under the parse-error and codec layers, as a hub would read a spoke;
+//! or (a flag of the first frame) from a server into the client side, as a spoke reads its hub.
 //!
 //! Never panics and always ends: text, binary, control, continuation and reserved frames,
 //! masked or not, with lengths that lie (oversized declarations, truncated bodies), invalid
@@ -10,8 +11,10 @@
 //! # Input format
 //!
 //! A sequence of frames, each: a header byte (FIN, RSV and opcode bits as on the wire), a mask
-//! flag byte (`& 1`), a length kind byte (`% 4`: the true length, a lie that is smaller, a
-//! lie that is larger, a huge 64-bit length), a little-endian `u16` body length, then the body.
+//! flag byte (`& 1`: masked; `& 2`: with a key that is not zero, the body masked with it;
+//! `& 4` in the first frame: the transport is the client, not the server), a length kind byte
+//! (`% 4`: the true length, a lie that is smaller, a lie that is larger, a huge 64-bit length),
+//! a little-endian `u16` body length, then the body.
 #![no_main]
 
 use std::pin::Pin;
@@ -79,9 +82,16 @@ impl<T: Sink<Command<Bytes>, Error = alkdev_pubsub::Error> + Unpin> Sink<Command
     }
 }
 
-/// The raw bytes of the frames described by `data`.
-fn frames(mut data: &[u8]) -> Vec<u8> {
+/// A mask key that changes the body it masks.
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// The raw bytes of the frames described by `data`, and which side reads them.
+fn frames(mut data: &[u8]) -> (Vec<u8>, Role) {
     let mut wire = Vec::new();
+    let role = match data.get(1) {
+        Some(flags) if flags & 4 != 0 => Role::Client,
+        _ => Role::Server,
+    };
     let take = |n: usize, data: &mut &[u8]| {
         let (head, rest) = data.split_at(n.min(data.len()));
         *data = rest;
@@ -92,7 +102,9 @@ fn frames(mut data: &[u8]) -> Vec<u8> {
             break;
         }
         let header = take(1, &mut data).first().copied().unwrap_or(0x81);
-        let masked = take(1, &mut data).first().copied().unwrap_or(1) & 1 == 1;
+        let flags = take(1, &mut data).first().copied().unwrap_or(1);
+        let masked = flags & 1 == 1;
+        let key = if flags & 2 != 0 { KEY } else { [0; 4] };
         let kind = take(1, &mut data).first().copied().unwrap_or(0) % 4;
         let len_bytes = take(2, &mut data);
         let len = u16::from_le_bytes([
@@ -119,35 +131,37 @@ fn frames(mut data: &[u8]) -> Vec<u8> {
         }
         if masked {
             // A zero key leaves the body as it is.
-            wire.extend_from_slice(&[0, 0, 0, 0]);
+            wire.extend_from_slice(&key);
+            wire.extend(body.iter().enumerate().map(|(i, byte)| byte ^ key[i % 4]));
+        } else {
+            wire.extend_from_slice(&body);
         }
-        wire.extend_from_slice(&body);
     }
-    wire
+    (wire, role)
 }
 
 fuzz_target!(|data: &[u8]| {
-    let wire = frames(data);
+    let (wire, role) = frames(data);
     // A frame takes at least 2 bytes on the wire (a length that lies turns one described frame
     // into several): at most one item per frame, plus the end of the connection.
     let max_items = wire.len() / 2 + 2;
     runtime().block_on(async move {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (mut peer, ours) = tokio::io::duplex(64 * 1024);
         let config = WebSocketConfig::new()
             .max_message_size(LIMIT)
             .ping_interval(Duration::from_secs(3600))
             .idle_timeout(Duration::from_secs(3600));
-        let transport = WebSocketTransport::from_raw_socket(server, Role::Server, config).await;
+        let transport = WebSocketTransport::from_raw_socket(ours, role, config).await;
         let mut stack = ServiceBuilder::new()
             .layer(ParseErrorLayer::skip())
             .layer(CodecLayer::<_, serde_json::Value>::json())
             .service(WithinLimit(transport));
         let writer = async move {
-            let _ = client.write_all(&wire).await;
-            let _ = client.shutdown().await;
-            // Keep the client end open until the server is done reading, so the server's own
-            // writes (pongs, a close frame) have somewhere to go.
-            client
+            let _ = peer.write_all(&wire).await;
+            let _ = peer.shutdown().await;
+            // Keep the peer's end open until our side is done reading, so its own writes
+            // (pongs, a close frame) have somewhere to go.
+            peer
         };
         let reader = async {
             let mut items = 0usize;
@@ -180,11 +194,11 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         };
-        let (client, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+        let (peer, ()) = tokio::time::timeout(Duration::from_secs(5), async {
             tokio::join!(writer, reader)
         })
         .await
         .expect("the transport's stream ends once the input is consumed");
-        drop(client);
+        drop(peer);
     });
 });
