@@ -33,6 +33,34 @@ use crate::{Command, Error, Up};
 ///   `poll_ready` is also where a transport keeps its own buffers bounded: an event target
 ///   feeds as fast as it says `Ready`.
 ///
+/// What the bullets above imply, spelled out for a transport of your own:
+///
+/// - answers are matched to commands per topic, in order: every command gets its own answer,
+///   also when one topic is subscribed, unsubscribed and subscribed again in one batch (one
+///   `Subscribed` for two subscribes leaves the second waiting for ever), and an unsubscribe
+///   of a topic the transport does not know (one the peer refused or dropped) is answered
+///   too. A `start_send` error is the answer to that command: a subscribe refused (for a
+///   topic the wire cannot carry, say), an unsubscribe done with; no `Up` may follow for it;
+/// - a peer that does not acknowledge subscribes (NATS, say) is answered once a round trip
+///   sent after the subscribe has come back (a `PING` and its `PONG`), not at once: `Subscribed`
+///   promises that nothing published from then on is missed. An event target's `subscribe`
+///   waits for the answer with no timeout of its own;
+/// - an [`Up::Message`]'s `channel`, when given, is the topic exactly as it was subscribed (a
+///   transport that escapes topic names on its wire maps them back); a message for a topic
+///   with no listener is dropped and counted as unrouted;
+/// - a transport that rebuilds its connection itself (rather than under the reconnect layer)
+///   yields [`Up::Reconnected`] once its subscriptions are in effect again: every
+///   subscription hears that events may be missing;
+/// - a `poll_flush` error that is not unrecoverable fails every publish that flush covered
+///   (which of them arrived is not known); a `start_send` error fails that one message;
+/// - it may be dropped without `poll_close` (after a fatal error, or a close that timed out):
+///   release what it holds in `Drop`. Its stream may still be polled while it closes (an
+///   event target reads on until the close is done), and is not polled once it has ended.
+///
+/// `testkit::run_all` (feature `testkit` of `alkdev-pubsub`) checks a transport against
+/// these through an event target, and `testkit::BrokerConnection` is a transport of bytes
+/// that keeps every point, to read as a model.
+///
 /// A user's own transport, here an in-memory loopback that echoes what is published:
 ///
 /// ```
