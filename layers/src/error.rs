@@ -96,7 +96,9 @@ pub enum ErrorKind {
     /// support. Retrying with the same settings cannot succeed.
     Config,
     /// A publish found no room and no connection: the transport is down and its publish
-    /// buffer is full, an event target's publish queue is full, or retries ran out.
+    /// buffer is full, an event target's publish queue is full, or retries ran out. Also a
+    /// WebSocket listener out of resources to accept a connection, or a handshake it dropped
+    /// for a newer one: out of room, for now.
     Unavailable,
     /// The event target or transport is closed.
     Closed,
@@ -302,7 +304,8 @@ impl Error {
 
     /// Whether a publish was refused for want of room or of a connection
     /// ([`Unavailable`](ErrorKind::Unavailable)): the transport is down and its publish buffer is
-    /// full, the event target's publish queue is full, or retries ran out.
+    /// full, the event target's publish queue is full, or retries ran out (or, from a WebSocket
+    /// listener, a connection it had no room for).
     pub fn is_unavailable(&self) -> bool {
         self.kind() == ErrorKind::Unavailable
     }

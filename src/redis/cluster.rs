@@ -32,9 +32,10 @@
 //! a ping unanswered within the response timeout fails it with a connection error, for the
 //! reconnect layer to build a new one.
 //!
-//! **Guarantees.** Like classic pub/sub, sharded pub/sub is at-most-once: a message published
-//! while its shard is down or failing over is lost; ordering is kept per channel (one channel
-//! lives on one shard). redis-rs reads the nodes' connections in a task of its own, so a
+//! **Guarantees.** As with classic pub/sub, a message published while its shard is down or
+//! failing over is lost to the subscribers of then; messages of one channel come in the order
+//! they were published (one channel lives on one shard), but for those sent again (below: a
+//! message sent again may arrive twice, and after ones published later). redis-rs reads the nodes' connections in a task of its own, so a
 //! reader that falls behind (an event target waiting for room in a full
 //! [`Block`](crate::Overflow::Block) subscription) is not cut off by Redis, as it would be on
 //! one node: the transport keeps up to 32 MiB of messages for it, then drops what comes, and

@@ -4,8 +4,10 @@
 //! JavaScript adapter had: a multiplexed connection that publishes, pipelined, and a dedicated
 //! subscribe connection (a Redis connection in subscribe mode only receives).
 //!
-//! - `PUBLISH` commands fed between two flushes go out as one pipeline; a flush completes when
-//!   Redis has acknowledged every publish, so a confirmed dispatch means "Redis has it".
+//! - `PUBLISH` commands fed between two flushes go out pipelined (one pipeline, unless it
+//!   reaches 4,096 commands or 64 MiB, or a subscribe waits for its answer); a flush completes
+//!   when Redis has acknowledged every publish fed before it, so a confirmed dispatch means
+//!   "Redis has it".
 //! - `SUBSCRIBE`/`UNSUBSCRIBE` are sent per topic (consecutive ones batched into one command);
 //!   the server's confirmation is surfaced as [`Up::Subscribed`], so
 //!   [`EventTarget::subscribe`](crate::EventTarget::subscribe) resolves once Redis has the

@@ -141,8 +141,8 @@ impl WebSocketListener {
     /// # Errors
     ///
     /// [`Connect`](crate::ErrorKind::Connect), naming the address it could not bind (for a
-    /// host name, the addresses it resolved to); a name that did not resolve fails with the
-    /// resolver's error.
+    /// host name, the addresses it resolved to), or saying that the name did not resolve (the
+    /// resolver's error is its `source()`).
     pub async fn bind_with(address: impl ToSocketAddrs, config: WebSocketConfig) -> Result<Self> {
         let failed = |on: String, e: std::io::Error| {
             Error::with_source(
