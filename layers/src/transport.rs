@@ -58,8 +58,9 @@ use crate::{Command, Error, Up};
 ///   event target reads on until the close is done), and is not polled once it has ended.
 ///
 /// `testkit::run_all` (feature `testkit` of `alkdev-pubsub`) checks a transport against
-/// these through an event target, and `testkit::BrokerConnection` is a transport of bytes
-/// that keeps every point, to read as a model.
+/// these through an event target. `examples/custom_transport.rs` in the `alkdev-pubsub`
+/// repository is a whole transport of bytes to copy (lines of JSON over TCP), and
+/// `testkit::BrokerConnection` another, with a broker's subscribe answers.
 ///
 /// A user's own transport, here an in-memory loopback that echoes what is published:
 ///

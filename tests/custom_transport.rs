@@ -1,0 +1,64 @@
+//! The transport of `examples/custom_transport.rs` keeps the transport contract: the
+//! conformance suite over it, and a line over its limit lost alone.
+
+#[allow(dead_code)]
+#[path = "../examples/custom_transport.rs"]
+mod example;
+
+use std::time::Duration;
+
+use alkdev_pubsub::testkit::{self, number_of, numbered, Pair};
+use example::{event_target, LineTransport, MAX_LINE};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two event targets over the two ends of one connection.
+async fn pair() -> Pair {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+    Pair::new(
+        event_target(LineTransport::new(connected.unwrap())),
+        event_target(LineTransport::new(accepted.unwrap().0)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_transport_conforms() {
+    testkit::run_all(pair).await;
+}
+
+/// A line over the limit is skipped (a `TooLarge` item, counted as skipped), the connection
+/// kept: the events around it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_over_the_limit_is_lost_alone() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+    let mut raw = connected.unwrap();
+    let events = event_target(LineTransport::new(accepted.unwrap().0));
+    let mut subscription = events.subscribe("t:1").await.unwrap();
+    let line = |n: u64| {
+        format!(
+            "{}\n",
+            serde_json::to_string(&numbered("t", "1", n)).unwrap()
+        )
+    };
+    raw.write_all(line(1).as_bytes()).await.unwrap();
+    raw.write_all(&vec![b'x'; MAX_LINE + 1]).await.unwrap();
+    raw.write_all(b"\n").await.unwrap();
+    raw.write_all(line(2).as_bytes()).await.unwrap();
+    for expected in [1, 2] {
+        let event = tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("no gap");
+        assert_eq!(number_of(&event), expected);
+    }
+    let stats = events.stats();
+    assert_eq!((stats.skipped, stats.decode_errors), (1, 0));
+}
