@@ -1373,11 +1373,12 @@ fn jittered_delays_at_the_cap_do_not_pile_up_at_max() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn backoff_delays_grow_then_reset_after_a_stable_connection() {
     let broker = MemoryBroker::new();
-    // Each wait lasts long enough (100 ms and more) for this task to see it on a busy
-    // machine: the state is a `watch`, and a state not seen in time is replaced.
+    // On the runtime's paused clock: the state is a `watch`, and a state not seen before the
+    // next replaced it would be missed; the clock moves on only once every task waits, this
+    // one included, so it sees each (on real time, a busy machine could starve it past one).
     let backoff = Backoff::new()
         .initial(Duration::from_millis(100))
         .max(Duration::from_millis(800))

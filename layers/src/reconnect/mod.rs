@@ -60,10 +60,12 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Sink, Stream};
 use tokio::sync::watch;
+// The runtime's clock, as its timers: a test on a paused clock sees a connection stay up.
+use tokio::time::Instant;
 use tokio::time::Sleep;
 
 use crate::kept::{Kept, Weigh};
