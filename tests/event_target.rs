@@ -856,6 +856,25 @@ async fn confirmed_dispatch_waits_for_the_flush() {
         .await
         .unwrap_err()
         .is_closed());
+
+    // Over a transport whose flush never completes, a plain dispatch resolves (its publish is
+    // taken) and a confirmed one waits for the flush.
+    let (_answer, up) = futures::channel::mpsc::unbounded();
+    let unflushed: EventTarget = EventTarget::new(Scripted {
+        slow_flush: true,
+        ..Scripted::new(up)
+    });
+    tokio::time::timeout(WAIT, unflushed.dispatch_event(numbered("ack", "1", 9)))
+        .await
+        .expect("a plain dispatch does not wait for the flush")
+        .unwrap();
+    let confirmed = unflushed.dispatch_confirmed(numbered("ack", "1", 10));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), confirmed)
+            .await
+            .is_err(),
+        "the confirmed dispatch resolved before any flush completed"
+    );
 }
 
 #[tokio::test]
@@ -1144,9 +1163,15 @@ async fn close_gives_up_on_a_stuck_transport_after_the_close_timeout() {
             .try_dispatch_event(numbered("stuck", "1", n))
             .unwrap();
     }
+    let started = std::time::Instant::now();
     tokio::time::timeout(WAIT, events.close())
         .await
         .expect("close finishes after its timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(95),
+        "the close gave up after {:?}, before its timeout",
+        started.elapsed()
+    );
     let error = tokio::time::timeout(WAIT, subscription)
         .await
         .unwrap()
