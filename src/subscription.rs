@@ -12,7 +12,7 @@ use futures::Stream;
 use crate::layers::{Envelope, Topic};
 use crate::queue::{Queue, Slot};
 use crate::target::driver::{Direct, Pulled};
-use crate::target::shared::Shared;
+use crate::target::shared::{Control, Shared};
 use crate::ListenerId;
 
 /// How many times in a row an in-process subscription that finds its shared queue empty
@@ -389,18 +389,25 @@ impl<P> Drop for Subscription<P> {
             drop(self.queue.remove_reader(self.id));
         }
         // No longer its queue's reader, it is not handed the reading from now on (the driver
-        // hands it only to a subscription whose queue waits for it). If it holds it, or is
-        // the one the driver remembers to hand it to, the driver reads again at once. (Done
-        // before leaving the queue, the driver could hand it the reading in between, and
-        // every topic waited for the lease's timer.)
-        if let Some(direct) = self.direct.as_ref().and_then(Weak::upgrade) {
-            direct.drop_lease(self.id);
-        }
-        if self.direct.is_some() {
-            let _ = self
+        // hands it only to a subscription whose queue waits for it, and looks again once it
+        // has). If it holds it, the driver reads again at once: told under the core's lock
+        // when that is free, else by a message once the lease is ended here. (Done before
+        // leaving the queue, the driver could hand it the reading in between, and every topic
+        // waited for the lease's timer.)
+        if self.direct.is_some() && self.shared.lease_holder.load(Relaxed) == self.id.0 {
+            if let Some(direct) = self.direct.as_ref().and_then(Weak::upgrade) {
+                direct.drop_lease(self.id);
+            }
+            let ended_here = self
                 .shared
                 .lease_holder
-                .compare_exchange(self.id.0, 0, Relaxed, Relaxed);
+                .compare_exchange(self.id.0, 0, Relaxed, Relaxed)
+                .is_ok();
+            if ended_here {
+                if let Some(control) = self.shared.control() {
+                    let _ = control.send(Control::Wake);
+                }
+            }
         }
     }
 }

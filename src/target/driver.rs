@@ -375,6 +375,7 @@ where
             Control::Subscribe { .. } | Control::Unsubscribe { .. } => {}
             Control::Close { done } => self.begin_close(Some(done)),
             Control::Shutdown => self.begin_close(None),
+            Control::Wake => {}
         }
     }
 
@@ -999,6 +1000,17 @@ where
         match puller {
             Some(puller) if self.lendable() => {
                 self.start_lease(puller.id);
+                // Dropped meanwhile (it left its queue before it looked for a lease to give
+                // back): the driver reads on. Once the lease is set, a subscription dropped
+                // later finds it and gives it back.
+                if !puller
+                    .queue
+                    .upgrade()
+                    .is_some_and(|queue| queue.waits(puller.id))
+                {
+                    self.end_lease();
+                    return true;
+                }
                 self.hand_to = Some(puller.waker);
                 self.arm_lease(cx);
                 false
@@ -1434,7 +1446,7 @@ pub(crate) trait Direct<P>: Send + Sync {
     /// Subscription `id` is dropped: if it holds the [`Lease`], the driver reads again now
     /// (it would wait for the lease's end, a millisecond or two with every topic's delivery
     /// held up). Only if the core's lock is free: else the caller ends the lease without it,
-    /// and the driver reads again when it next looks, or when the lease's timer fires.
+    /// and tells the driver with [`Control::Wake`].
     fn drop_lease(&self, id: ListenerId);
 }
 
@@ -1467,8 +1479,7 @@ where
     fn drop_lease(&self, id: ListenerId) {
         // Never waits for the lock: the subscription may be dropped where it is held (in a
         // callback the driver runs, say). Then the caller ends the lease without the lock,
-        // and the driver finds it ended when it next looks (or, if it does not look before,
-        // when the lease's timer fires, as it would have).
+        // and wakes the driver with a message (it finds the lease ended when it looks).
         if let Ok(mut core) = self.try_lock() {
             // Not handed the reading again while it goes.
             if core.puller.as_ref().is_some_and(|puller| puller.id == id) {

@@ -90,6 +90,9 @@ pub(crate) enum Control {
     },
     /// The last handle was dropped.
     Shutdown,
+    /// A dropped subscription ended the lease it held while the driver was busy: the driver
+    /// reads the transport again (being polled is enough).
+    Wake,
 }
 
 /// The listeners of one topic.
