@@ -7,72 +7,116 @@
 //!
 //! A transport is any `Sink<Command<Bytes>> + Stream<Item = Result<Up<Bytes>>>`: this one
 //! wraps a `tokio_util` `Framed` of lines and keeps the contract of `alkdev_pubsub::Transport`
-//! (read its docs first): every subscribe and unsubscribe answered, in order (with no server,
-//! a subscription is in effect at once), the reading task woken when an answer is queued, a
-//! lost connection reported as one (`ConnectionLost`: the reconnect layer builds a new one),
-//! a line over the limit refused alone (`TooLarge`), and `poll_ready` bounding what is
-//! buffered (the `Framed` writes out past its backpressure boundary). `tests/custom_transport.rs`
-//! runs the conformance suite (`testkit::run_all`) over it.
+//! (read its docs first): every subscribe and unsubscribe answered, in order, after the lines
+//! already received (with no server, a subscription is in effect at once), the reading task
+//! woken when an answer is queued, a lost connection reported as one (`ConnectionLost`: the
+//! reconnect layer builds a new one), a line over the limit lost alone (`TooLarge`; one that
+//! is not an envelope is the codec layer's to skip and count), and `poll_ready` bounding what
+//! is buffered (the `Framed` writes out past its backpressure boundary).
+//! `tests/custom_transport.rs` runs the conformance suite (`testkit::run_all`, and the check
+//! of malformed frames) over it.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use alkdev_pubsub::layers::tower::ServiceBuilder;
 use alkdev_pubsub::layers::{Backoff, CodecLayer, ParseErrorLayer, ReconnectLayer};
 use alkdev_pubsub::{Command, Envelope, Error, ErrorKind, EventTarget, Result, Up};
-use bytes::Bytes;
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Sink, Stream, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{Decoder, Encoder, Framed, LinesCodec, LinesCodecError};
-use tower::ServiceBuilder;
+use tokio_util::codec::{Decoder, Encoder, Framed};
 
-/// The longest line read or sent.
+/// The longest line read or sent, newline aside.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// Lines, with a line over the limit read as `Err(())` (skipped up to its newline) rather
-/// than as a decode error: `Framed` ends its stream after one, and the connection would end
-/// with it.
-struct Lines(LinesCodec);
+/// One line read: its bytes (as they came: the codec layer above decodes them, and skips and
+/// counts a line that is not an envelope), or the news that one over [`MAX_LINE`] was skipped.
+enum Line {
+    Whole(Bytes),
+    TooLong,
+}
+
+/// Lines of bytes, each ended by `\n`. A line over the limit is read as [`Line::TooLong`] and
+/// skipped up to its newline, rather than failing: `Framed` ends its stream after a decoding
+/// error, and the connection would end with it.
+#[derive(Default)]
+struct Lines {
+    /// Skipping the rest of a line over the limit.
+    skipping: bool,
+    /// How much of the buffer was searched for a newline already.
+    searched: usize,
+}
 
 impl Decoder for Lines {
-    type Item = std::result::Result<String, ()>;
-    type Error = LinesCodecError;
+    type Item = Line;
+    type Error = std::io::Error;
 
-    fn decode(
-        &mut self,
-        buf: &mut BytesMut,
-    ) -> std::result::Result<Option<Self::Item>, Self::Error> {
-        match self.0.decode(buf) {
-            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Err(()))),
-            other => other.map(|line| line.map(Ok)),
+    fn decode(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Line>> {
+        loop {
+            let newline = buf[self.searched..]
+                .iter()
+                .position(|byte| *byte == b'\n')
+                .map(|at| self.searched + at);
+            self.searched = 0;
+            match newline {
+                // The end of a line being skipped: on to the next one.
+                Some(end) if self.skipping => {
+                    buf.advance(end + 1);
+                    self.skipping = false;
+                }
+                Some(end) if end > MAX_LINE => {
+                    buf.advance(end + 1);
+                    return Ok(Some(Line::TooLong));
+                }
+                Some(end) => {
+                    let line = buf.split_to(end + 1).freeze();
+                    return Ok(Some(Line::Whole(line.slice(..end))));
+                }
+                None if self.skipping => {
+                    buf.clear();
+                    return Ok(None);
+                }
+                None if buf.len() > MAX_LINE => {
+                    buf.clear();
+                    self.skipping = true;
+                    return Ok(Some(Line::TooLong));
+                }
+                None => {
+                    self.searched = buf.len();
+                    return Ok(None);
+                }
+            }
         }
     }
 
-    fn decode_eof(
-        &mut self,
-        buf: &mut BytesMut,
-    ) -> std::result::Result<Option<Self::Item>, Self::Error> {
-        match self.0.decode_eof(buf) {
-            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Err(()))),
-            other => other.map(|line| line.map(Ok)),
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Line>> {
+        // A last line the peer did not end is lost with the connection.
+        let line = self.decode(buf)?;
+        if line.is_none() {
+            buf.clear();
         }
+        Ok(line)
     }
 }
 
-impl Encoder<String> for Lines {
-    type Error = LinesCodecError;
+impl Encoder<Bytes> for Lines {
+    type Error = std::io::Error;
 
-    fn encode(&mut self, line: String, buf: &mut BytesMut) -> std::result::Result<(), Self::Error> {
-        self.0.encode(line, buf)
+    fn encode(&mut self, line: Bytes, buf: &mut BytesMut) -> std::io::Result<()> {
+        buf.reserve(line.len() + 1);
+        buf.put_slice(&line);
+        buf.put_u8(b'\n');
+        Ok(())
     }
 }
 
 /// Envelopes as lines of JSON over one TCP connection (JSON never has a raw newline).
 pub struct LineTransport {
     lines: Framed<TcpStream, Lines>,
-    /// Answers to subscribes and unsubscribes, yielded before the next line read.
+    /// Answers to subscribes and unsubscribes, yielded once the lines already received are.
     answers: VecDeque<Up<Bytes>>,
     /// The task that last found nothing to read: woken when an answer is queued (the sink
     /// and the stream may be polled by different tasks).
@@ -83,7 +127,7 @@ impl LineTransport {
     pub fn new(stream: TcpStream) -> Self {
         let _ = stream.set_nodelay(true);
         LineTransport {
-            lines: Framed::new(stream, Lines(LinesCodec::new_with_max_length(MAX_LINE))),
+            lines: Framed::new(stream, Lines::default()),
             answers: VecDeque::new(),
             reader: None,
         }
@@ -107,15 +151,27 @@ impl LineTransport {
             reader.wake();
         }
     }
-}
 
-/// A failure of the connection: an I/O error ends it (`ConnectionLost` and the like, which
-/// the reconnect layer answers with a new connection).
-fn lost(error: LinesCodecError) -> Error {
-    match error {
-        LinesCodecError::Io(io) => Error::from(io),
-        LinesCodecError::MaxLineLengthExceeded => {
-            Error::new(ErrorKind::TooLarge, "a line over the limit")
+    /// A line already received (in the read buffer), without reading the socket.
+    fn buffered_line(&mut self) -> std::io::Result<Option<Line>> {
+        let mut buffer = std::mem::take(self.lines.read_buffer_mut());
+        let line = self.lines.codec_mut().decode(&mut buffer);
+        *self.lines.read_buffer_mut() = buffer;
+        line
+    }
+
+    fn item(line: Line) -> Result<Up<Bytes>> {
+        match line {
+            // The envelope says its topic (`type:id`), as over a WebSocket.
+            Line::Whole(message) => Ok(Up::Message {
+                channel: None,
+                message,
+            }),
+            // That line alone is lost: the stream goes on.
+            Line::TooLong => Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("a line over {MAX_LINE} bytes was skipped"),
+            )),
         }
     }
 }
@@ -125,15 +181,17 @@ impl Sink<Command<Bytes>> for LineTransport {
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         // `Framed` is ready while its write buffer is under its boundary (8 KiB), and writes
-        // it out first otherwise: what it buffers stays bounded.
-        Sink::<String>::poll_ready(Pin::new(&mut self.lines), cx).map_err(lost)
+        // it out first otherwise: what it buffers stays bounded. An I/O error ends the
+        // connection (`ConnectionLost` and the like, which the reconnect layer answers with a
+        // new one).
+        Sink::<Bytes>::poll_ready(Pin::new(&mut self.lines), cx).map_err(Error::from)
     }
 
     fn start_send(mut self: Pin<&mut Self>, command: Command<Bytes>) -> Result<()> {
         match command {
             Command::Publish { topic, message } => {
+                // Refused alone (the connection goes on): what could not be read back whole.
                 if message.len() > MAX_LINE {
-                    // This message alone is refused: the connection goes on.
                     return Err(Error::new(
                         ErrorKind::TooLarge,
                         format!(
@@ -142,9 +200,15 @@ impl Sink<Command<Bytes>> for LineTransport {
                         ),
                     ));
                 }
-                let line = String::from_utf8(message.to_vec())
-                    .map_err(|_| Error::new(ErrorKind::Encode, "a message that is not UTF-8"))?;
-                Pin::new(&mut self.lines).start_send(line).map_err(lost)
+                if message.contains(&b'\n') {
+                    return Err(Error::new(
+                        ErrorKind::Encode,
+                        format!("a message on {topic} with a newline (the frames are lines)"),
+                    ));
+                }
+                Pin::new(&mut self.lines)
+                    .start_send(message)
+                    .map_err(Error::from)
             }
             // No server to ask: the other peer sends everything, and the event target routes
             // by topic. In effect at once, so answered at once, in order.
@@ -160,11 +224,11 @@ impl Sink<Command<Bytes>> for LineTransport {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        Sink::<String>::poll_flush(Pin::new(&mut self.lines), cx).map_err(lost)
+        Sink::<Bytes>::poll_flush(Pin::new(&mut self.lines), cx).map_err(Error::from)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        Sink::<String>::poll_close(Pin::new(&mut self.lines), cx).map_err(lost)
+        Sink::<Bytes>::poll_close(Pin::new(&mut self.lines), cx).map_err(Error::from)
     }
 }
 
@@ -172,21 +236,18 @@ impl Stream for LineTransport {
     type Item = Result<Up<Bytes>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(answer) = self.answers.pop_front() {
-            return Poll::Ready(Some(Ok(answer)));
+        if !self.answers.is_empty() {
+            // An answer comes after the lines the transport already has: an unsubscribe's
+            // after the messages of its topic received before it.
+            return Poll::Ready(Some(match self.buffered_line() {
+                Ok(Some(line)) => Self::item(line),
+                Ok(None) => Ok(self.answers.pop_front().expect("not empty")),
+                Err(error) => Err(Error::from(error)),
+            }));
         }
         match self.lines.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(Ok(line)))) => Poll::Ready(Some(Ok(Up::Message {
-                // The envelope says its topic (`type:id`), as over a WebSocket.
-                channel: None,
-                message: Bytes::from(line),
-            }))),
-            // Skipped up to its newline: that line alone is lost, the stream goes on.
-            Poll::Ready(Some(Ok(Err(())))) => Poll::Ready(Some(Err(Error::new(
-                ErrorKind::TooLarge,
-                format!("a line over {MAX_LINE} bytes was skipped"),
-            )))),
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(lost(error)))),
+            Poll::Ready(Some(Ok(line))) => Poll::Ready(Some(Self::item(line))),
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Error::from(error)))),
             // The peer closed the connection: the end of the stream says so.
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

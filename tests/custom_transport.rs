@@ -1,5 +1,5 @@
 //! The transport of `examples/custom_transport.rs` keeps the transport contract: the
-//! conformance suite over it, and a line over its limit lost alone.
+//! conformance suite over it, malformed lines skipped, and a line over its limit lost alone.
 
 #[allow(dead_code)]
 #[path = "../examples/custom_transport.rs"]
@@ -29,6 +29,27 @@ async fn pair() -> Pair {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_transport_conforms() {
     testkit::run_all(pair).await;
+}
+
+/// Lines that are not envelopes (not JSON, not UTF-8, empty) are skipped and counted by the
+/// layers above; the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_lines_are_skipped() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+    let raw = std::sync::Arc::new(tokio::sync::Mutex::new(connected.unwrap()));
+    let subscriber = event_target(LineTransport::new(accepted.unwrap().0));
+    let pair = Pair::new(alkdev_pubsub::EventTarget::local(), subscriber);
+    testkit::malformed_frames_skipped(pair, move |_topic, frame| {
+        let raw = std::sync::Arc::clone(&raw);
+        async move {
+            let mut raw = raw.lock().await;
+            raw.write_all(&frame).await.unwrap();
+            raw.write_all(b"\n").await.unwrap();
+        }
+    })
+    .await;
 }
 
 /// A line over the limit is skipped (a `TooLarge` item, counted as skipped), the connection
