@@ -321,10 +321,11 @@ impl RedisConfig {
     }
 }
 
-/// Not part of the API: the subscribe connection's parser, for the fuzz target
-/// `redis_frames`. Parses `wire` delivered in pieces that end at `cuts` (ascending offsets),
+/// Not part of the API, and only in builds for fuzzing (`cargo fuzz` sets `--cfg fuzzing`):
+/// the subscribe connection's parser, for the fuzz target `redis_frames`. Parses `wire` delivered in pieces that end at `cuts` (ascending offsets),
 /// with a `max_message_size` of `limit`; returns what was read, as debug text, up to the end
 /// or the first protocol error (then that error, last).
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub fn __fuzz_subscribe_frames(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
     resp::parse_in_pieces(wire, cuts, limit)

@@ -533,6 +533,7 @@ pub(crate) fn command(out: &mut BytesMut, args: &[&[u8]]) {
 /// that end at `cuts` (ascending offsets; the rest comes last): what it reads, in order, as
 /// debug text, up to the end or the first protocol error (then that error, last). For the
 /// tests and the fuzz target: the frames must not depend on where the reads end.
+#[cfg(any(test, fuzzing))]
 pub(crate) fn parse_in_pieces(wire: &[u8], cuts: &[usize], limit: usize) -> Vec<String> {
     let mut reader = Reader::new(limit);
     let mut read = Vec::new();
