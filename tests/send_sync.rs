@@ -1,5 +1,5 @@
 //! The public handles are `Send + Sync`, and the futures of the public async API are `Send`
-//! for any payload `P: Send + Sync`, so that applications can spawn them on a multi-threaded
+//! for any payload `P: Send + Sync` (and `Clone`, which a typed subscription's stream needs), so that applications can spawn them on a multi-threaded
 //! runtime. Checked by the compiler: a future that held a non-`Send` guard across an await
 //! would fail to build this file.
 

@@ -130,7 +130,8 @@ fn frames(mut data: &[u8]) -> (Vec<u8>, Role) {
             wire.extend_from_slice(&declared.to_be_bytes());
         }
         if masked {
-            // A zero key leaves the body as it is.
+            // Masked with the key, so that unmasking gives the body back (a zero key leaves
+            // it as it is).
             wire.extend_from_slice(&key);
             wire.extend(body.iter().enumerate().map(|(i, byte)| byte ^ key[i % 4]));
         } else {

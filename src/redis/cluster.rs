@@ -35,13 +35,13 @@
 //! **Guarantees.** As with classic pub/sub, a message published while its shard is down or
 //! failing over is lost to the subscribers of then; messages of one channel come in the order
 //! they were published (one channel lives on one shard), but for those sent again (below: a
-//! message sent again may arrive twice, and after ones published later). redis-rs reads the nodes' connections in a task of its own, so a
-//! reader that falls behind (an event target waiting for room in a full
-//! [`Block`](crate::Overflow::Block) subscription) is not cut off by Redis, as it would be on
-//! one node: the transport keeps up to 32 MiB of messages for it, then drops what comes, and
-//! tells of the gap with [`Up::Reconnected`] where it is. Publishing to a shard that is down
-//! fails with an error of kind [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or
-//! a connection error; the [retry layer](crate::layers::retry) resends transient ones. The
+//! message sent again may arrive twice, and after ones published later). redis-rs reads the
+//! nodes' connections in a task of its own, so a reader that falls behind (an event target
+//! waiting for room in a full [`Block`](crate::Overflow::Block) subscription) is not cut off
+//! by Redis, as it would be on one node: the transport keeps up to 32 MiB of messages for it,
+//! then drops what comes, and tells of the gap with [`Up::Reconnected`] where it is.
+//! Publishing to a shard that is down fails with an error of kind
+//! [`Busy`](crate::ErrorKind::Busy) (`CLUSTERDOWN`, `TRYAGAIN`) or a connection error; the [retry layer](crate::layers::retry) resends transient ones. The
 //! publishes to one slot go in one pipeline, and redis-rs sends a pipeline again whole when a
 //! reply in it asks for that (`MOVED`, `TRYAGAIN`, a connection that dropped partway), so a
 //! message published before that reply may be delivered twice: at least once, as with the
