@@ -79,6 +79,16 @@ pub enum Overflow {
     /// reads messages into an unbounded buffer of its own instead; over Redis Cluster,
     /// redis-rs reads them into the transport's buffer of 32 MiB, past which messages are
     /// dropped and the gap reported as `Reconnected`.) Prefer the dropping policies there.
+    ///
+    /// While the driver waits for room, it reads nothing from the transport: the answers to
+    /// this target's subscribes and unsubscribes wait too (they come up the same stream). So
+    /// the task that reads a full `Block` subscription must not wait, before it reads on, for
+    /// [`subscribe`](crate::EventTarget::subscribe) or [`close`](crate::EventTarget::close)
+    /// of the same target: neither can finish. Subscribe from another task, or read first.
+    /// Likewise two targets that each hold a full `Block` subscription whose reader publishes
+    /// to the other (a worker pair's two sides answering each other, say) can each wait for
+    /// the other for ever, once both publish queues are full too: give one side a dropping
+    /// policy, or publish from another task than the one that reads.
     Block,
 }
 
