@@ -1068,6 +1068,22 @@ async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted()
                 .contains("buffer of 100 publishes is full"),
             "{error}"
         );
+        // It says why the transport is down (the connection the broker killed, or an attempt
+        // it refused since), and gives that error as its source.
+        assert!(
+            error.to_string().contains("; the last attempt failed: "),
+            "{error}"
+        );
+        let source = std::error::Error::source(error).expect("a source");
+        assert!(
+            source
+                .to_string()
+                .contains("memory broker connection 0 was killed")
+                || source
+                    .to_string()
+                    .contains("the memory broker refuses connections"),
+            "{source}"
+        );
     }
     assert_eq!(refused.get(), 10);
     assert_eq!(events.stats().publish_failed, 10);

@@ -111,7 +111,9 @@ const MAX_UNSENT_BYTES: usize = 64 << 20;
 /// response timeout, and as long again for each whole MiB it carries (a link that moves less
 /// than a MiB per response timeout is taken for dead). The time counts from when the pipeline
 /// is handed to the connection, its sending included: a fixed timeout would declare a slow
-/// link dead under a large pipeline, again after each reconnect, sending it again each time.
+/// link dead under a large pipeline, again after each reconnect, sending it again each time
+/// (a pipeline that does time out is sent again by a reconnect layer above, and the old
+/// connection may still deliver the first copy: at least once).
 fn pipeline_timeout(response_timeout: Duration, bytes: usize) -> Duration {
     let mebibytes = u32::try_from(bytes >> 20).unwrap_or(u32::MAX);
     response_timeout.saturating_add(response_timeout.saturating_mul(mebibytes))

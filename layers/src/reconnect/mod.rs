@@ -17,8 +17,11 @@
 //! [`Backoff::max_attempts`] says otherwise).
 //!
 //! Delivery through an outage is at-least-once for publishes where a completed flush means
-//! the peer acknowledged them (Redis: a publish may be sent twice if the connection died after
-//! the peer got it and before it acknowledged it); over a transport whose flush only writes
+//! the peer acknowledged them (Redis: a publish may be sent twice if the transport failed
+//! after the peer got it and before its acknowledgement came back: its publish connection
+//! died, its subscribe connection did (the whole transport is replaced, with the pipeline in
+//! flight on a publish connection that still delivers it), or the acknowledgement came later
+//! than the response timeout); over a transport whose flush only writes
 //! (a WebSocket), a publish flushed just before the connection died may be lost with it: only
 //! what was not flushed yet is sent again. Inbound messages are at-most-once (what was
 //! published while the subscriber was away is gone; `Reconnected` says so). A publish the new
@@ -253,6 +256,7 @@ impl<F: MakeTransport, M> tower::Layer<F> for ReconnectLayer<M> {
             backoff: self.backoff.clone(),
             attempt: 0,
             up_since: None,
+            last_failure: None,
             ever_connected: false,
             announce: false,
             held: VecDeque::new(),
@@ -405,6 +409,9 @@ pub struct Reconnect<F: MakeTransport, M = bytes::Bytes> {
     /// Failed attempts in a row.
     attempt: u32,
     up_since: Option<Instant>,
+    /// Why the last attempt failed (or the last connection was lost), until one succeeds: the
+    /// publishes refused meanwhile say it (a password changed, say, refused at each attempt).
+    last_failure: Option<Error>,
     ever_connected: bool,
     /// Send `Reconnected` once the replay is confirmed.
     announce: bool,
@@ -605,6 +612,7 @@ where
         self.up_since = None;
         self.announce = self.ever_connected;
         if stable {
+            self.last_failure = Some(error);
             self.conn = Conn::Idle;
         } else {
             self.retry_later(error);
@@ -620,6 +628,7 @@ where
     }
 
     fn retry_later(&mut self, error: Error) {
+        self.last_failure = Some(error.clone());
         if self
             .backoff
             .get_max_attempts()
@@ -639,6 +648,7 @@ where
 
     fn connected(&mut self, transport: F::Transport) {
         self.conn = Conn::Up(Box::pin(transport));
+        self.last_failure = None;
         self.ready_failures = 0;
         self.up_since = Some(Instant::now());
         self.set_state(ConnectionState::Connected);
@@ -1113,14 +1123,20 @@ where
                 if !up {
                     if this.buffered >= this.buffer && !matches!(this.conn, Conn::Up(_)) {
                         let refused = this.unavailable.increment();
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            format!(
-                                "publishing to {topic}: the transport is {} (attempt {}) and its buffer of {} publishes is full ({refused} refused so far)",
-                                if this.ever_connected { "reconnecting" } else { "connecting" },
-                                this.attempt, this.buffer
+                        let message = format!(
+                            "publishing to {topic}: the transport is {} (attempt {}) and its buffer of {} publishes is full ({refused} refused so far)",
+                            if this.ever_connected { "reconnecting" } else { "connecting" },
+                            this.attempt, this.buffer
+                        );
+                        // Why it is down, as its source too.
+                        return Err(match &this.last_failure {
+                            Some(cause) => Error::with_source(
+                                ErrorKind::Unavailable,
+                                format!("{message}; the last attempt failed: {cause}"),
+                                cause.clone(),
                             ),
-                        ));
+                            None => Error::new(ErrorKind::Unavailable, message),
+                        });
                     }
                     this.buffered += 1;
                     this.backlog.push_back(command);
