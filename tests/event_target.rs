@@ -3590,3 +3590,11 @@ fn a_payload_dropped_by_a_reconnect_notice_may_use_its_target() {
         .recv_timeout(WAIT)
         .expect("the target answered (its routing task did not deadlock)");
 }
+
+/// Outside a Tokio runtime, a target over a transport cannot spawn its driver: the panic says
+/// so (it was tokio's "no reactor running", after a warning that the target had stopped).
+#[test]
+#[should_panic(expected = "an EventTarget over a transport must be built on a Tokio runtime")]
+fn a_target_over_a_transport_built_outside_a_runtime_says_why_it_cannot() {
+    let _events: EventTarget = EventTarget::new(LocalTransport::new());
+}

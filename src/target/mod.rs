@@ -52,7 +52,12 @@ pub struct ListenerId(pub(crate) u64);
 /// from the publishing task into the listeners' queues.
 ///
 /// Dropping the last handle closes the target as [`close`](Self::close) does (subscriptions
-/// end after what they have queued).
+/// end after what they have queued), as long as its runtime goes on running the driver task.
+/// A runtime that ends drops that task: what was queued and not yet sent is dropped, counted
+/// in [`Stats::publish_failed`] (a publish that resolved `Ok` was taken, not sent), and every
+/// later call fails with [`ErrorKind::Closed`]. So await `close` before the runtime ends (the
+/// end of `main` or of a `#[tokio::test]`). A current-thread runtime runs the driver only
+/// while something is blocked on it (`block_on`): held outside of that, the target waits.
 ///
 /// ```
 /// use alkdev_pubsub::{Envelope, EventTarget};
@@ -935,6 +940,12 @@ impl Builder {
         P: Send + Sync + 'static,
         T: Transport<Envelope<P>> + Send + 'static,
     {
+        // Before the driver exists: dropped unspawned, it would log that the target stopped.
+        let runtime = tokio::runtime::Handle::try_current().unwrap_or_else(|_| {
+            panic!(
+                "an EventTarget over a transport must be built on a Tokio runtime (it spawns its driver task there)"
+            )
+        });
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (publish_tx, publish_rx) = mpsc::channel(self.publish_capacity);
         let shared = Arc::new(Shared::new(Some(control_tx)));
@@ -946,7 +957,7 @@ impl Builder {
             self.close_timeout,
             self.flush_each_publish,
         );
-        tokio::spawn(driver);
+        runtime.spawn(driver);
         EventTarget {
             handle: Arc::new(Handle {
                 shared,
