@@ -199,6 +199,8 @@ pub(crate) struct Core<T, P> {
     waker: Option<Waker>,
     /// A direct publish left data unflushed and woke the driver to flush it.
     flush_wanted: bool,
+    /// A [`Control::Wake`] was taken: the driver must look at the lease again.
+    wake_wanted: bool,
     /// When the last direct publish that found nothing waiting to be flushed was fed.
     last_direct: Instant,
     /// Publishes fed since the last completed flush.
@@ -266,6 +268,7 @@ where
             held: None,
             waker: None,
             flush_wanted: false,
+            wake_wanted: false,
             last_direct: Instant::now(),
             fed: 0,
             window_from: 0,
@@ -375,7 +378,9 @@ where
             Control::Subscribe { .. } | Control::Unsubscribe { .. } => {}
             Control::Close { done } => self.begin_close(Some(done)),
             Control::Shutdown => self.begin_close(None),
-            Control::Wake => {}
+            // The driver looks at the lease as it goes on; a publisher or a subscription that
+            // took this while acting for it wakes it once the lent waker is back.
+            Control::Wake => self.wake_wanted = true,
         }
     }
 
@@ -949,6 +954,8 @@ where
         if more_out || more_in {
             cx.waker().wake_by_ref();
         }
+        // A wake message taken in this poll was heard: the lease was looked at after it.
+        self.wake_wanted = false;
         Poll::Pending
     }
 
@@ -1129,7 +1136,7 @@ where
     ) -> std::thread::Result<R> {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(self, &waker)));
         self.waker = Some(waker);
-        if result.is_ok() && !self.running() {
+        if std::mem::take(&mut self.wake_wanted) || result.is_ok() && !self.running() {
             self.wake_driver();
         }
         result
