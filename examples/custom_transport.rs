@@ -97,6 +97,7 @@ impl Decoder for Lines {
         let line = self.decode(buf)?;
         if line.is_none() {
             buf.clear();
+            *self = Lines::default();
         }
         Ok(line)
     }

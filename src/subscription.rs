@@ -83,7 +83,8 @@ pub enum Overflow {
     /// While the driver waits for room, it reads nothing from the transport: the answers to
     /// this target's subscribes and unsubscribes wait too (they come up the same stream). So
     /// the task that reads a full `Block` subscription must not wait, before it reads on, for
-    /// [`subscribe`](crate::EventTarget::subscribe) of the same target: it cannot finish
+    /// a [`subscribe`](crate::EventTarget::subscribe) of the same target to a topic it does
+    /// not listen to yet: it cannot finish
     /// (and a [`close`](crate::EventTarget::close) waits for its timeout, then drops the
     /// waiting event with a lag notice). Subscribe from another task, or read first.
     /// Likewise two targets that each hold a full `Block` subscription whose reader publishes

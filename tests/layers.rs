@@ -1070,10 +1070,7 @@ async fn past_the_buffer_bound_publishes_fail_with_unavailable_and_are_counted()
         );
         // It says why the transport is down (the connection the broker killed, or an attempt
         // it refused since), and gives that error as its source.
-        assert!(
-            error.to_string().contains("; the last attempt failed: "),
-            "{error}"
-        );
+        assert!(error.to_string().contains("; last failure: "), "{error}");
         let source = std::error::Error::source(error).expect("a source");
         assert!(
             source

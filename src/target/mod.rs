@@ -323,6 +323,7 @@ impl<P: Send + Sync + 'static> EventTarget<P> {
     /// Outside a Tokio runtime: the driver task is spawned on the current one. The runtime needs
     /// its timer (`enable_time`, which `enable_all` and `#[tokio::main]` include): the driver
     /// uses it under bursts and at close, and without it the target stops with an error.
+    #[track_caller]
     pub fn new<T>(transport: T) -> Self
     where
         T: Transport<Envelope<P>> + Send + 'static,
@@ -935,17 +936,18 @@ impl Builder {
     /// Outside a Tokio runtime: the driver task is spawned on the current one. The runtime needs
     /// its timer (`enable_time`, which `enable_all` and `#[tokio::main]` include): the driver
     /// uses it under bursts and at close, and without it the target stops with an error.
+    #[track_caller]
     pub fn build<P, T>(self, transport: T) -> EventTarget<P>
     where
         P: Send + Sync + 'static,
         T: Transport<Envelope<P>> + Send + 'static,
     {
         // Before the driver exists: dropped unspawned, it would log that the target stopped.
-        let runtime = tokio::runtime::Handle::try_current().unwrap_or_else(|_| {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             panic!(
                 "an EventTarget over a transport must be built on a Tokio runtime (it spawns its driver task there)"
             )
-        });
+        };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (publish_tx, publish_rx) = mpsc::channel(self.publish_capacity);
         let shared = Arc::new(Shared::new(Some(control_tx)));

@@ -1132,7 +1132,7 @@ where
                         return Err(match &this.last_failure {
                             Some(cause) => Error::with_source(
                                 ErrorKind::Unavailable,
-                                format!("{message}; the last attempt failed: {cause}"),
+                                format!("{message}; last failure: {cause}"),
                                 cause.clone(),
                             ),
                             None => Error::new(ErrorKind::Unavailable, message),
