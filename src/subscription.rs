@@ -84,9 +84,9 @@ pub enum Overflow {
     /// this target's subscribes and unsubscribes wait too (they come up the same stream). So
     /// the task that reads a full `Block` subscription must not wait, before it reads on, for
     /// a [`subscribe`](crate::EventTarget::subscribe) of the same target to a topic it does
-    /// not listen to yet: it cannot finish
-    /// (and a [`close`](crate::EventTarget::close) waits for its timeout, then drops the
-    /// waiting event with a lag notice). Subscribe from another task, or read first.
+    /// not listen to yet: it cannot finish (and a [`close`](crate::EventTarget::close) waits
+    /// for its timeout, then drops the waiting event with a lag notice). Subscribe from
+    /// another task, or read first.
     /// Likewise two targets that each hold a full `Block` subscription whose reader publishes
     /// to the other (a worker pair's two sides answering each other, say) can each wait for
     /// the other for ever, once both publish queues are full too: give one side a dropping
