@@ -15,14 +15,20 @@ use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Two event targets over the two ends of one connection.
-async fn pair() -> Pair {
+/// The two ends of one loopback connection: the connecting one, the accepted one.
+async fn connection() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+    (connected.unwrap(), accepted.unwrap().0)
+}
+
+/// Two event targets over the two ends of one connection.
+async fn pair() -> Pair {
+    let (connected, accepted) = connection().await;
     Pair::new(
-        event_target(LineTransport::new(connected.unwrap())),
-        event_target(LineTransport::new(accepted.unwrap().0)),
+        event_target(LineTransport::new(connected)),
+        event_target(LineTransport::new(accepted)),
     )
 }
 
@@ -35,11 +41,9 @@ async fn the_example_transport_conforms() {
 /// layers above; the connection goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lines_are_skipped() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-    let raw = std::sync::Arc::new(tokio::sync::Mutex::new(connected.unwrap()));
-    let subscriber = event_target(LineTransport::new(accepted.unwrap().0));
+    let (connected, accepted) = connection().await;
+    let raw = std::sync::Arc::new(tokio::sync::Mutex::new(connected));
+    let subscriber = event_target(LineTransport::new(accepted));
     let pair = Pair::new(alkdev_pubsub::EventTarget::local(), subscriber);
     testkit::malformed_frames_skipped(pair, move |_topic, frame| {
         let raw = std::sync::Arc::clone(&raw);
@@ -56,11 +60,8 @@ async fn malformed_lines_are_skipped() {
 /// kept: the events around it arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_line_over_the_limit_is_lost_alone() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-    let mut raw = connected.unwrap();
-    let events = event_target(LineTransport::new(accepted.unwrap().0));
+    let (mut raw, accepted) = connection().await;
+    let events = event_target(LineTransport::new(accepted));
     let mut subscription = events.subscribe("t:1").await.unwrap();
     let line = |n: u64| {
         format!(
