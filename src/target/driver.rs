@@ -162,6 +162,16 @@ struct Puller<P> {
     waker: Waker,
 }
 
+impl<P> Puller<P> {
+    /// Whether it still waits for the transport: it has yielded everything, and is still its
+    /// queue's reader.
+    fn waits(&self) -> bool {
+        self.queue
+            .upgrade()
+            .is_some_and(|queue| queue.waits(self.id))
+    }
+}
+
 /// Everything the driver owns. It sits behind a mutex so that, when the driver is not using
 /// the transport, a publishing task can feed it ([`Core::try_publish`]) and a subscription with
 /// an empty queue can route what it has ready ([`Core::try_pull`]); the driver task does all
@@ -998,23 +1008,14 @@ where
         }
         // A burst: the waiting subscription reads the rest, if it still waits (it has yielded
         // everything, and is still there).
-        let puller = self.puller.take().filter(|puller| {
-            puller
-                .queue
-                .upgrade()
-                .is_some_and(|queue| queue.waits(puller.id))
-        });
+        let puller = self.puller.take().filter(Puller::waits);
         match puller {
             Some(puller) if self.lendable() => {
                 self.start_lease(puller.id);
                 // Dropped meanwhile (it left its queue before it looked for a lease to give
                 // back): the driver reads on. Once the lease is set, a subscription dropped
                 // later finds it and gives it back.
-                if !puller
-                    .queue
-                    .upgrade()
-                    .is_some_and(|queue| queue.waits(puller.id))
-                {
+                if !puller.waits() {
                     self.end_lease();
                     return true;
                 }
